@@ -1,0 +1,377 @@
+"""The TrainerConfig document: the one contract between the operator and the trainer.
+
+The operator renders it (into the sandbox's ConfigMap) from a FineTuneJob; the trainer reads it.
+The spec sections (model, datasets, method, ...) are the very models the FineTuneJob CRD schema is
+generated from, so the API a user writes and the document the trainer reads cannot drift apart.
+
+This module imports nothing heavier than pydantic: the operator imports it too.
+Rules that need more than one field are CEL rules (`x-kubernetes-validations`) so the API server
+rejects a bad object; `validate_cross_field_rules` applies the same rules in Python for documents
+that never went through an API server (a TrainerConfig file given to the trainer by hand).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TRAINER_CONFIG_API_VERSION = "finetune.dev/trainer-config/v1"
+
+S3_URI_PATTERN = r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$"
+S3Uri = Annotated[
+    str,
+    Field(pattern=S3_URI_PATTERN, max_length=1024, description="An s3://bucket/key URI."),
+]
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    """`x-kubernetes-validations` for a model's schema: (rule, message) pairs."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
+class ApiModel(BaseModel):
+    """Base of every API model: camelCase field names as written, unknown fields rejected."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, use_enum_values=True)
+
+
+class DatasetFormat(str, Enum):
+    text = "text"
+    instruction = "instruction"
+    chat = "chat"
+    preference = "preference"
+
+
+class MethodType(str, Enum):
+    full = "full"
+    lora = "lora"
+    qlora = "qlora"
+    dora = "dora"
+    prefix = "prefix"
+    prompt = "prompt"
+    ia3 = "ia3"
+
+
+class Objective(str, Enum):
+    causal_lm = "causal-lm"
+    sft = "sft"
+    dpo = "dpo"
+
+
+class Scheduler(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+class Engine(str, Enum):
+    ddp = "ddp"
+    deepspeed = "deepspeed"
+
+
+class Offload(str, Enum):
+    none = "none"
+    optimizer = "optimizer"
+    optimizer_and_params = "optimizer-and-params"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class ModelSource(ApiModel):
+    uri: S3Uri = Field(
+        description="S3 prefix of the base model in Hugging Face format (config.json, tokenizer, "
+        "safetensors weights), or of a folder holding a GGUF file named by ggufFile."
+    )
+    ggufFile: str | None = Field(
+        default=None,
+        max_length=255,
+        description="Name of a GGUF file under uri to load the model and tokenizer from (optional).",
+    )
+
+
+class Dataset(ApiModel):
+    uri: S3Uri = Field(description="S3 URI of a JSON Lines file (optionally .gz) or of a prefix of such files.")
+    format: DatasetFormat = Field(
+        default=DatasetFormat.text,
+        description="Row format. text: {text}; instruction: {instruction, input?, output}; "
+        "chat: {messages: [{role, content}]}; preference: {prompt, chosen, rejected}.",
+    )
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="Relative sampling weight when several datasets are mixed (multi-task).",
+    )
+
+
+class Validation(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("!(has(self.uri) && has(self.splitRatio) && self.splitRatio > 0.0)",
+             "validation: set either uri or splitRatio, not both"),
+        )
+    )
+    splitRatio: float | None = Field(
+        default=None,
+        ge=0,
+        le=0.5,
+        description="Fraction of the training rows held out for validation (used when uri is not set; "
+        "the trainer defaults to 0.05).",
+    )
+    uri: S3Uri | None = Field(default=None, description="S3 URI of a separate validation file, same format as the first dataset.")
+
+
+class Preprocessing(ApiModel):
+    maxSeqLength: int = Field(default=2048, ge=16, le=131072, description="Longest tokenized sequence; longer rows are truncated.")
+    minTokens: int = Field(default=2, ge=1, le=131072, description="Rows with fewer tokens than this are dropped (length filter).")
+    packing: bool = Field(default=False, description="Pack several short rows into one sequence of maxSeqLength (not for dpo).")
+    deduplicate: bool = Field(default=True, description="Drop exact and normalised (case, whitespace, punctuation) duplicate rows.")
+    redactPII: bool = Field(default=False, description="Replace emails, phone numbers, IP addresses, card numbers and keys with placeholders.")
+
+
+class LoraSettings(ApiModel):
+    rank: int = Field(default=16, ge=1, le=1024, description="Rank r of the low-rank update.")
+    alpha: float = Field(default=32, gt=0, le=4096, description="Scaling numerator: the update is scaled by alpha / rank.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    targetModules: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Module names to adapt (for example q_proj, v_proj); empty means every linear layer "
+        "of the transformer blocks.",
+    )
+
+
+class Method(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("!has(self.lora) || self.type in ['lora', 'qlora', 'dora']",
+             "method.lora is only allowed with method.type lora, qlora or dora"),
+            ("!has(self.virtualTokens) || self.type in ['prefix', 'prompt']",
+             "method.virtualTokens is only allowed with method.type prefix or prompt"),
+            ("!has(self.freezeLayers) || self.type == 'full'",
+             "method.freezeLayers is only allowed with method.type full"),
+        )
+    )
+    type: MethodType = Field(default=MethodType.lora, description="Fine-tuning method: full|lora|qlora|dora|prefix|prompt|ia3.")
+    lora: LoraSettings | None = Field(default=None, description="LoRA settings (lora, qlora and dora only).")
+    virtualTokens: int | None = Field(
+        default=None, ge=1, le=512, description="Number of virtual tokens (prefix and prompt only; the trainer defaults to 20)."
+    )
+    freezeLayers: int | None = Field(
+        default=None, ge=0, le=1024, description="Keep the lowest N transformer blocks and the embeddings frozen (full only)."
+    )
+
+
+class Hyperparameters(ApiModel):
+    epochs: int = Field(default=1, ge=1, le=1000, description="Passes over the training data (ignored when maxSteps > 0).")
+    learningRate: float = Field(default=2.0e-4, gt=0, le=1, description="Peak learning rate of AdamW.")
+    batchSize: int = Field(default=8, ge=1, le=4096, description="Micro-batch size per process.")
+    gradientAccumulationSteps: int = Field(default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
+    warmupRatio: float = Field(default=0.03, ge=0, le=1, description="Fraction of the steps spent in linear warm-up.")
+    scheduler: Scheduler = Field(default=Scheduler.cosine, description="Learning-rate schedule after warm-up.")
+    weightDecay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    maxGradNorm: float = Field(default=1.0, ge=0, le=1000, description="Gradient clipping norm (0 disables clipping).")
+    maxSteps: int = Field(default=0, ge=0, le=10_000_000, description="Stop after this many optimizer steps; 0 means run the epochs.")
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed for initialisation, shuffling and dropout.")
+    dpoBeta: float = Field(default=0.1, gt=0, le=10, description="DPO temperature beta (dpo objective only).")
+
+
+class Stage(ApiModel):
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=40, description="Stage name (a DNS label), unique in the list.")
+    datasets: list[Dataset] = Field(min_length=1, max_length=32, description="Datasets of this stage.")
+    objective: Objective = Field(default=Objective.sft, description="Training objective of this stage.")
+    hyperparameters: Hyperparameters | None = Field(
+        default=None, description="Hyperparameters of this stage; the job's hyperparameters when not set."
+    )
+
+
+class Distributed(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("!has(self.zeroStage) || self.engine == 'deepspeed'", "distributed.zeroStage is only allowed with engine deepspeed"),
+            ("self.offload == 'none' || self.engine == 'deepspeed'", "distributed.offload needs engine deepspeed"),
+            ("self.offload == 'none' || !has(self.zeroStage) || self.zeroStage >= 2",
+             "distributed.offload needs zeroStage 2 or 3"),
+        )
+    )
+    engine: Engine = Field(default=Engine.ddp, description="ddp: torch DistributedDataParallel; deepspeed: DeepSpeed ZeRO.")
+    zeroStage: int | None = Field(default=None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3 (deepspeed only; the trainer defaults to 2).")
+    offload: Offload = Field(default=Offload.none, description="DeepSpeed CPU offload: none|optimizer|optimizer-and-params.")
+    precision: Precision = Field(default=Precision.auto, description="auto: bf16 on GPUs that support it, fp32 on CPU.")
+    gradientCheckpointing: bool = Field(default=False, description="Recompute activations in the backward pass to save memory.")
+
+
+class Checkpoint(ApiModel):
+    uri: S3Uri | None = Field(default=None, description="S3 prefix for checkpoints; output.uri + 'checkpoints/' when not set.")
+    everySteps: int = Field(default=200, ge=1, le=10_000_000, description="Save a checkpoint every N optimizer steps.")
+    keep: int = Field(default=3, ge=1, le=100, description="Keep the newest N complete checkpoints.")
+
+
+class Output(ApiModel):
+    uri: S3Uri = Field(description="S3 prefix for the adapter, merged model, model card, evaluation and progress.")
+    merge: bool = Field(default=False, description="Also write the base model with the adapter merged in (safetensors).")
+
+
+class Evaluation(ApiModel):
+    compareToBase: bool = Field(default=True, description="Measure the base model's validation perplexity before training.")
+    maxPerplexityRatio: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="Gate: fail the run when tuned perplexity / base perplexity is above this (needs compareToBase).",
+    )
+    maxSamples: int = Field(default=256, ge=1, le=1_000_000, description="Validation rows used for perplexity.")
+
+
+class Storage(ApiModel):
+    endpoint: str = Field(default="", max_length=2048, description="S3-compatible endpoint URL; empty means AWS S3.")
+    region: str = Field(default="us-east-1", max_length=64, description="S3 region.")
+
+
+# ---- the TrainerConfig document -------------------------------------------------------------
+
+
+class JobIdentity(ApiModel):
+    namespace: str = Field(description="Namespace of the FineTuneJob.")
+    name: str = Field(description="Name of the FineTuneJob.")
+    uid: str = Field(default="", description="UID of the FineTuneJob.")
+    runId: str = Field(default="1", description="Run identifier; a new runId is a fresh run with fresh checkpoints.")
+
+
+class Runtime(ApiModel):
+    metricsPort: int = Field(default=9090, ge=1, le=65535, description="Port of rank 0's Prometheus metrics endpoint.")
+    progressIntervalSeconds: float = Field(default=5.0, gt=0, description="How often rank 0 writes progress.json.")
+
+
+class TrainerConfig(ApiModel):
+    apiVersion: Literal["finetune.dev/trainer-config/v1"] = TRAINER_CONFIG_API_VERSION
+    kind: Literal["TrainerConfig"] = "TrainerConfig"
+    job: JobIdentity
+    model: ModelSource
+    datasets: list[Dataset] = Field(default_factory=list)
+    validation: Validation = Field(default_factory=Validation)
+    preprocessing: Preprocessing = Field(default_factory=Preprocessing)
+    method: Method = Field(default_factory=Method)
+    objective: Objective = Objective.sft
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    stages: list[Stage] = Field(default_factory=list)
+    distributed: Distributed = Field(default_factory=Distributed)
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    output: Output
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    storage: Storage = Field(default_factory=Storage)
+    runtime: Runtime = Field(default_factory=Runtime)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainerConfig":
+        return cls.model_validate_json(text)
+
+
+# ---- the S3 layout both sides rely on ----------------------------------------------------------
+
+
+def _prefix(uri: str) -> str:
+    return uri if uri.endswith("/") else uri + "/"
+
+
+def run_prefix(output_uri: str, run_id: str) -> str:
+    """Where a run's progress.json, data report, evaluation and result documents live."""
+    return f"{_prefix(output_uri)}runs/{run_id}/"
+
+
+def progress_uri(output_uri: str, run_id: str) -> str:
+    return run_prefix(output_uri, run_id) + "progress.json"
+
+
+def evaluation_uri(output_uri: str, run_id: str) -> str:
+    return run_prefix(output_uri, run_id) + "evaluation.json"
+
+
+def result_uri(output_uri: str, run_id: str) -> str:
+    return run_prefix(output_uri, run_id) + "result.json"
+
+
+def data_report_uri(output_uri: str, run_id: str) -> str:
+    return run_prefix(output_uri, run_id) + "data-report.json"
+
+
+def checkpoint_prefix(checkpoint_uri: str | None, output_uri: str, run_id: str) -> str:
+    """Checkpoints of one run: <prefix>/step-00000200/... with a manifest.json written last."""
+    base = _prefix(checkpoint_uri) if checkpoint_uri else _prefix(output_uri) + "checkpoints/"
+    return f"{base}{run_id}/"
+
+
+def adapter_uri(output_uri: str) -> str:
+    return _prefix(output_uri) + "adapter/"
+
+
+def merged_uri(output_uri: str) -> str:
+    return _prefix(output_uri) + "merged/"
+
+
+def stage_output_uri(output_uri: str, stage_name: str) -> str:
+    return f"{_prefix(output_uri)}stages/{stage_name}/"
+
+
+# ---- documents the trainer writes and the operator reads ----------------------------------------
+
+
+class Document(BaseModel):
+    """Written by the trainer; read leniently by the operator (unknown fields ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class CheckpointRecord(Document):
+    step: int
+    uri: str
+    time: str
+
+
+class Progress(Document):
+    """progress.json, written by rank 0 every few seconds."""
+
+    stage: str = ""
+    step: int = 0
+    totalSteps: int = 0
+    epoch: float = 0.0
+    loss: float | None = None
+    evalLoss: float | None = None
+    learningRate: float | None = None
+    tokensPerSecond: float | None = None
+    etaSeconds: float | None = None
+    updatedAt: str = ""
+    resumedFromStep: int = 0
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list)
+
+
+class EvaluationResult(Document):
+    """evaluation.json: validation perplexity of the base and of the tuned model, and the gate."""
+
+    basePerplexity: float | None = None
+    perplexity: float | None = None
+    ratio: float | None = None
+    maxPerplexityRatio: float | None = None
+    passed: bool = True
+
+
+class RunResult(Document):
+    """result.json, written last by rank 0 when the run ends (either way)."""
+
+    succeeded: bool
+    reason: str = ""
+    message: str = ""
+    adapterUri: str | None = None
+    mergedUri: str | None = None
