@@ -39,6 +39,15 @@ class GoComponent:
     def binary(self, binary_name: str) -> Path:
         return self.bin_dir / binary_name
 
+    def module_dir(self) -> Path:
+        """The module's source in the Go module cache (present once it was built here)."""
+        gomodcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=True).stdout.strip()
+        path = Path(gomodcache) / f"{self.module}@{self.version}"
+        if not path.exists():
+            subprocess.run(["go", "mod", "download", f"{self.module}@{self.version}"], env=_go_env(), check=True,
+                           cwd=cache_dir())
+        return path
+
     def is_built(self) -> bool:
         return all(self.binary(b).exists() for b in self.binaries)
 

@@ -1,0 +1,82 @@
+"""Fixtures of the control-plane tier: the local cluster (reused when already running), a fresh
+namespace per test, and a kubeconfig of an unprivileged tenant user."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e.localcluster.cluster import TENANT_GROUP, LocalCluster
+
+
+class Kube:
+    """kubectl against the local cluster, as admin or as another kubeconfig's user."""
+
+    def __init__(self, cluster: LocalCluster, kubeconfig: Path | None = None):
+        self.cluster = cluster
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
+
+    def run(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        result = self.cluster.kubectl(*args, kubeconfig=self.kubeconfig, input=input, check=False, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def apply(self, *objects: dict, namespace: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        args = ["apply", "--server-side", "--field-manager=e2e-tests", "-f", "-"]
+        if namespace:
+            args += ["-n", namespace]
+        return self.run(*args, input=yaml.safe_dump_all(objects), check=check)
+
+    def get(self, kind: str, name: str | None = None, namespace: str | None = None, selector: str | None = None) -> dict:
+        args = ["get", kind] + ([name] if name else []) + ["-o", "json"]
+        if namespace:
+            args += ["-n", namespace]
+        if selector:
+            args += ["-l", selector]
+        return json.loads(self.run(*args).stdout)
+
+    def as_user(self, kubeconfig: Path) -> "Kube":
+        return Kube(self.cluster, kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def local_cluster():
+    cluster = LocalCluster()
+    started_here = not cluster.is_running()
+    cluster.up()
+    yield cluster
+    if started_here:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def kube(local_cluster) -> Kube:
+    return Kube(local_cluster)
+
+
+@pytest.fixture(scope="session")
+def tenant_kubeconfig(local_cluster) -> Path:
+    """Kubeconfig of `tenant-alice` (group finetune:tenants): edit rights only in test namespaces."""
+    return local_cluster.tenant_kubeconfig
+
+
+@pytest.fixture
+def namespace(kube, request) -> str:
+    """A fresh namespace for one test, where tenant users have the built-in `edit` role."""
+    name = f"t-{request.node.name[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:6]}"
+    name = "".join(c for c in name if c.isalnum() or c == "-")
+    kube.apply(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"finetune.dev/test": "true"}}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": "tenant-edit", "namespace": name},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": TENANT_GROUP}]},
+    )
+    yield name
+    kube.run("delete", "namespace", name, "--wait=false", check=False)

@@ -1,0 +1,17 @@
+# The local control plane (e2e/localcluster): built from Go modules, cached by version.
+.PHONY: cluster-build cluster-up cluster-down cluster-status test-cluster
+
+cluster-build: venv ## build (or find cached) etcd, Kubernetes, training-operator and KWOK binaries
+	$(PY) -m e2e.localcluster build
+
+cluster-up: venv ## build what is missing, start the local cluster, wait until ready
+	$(PY) -m e2e.localcluster up
+
+cluster-down: ## stop every process of the local cluster
+	@if [ -x $(PY) ]; then $(PY) -m e2e.localcluster down; fi
+
+cluster-status: venv ## show the local cluster's components, ports and logs
+	$(PY) -m e2e.localcluster status
+
+test-cluster: venv ## run the control-plane tests (tier 2; starts the cluster if needed)
+	$(PY) -m pytest e2e/tests -m cluster
