@@ -35,8 +35,9 @@ TENANT_USER = "tenant-alice"
 TENANT_GROUP = "finetune:tenants"
 COMPONENT_ORDER = [
     "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-    "kwok", "training-operator", "s3", "prometheus",
+    "kwok", "training-operator", "s3", "prometheus", "node-runtime",
 ]
+LOCAL_NODES = ["local-0"]
 
 
 @dataclass
@@ -154,12 +155,13 @@ class LocalCluster:
         self._start_training_operator()
         self._start_s3()
         self._start_prometheus()
+        self._start_node_runtime()
         self._wait_nodes_ready()
         log(f"local cluster up in {time.monotonic() - t0:.1f}s")
         return self
 
     def _reset_dirs(self) -> None:
-        for sub in ("pki", "etcd", "prometheus", "kwok", "training-operator"):
+        for sub in ("pki", "etcd", "prometheus", "kwok", "training-operator", "pods"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
         for d in (self.root, self.pki, self.logs, self.bin):
             d.mkdir(parents=True, exist_ok=True)
@@ -174,10 +176,10 @@ class LocalCluster:
     def _save(self) -> None:
         self.state.save(self.state_file)
 
-    def _start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    def _start(self, name: str, argv: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
         log_file = self.logs / f"{name}.log"
         log_file.unlink(missing_ok=True)
-        proc = start_logged(argv, log_file, env=env, cwd=self.root)
+        proc = start_logged(argv, log_file, env=env, cwd=cwd or self.root)
         self.state.pids[name] = proc.pid
         self._save()
         return proc
@@ -367,6 +369,17 @@ class LocalCluster:
         wait_until(lambda: _http_ok(f"{self.prometheus_url}/-/ready"), 60, "Prometheus", proc=proc,
                    log_file=self.logs / "prometheus.log")
 
+    @property
+    def pods_dir(self) -> Path:
+        return self.root / "pods"
+
+    def _start_node_runtime(self) -> None:
+        self._start("node-runtime", [
+            sys.executable, "-m", "e2e.localcluster.noderuntime", f"--kubeconfig={self.kubeconfig}",
+            f"--root={self.pods_dir}", f"--nodes={','.join(LOCAL_NODES)}",
+            f"--prometheus-targets={self.prometheus_targets_dir}",
+        ], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=REPO_ROOT)
+
     def _wait_nodes_ready(self) -> None:
         def ready() -> bool:
             out = self.kubectl("get", "nodes", "-o", "json", check=False)
@@ -377,7 +390,7 @@ class LocalCluster:
                 conds = {c["type"]: c["status"] for c in n.get("status", {}).get("conditions", [])}
                 taints = {t["key"] for t in n.get("spec", {}).get("taints", [])}
                 return conds.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints
-            return len(items) >= len(nodes.SIMULATED_NODES) and all(is_ready(n) for n in items)
+            return len(items) >= len(nodes.SIMULATED_NODES) + len(LOCAL_NODES) and all(is_ready(n) for n in items)
         wait_until(ready, 120, "simulated nodes Ready")
         # The training-operator serves its health endpoint once its certificates are in place.
         wait_until(lambda: _http_ok(f"http://127.0.0.1:{self.state.ports['training-operator-probe']}/readyz"), 120,
