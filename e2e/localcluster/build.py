@@ -122,7 +122,23 @@ KWOK = GoComponent(
     ldflags=f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={versions.KWOK}",
 )
 
-COMPONENTS = {c.name: c for c in (ETCD, KUBERNETES, TRAINING_OPERATOR, KWOK)}
+HELM = GoComponent(
+    name="helm",
+    module="helm.sh/helm/v3",
+    version=versions.HELM,
+    binaries={"helm": "helm.sh/helm/v3/cmd/helm"},
+    ldflags=" ".join(
+        [
+            "-s -w",
+            f"-X helm.sh/helm/v3/internal/version.version={versions.HELM}",
+            "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+            *(f"-X helm.sh/helm/v3/pkg/{pkg}.k8sVersionMajor=1" for pkg in ("lint/rules", "chartutil")),
+            *(f"-X helm.sh/helm/v3/pkg/{pkg}.k8sVersionMinor={versions.HELM_KUBE_MINOR}" for pkg in ("lint/rules", "chartutil")),
+        ]
+    ),
+)
+
+COMPONENTS = {c.name: c for c in (ETCD, KUBERNETES, TRAINING_OPERATOR, KWOK, HELM)}
 
 
 def _helper_module_text(component: GoComponent) -> str:

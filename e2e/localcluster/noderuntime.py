@@ -7,7 +7,7 @@ trainer) can be shown end to end. What it does for each pod bound to one of its 
 - runs each container's command and args as a process (the image is not used: the process runs in
   this checkout's environment, with the virtualenv's bin/ first on PATH);
 - env: value, valueFrom (secretKeyRef, configMapKeyRef, fieldRef) and envFrom (Secret, ConfigMap);
-- ConfigMap, Secret, emptyDir and downwardAPI-less volumes become folders under
+- ConfigMap, Secret, emptyDir and projected volumes become folders under
   `.cluster/pods/<namespace>/<pod>/volumes/<volume>/`; a container's mountPath appearing in its
   command, args or env values is rewritten to that folder (the `per-pod path`);
 - names of Services and pods in the pod's namespace, as values of `*_ADDR` / `*_HOST` env vars,
@@ -15,6 +15,10 @@ trainer) can be shown end to end. What it does for each pod bound to one of its 
   each `*MASTER_PORT` value and each declared containerPort gets a free host port, the same for all
   pods of one job, so concurrent jobs never clash; a port named `metrics` is registered as a
   Prometheus target of the local cluster;
+- in-cluster API access: KUBERNETES_SERVICE_HOST/PORT point at the local API server; a projected
+  service-account token (what the ServiceAccount admission plugin mounts) is requested with the
+  TokenRequest API, bound to the pod, written into the volume folder and also handed over as a
+  kubeconfig in KUBECONFIG, because clients read the token from its absolute path otherwise;
 - reports status honestly: Pending, Running, Succeeded or Failed with the real exit code;
   restartPolicy OnFailure/Always restarts the process and counts restarts;
 - deleting a pod sends SIGTERM to its processes and SIGKILL after the grace period, then removes it;
@@ -43,8 +47,11 @@ from pathlib import Path
 
 from lightkube import Client, KubeConfig
 from lightkube.core.exceptions import ApiError
-from lightkube.resources.core_v1 import ConfigMap, Node, Pod, Secret, Service
+from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.models.authentication_v1 import BoundObjectReference, TokenRequestSpec
+from lightkube.resources.core_v1 import ConfigMap, Node, Pod, Secret, Service, ServiceAccount
 from lightkube.types import PatchType
+import yaml
 
 from .nodes import POOL_LABEL
 from .procs import free_port
@@ -154,6 +161,10 @@ class LocalNodeRuntime:
         self.started = _now()
         self._last_heartbeat = 0.0
         self.venv_bin = Path(sys.executable).parent
+        self.kubeconfig_doc = yaml.safe_load(Path(kubeconfig).read_text())
+        server = self.kubeconfig_doc["clusters"][0]["cluster"]["server"]
+        self.api_host, self.api_port = server.removeprefix("https://").rsplit(":", 1)
+        self.ca_file = self.kubeconfig_doc["clusters"][0]["cluster"]["certificate-authority"]
 
     # ---- node --------------------------------------------------------------------------------
 
@@ -240,7 +251,7 @@ class LocalNodeRuntime:
         directory = self.root / namespace / name
         shutil.rmtree(directory, ignore_errors=True)
         (directory / "volumes").mkdir(parents=True)
-        volume_dirs = self._materialise_volumes(namespace, spec.get("volumes") or [], directory / "volumes")
+        volume_dirs = self._materialise_volumes(pod, spec.get("volumes") or [], directory / "volumes")
         local_names = self._local_names(namespace)
         job = _job_of(pod)
         run = PodRun(namespace, name, meta["uid"], directory, spec.get("restartPolicy", "Always"))
@@ -255,7 +266,8 @@ class LocalNodeRuntime:
             self._register_metrics(run, container, namespace, job, pod)
         return run
 
-    def _materialise_volumes(self, namespace: str, volumes: list[dict], base: Path) -> dict[str, Path]:
+    def _materialise_volumes(self, pod: dict, volumes: list[dict], base: Path) -> dict[str, Path]:
+        namespace = pod["metadata"]["namespace"]
         dirs = {}
         for volume in volumes:
             target = base / volume["name"]
@@ -272,8 +284,57 @@ class LocalNodeRuntime:
                     path = target / key
                     path.write_bytes(base64.b64decode(value))
                     path.chmod(0o600)
+            elif "projected" in volume:
+                self._materialise_projected(pod, volume["projected"], target)
             dirs[volume["name"]] = target
         return dirs
+
+    def _materialise_projected(self, pod: dict, projected: dict, target: Path) -> None:
+        namespace = pod["metadata"]["namespace"]
+        for source in projected.get("sources") or []:
+            if "serviceAccountToken" in source:
+                token = self._service_account_token(pod, source["serviceAccountToken"])
+                (target / source["serviceAccountToken"]["path"]).write_text(token)
+                self._write_in_cluster_kubeconfig(pod, token)
+            elif "configMap" in source:
+                data = self.client.get(ConfigMap, source["configMap"]["name"], namespace=namespace).to_dict().get("data") or {}
+                for item in source["configMap"].get("items") or [{"key": k, "path": k} for k in data]:
+                    (target / item["path"]).write_text(data[item["key"]])
+            elif "downwardAPI" in source:
+                for item in source["downwardAPI"].get("items") or []:
+                    if "fieldRef" in item:
+                        (target / item["path"]).write_text(_field_ref(pod, item["fieldRef"]["fieldPath"]))
+            elif "secret" in source:
+                data = self.client.get(Secret, source["secret"]["name"], namespace=namespace).to_dict().get("data") or {}
+                for key, value in data.items():
+                    (target / key).write_bytes(base64.b64decode(value))
+
+    def _service_account_token(self, pod: dict, source: dict) -> str:
+        meta = pod["metadata"]
+        spec = TokenRequestSpec(
+            audiences=[source["audience"]] if source.get("audience") else [],
+            expirationSeconds=max(int(source.get("expirationSeconds", 3607)), 3600),
+            boundObjectRef=BoundObjectReference(apiVersion="v1", kind="Pod", name=meta["name"], uid=meta["uid"]),
+        )
+        sa_name = pod["spec"].get("serviceAccountName") or "default"
+        request = ServiceAccount.Token(metadata=ObjectMeta(name=sa_name, namespace=meta["namespace"]), spec=spec)
+        result = self.client.create(request, sa_name, namespace=meta["namespace"])
+        return result.status.token
+
+    def _write_in_cluster_kubeconfig(self, pod: dict, token: str) -> None:
+        namespace = pod["metadata"]["namespace"]
+        config = {
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "in-cluster", "cluster": {"server": f"https://{self.api_host}:{self.api_port}",
+                                                            "certificate-authority": self.ca_file}}],
+            "users": [{"name": "service-account", "user": {"token": token}}],
+            "contexts": [{"name": "in-cluster", "context": {"cluster": "in-cluster", "user": "service-account",
+                                                            "namespace": namespace}}],
+            "current-context": "in-cluster",
+        }
+        path = self.root / namespace / pod["metadata"]["name"] / "in-cluster.kubeconfig"
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
 
     def _local_names(self, namespace: str) -> set[str]:
         names = {s.metadata.name for s in self.client.list(Service, namespace=namespace)}
@@ -307,6 +368,11 @@ class LocalNodeRuntime:
         base["PATH"] = f"{self.venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}"
         base["PYTHONUNBUFFERED"] = "1"
         base["HOSTNAME"] = pod["metadata"]["name"]
+        base["KUBERNETES_SERVICE_HOST"] = self.api_host
+        base["KUBERNETES_SERVICE_PORT"] = self.api_port
+        in_cluster = self.root / namespace / pod["metadata"]["name"] / "in-cluster.kubeconfig"
+        if in_cluster.exists():
+            base["KUBECONFIG"] = str(in_cluster)
         return {**base, **env}
 
     def _env_value(self, pod: dict, item: dict) -> str:

@@ -7,3 +7,7 @@ KUBERNETES_STAGING = "v0" + KUBERNETES[2:]
 ETCD = "v3.6.16"
 TRAINING_OPERATOR = "v1.9.3"
 KWOK = "v0.8.0"
+HELM = "v3.22.0"
+# Kubernetes minor version of the client-go that helm v3.22.0 requires (v0.37.0); helm stamps it
+# as the default Capabilities.KubeVersion for `helm template` and for lint deprecation checks.
+HELM_KUBE_MINOR = "37"

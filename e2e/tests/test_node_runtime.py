@@ -146,3 +146,22 @@ def test_a_pytorchjob_runs_torchrun_across_two_pods_on_the_local_pool(kube, loca
 def _logs_of(local_cluster, namespace, pod) -> str:
     path = local_cluster.pods_dir / namespace / pod / "pytorch.log"
     return path.read_text() if path.exists() else ""
+
+
+IN_CLUSTER = """
+from lightkube import Client
+from lightkube.core.exceptions import ApiError
+from lightkube.resources.core_v1 import ConfigMap
+try:
+    list(Client().list(ConfigMap, namespace="kube-system"))
+    print("listed")
+except ApiError as e:
+    print("api said:", e.status.message)
+"""
+
+
+def test_a_pod_reaches_the_api_server_as_its_service_account(kube, local_cluster, namespace):
+    kube.apply(_pod("incluster", IN_CLUSTER), namespace=namespace)
+    _wait_for(lambda: _phase(kube, namespace, "incluster") in ("Succeeded", "Failed"), 60, "pod finished")
+    out = _logs(local_cluster, namespace, "incluster")
+    assert f'User "system:serviceaccount:{namespace}:default" cannot list resource "configmaps"' in out, out
