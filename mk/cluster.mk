@@ -15,3 +15,13 @@ cluster-status: venv ## show the local cluster's components, ports and logs
 
 test-cluster: venv ## run the control-plane tests (tier 2; starts the cluster if needed)
 	$(PY) -m pytest e2e/tests -m cluster
+
+.PHONY: operator-up operator-down pod-logs
+operator-up: venv ## run the operator from the working tree against the local cluster, in the background
+	$(PY) -m e2e.localcluster operator-up
+
+operator-down: ## stop the operator started by operator-up
+	@if [ -x $(PY) ]; then $(PY) -m e2e.localcluster operator-down; fi
+
+pod-logs: ## output of a pod run by the local node runtime: make pod-logs NS=<namespace> POD=<pod>
+	$(PY) -m e2e.localcluster logs $(NS) $(POD)

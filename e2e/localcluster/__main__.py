@@ -11,12 +11,18 @@ from .cluster import LocalCluster
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.localcluster")
-    parser.add_argument("command", choices=["up", "down", "status", "build", "logs"])
+    parser.add_argument("command", choices=["up", "down", "status", "build", "logs", "operator-up", "operator-down"])
     parser.add_argument("target", nargs="*", help="logs: NAMESPACE POD [CONTAINER]")
     args = parser.parse_args(argv)
     cluster = LocalCluster()
     if args.command == "build":
         return build.main([])
+    if args.command in ("operator-up", "operator-down"):
+        from .operator_process import OperatorProcess
+
+        operator = OperatorProcess(cluster)
+        operator.up() if args.command == "operator-up" else operator.down()
+        return 0
     if args.command == "logs":
         return _logs(cluster, *args.target)
     if args.command == "up":
@@ -25,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nTry:  .cluster/bin/kubectl --kubeconfig .cluster/kubeconfig get nodes -L finetune.dev/pool")
         return 0
     if args.command == "down":
+        from .operator_process import OperatorProcess
+
+        OperatorProcess(cluster).down()
         cluster.down()
         print("local cluster stopped")
         return 0

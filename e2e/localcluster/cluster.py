@@ -31,6 +31,7 @@ SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
 # Fixed by the training-operator (pkg/cert): where it expects its mounted webhook certificates.
 TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+TRAINING_OPERATOR_INIT_CONTAINER = REPO_ROOT / "operator/config/training-operator/pytorch-init-container.yaml"
 TENANT_USER = "tenant-alice"
 TENANT_GROUP = "finetune:tenants"
 COMPONENT_ORDER = [
@@ -311,6 +312,8 @@ class LocalCluster:
         self._start("training-operator", [
             str(self.bin / "training-operator"),
             "--enable-scheme=pytorchjob",
+            # A Pod Security `restricted` init container; the built-in one is rejected in sandboxes.
+            f"--pytorch-init-container-template-file={TRAINING_OPERATOR_INIT_CONTAINER}",
             f"--metrics-bind-address=127.0.0.1:{p['training-operator']}",
             f"--health-probe-bind-address=127.0.0.1:{p['training-operator-probe']}",
             f"--webhook-server-port={p['training-operator-webhook']}",
@@ -334,6 +337,10 @@ class LocalCluster:
     def _start_s3(self) -> None:
         proc = self._start("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.state.ports["s3"])])
         wait_until(lambda: port_open(self.state.ports["s3"]), 60, "S3 server", proc=proc, log_file=self.logs / "s3.log")
+        # What the examples name must be there: a small model and the demo's domain datasets.
+        with open(self.logs / "seed.log", "wb") as out:
+            subprocess.run([sys.executable, "-m", "e2e.localcluster.seed", f"--endpoint={self.s3_endpoint}"],
+                           cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, check=True)
 
     def _ensure_prometheus_installed(self, log) -> None:
         if shutil.which("prometheus"):

@@ -121,6 +121,8 @@ class PodRun:
     directory: Path
     restart_policy: str
     containers: list[ContainerRun] = field(default_factory=list)
+    init_containers: list[ContainerRun] = field(default_factory=list)
+    pod_ip: str = ""
     terminating_since: float | None = None
     reported: str = ""
     prometheus_target: Path | None = None
@@ -238,10 +240,30 @@ class LocalNodeRuntime:
                 return  # finished before a restart of this runtime
             run = self._prepare(pod)
             self.runs[uid] = run
-            for container in run.containers:
+        self._advance(run)
+        self._report(pod, run)
+
+    def _advance(self, run: PodRun) -> None:
+        """Init containers one after the other, each to success; then all containers at once."""
+        for init in run.init_containers:
+            if init.proc is None:
+                self._start(run, init)
+                return
+            if init.exit_code is None:
+                code = init.proc.poll()
+                if code is None:
+                    return
+                init.exit_code, init.finished_at = (code if code >= 0 else 128 - code), _now()
+            if init.exit_code != 0:
+                if run.restart_policy == "Never":
+                    return
+                init.restarts += 1
+                self._start(run, init)
+                return
+        for container in run.containers:
+            if container.proc is None:
                 self._start(run, container)
         self._poll(run)
-        self._report(pod, run)
 
     # ---- preparing a pod ---------------------------------------------------------------------
 
@@ -254,17 +276,27 @@ class LocalNodeRuntime:
         volume_dirs = self._materialise_volumes(pod, spec.get("volumes") or [], directory / "volumes")
         local_names = self._local_names(namespace)
         job = _job_of(pod)
-        run = PodRun(namespace, name, meta["uid"], directory, spec.get("restartPolicy", "Always"))
-        for container in spec["containers"]:
-            mounts = {m["mountPath"]: volume_dirs[m["name"]] for m in container.get("volumeMounts") or []
-                      if m["name"] in volume_dirs}
-            env = self._container_env(pod, container, local_names, job, mounts)
-            argv = [_rewrite_paths(a, mounts) for a in (container.get("command") or []) + (container.get("args") or [])]
-            if not argv:
-                raise ValueError(f"container {container['name']}: no command (images are not run locally)")
-            run.containers.append(ContainerRun(container["name"], argv, env))
-            self._register_metrics(run, container, namespace, job, pod)
+        run = PodRun(namespace, name, meta["uid"], directory, spec.get("restartPolicy", "Always"),
+                     pod_ip=self._next_pod_ip())
+        for kind, target in (("initContainers", run.init_containers), ("containers", run.containers)):
+            for container in spec.get(kind) or []:
+                mounts = {m["mountPath"]: volume_dirs[m["name"]] for m in container.get("volumeMounts") or []
+                          if m["name"] in volume_dirs}
+                env = self._container_env(pod, container, local_names, job, mounts)
+                argv = [_rewrite_paths(_rewrite_hosts(a, local_names), mounts)
+                        for a in (container.get("command") or []) + (container.get("args") or [])]
+                if not argv:
+                    raise ValueError(f"container {container['name']}: no command (images are not run locally)")
+                target.append(ContainerRun(container["name"], argv, env))
+                if kind == "containers":
+                    self._register_metrics(run, container, namespace, job, pod)
         return run
+
+    def _next_pod_ip(self) -> str:
+        # Endpoints may not hold loopback addresses: report a unique address from a range of our
+        # own; the processes themselves talk over loopback.
+        self._pod_counter = getattr(self, "_pod_counter", 0) + 1
+        return f"10.245.{(self._pod_counter >> 8) & 255}.{self._pod_counter & 255 or 1}"
 
     def _materialise_volumes(self, pod: dict, volumes: list[dict], base: Path) -> dict[str, Path]:
         namespace = pod["metadata"]["namespace"]
@@ -435,10 +467,10 @@ class LocalNodeRuntime:
                 self._start(run, container)
 
     def _all_exited(self, run: PodRun) -> bool:
-        return all(c.proc is None or c.proc.poll() is not None for c in run.containers)
+        return all(c.proc is None or c.proc.poll() is not None for c in run.init_containers + run.containers)
 
     def _signal(self, run: PodRun, sig: int) -> None:
-        for container in run.containers:
+        for container in run.init_containers + run.containers:
             if container.proc and container.proc.poll() is None:
                 try:
                     os.killpg(container.proc.pid, sig)
@@ -451,7 +483,7 @@ class LocalNodeRuntime:
         while time.monotonic() < deadline and not self._all_exited(run):
             time.sleep(0.1)
         self._signal(run, signal.SIGKILL)
-        for container in run.containers:
+        for container in run.init_containers + run.containers:
             if container.proc:
                 try:
                     container.proc.wait(5)
@@ -493,10 +525,9 @@ class LocalNodeRuntime:
                 raise
 
 
-def pod_status(run: PodRun) -> dict:
-    """The pod's status from its containers' processes (a pure function of the run)."""
+def _container_statuses(containers: list[ContainerRun]) -> list[dict]:
     statuses = []
-    for c in run.containers:
+    for c in containers:
         running = c.proc is not None and c.exit_code is None
         if running:
             state = {"running": {"startedAt": c.started_at}}
@@ -507,8 +538,21 @@ def pod_status(run: PodRun) -> dict:
             state = {"waiting": {"reason": "ContainerCreating"}}
         statuses.append({"name": c.name, "image": "local-process", "imageID": "", "ready": running,
                          "started": running, "restartCount": c.restarts, "state": state})
+    return statuses
+
+
+def pod_status(run: PodRun) -> dict:
+    """The pod's status from its containers' processes (a pure function of the run)."""
+    statuses = _container_statuses(run.containers)
+    init_statuses = _container_statuses(run.init_containers)
+    init_failed = any(c.exit_code not in (None, 0) for c in run.init_containers) and run.restart_policy == "Never"
+    initialized = all(c.exit_code == 0 for c in run.init_containers)
     codes = [c.exit_code for c in run.containers]
-    if all(code is not None for code in codes) and run.restart_policy != "Always":
+    if init_failed:
+        phase = "Failed"
+    elif not initialized:
+        phase = "Pending"
+    elif all(code is not None for code in codes) and run.restart_policy != "Always":
         if all(code == 0 for code in codes):
             phase = "Succeeded"
         elif run.restart_policy == "Never":
@@ -522,15 +566,16 @@ def pod_status(run: PodRun) -> dict:
     return {
         "phase": phase,
         "hostIP": "127.0.0.1",
-        "podIP": "127.0.0.1",
-        "podIPs": [{"ip": "127.0.0.1"}],
+        "podIP": run.pod_ip,
+        "podIPs": [{"ip": run.pod_ip}],
         "startTime": min((c.started_at for c in run.containers if c.started_at), default=now),
         "conditions": [
-            {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+            {"type": "Initialized", "status": "True" if initialized else "False", "lastTransitionTime": now},
             {"type": "ContainersReady", "status": ready, "lastTransitionTime": now},
             {"type": "Ready", "status": ready, "lastTransitionTime": now},
         ],
         "containerStatuses": statuses,
+        **({"initContainerStatuses": init_statuses} if init_statuses else {}),
     }
 
 
@@ -544,6 +589,14 @@ def _field_ref(pod: dict, path: str) -> str:
         "spec.nodeName": pod["spec"].get("nodeName", ""), "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
         "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1",
     }.get(path, "")
+
+
+def _rewrite_hosts(value: str, local_names: set[str]) -> str:
+    """Whole-word names of the namespace's Services and pods -> 127.0.0.1 (no cluster DNS here)."""
+    for name in sorted(local_names, key=len, reverse=True):
+        if name in value:
+            value = re.sub(rf"(?<![\w./-]){re.escape(name)}(?![\w./-])", "127.0.0.1", value)
+    return value
 
 
 def _rewrite_paths(value: str, mounts: dict[str, Path]) -> str:

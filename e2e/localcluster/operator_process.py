@@ -1,0 +1,99 @@
+"""Run the operator from the working tree against the local cluster, in the background.
+
+`make operator-up` / `make operator-down`. Its OperatorConfig is operator/config/dev.yaml with the
+local cluster's facts filled in (the S3 endpoint and free ports for metrics and liveness); its log
+is .cluster/logs/operator.log and Prometheus scrapes its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from .cluster import LocalCluster, _pid_alive, _terminate_group
+from .paths import REPO_ROOT
+from .procs import free_port, start_logged, wait_until
+
+DEV_CONFIG = REPO_ROOT / "operator" / "config" / "dev.yaml"
+CRD = REPO_ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
+
+
+class OperatorProcess:
+    def __init__(self, cluster: LocalCluster):
+        self.cluster = cluster
+        self.pid_file = cluster.root / "operator.json"
+        self.log_file = cluster.logs / "operator.log"
+        self.config_file = cluster.root / "operator-config.yaml"
+
+    def _state(self) -> dict:
+        return json.loads(self.pid_file.read_text()) if self.pid_file.exists() else {}
+
+    def running(self) -> bool:
+        pid = self._state().get("pid")
+        return bool(pid) and _pid_alive(pid)
+
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self._state()['metricsPort']}/metrics"
+
+    def install_crds(self) -> None:
+        self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=finetune-local",
+                             "-f", str(CRD))
+        self.cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+
+    def render_config(self, metrics_port: int, liveness_port: int) -> Path:
+        config = yaml.safe_load(DEV_CONFIG.read_text())
+        s3_port = self.cluster.state.ports["s3"]
+        config.update(s3Endpoint=self.cluster.s3_endpoint, operatorMetricsPort=metrics_port,
+                      livenessPort=liveness_port)
+        config.setdefault("s3Egress", {})["ports"] = [s3_port]
+        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        return self.config_file
+
+    def up(self, log=print) -> None:
+        if self.running():
+            log(f"operator already running (pid {self._state()['pid']}), log {self.log_file}")
+            return
+        self.install_crds()
+        metrics_port, liveness_port = free_port(), free_port()
+        config = self.render_config(metrics_port, liveness_port)
+        env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), PYTHONUNBUFFERED="1")
+        proc = start_logged([sys.executable, "-m", "finetune_operator", f"--config={config}"], self.log_file,
+                            env=env, cwd=REPO_ROOT)
+        self.pid_file.write_text(json.dumps({"pid": proc.pid, "metricsPort": metrics_port,
+                                             "livenessPort": liveness_port}))
+        wait_until(lambda: _http_ok(f"http://127.0.0.1:{liveness_port}/healthz"), 90, "operator liveness",
+                   proc=proc, log_file=self.log_file)
+        target = self.cluster.prometheus_targets_dir / "operator.json"
+        target.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"],
+                                       "labels": {"source": "finetune-operator"}}]))
+        log(f"operator running (pid {proc.pid}); log {self.log_file}; metrics {self.metrics_url()}")
+
+    def down(self, log=print) -> None:
+        pid = self._state().get("pid")
+        if pid and _pid_alive(pid):
+            _terminate_group(pid, grace=15)
+            log(f"stopped the operator (pid {pid})")
+        self.pid_file.unlink(missing_ok=True)
+        (self.cluster.prometheus_targets_dir / "operator.json").unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: no cleanup, no graceful shutdown."""
+        pid = self._state().get("pid")
+        if pid and _pid_alive(pid):
+            os.killpg(pid, 9)
+            subprocess.run(["true"])  # let the kernel reap before the next start
+        self.pid_file.unlink(missing_ok=True)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False

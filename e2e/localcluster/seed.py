@@ -1,0 +1,112 @@
+"""Put what the examples name into the local S3: a small model and small domain datasets.
+
+The model is a small Llama-architecture model with random weights and a tokenizer trained on the
+fly from the domain corpus (nothing is downloaded). The domain is the help desk of a fictional
+object-storage product, "Orbit Storage": its questions follow patterns a small model learns on CPU
+in a few dozen steps, so the demo's tuned perplexity falls clearly below the base model's.
+
+    python -m e2e.localcluster.seed --endpoint http://127.0.0.1:PORT
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+from pathlib import Path
+
+DEMO_MODEL_URI = "s3://models/tiny-llama/"
+BUCKETS = ("models", "team-a")
+
+_PLANS = {"starter": ("100 GB", "2"), "team": ("1 TB", "10"), "business": ("10 TB", "50"), "enterprise": ("100 TB", "500")}
+_REGIONS = ["eu-west", "us-east", "ap-south", "us-west"]
+_ERRORS = {
+    "403": "the access key lacks permission for the bucket; grant it in the console under Keys",
+    "404": "the object or bucket does not exist; check the name and the region",
+    "429": "the request rate is above the plan limit; retry with backoff or upgrade the plan",
+    "507": "the bucket is over its quota; delete old objects or upgrade the plan",
+}
+
+
+def domain_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """(question, answer) pairs of the Orbit Storage help desk, deterministic per seed."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        kind = rng.randrange(4)
+        if kind == 0:
+            plan = rng.choice(list(_PLANS))
+            quota, users = _PLANS[plan]
+            pairs.append((f"How much storage does the {plan} plan include?",
+                          f"The {plan} plan includes {quota} of storage and {users} users."))
+        elif kind == 1:
+            code = rng.choice(list(_ERRORS))
+            pairs.append((f"What does error {code} mean?", f"Error {code} means {_ERRORS[code]}."))
+        elif kind == 2:
+            region = rng.choice(_REGIONS)
+            pairs.append((f"Can I keep my data in {region}?",
+                          f"Yes, choose {region} when you create the bucket; data never leaves {region}."))
+        else:
+            days = rng.choice([7, 30, 90])
+            pairs.append((f"How do I delete objects older than {days} days?",
+                          f"Add a lifecycle rule with an expiry of {days} days to the bucket."))
+    return pairs
+
+
+def datasets() -> dict[str, list[dict]]:
+    """Every dataset the examples name, by S3 URI."""
+    support = [{"messages": [{"role": "system", "content": "You are the Orbit Storage help desk."},
+                             {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+               for q, a in domain_pairs(480, seed=1)]
+    faq = [{"instruction": q, "input": "", "output": a} for q, a in domain_pairs(160, seed=2)]
+    wrong = [a for _, a in domain_pairs(160, seed=3)]
+    preferences = [{"prompt": q, "chosen": a, "rejected": w if w != a else "I do not know."}
+                   for (q, a), w in zip(domain_pairs(160, seed=4), wrong)]
+    corpus = [{"text": f"{q} {a}"} for q, a in domain_pairs(400, seed=5)]
+    return {
+        "s3://team-a/data/support.jsonl": support,
+        "s3://team-a/data/faq.jsonl": faq,
+        "s3://team-a/data/instructions.jsonl": faq,
+        "s3://team-a/data/preferences.jsonl": preferences,
+        "s3://team-a/data/corpus/part-0000.jsonl": corpus[:200],
+        "s3://team-a/data/corpus/part-0001.jsonl": corpus[200:],
+    }
+
+
+def seed(endpoint: str) -> None:
+    from finetune_trainer.storage import Storage
+    from finetune_trainer.testing import tiny
+
+    from . import s3 as local_s3
+
+    client = local_s3.client(endpoint)
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    for bucket in BUCKETS:
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+    storage = Storage(endpoint=endpoint, region=local_s3.REGION)
+    for uri, rows in datasets().items():
+        tiny.upload_rows(storage, uri, rows)
+    if not storage.exists(DEMO_MODEL_URI + "config.json"):
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny.save_tiny_model(Path(tmp), arch="llama", hidden_size=128, layers=4)
+            storage.upload_dir(Path(tmp), DEMO_MODEL_URI)
+
+
+def main() -> int:
+    import os
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--endpoint", required=True)
+    args = parser.parse_args()
+    from . import s3 as local_s3
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", local_s3.ACCESS_KEY)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", local_s3.SECRET_KEY)
+    seed(args.endpoint)
+    print(f"seeded {args.endpoint}: {DEMO_MODEL_URI} and {len(datasets())} datasets")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
