@@ -25,3 +25,7 @@ operator-down: ## stop the operator started by operator-up
 
 pod-logs: ## output of a pod run by the local node runtime: make pod-logs NS=<namespace> POD=<pod>
 	$(PY) -m e2e.localcluster logs $(NS) $(POD)
+
+.PHONY: demo
+demo: venv ## set everything up and run the demo FineTuneJob end to end (real training on 2 local workers)
+	$(PY) -m e2e.demo

@@ -18,38 +18,46 @@ from pathlib import Path
 DEMO_MODEL_URI = "s3://models/tiny-llama/"
 BUCKETS = ("models", "team-a")
 
-_PLANS = {"starter": ("100 GB", "2"), "team": ("1 TB", "10"), "business": ("10 TB", "50"), "enterprise": ("100 TB", "500")}
+_PLANS = [("starter", 2, "100 GB"), ("team", 10, "1 TB"), ("business", 50, "10 TB"), ("enterprise", 500, "100 TB")]
 _REGIONS = ["eu-west", "us-east", "ap-south", "us-west"]
 _ERRORS = {
-    "403": "the access key lacks permission for the bucket; grant it in the console under Keys",
-    "404": "the object or bucket does not exist; check the name and the region",
-    "429": "the request rate is above the plan limit; retry with backoff or upgrade the plan",
-    "507": "the bucket is over its quota; delete old objects or upgrade the plan",
+    "403": "the access key lacks permission for the bucket; grant it under Keys",
+    "404": "the object or the bucket does not exist in that region",
+    "429": "the request rate is above the plan limit; retry with backoff",
+    "507": "the bucket is over its quota; delete old objects or upgrade",
 }
+_TEAMS = ["acme", "globex", "initech", "umbrella", "hooli", "stark", "wayne", "wonka", "tyrell", "cyberdyne"]
+
+
+def _plan_for(users: int) -> tuple[str, int, str]:
+    return next(p for p in _PLANS if users <= p[1])
 
 
 def domain_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    """(question, answer) pairs of the Orbit Storage help desk, deterministic per seed."""
+    """(question, answer) pairs of the Orbit Storage help desk, deterministic per seed. The
+    answers follow rules (thresholds, lookups, copying the bucket name) a small model can learn."""
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
         kind = rng.randrange(4)
+        bucket = f"{rng.choice(_TEAMS)}-{rng.choice(['logs', 'backups', 'media', 'models'])}-{rng.randrange(100)}"
         if kind == 0:
-            plan = rng.choice(list(_PLANS))
-            quota, users = _PLANS[plan]
-            pairs.append((f"How much storage does the {plan} plan include?",
-                          f"The {plan} plan includes {quota} of storage and {users} users."))
+            users = rng.randrange(1, 500)
+            plan, _, quota = _plan_for(users)
+            pairs.append((f"We are {users} people. Which plan fits us?",
+                          f"For {users} users choose the {plan} plan; it includes {quota} of storage."))
         elif kind == 1:
             code = rng.choice(list(_ERRORS))
-            pairs.append((f"What does error {code} mean?", f"Error {code} means {_ERRORS[code]}."))
+            pairs.append((f"Bucket {bucket} returns error {code}. Why?",
+                          f"Error {code} on {bucket} means {_ERRORS[code]}."))
         elif kind == 2:
             region = rng.choice(_REGIONS)
-            pairs.append((f"Can I keep my data in {region}?",
-                          f"Yes, choose {region} when you create the bucket; data never leaves {region}."))
+            pairs.append((f"Can bucket {bucket} keep its data in {region}?",
+                          f"Yes. Create {bucket} in {region}; its data never leaves {region}."))
         else:
-            days = rng.choice([7, 30, 90])
-            pairs.append((f"How do I delete objects older than {days} days?",
-                          f"Add a lifecycle rule with an expiry of {days} days to the bucket."))
+            days = rng.randrange(1, 366)
+            pairs.append((f"How do I delete objects in {bucket} older than {days} days?",
+                          f"Add a lifecycle rule to {bucket} with an expiry of {days} days."))
     return pairs
 
 
