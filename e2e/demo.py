@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from e2e.localcluster import s3 as local_s3
 from e2e.localcluster.cluster import LocalCluster
 from e2e.localcluster.operator_process import OperatorProcess
 from e2e.localcluster.paths import REPO_ROOT
@@ -51,9 +52,11 @@ def run_demo() -> int:
     operator = OperatorProcess(cluster)
     operator.up()
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    # A demo run always starts fresh: the previous run's job (and its sandbox) go first.
+    # A demo run always starts fresh: the previous run's job (and its sandbox) go first, and so do
+    # its outputs, since output.uri + runId identify a run whose checkpoints would be resumed.
     cluster.kubectl("delete", "finetunejob", JOB, "-n", NAMESPACE, "--ignore-not-found", "--wait=true",
                     "--timeout=180s")
+    _delete_prefix(cluster, "team-a", "models/orbit-helpdesk/")
     cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(MANIFEST))
     print(f"\napplied {MANIFEST.relative_to(REPO_ROOT)} in namespace {NAMESPACE}; training for real on 2 local workers\n")
 
@@ -96,6 +99,14 @@ def run_demo() -> int:
               f" (ratio {ratio:.2f}) on the held-out validation split")
     print(_look_around(cluster, operator, status))
     return 0
+
+
+def _delete_prefix(cluster: LocalCluster, bucket: str, prefix: str) -> None:
+    client = local_s3.client(cluster.s3_endpoint)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
 
 
 def _look_around(cluster: LocalCluster, operator: OperatorProcess, status: dict) -> str:

@@ -1,0 +1,242 @@
+"""The whole chain for real: FineTuneJob -> operator -> sandbox -> PyTorchJob -> training-operator ->
+pods on the local node runtime -> torchrun -> trainer -> S3 -> status. Training is real (CPU, gloo)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e.localcluster import s3 as local_s3
+from e2e.localcluster.operator_process import OperatorProcess
+from e2e.localcluster.paths import REPO_ROOT
+from e2e.tests.test_control_plane import _wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+DEMO = REPO_ROOT / "examples" / "finetunejob-demo.yaml"
+
+
+@pytest.fixture(scope="session")
+def operator(local_cluster):
+    process = OperatorProcess(local_cluster)
+    started_here = not process.running()
+    process.up()
+    yield process
+    if started_here:
+        process.down()
+
+
+def _demo_documents() -> tuple[dict, dict]:
+    secret, job = list(yaml.safe_load_all(DEMO.read_text()))
+    return secret, job
+
+
+def small_job(name: str, **spec_changes) -> tuple[dict, dict]:
+    """The demo job made small enough for a test: fewer steps, frequent checkpoints."""
+    secret, job = _demo_documents()
+    job = copy.deepcopy(job)
+    job["metadata"]["name"] = name
+    spec = job["spec"]
+    spec["hyperparameters"].update(maxSteps=12)
+    spec["checkpoint"] = {"everySteps": 4, "keep": 2}
+    spec["evaluation"] = {"compareToBase": True, "maxSamples": 24}
+    # output.uri + runId identify a run (its checkpoints are resumed): every test run gets its own.
+    spec["output"] = {"uri": f"s3://team-a/e2e/{name}-{uuid.uuid4().hex[:8]}/", "merge": False}
+    for key, value in spec_changes.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    return secret, job
+
+
+def _status(kube, namespace, name) -> dict:
+    return kube.get("finetunejob", name, namespace).get("status") or {}
+
+
+def _wait_phase(kube, namespace, name, phases=("Succeeded", "Failed"), timeout=420) -> dict:
+    return _wait_for(lambda: (s := _status(kube, namespace, name)).get("phase") in phases and s, timeout,
+                     f"FineTuneJob {name} in {phases}", interval=2)
+
+
+def _conditions(status: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in status.get("conditions") or []}
+
+
+def _explain_failure(local_cluster, status: dict) -> str:
+    sandbox = status.get("sandboxNamespace", "")
+    logs = []
+    for log in sorted((local_cluster.pods_dir / sandbox).glob("*/*.log")):
+        logs.append(f"--- {log.parent.name}/{log.name}\n{log.read_text(errors='replace')[-2500:]}")
+    return json.dumps(status.get("conditions"), indent=1) + "\n" + "\n".join(logs)
+
+
+def _s3(local_cluster):
+    return local_s3.client(local_cluster.s3_endpoint)
+
+
+def _keys(local_cluster, uri: str) -> list[str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    pages = _s3(local_cluster).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def _download(local_cluster, uri: str, target: Path) -> Path:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    for key in _keys(local_cluster, uri):
+        path = target / key[len(prefix):]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _s3(local_cluster).download_file(bucket, key, str(path))
+    return target
+
+
+def _prometheus(local_cluster, query: str) -> list[dict]:
+    url = f"{local_cluster.prometheus_url}/api/v1/query?query={urllib.parse.quote(query)}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)["data"]["result"]
+
+
+def _pids_of_pod(local_cluster, namespace: str, pod: str) -> list[int]:
+    """Processes the node runtime started for a pod: their working folder is the pod's folder."""
+    folder = str((local_cluster.pods_dir / namespace / pod).resolve())
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.readlink(proc / "cwd") == folder and (proc / "stat").read_text().split()[2] != "Z":
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator, namespace):
+    secret, job = _demo_documents()
+    job["spec"]["output"]["uri"] = f"s3://team-a/e2e/demo-{namespace}/"
+    kube.apply(secret, job, namespace=namespace)
+    name = job["metadata"]["name"]
+    steps_seen: set[int] = set()
+    prometheus_steps: set[float] = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = _status(kube, namespace, name)
+        steps_seen.add((status.get("progress") or {}).get("step", 0))
+        for sample in _prometheus(local_cluster, f'finetune_job_step{{namespace="{namespace}"}}'):
+            prometheus_steps.add(float(sample["value"][1]))
+        if status.get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(2)
+    assert status.get("phase") == "Succeeded", _explain_failure(local_cluster, status)
+    assert len(steps_seen - {0}) >= 2, f"progress did not advance in status: {steps_seen}"
+    assert len(prometheus_steps - {0.0}) >= 1, f"no progress in Prometheus: {prometheus_steps}"
+    wait = kube.run("wait", "-n", namespace, "--for=condition=Succeeded", f"finetunejob/{name}", "--timeout=10s")
+    assert "condition met" in wait.stdout
+
+    progress = status["progress"]
+    assert progress["step"] == progress["totalSteps"] == job["spec"]["hyperparameters"]["maxSteps"]
+    checkpoints = status["checkpoints"]
+    assert [c["step"] for c in checkpoints] == [20, 40]
+    for checkpoint in checkpoints:
+        keys = _keys(local_cluster, checkpoint["uri"])
+        assert any(k.endswith("manifest.json") for k in keys), keys
+    evaluation = status["evaluation"]
+    assert evaluation["perplexity"] < evaluation["basePerplexity"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = _download(local_cluster, job["spec"]["model"]["uri"], Path(tmp, "base"))
+        adapter = _download(local_cluster, status["output"]["adapterUri"], Path(tmp, "adapter"))
+        merged = _download(local_cluster, status["output"]["mergedUri"], Path(tmp, "merged"))
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+        merged_model = AutoModelForCausalLM.from_pretrained(merged)
+        tokenizer = AutoTokenizer.from_pretrained(merged)
+        import torch
+
+        ids = tokenizer("Bucket acme-logs-1 returns error 404. Why?", return_tensors="pt").input_ids
+        with torch.no_grad():
+            a = tuned(ids).logits
+            b = merged_model(ids).logits
+        assert torch.allclose(a, b, atol=1e-3), "the merged model differs from base + adapter"
+
+
+def test_a_killed_worker_restarts_and_the_trainer_resumes_from_its_checkpoint(kube, local_cluster, operator, namespace):
+    secret, job = small_job("resume", hyperparameters={**_demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": 40},
+                            checkpoint={"everySteps": 5, "keep": 2})
+    kube.apply(secret, job, namespace=namespace)
+    status = _wait_for(lambda: (s := _status(kube, namespace, "resume")).get("latestCheckpoint") and s, 300,
+                       "a first checkpoint", interval=1)
+    sandbox = status["sandboxNamespace"]
+    worker = next(p["metadata"]["name"] for p in kube.get("pods", namespace=sandbox)["items"]
+                  if "worker" in p["metadata"]["name"])
+    pids = _pids_of_pod(local_cluster, sandbox, worker)
+    assert pids, "the worker's processes were not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    final = _wait_phase(kube, namespace, "resume", timeout=600)
+    assert final["phase"] == "Succeeded", _explain_failure(local_cluster, final)
+    assert final["resumedFromStep"] > 0
+    assert final["restarts"] >= 1
+    assert final["progress"]["step"] == 40
+
+
+def test_deleting_a_job_mid_run_stops_training_and_removes_the_sandbox(kube, local_cluster, operator, namespace):
+    secret, job = small_job("deleted", hyperparameters={**_demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": 400})
+    kube.apply(secret, job, namespace=namespace)
+    status = _wait_for(lambda: ((s := _status(kube, namespace, "deleted")).get("progress") or {}).get("step", 0) > 0
+                       and s, 300, "training under way", interval=1)
+    sandbox = status["sandboxNamespace"]
+    pods = [p["metadata"]["name"] for p in kube.get("pods", namespace=sandbox)["items"]]
+    assert any(_pids_of_pod(local_cluster, sandbox, pod) for pod in pods)
+    kube.run("delete", "finetunejob", "deleted", "-n", namespace, "--wait=true", "--timeout=180s")
+    assert kube.run("get", "finetunejob", "deleted", "-n", namespace, check=False).returncode != 0
+    _wait_for(lambda: kube.run("get", "namespace", sandbox, check=False).returncode != 0, 180, "sandbox deleted")
+    _wait_for(lambda: not any(_pids_of_pod(local_cluster, sandbox, pod) for pod in pods), 60, "training processes gone")
+
+
+VARIANTS = {
+    "deepspeed-zero2": dict(distributed={"engine": "deepspeed", "zeroStage": 2, "precision": "fp32"}),
+    "prefix-tuning": dict(method={"type": "prefix", "virtualTokens": 8}),
+    "dpo": dict(objective="dpo", datasets=[{"uri": "s3://team-a/data/preferences.jsonl", "format": "preference"}]),
+    "two-stage": dict(datasets=None, stages=[
+        {"name": "domain", "objective": "causal-lm",
+         "datasets": [{"uri": "s3://team-a/data/corpus/", "format": "text"}]},
+        {"name": "helpdesk", "objective": "sft",
+         "datasets": [{"uri": "s3://team-a/data/support.jsonl", "format": "chat"}]},
+    ]),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_train_for_real_and_succeed(kube, local_cluster, operator, namespace, variant):
+    secret, job = small_job(variant, **VARIANTS[variant])
+    kube.apply(secret, job, namespace=namespace)
+    status = _wait_phase(kube, namespace, variant)
+    assert status["phase"] == "Succeeded", _explain_failure(local_cluster, status)
+    assert status["output"]["adapterUri"]
+    assert _keys(local_cluster, status["output"]["adapterUri"])
+    if variant == "two-stage":
+        assert _keys(local_cluster, job["spec"]["output"]["uri"] + "stages/domain/")
+
+
+def test_a_failed_evaluation_gate_fails_the_job_with_the_reason(kube, local_cluster, operator, namespace):
+    secret, job = small_job("gated", evaluation={"compareToBase": True, "maxSamples": 24, "maxPerplexityRatio": 0.01})
+    kube.apply(secret, job, namespace=namespace)
+    status = _wait_phase(kube, namespace, "gated")
+    assert status["phase"] == "Failed"
+    failed = _conditions(status)["Failed"]
+    assert failed["status"] == "True"
+    assert "EvaluationGateFailed" in failed["reason"] + failed["message"], failed
+    assert "perplexity" in failed["message"].lower(), failed

@@ -1,0 +1,1 @@
+"""The FineTuneJob API: typed models and the CRD generated from them."""

@@ -1,0 +1,304 @@
+"""The FineTuneJob API (finetune.dev/v1alpha1): typed models, the single source of truth.
+
+The spec sections shared with the trainer (model, datasets, method, ...) are imported from
+`finetune_trainer.config`, so the document a user writes and the TrainerConfig the trainer reads
+are the same models. The CRD YAML under crds/ is generated from these classes (`make crds`).
+
+Conventions:
+* every field has a description (it becomes `kubectl explain` text);
+* defaults live here and are applied by the API server from the generated schema, so the
+  operator never writes spec;
+* rules that involve more than one field are CEL rules (`x-kubernetes-validations`), bounded by
+  maxItems / maxLength so the API server accepts their cost.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune_trainer.config import (
+    DNS_LABEL_PATTERN,
+    ApiModel,
+    Checkpoint,
+    Dataset,
+    Distributed,
+    Evaluation,
+    Hyperparameters,
+    Method,
+    ModelSource,
+    Objective,
+    Output,
+    Preprocessing,
+    Stage,
+    Storage,
+    Validation,
+    cel,
+)
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["finetune"]
+
+MAX_DATASETS = 32
+MAX_STAGES = 16
+
+# A Kubernetes resource quantity without a sign ("8", "500m", "64Gi", "1e3").
+QUANTITY_PATTERN = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+Quantity = Annotated[
+    Annotated[int, Field(ge=0, strict=True)] | Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=64)],
+    Field(description="A Kubernetes quantity (for example 8, 500m, 64Gi)."),
+]
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+
+
+def obj_default(model: type[BaseModel]):
+    """A field that defaults to the model's defaults, written out in full in the schema: the API
+    server evaluates a default against the CEL rules as it is (without nested defaults)."""
+    return {"default_factory": model,
+            "json_schema_extra": {"default": model().model_dump(mode="json", exclude_none=True)}}
+
+
+class Resources(ApiModel):
+    """Compute for the run: `workers` pods, each with `gpusPerWorker` GPUs on `nodePool`."""
+
+    workers: int = Field(default=1, ge=1, le=512, description="Number of pods (1 Master + workers-1 Workers).")
+    gpusPerWorker: int = Field(
+        default=1, ge=0, le=16,
+        description="GPUs per pod; torchrun starts one process per GPU (one CPU process when 0).",
+    )
+    nodePool: str = Field(
+        default="", max_length=63,
+        description="Node pool from the operator's configuration (selects nodes and tolerations); "
+        "empty means the operator's default pool.",
+    )
+    cpu: Quantity = Field(default="4", description="CPU request and limit per pod (a Kubernetes quantity).")
+    memory: Quantity = Field(default="16Gi", description="Memory request and limit per pod (a Kubernetes quantity).")
+    sharedMemory: Quantity = Field(
+        default="2Gi", description="Size of the in-memory /dev/shm volume per pod (data loader and NCCL buffers)."
+    )
+
+
+class Credentials(ApiModel):
+    secretName: str = Field(
+        max_length=253, pattern=SECRET_NAME_PATTERN,
+        description="Name of a Secret in the FineTuneJob's own namespace with keys AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN); the operator copies it into the sandbox.",
+    )
+
+
+class RunPolicy(ApiModel):
+    backoffLimit: int = Field(
+        default=3, ge=0, le=100,
+        description="Pod restarts (on retryable exit codes) before the run is marked Failed.",
+    )
+    activeDeadlineSeconds: int = Field(
+        default=0, ge=0, le=31_536_000,
+        description="Wall-clock limit of the run in seconds; 0 means no limit.",
+    )
+    ttlSecondsAfterFinished: int = Field(
+        default=0, ge=0, le=31_536_000,
+        description="Delete the sandbox namespace this many seconds after the run finished (the "
+        "FineTuneJob and its status stay); 0 means keep the sandbox.",
+    )
+    suspend: bool = Field(
+        default=False,
+        description="Suspend the run: its pods are removed, checkpoints stay; unsuspending resumes from "
+        "the latest checkpoint. With queueName, Kueue suspends the run until it is admitted.",
+    )
+    queueName: str = Field(
+        default="", max_length=63,
+        description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name on the PyTorchJob); empty means none.",
+    )
+    priorityClassName: str = Field(default="", max_length=253, description="PriorityClass of the training pods.")
+
+
+_SPEC_RULES = cel(
+    (
+        "(has(self.datasets) && size(self.datasets) > 0) || (has(self.stages) && size(self.stages) > 0)",
+        "spec: set datasets or stages (at least one must be non-empty)",
+    ),
+    (
+        "!has(self.stages) || self.stages.all(s, self.stages.exists_one(t, t.name == s.name))",
+        "spec.stages: stage names must be unique",
+    ),
+    (
+        "!has(self.method) || !has(self.method.type) || self.method.type != 'qlora' || "
+        "(has(self.resources) && has(self.resources.gpusPerWorker) && self.resources.gpusPerWorker > 0)",
+        "spec.method.type qlora needs spec.resources.gpusPerWorker > 0 (4-bit quantization runs on GPUs)",
+    ),
+    (
+        "!has(self.objective) || self.objective != 'dpo' || !has(self.datasets) || "
+        "self.datasets.all(d, has(d.format) && d.format == 'preference')",
+        "spec.objective dpo needs every spec.datasets[].format to be preference",
+    ),
+    (
+        "!has(self.stages) || self.stages.all(s, !has(s.objective) || s.objective != 'dpo' || "
+        "s.datasets.all(d, has(d.format) && d.format == 'preference'))",
+        "spec.stages[]: a stage with objective dpo needs preference datasets",
+    ),
+    (
+        "!has(self.objective) || self.objective != 'dpo' || !has(self.preprocessing) || "
+        "!has(self.preprocessing.packing) || !self.preprocessing.packing",
+        "spec.preprocessing.packing is not allowed with objective dpo",
+    ),
+    (
+        "!has(self.evaluation) || !has(self.evaluation.maxPerplexityRatio) || "
+        "!has(self.evaluation.compareToBase) || self.evaluation.compareToBase",
+        "spec.evaluation.maxPerplexityRatio needs spec.evaluation.compareToBase true",
+    ),
+)
+
+
+class FineTuneJobSpec(ApiModel):
+    """Desired state of one fine-tuning run."""
+
+    model_config = ConfigDict(json_schema_extra=_SPEC_RULES)
+
+    runId: str = Field(
+        default="1", min_length=1, max_length=20, pattern=DNS_LABEL_PATTERN,
+        description="Run identifier (a DNS label). Change it to start a fresh run of the same job "
+        "(GitOps re-run): the old run's pods are deleted first.",
+    )
+    model: ModelSource = Field(description="The base model to fine-tune.")
+    datasets: list[Dataset] = Field(
+        default_factory=list, max_length=MAX_DATASETS, json_schema_extra={"default": []},
+        description="Training datasets; several are mixed by weight (multi-task). Empty when stages are used.",
+    )
+    validation: Validation = Field(**obj_default(Validation), description="How the validation set is made.")
+    preprocessing: Preprocessing = Field(**obj_default(Preprocessing), description="Tokenization and data cleaning.")
+    method: Method = Field(**obj_default(Method), description="Fine-tuning method and its settings.")
+    objective: Objective = Field(default=Objective.sft, description="Training objective: causal-lm|sft|dpo.")
+    hyperparameters: Hyperparameters = Field(**obj_default(Hyperparameters), description="Optimizer and schedule.")
+    stages: list[Stage] = Field(
+        default_factory=list, max_length=MAX_STAGES, json_schema_extra={"default": []},
+        description="Sequential fine-tuning: each stage starts from the previous stage's output. "
+        "When set, datasets and objective of the job are not used.",
+    )
+    resources: Resources = Field(**obj_default(Resources), description="Pods, GPUs and node pool of the run.")
+    distributed: Distributed = Field(**obj_default(Distributed), description="Distributed training engine.")
+    checkpoint: Checkpoint = Field(**obj_default(Checkpoint), description="Checkpointing (resume after restarts).")
+    output: Output = Field(description="Where the trained adapter / model and the run documents are written.")
+    evaluation: Evaluation = Field(**obj_default(Evaluation), description="Evaluation and quality gate.")
+    credentials: Credentials = Field(description="S3 credentials: a Secret in the FineTuneJob's namespace.")
+    storage: Storage = Field(
+        **obj_default(Storage),
+        description="S3-compatible storage; an empty endpoint means the operator's configured default.",
+    )
+    image: str = Field(
+        default="", max_length=512,
+        description="Trainer image override; empty means the operator's configured trainer image.",
+    )
+    runPolicy: RunPolicy = Field(**obj_default(RunPolicy), description="Restarts, deadlines, suspension and queueing.")
+
+
+# ---- status ------------------------------------------------------------------------------------
+
+
+class Phase(str, Enum):
+    Pending = "Pending"
+    Validating = "Validating"
+    Queued = "Queued"
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+
+
+class ConditionType(str, Enum):
+    Validated = "Validated"
+    SandboxReady = "SandboxReady"
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+    UpToDate = "UpToDate"
+
+
+class StatusModel(BaseModel):
+    """Status models: written by the operator, read leniently."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, use_enum_values=True)
+
+
+class Condition(StatusModel):
+    type: str = Field(max_length=64, description="Condition type (Validated, SandboxReady, Running, Succeeded, Failed, Suspended, UpToDate).")
+    status: str = Field(description="True, False or Unknown.", json_schema_extra={"enum": ["True", "False", "Unknown"]})
+    reason: str = Field(default="", max_length=128, description="CamelCase reason of the last transition or update.")
+    message: str = Field(default="", max_length=4096, description="Human-readable details.")
+    observedGeneration: int = Field(default=0, description="metadata.generation the condition was computed from.")
+    lastTransitionTime: str = Field(default="", description="When status last changed (RFC 3339).")
+
+
+class ProgressStatus(StatusModel):
+    step: int = Field(default=0, description="Optimizer steps done.")
+    totalSteps: int = Field(default=0, description="Optimizer steps planned.")
+    epoch: float = Field(default=0.0, description="Fractional epoch.")
+    percent: float = Field(default=0.0, description="step / totalSteps in percent.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    evalLoss: float | None = Field(default=None, description="Latest validation loss.")
+    learningRate: float | None = Field(default=None, description="Current learning rate.")
+    tokensPerSecond: float | None = Field(default=None, description="Training throughput over all processes.")
+    etaSeconds: int | None = Field(default=None, description="Estimated seconds to the end of training.")
+    updatedAt: str = Field(default="", description="When the trainer wrote the progress document (RFC 3339).")
+
+
+class CheckpointStatus(StatusModel):
+    step: int = Field(description="Optimizer step of the checkpoint.")
+    uri: str = Field(description="S3 prefix of the checkpoint.")
+    time: str = Field(default="", description="When it was completed (RFC 3339).")
+
+
+class EvaluationStatus(StatusModel):
+    basePerplexity: float | None = Field(default=None, description="Validation perplexity of the base model.")
+    perplexity: float | None = Field(default=None, description="Validation perplexity of the tuned model.")
+
+
+class OutputStatus(StatusModel):
+    adapterUri: str | None = Field(default=None, description="S3 prefix of the trained adapter (or full weights).")
+    mergedUri: str | None = Field(default=None, description="S3 prefix of the merged model (output.merge).")
+
+
+class FineTuneJobStatus(StatusModel):
+    """Observed state; the conditions are the truth, phase is a summary for humans."""
+
+    observedGeneration: int = Field(default=0, description="metadata.generation of the last reconciled spec.")
+    phase: Phase = Field(default=Phase.Pending, description="Summary: Pending|Validating|Queued|Running|Succeeded|Failed|Suspended.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Current conditions, one per type.")
+    runId: str = Field(default="", description="The spec.runId this status describes.")
+    sandboxNamespace: str | None = Field(default=None, description="Namespace holding the run's objects (once it exists).")
+    pytorchJob: str | None = Field(default=None, description="Name of the PyTorchJob in the sandbox namespace.")
+    startTime: str | None = Field(default=None, description="When the run started (RFC 3339).")
+    completionTime: str | None = Field(default=None, description="When the run finished (RFC 3339).")
+    restarts: int = Field(default=0, description="Container restarts of the run's pods.")
+    gpuSeconds: float = Field(default=0.0, description="GPU time used by the run's pods (running time x GPUs).")
+    progress: ProgressStatus | None = Field(default=None, description="Training progress (from progress.json).")
+    checkpoints: list[CheckpointStatus] = Field(default_factory=list, max_length=100, description="Complete checkpoints, oldest first.")
+    latestCheckpoint: str | None = Field(default=None, description="S3 prefix of the newest complete checkpoint.")
+    resumedFromStep: int | None = Field(default=None, description="Step the run resumed from after a restart (0: fresh start).")
+    evaluation: EvaluationStatus | None = Field(default=None, description="Perplexity of the base and the tuned model.")
+    output: OutputStatus | None = Field(default=None, description="Where the results were written.")
+
+
+class FineTuneJob(BaseModel):
+    """The whole object as the CRD describes it (used to generate the schema)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    spec: FineTuneJobSpec = Field(description="Desired state of the fine-tuning run.")
+    status: FineTuneJobStatus | None = Field(default=None, description="Observed state, written by the operator.")
+
+
+def parse_spec(spec: dict) -> FineTuneJobSpec:
+    """Parse a spec as stored by the API server (defaults applied); raises pydantic.ValidationError."""
+    return FineTuneJobSpec.model_validate(spec)

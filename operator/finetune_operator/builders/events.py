@@ -1,0 +1,68 @@
+"""Kubernetes Events about a FineTuneJob (pure builders) and which transitions deserve one."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+from finetune_operator.builders.names import MANAGER
+
+NORMAL, WARNING = "Normal", "Warning"
+
+# (condition type, new status) -> (event type, reason used when the condition has none)
+NOTABLE = {
+    ("Validated", "False"): (WARNING, "ValidationFailed"),
+    ("SandboxReady", "True"): (NORMAL, "SandboxReady"),
+    ("Running", "True"): (NORMAL, "Running"),
+    ("Succeeded", "True"): (NORMAL, "Succeeded"),
+    ("Failed", "True"): (WARNING, "Failed"),
+    ("Suspended", "True"): (NORMAL, "Suspended"),
+    ("UpToDate", "False"): (WARNING, "SpecChangedDuringRun"),
+}
+
+
+WARNING_REASONS = {"ProgressStalled"}  # a notable transition that is bad news despite its condition
+
+
+def transition_events(old_status: dict[str, Any], new_status: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) for every notable condition that changed status or reason."""
+    before = {c["type"]: (c.get("status"), c.get("reason")) for c in old_status.get("conditions") or []}
+    out = []
+    for c in new_status.get("conditions") or []:
+        notable = NOTABLE.get((c["type"], c["status"]))
+        if notable and before.get(c["type"]) != (c["status"], c.get("reason")):
+            event_type, default_reason = notable
+            if c.get("reason") in WARNING_REASONS:
+                event_type = WARNING
+            out.append((event_type, c.get("reason") or default_reason, c.get("message") or c["type"]))
+    return out
+
+
+def event(job: dict[str, Any], event_type: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
+    """A core/v1 Event on the FineTuneJob (kubectl describe ftj shows it)."""
+    meta = job["metadata"]
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    digest = hashlib.sha256(f"{meta.get('uid')}/{reason}/{message}/{now.isoformat()}".encode()).hexdigest()[:10]
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta['name'][:200]}.{digest}", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": job.get("apiVersion", "finetune.dev/v1alpha1"),
+            "kind": job.get("kind", "FineTuneJob"),
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid", ""),
+            "resourceVersion": meta.get("resourceVersion", ""),
+        },
+        "type": event_type,
+        "reason": reason[:128],
+        "message": message[:1024],
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+        "source": {"component": MANAGER},
+        "reportingComponent": MANAGER,
+        "reportingInstance": MANAGER,
+    }

@@ -1,0 +1,105 @@
+"""Deterministic names, labels and the spec hash of a FineTuneJob's objects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_operator.api.types import FineTuneJobSpec, parse_spec
+
+MANAGER = "finetune-operator"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_TENANT = "finetune.dev/tenant"
+LABEL_JOB_NAME = "finetune.dev/job-name"
+LABEL_JOB_UID = "finetune.dev/job-uid"
+LABEL_RUN_ID = "finetune.dev/run-id"
+ANNOTATION_SPEC_HASH = "finetune.dev/spec-hash"
+ANNOTATION_JOB = "finetune.dev/job"
+
+SERVICE_ACCOUNT = "trainer"
+CREDENTIALS_SECRET = "s3-credentials"
+CONFIG_KEY = "trainer-config.json"
+CONFIG_DIR = "/etc/finetune"
+CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
+
+MAX_NAME = 63
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """The parts of a FineTuneJob object the builders need, with the spec parsed."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    spec: FineTuneJobSpec
+    raw_spec: dict[str, Any]
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "JobRef":
+        meta = body["metadata"]
+        raw = dict(body.get("spec") or {})
+        return cls(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            uid=meta.get("uid", ""),
+            generation=int(meta.get("generation") or 0),
+            spec=parse_spec(raw),
+            raw_spec=raw,
+        )
+
+
+def _short_hash(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def dns_label(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", text.lower())
+
+
+def sandbox_namespace(prefix: str, tenant: str, name: str) -> str:
+    """`<prefix>-<tenant>-<name>`; past 63 characters: truncated and suffixed with a hash of the full name."""
+    full = dns_label(f"{prefix}-{tenant}-{name}")
+    if len(full) <= MAX_NAME:
+        return full
+    suffix = _short_hash(f"{tenant}/{name}")
+    return f"{full[: MAX_NAME - len(suffix) - 1].rstrip('-')}-{suffix}"
+
+
+def pytorchjob_name(run_id: str) -> str:
+    return f"train-{run_id}"
+
+
+def configmap_name(run_id: str) -> str:
+    return f"trainer-config-{run_id}"
+
+
+def job_labels(job: JobRef) -> dict[str, str]:
+    return {
+        LABEL_MANAGED_BY: MANAGER,
+        LABEL_TENANT: job.namespace,
+        LABEL_JOB_NAME: dns_label(job.name)[:MAX_NAME].strip("-"),
+        LABEL_JOB_UID: job.uid,
+    }
+
+
+def run_labels(job: JobRef) -> dict[str, str]:
+    return {**job_labels(job), LABEL_RUN_ID: job.spec.runId}
+
+
+# Fields that may change during a run and are applied to it; any other spec change needs a new runId.
+_LIVE_FIELDS = {"runPolicy": ("suspend", "ttlSecondsAfterFinished")}
+
+
+def spec_hash(raw_spec: dict[str, Any]) -> str:
+    """Hash of everything in the spec that shapes a run (not suspend / ttlSecondsAfterFinished)."""
+    spec = json.loads(json.dumps(raw_spec))
+    for section, fields in _LIVE_FIELDS.items():
+        for field in fields:
+            (spec.get(section) or {}).pop(field, None)
+    return _short_hash(json.dumps(spec, sort_keys=True, separators=(",", ":")), 16)

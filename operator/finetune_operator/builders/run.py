@@ -1,0 +1,180 @@
+"""One run of a FineTuneJob: the rendered TrainerConfig and the PyTorchJob (pure builders).
+
+Restarts: both replica types use restartPolicy ExitCode. The training-operator then restarts a
+pod whose trainer exited with 128-255 (signals, preemption: retryable) and fails the job on 1-127
+(permanent: bad data, bad config, the evaluation gate). The trainer resumes from the newest
+complete checkpoint after a restart. runPolicy.backoffLimit bounds the restarts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_operator.builders import names as n
+from finetune_operator.builders.sandbox import object_meta, resolve_pool, s3_endpoint, sandbox_name
+from finetune_operator.config import OperatorConfig
+from finetune_trainer.config import JobIdentity, Runtime, Storage, TrainerConfig
+
+MASTER_PORT = 23456
+CONTAINER_NAME = "pytorch"  # the name the training-operator looks for
+
+
+def trainer_config(job: n.JobRef, cfg: OperatorConfig) -> TrainerConfig:
+    spec = job.spec
+    return TrainerConfig(
+        job=JobIdentity(namespace=job.namespace, name=job.name, uid=job.uid, runId=spec.runId),
+        model=spec.model,
+        datasets=spec.datasets,
+        validation=spec.validation,
+        preprocessing=spec.preprocessing,
+        method=spec.method,
+        objective=spec.objective,
+        hyperparameters=spec.hyperparameters,
+        stages=spec.stages,
+        distributed=spec.distributed,
+        checkpoint=spec.checkpoint,
+        output=spec.output,
+        evaluation=spec.evaluation,
+        storage=Storage(endpoint=s3_endpoint(job, cfg), region=spec.storage.region),
+        runtime=Runtime(metricsPort=cfg.trainerMetricsPort, progressIntervalSeconds=cfg.progressIntervalSeconds),
+    )
+
+
+def _run_meta(job: n.JobRef, cfg: OperatorConfig, name: str) -> dict[str, Any]:
+    meta = object_meta(job, cfg, name)
+    meta["labels"] = n.run_labels(job)
+    meta["annotations"] = {**meta["annotations"], n.ANNOTATION_SPEC_HASH: n.spec_hash(job.raw_spec)}
+    return meta
+
+
+def config_map(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _run_meta(job, cfg, n.configmap_name(job.spec.runId)),
+        "data": {n.CONFIG_KEY: trainer_config(job, cfg).to_json()},
+    }
+
+
+def procs_per_pod(job: n.JobRef) -> int:
+    return max(job.spec.resources.gpusPerWorker, 1)
+
+
+def _container(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+    res = job.spec.resources
+    _, pool = resolve_pool(job, cfg)
+    resources: dict[str, Any] = {"cpu": str(res.cpu), "memory": str(res.memory)}
+    if res.gpusPerWorker:
+        resources[pool.gpuResource] = str(res.gpusPerWorker)
+    return {
+        "name": CONTAINER_NAME,
+        "image": job.spec.image or cfg.trainerImage,
+        "imagePullPolicy": cfg.imagePullPolicy,
+        # The training-operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT,
+        # which torchrun reads; the launcher runs torchrun (one trainer process per GPU, one on CPU)
+        # and exits with the trainer's own exit code, so the ExitCode restart policy sees it.
+        "command": ["python", "-m", "finetune_trainer.launch", "--config", f"{n.CONFIG_DIR}/{n.CONFIG_KEY}"],
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "HF_HOME", "value": "/tmp/hf"},
+            {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "AWS_DEFAULT_REGION", "value": job.spec.storage.region},
+            {"name": "FINETUNE_NPROC_PER_NODE", "value": str(procs_per_pod(job))},
+            {"name": "FINETUNE_TRAINER_METRICS_PORT", "value": str(cfg.trainerMetricsPort)},
+        ],
+        "envFrom": [{"secretRef": {"name": n.CREDENTIALS_SECRET}}],
+        "ports": [
+            {"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": cfg.trainerMetricsPort, "protocol": "TCP"},
+        ],
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "trainer-config", "mountPath": n.CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "scratch", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def _pod_template(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+    _, pool = resolve_pool(job, cfg)
+    pod: dict[str, Any] = {
+        "serviceAccountName": n.SERVICE_ACCOUNT,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": cfg.runAsUser,
+            "runAsGroup": cfg.runAsUser,
+            "fsGroup": cfg.runAsUser,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [_container(job, cfg)],
+        "volumes": [
+            {"name": "trainer-config", "configMap": {"name": n.configmap_name(job.spec.runId)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(job.spec.resources.sharedMemory)}},
+            {"name": "scratch", "emptyDir": {}},
+        ],
+    }
+    if pool.nodeSelector:
+        pod["nodeSelector"] = dict(pool.nodeSelector)
+    if pool.tolerations:
+        pod["tolerations"] = [dict(t) for t in pool.tolerations]
+    if job.spec.runPolicy.priorityClassName:
+        pod["priorityClassName"] = job.spec.runPolicy.priorityClassName
+    return {"metadata": {"labels": n.run_labels(job)}, "spec": pod}
+
+
+def _replica(job: n.JobRef, cfg: OperatorConfig, replicas: int) -> dict[str, Any]:
+    return {"replicas": replicas, "restartPolicy": "ExitCode", "template": _pod_template(job, cfg)}
+
+
+def owns_suspend(job: n.JobRef) -> bool:
+    """Whether the operator sets runPolicy.suspend. With a Kueue queue, Kueue suspends the job until
+    it is admitted and then resumes it: the operator only asks for suspension (the user's
+    runPolicy.suspend: true) and otherwise leaves the field to Kueue."""
+    return job.spec.runPolicy.suspend or not job.spec.runPolicy.queueName
+
+
+def pytorch_job(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+    spec = job.spec
+    meta = _run_meta(job, cfg, n.pytorchjob_name(spec.runId))
+    if spec.runPolicy.queueName:
+        meta["labels"]["kueue.x-k8s.io/queue-name"] = spec.runPolicy.queueName
+    run_policy: dict[str, Any] = {
+        "backoffLimit": spec.runPolicy.backoffLimit,
+        "cleanPodPolicy": "None",  # keep finished pods for their logs; the sandbox goes as a whole
+    }
+    if owns_suspend(job):
+        run_policy["suspend"] = spec.runPolicy.suspend
+    if spec.runPolicy.activeDeadlineSeconds:
+        run_policy["activeDeadlineSeconds"] = spec.runPolicy.activeDeadlineSeconds
+    replicas: dict[str, Any] = {"Master": _replica(job, cfg, 1)}
+    if spec.resources.workers > 1:
+        replicas["Worker"] = _replica(job, cfg, spec.resources.workers - 1)
+    return {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": meta,
+        "spec": {
+            "runPolicy": run_policy,
+            "nprocPerNode": str(procs_per_pod(job)),
+            "pytorchReplicaSpecs": replicas,
+        },
+    }
+
+
+def run_objects(job: n.JobRef, cfg: OperatorConfig) -> list[dict[str, Any]]:
+    """The run, in apply order: its config, then the PyTorchJob that mounts it."""
+    return [config_map(job, cfg), pytorch_job(job, cfg)]
+
+
+__all__ = ["config_map", "pytorch_job", "run_objects", "sandbox_name", "trainer_config"]

@@ -1,0 +1,177 @@
+"""The sandbox of one FineTuneJob: a namespace and the guard rails inside it (pure builders)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+from finetune_operator.builders import names as n
+from finetune_operator.builders.quantity import multiply
+from finetune_operator.config import NodePool, OperatorConfig
+
+PSS_LEVEL = "restricted"
+
+
+def resolve_pool(job: n.JobRef, cfg: OperatorConfig) -> tuple[str, NodePool]:
+    name = job.spec.resources.nodePool or cfg.defaultNodePool
+    if name not in cfg.nodePools:
+        raise ValueError(f"spec.resources.nodePool: unknown node pool {name!r}")
+    return name, cfg.nodePools[name]
+
+
+def sandbox_name(job: n.JobRef, cfg: OperatorConfig) -> str:
+    return n.sandbox_namespace(cfg.sandboxPrefix, job.namespace, job.name)
+
+
+def object_meta(job: n.JobRef, cfg: OperatorConfig, name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": sandbox_name(job, cfg),
+        "labels": n.job_labels(job),
+        "annotations": {n.ANNOTATION_JOB: f"{job.namespace}/{job.name}"},
+        **extra,
+    }
+
+
+def namespace(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+    labels = {
+        **n.job_labels(job),
+        "pod-security.kubernetes.io/enforce": PSS_LEVEL,
+        "pod-security.kubernetes.io/enforce-version": "latest",
+        "pod-security.kubernetes.io/audit": PSS_LEVEL,
+        "pod-security.kubernetes.io/warn": PSS_LEVEL,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": sandbox_name(job, cfg),
+            "labels": labels,
+            "annotations": {n.ANNOTATION_JOB: f"{job.namespace}/{job.name}"},
+        },
+    }
+
+
+def s3_endpoint(job: n.JobRef, cfg: OperatorConfig) -> str:
+    return job.spec.storage.endpoint or cfg.s3Endpoint
+
+
+def _s3_ports(job: n.JobRef, cfg: OperatorConfig) -> list[int]:
+    ports = list(cfg.s3Egress.ports)
+    endpoint = s3_endpoint(job, cfg)
+    if endpoint:
+        parsed = urlparse(endpoint)
+        port = parsed.port or (80 if parsed.scheme == "http" else 443)
+        if port not in ports:
+            ports.append(port)
+    return sorted(ports)
+
+
+def network_policies(job: n.JobRef, cfg: OperatorConfig) -> list[dict[str, Any]]:
+    """Default deny; then DNS, this job's pods among themselves, S3, and metrics scraping."""
+    deny = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": object_meta(job, cfg, "default-deny"),
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
+    }
+
+    def same_sandbox() -> list[dict[str, Any]]:
+        return [{"podSelector": {}}]
+
+    allow = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": object_meta(job, cfg, "allow-training"),
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [
+                {"from": same_sandbox()},
+                {
+                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cfg.monitoringNamespace}}}],
+                    "ports": [{"protocol": "TCP", "port": cfg.trainerMetricsPort}],
+                },
+            ],
+            "egress": [
+                {"to": same_sandbox()},
+                {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                {
+                    "to": [{"ipBlock": {"cidr": cidr}} for cidr in cfg.s3Egress.cidrs],
+                    "ports": [{"protocol": "TCP", "port": p} for p in _s3_ports(job, cfg)],
+                },
+            ],
+        },
+    }
+    return [deny, allow]
+
+
+def resource_quota(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+    """Room for exactly this job: workers pods (twice, for restarts that overlap) and their resources."""
+    res = job.spec.resources
+    _, pool = resolve_pool(job, cfg)
+    hard = {
+        "pods": str(res.workers * 2),
+        "requests.cpu": multiply(res.cpu, res.workers),
+        "limits.cpu": multiply(res.cpu, res.workers),
+        "requests.memory": multiply(res.memory, res.workers),
+        "limits.memory": multiply(res.memory, res.workers),
+        f"requests.{pool.gpuResource}": str(res.gpusPerWorker * res.workers),
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": object_meta(job, cfg, "finetune-quota"),
+        "spec": {"hard": hard},
+    }
+
+
+def limit_range(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+    res = job.spec.resources
+
+    def per_pod() -> dict[str, str]:
+        return {"cpu": str(res.cpu), "memory": str(res.memory)}
+
+    return {
+        "apiVersion": "v1",
+        "kind": "LimitRange",
+        "metadata": object_meta(job, cfg, "finetune-limits"),
+        "spec": {
+            "limits": [
+                {"type": "Container", "max": per_pod(), "default": per_pod(), "defaultRequest": per_pod()},
+            ]
+        },
+    }
+
+
+def service_account(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": object_meta(job, cfg, n.SERVICE_ACCOUNT),
+        "automountServiceAccountToken": False,
+    }
+
+
+def credentials_secret(job: n.JobRef, cfg: OperatorConfig, tenant_secret_data: dict[str, str]) -> dict[str, Any]:
+    """Copy of the tenant's S3 credentials (base64 `data` as read), only the AWS_* keys."""
+    keys = n.CREDENTIAL_KEYS + n.OPTIONAL_CREDENTIAL_KEYS
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": object_meta(job, cfg, n.CREDENTIALS_SECRET),
+        "type": "Opaque",
+        "data": {k: tenant_secret_data[k] for k in keys if k in tenant_secret_data},
+    }
+
+
+def sandbox_objects(job: n.JobRef, cfg: OperatorConfig, tenant_secret_data: dict[str, str]) -> list[dict[str, Any]]:
+    """Everything of the sandbox except the run, in apply order (the namespace first)."""
+    return [
+        namespace(job, cfg),
+        *network_policies(job, cfg),
+        resource_quota(job, cfg),
+        limit_range(job, cfg),
+        service_account(job, cfg),
+        credentials_secret(job, cfg, tenant_secret_data),
+    ]

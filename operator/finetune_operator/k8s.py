@@ -1,0 +1,118 @@
+"""The operator's only door to the Kubernetes API: lightkube's async client, server-side apply.
+
+Objects travel as plain dicts (what the builders return); this module maps a dict's apiVersion and
+kind to its lightkube resource and applies it with the one field manager `finetune-operator`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator
+
+from lightkube import ApiError, AsyncClient
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.core_v1 import (
+    ConfigMap,
+    Event,
+    LimitRange,
+    Namespace,
+    Pod,
+    ResourceQuota,
+    Secret,
+    ServiceAccount,
+)
+from lightkube.resources.networking_v1 import NetworkPolicy
+from lightkube.types import CascadeType, PatchType
+
+from finetune_operator.api import types as t
+from finetune_operator.builders.names import MANAGER
+
+FineTuneJob = create_namespaced_resource(t.GROUP, t.VERSION, t.KIND, t.PLURAL)
+PyTorchJob = create_namespaced_resource("kubeflow.org", "v1", "PyTorchJob", "pytorchjobs")
+
+RESOURCES: dict[tuple[str, str], Any] = {
+    ("v1", "Namespace"): Namespace,
+    ("v1", "ConfigMap"): ConfigMap,
+    ("v1", "Secret"): Secret,
+    ("v1", "ServiceAccount"): ServiceAccount,
+    ("v1", "ResourceQuota"): ResourceQuota,
+    ("v1", "LimitRange"): LimitRange,
+    ("v1", "Pod"): Pod,
+    ("v1", "Event"): Event,
+    ("networking.k8s.io/v1", "NetworkPolicy"): NetworkPolicy,
+    ("kubeflow.org/v1", "PyTorchJob"): PyTorchJob,
+    (t.API_VERSION, t.KIND): FineTuneJob,
+}
+
+
+def resource_of(obj: dict[str, Any]) -> Any:
+    return RESOURCES[(obj["apiVersion"], obj["kind"])]
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    return obj if isinstance(obj, dict) else obj.to_dict()
+
+
+def is_not_found(exc: ApiError) -> bool:
+    return exc.status.code == 404
+
+
+class Kube:
+    """Thin async wrapper: get-or-None, list, server-side apply, delete-if-present."""
+
+    def __init__(self, client: AsyncClient | None = None) -> None:
+        self.client = client or AsyncClient(field_manager=MANAGER)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def get(self, res: Any, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        try:
+            if namespace is None:
+                return as_dict(await self.client.get(res, name))
+            return as_dict(await self.client.get(res, name, namespace=namespace))
+        except ApiError as exc:
+            if is_not_found(exc):
+                return None
+            raise
+
+    async def list(self, res: Any, namespace: str, labels: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        out = []
+        iterator: AsyncIterator[Any] = self.client.list(res, namespace=namespace, labels=labels or {})
+        async for item in iterator:
+            out.append(as_dict(item))
+        return out
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of a whole object (force: the operator owns what it builds)."""
+        meta = obj["metadata"]
+        result = await self.client.patch(
+            resource_of(obj), meta["name"], obj, namespace=meta.get("namespace"),
+            patch_type=PatchType.APPLY, field_manager=MANAGER, force=True,
+        )
+        return as_dict(result)
+
+    async def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        body = {"apiVersion": t.API_VERSION, "kind": t.KIND, "metadata": {"name": name, "namespace": namespace},
+                "status": status}
+        await self.client.patch(FineTuneJob.Status, name, body, namespace=namespace,
+                                patch_type=PatchType.APPLY, field_manager=MANAGER, force=True)
+
+    async def merge_patch(self, res: Any, name: str, namespace: str | None, patch: dict[str, Any]) -> None:
+        await self.client.patch(res, name, patch, namespace=namespace, patch_type=PatchType.MERGE, field_manager=MANAGER)
+
+    async def delete(self, res: Any, name: str, namespace: str | None = None) -> bool:
+        """Delete (background cascade); False when it was already gone."""
+        try:
+            if namespace is None:
+                await self.client.delete(res, name, cascade=CascadeType.BACKGROUND)
+            else:
+                await self.client.delete(res, name, namespace=namespace, cascade=CascadeType.BACKGROUND)
+            return True
+        except ApiError as exc:
+            if is_not_found(exc):
+                return False
+            raise
+
+    async def create(self, obj: dict[str, Any]) -> None:
+        res = resource_of(obj)
+        await self.client.create(res.from_dict(obj), namespace=obj["metadata"].get("namespace"))

@@ -1,0 +1,375 @@
+"""One level-based reconcile of a FineTuneJob: observe -> decide -> apply -> status.
+
+* observe: read the job's Secret, sandbox namespace, PyTorchJobs and pods (and, rate-limited, the
+  trainer's documents in S3) -- `Reconciler._observe`;
+* decide: a pure function from what was observed to a Plan (objects to apply or delete, patches,
+  when to come back) -- `decide`, table-tested;
+* apply: server-side apply of whole objects with the field manager `finetune-operator`;
+* status: computed in memory (`status.derive_status`) and written once, only when it changed.
+
+Nothing is created before the job validates. A finished run is never re-created; a spec change in
+the middle of a run is reported (UpToDate=False + Event), not applied, except runPolicy.suspend and
+ttlSecondsAfterFinished. A new spec.runId deletes the old run's objects first, then creates the new run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+from finetune_operator import k8s, s3
+from finetune_operator.api.types import FineTuneJobSpec
+from finetune_operator.builders import events as ev
+from finetune_operator.builders import names as n
+from finetune_operator.builders.run import owns_suspend, run_objects
+from finetune_operator.builders.sandbox import resolve_pool, sandbox_objects
+from finetune_operator.config import OperatorConfig
+from finetune_operator.metrics import Metrics
+from finetune_operator.status import (
+    SANDBOX_ABSENT,
+    SANDBOX_ACTIVE,
+    SANDBOX_EXPIRED,
+    SANDBOX_TERMINATING,
+    Observation,
+    changed,
+    derive_status,
+    is_true,
+    parse_time,
+    ptj_condition,
+)
+from finetune_operator.validation import TRANSIENT_REASONS, Facts, Problem, s3_uris_to_check, validate
+
+log = logging.getLogger(__name__)
+
+REQUEUE_SHORT = 5.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# ---- decide (pure) -------------------------------------------------------------------------------
+
+
+@dataclass
+class View:
+    """What one pass observed in the cluster."""
+
+    body: dict[str, Any]
+    now: datetime
+    spec: FineTuneJobSpec | None
+    problems: list[Problem]
+    secret: dict[str, Any] | None = None
+    namespace: dict[str, Any] | None = None
+    pytorchjob: dict[str, Any] | None = None  # the current run's
+    other_runs: list[dict[str, Any]] = field(default_factory=list)  # PyTorchJobs of other runIds
+    other_run_pods: int = 0
+
+
+@dataclass
+class Plan:
+    sandbox: str
+    sandbox_state: str = SANDBOX_ABSENT
+    apply: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[dict[str, Any]] = field(default_factory=list)  # apiVersion, kind, metadata.name/namespace
+    suspend_patch: bool | None = None  # merge-patch runPolicy.suspend of the existing PyTorchJob
+    spec_drift: bool = False
+    replacing_run: str = ""
+    requeue_after: float | None = None
+    permanent: str = ""  # why nothing can be done until the spec (or Secret) changes
+    problems: list[Problem] = field(default_factory=list)  # found while deciding (sandbox conflicts)
+
+
+def owns_namespace(ns: dict[str, Any], uid: str) -> bool:
+    return (ns.get("metadata", {}).get("labels") or {}).get(n.LABEL_JOB_UID) == uid
+
+
+def namespace_state(ns: dict[str, Any] | None) -> str:
+    if ns is None:
+        return SANDBOX_ABSENT
+    if (ns.get("metadata") or {}).get("deletionTimestamp") or (ns.get("status") or {}).get("phase") == "Terminating":
+        return SANDBOX_TERMINATING
+    return SANDBOX_ACTIVE
+
+
+def run_finished(status: dict[str, Any], run_id: str) -> bool:
+    return status.get("runId") == run_id and (is_true(status, "Succeeded") or is_true(status, "Failed"))
+
+
+def ttl_expired(status: dict[str, Any], ttl: int, now: datetime) -> bool:
+    completion = parse_time(status.get("completionTime"))
+    return ttl > 0 and completion is not None and now >= completion + timedelta(seconds=ttl)
+
+
+def _ref(api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any]:
+    meta = {"name": name} if namespace is None else {"name": name, "namespace": namespace}
+    return {"apiVersion": api_version, "kind": kind, "metadata": meta}
+
+
+def decide(view: View, cfg: OperatorConfig) -> Plan:
+    body = view.body
+    meta, raw_spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
+    sandbox = n.sandbox_namespace(cfg.sandboxPrefix, meta["namespace"], meta["name"])
+    plan = Plan(sandbox=sandbox, sandbox_state=namespace_state(view.namespace))
+    spec = view.spec
+    run_id = spec.runId if spec else str(raw_spec.get("runId") or "1")
+    finished = run_finished(status, run_id)
+
+    if view.namespace is not None and not owns_namespace(view.namespace, meta.get("uid", "")):
+        # Names are readable, so two jobs can map to one name (team-a/b-c and team-a-b/c): never
+        # touch (or delete) a namespace that another job, or someone else, created.
+        owner = (view.namespace["metadata"].get("annotations") or {}).get(n.ANNOTATION_JOB, "not a FineTuneJob")
+        plan.problems.append(Problem("SandboxConflict", f"metadata.name: the sandbox namespace {sandbox} already "
+                                                        f"exists and belongs to {owner}; rename this FineTuneJob"))
+        plan.sandbox_state = SANDBOX_ABSENT
+        plan.permanent = str(plan.problems[0])
+        return plan
+
+    if spec and finished and ttl_expired(status, spec.runPolicy.ttlSecondsAfterFinished, view.now):
+        if plan.sandbox_state == SANDBOX_ACTIVE:
+            plan.delete.append(_ref("v1", "Namespace", sandbox, None))
+        plan.sandbox_state = SANDBOX_EXPIRED
+        return plan
+
+    if view.problems:
+        transient = all(p.reason in TRANSIENT_REASONS for p in view.problems)
+        if transient:
+            plan.requeue_after = REQUEUE_SHORT * 2
+        elif view.pytorchjob is None:
+            plan.permanent = "; ".join(str(p) for p in view.problems)
+        return plan  # nothing is created or changed while the job does not validate
+
+    assert spec is not None and view.secret is not None
+    if finished and plan.sandbox_state == SANDBOX_ABSENT:
+        return plan  # the run is over and its sandbox was removed: nothing to bring back
+    if plan.sandbox_state == SANDBOX_TERMINATING:
+        plan.requeue_after = REQUEUE_SHORT
+        return plan
+
+    ref = n.JobRef.from_body(body)
+    plan.apply.extend(sandbox_objects(ref, cfg, view.secret.get("data") or {}))
+    plan.sandbox_state = SANDBOX_ACTIVE
+
+    if view.other_runs or view.other_run_pods:
+        for old in view.other_runs:
+            old_id = old["metadata"].get("labels", {}).get(n.LABEL_RUN_ID, "")
+            plan.delete.append(_ref("kubeflow.org/v1", "PyTorchJob", old["metadata"]["name"], sandbox))
+            plan.delete.append(_ref("v1", "ConfigMap", n.configmap_name(old_id), sandbox))
+        plan.replacing_run = ", ".join(sorted(o["metadata"].get("labels", {}).get(n.LABEL_RUN_ID, "?")
+                                              for o in view.other_runs)) or "(pods)"
+        plan.requeue_after = REQUEUE_SHORT
+        return plan
+
+    ptj = view.pytorchjob
+    if ptj is None:
+        if not finished:
+            plan.apply.extend(run_objects(ref, cfg))
+        return plan
+
+    applied_hash = (ptj["metadata"].get("annotations") or {}).get(n.ANNOTATION_SPEC_HASH)
+    if applied_hash != n.spec_hash(raw_spec):
+        plan.spec_drift = True
+        current = bool(((ptj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+        if current != spec.runPolicy.suspend and not finished and owns_suspend(ref):
+            plan.suspend_patch = spec.runPolicy.suspend
+    elif not finished:
+        plan.apply.extend(run_objects(ref, cfg))
+    return plan
+
+
+def should_read_documents(ptj: dict[str, Any] | None, previous_status: dict[str, Any], run_id: str,
+                          last_read: float | None, now_monotonic: float, interval: float) -> bool:
+    """Read progress/evaluation/result from S3: while the run is active (rate-limited), and once
+    more right after it finished (its final documents)."""
+    if ptj is None:
+        return False
+    finished_now = bool(ptj_condition(ptj, "Succeeded") or ptj_condition(ptj, "Failed"))
+    if finished_now:
+        return not run_finished(previous_status, run_id)
+    active = bool(ptj_condition(ptj, "Running") or ptj_condition(ptj, "Restarting"))
+    return active and (last_read is None or now_monotonic - last_read >= interval)
+
+
+# ---- the reconciler (I/O) ------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status: dict[str, Any]
+    requeue_after: float | None = None
+    permanent: str = ""
+
+
+class Reconciler:
+    def __init__(self, kube: k8s.Kube, cfg: OperatorConfig, metrics: Metrics,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.kube, self.cfg, self.metrics, self.clock = kube, cfg, metrics, clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._last_read: dict[str, float] = {}
+        self._input_checks: dict[str, tuple[tuple[int, str], dict[str, Any]]] = {}
+
+    def _lock(self, uid: str) -> asyncio.Lock:
+        return self._locks.setdefault(uid, asyncio.Lock())
+
+    async def reconcile(self, body: dict[str, Any]) -> Outcome:
+        body = copy.deepcopy(body)
+        started = time.monotonic()
+        try:
+            async with self._lock(body["metadata"].get("uid", "")):
+                # Handlers and the timer may hold an older copy: decide on the stored object, so two
+                # passes in a row never compute (and announce) the same transition twice.
+                meta = body["metadata"]
+                fresh = await self.kube.get(k8s.FineTuneJob, meta["name"], meta["namespace"])
+                if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
+                    self.metrics.reconciles.labels("gone").inc()
+                    return Outcome(status=body.get("status") or {})
+                outcome = await self._reconcile(fresh)
+        except Exception:
+            self.metrics.reconciles.labels("error").inc()
+            raise
+        finally:
+            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+        self.metrics.reconciles.labels("permanent" if outcome.permanent else
+                                       "requeue" if outcome.requeue_after else "ok").inc()
+        return outcome
+
+    async def _observe(self, body: dict[str, Any], now: datetime) -> View:
+        meta, raw_spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
+        uid = meta.get("uid", "")
+        sandbox = n.sandbox_namespace(self.cfg.sandboxPrefix, meta["namespace"], meta["name"])
+        facts = Facts()
+        spec, problems = validate(raw_spec, self.cfg, facts)
+        view = View(body=body, now=now, spec=spec, problems=problems)
+        if spec is None or problems:
+            view.namespace = await self.kube.get(k8s.Namespace, sandbox)
+            if view.namespace is not None:
+                view.pytorchjob = await self.kube.get(k8s.PyTorchJob, n.pytorchjob_name(spec.runId if spec else "1"), sandbox)
+            return view
+        view.secret = await self.kube.get(k8s.Secret, spec.credentials.secretName, meta["namespace"])
+        facts.secret_found = view.secret is not None
+        facts.secret_keys = frozenset((view.secret or {}).get("data") or {})
+        view.namespace = await self.kube.get(k8s.Namespace, sandbox)
+        if view.namespace is not None:
+            runs = await self.kube.list(k8s.PyTorchJob, sandbox, labels={n.LABEL_JOB_UID: uid})
+            current = n.pytorchjob_name(spec.runId)
+            view.pytorchjob = next((r for r in runs if r["metadata"]["name"] == current), None)
+            view.other_runs = [r for r in runs if r["metadata"]["name"] != current]
+            pods = await self.kube.list(k8s.Pod, sandbox, labels={n.LABEL_JOB_UID: uid})
+            view.other_run_pods = sum(1 for p in pods if (p["metadata"].get("labels") or {}).get(n.LABEL_RUN_ID) != spec.runId)
+        needs_inputs = (facts.secret_found and view.pytorchjob is None and not run_finished(status, spec.runId))
+        if needs_inputs and not view.other_runs:
+            facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.secret)
+        view.spec, view.problems = validate(raw_spec, self.cfg, facts)
+        return view
+
+    async def _check_inputs(self, uid: str, generation: int, spec: FineTuneJobSpec, raw_spec: dict[str, Any],
+                            secret: dict[str, Any] | None) -> dict[str, Any]:
+        key = (generation, n.spec_hash(raw_spec))
+        cached = self._input_checks.get(uid)
+        if cached and cached[0] == key and all(c.exists for c in cached[1].values()):
+            return cached[1]
+        creds = s3.Credentials.from_secret_data((secret or {}).get("data") or {})
+        endpoint = spec.storage.endpoint or self.cfg.s3Endpoint
+        client = s3.client(endpoint, spec.storage.region, creds)
+        checks = await asyncio.to_thread(s3.check_uris, client, s3_uris_to_check(spec))
+        self._input_checks[uid] = (key, checks)
+        return checks
+
+    async def _reconcile(self, body: dict[str, Any]) -> Outcome:
+        meta = body["metadata"]
+        previous = body.get("status") or {}
+        now = self.clock()
+        view = await self._observe(body, now)
+        plan = decide(view, self.cfg)
+
+        for obj in plan.delete:
+            await self.kube.delete(k8s.resource_of(obj), obj["metadata"]["name"], obj["metadata"].get("namespace"))
+        ptj = view.pytorchjob
+        for obj in plan.apply:
+            applied = await self.kube.apply(obj)
+            if obj["kind"] == "PyTorchJob":
+                ptj = applied
+        if plan.suspend_patch is not None and ptj is not None:
+            await self.kube.merge_patch(k8s.PyTorchJob, ptj["metadata"]["name"], plan.sandbox,
+                                        {"spec": {"runPolicy": {"suspend": plan.suspend_patch}}})
+        if plan.sandbox_state == SANDBOX_EXPIRED:
+            ptj = None
+
+        obs = Observation(now=now, problems=view.problems + plan.problems, sandbox=plan.sandbox, sandbox_state=plan.sandbox_state,
+                          applied=bool(plan.apply), pytorchjob=ptj, spec_drift=plan.spec_drift,
+                          replacing_run=plan.replacing_run, stall_after_seconds=self.cfg.progressStallSeconds)
+        if view.spec is not None:
+            try:
+                obs.gpu_resource = resolve_pool(n.JobRef.from_body(body), self.cfg)[1].gpuResource
+            except ValueError:
+                pass
+        if ptj is not None and plan.sandbox_state == SANDBOX_ACTIVE and view.spec is not None:
+            obs.pods = await self.kube.list(k8s.Pod, plan.sandbox, labels={n.LABEL_JOB_UID: meta.get("uid", ""),
+                                                                          n.LABEL_RUN_ID: view.spec.runId})
+            await self._read_documents(meta.get("uid", ""), view, ptj, previous, obs)
+
+        status = derive_status(body, obs, self.cfg.retryableExitCodes)
+        if changed(previous, status):
+            await self.kube.apply_status(meta["namespace"], meta["name"], status)
+            for event_type, reason, message in ev.transition_events(previous, status):
+                await self._event(body, event_type, reason, message, now)
+        if plan.sandbox_state == SANDBOX_EXPIRED and namespace_state(view.namespace) == SANDBOX_ACTIVE:
+            await self._event(body, ev.NORMAL, "SandboxDeleted",
+                              f"deleted namespace {plan.sandbox} after runPolicy.ttlSecondsAfterFinished", now)
+        self.metrics.observe_job(meta["namespace"], meta["name"], status)
+        return Outcome(status=status, requeue_after=plan.requeue_after, permanent=plan.permanent)
+
+    async def _read_documents(self, uid: str, view: View, ptj: dict[str, Any], previous: dict[str, Any],
+                              obs: Observation) -> None:
+        spec = view.spec
+        assert spec is not None
+        mono = time.monotonic()
+        if view.secret is None or not should_read_documents(ptj, previous, spec.runId, self._last_read.get(uid), mono,
+                                                            self.cfg.progressPollSeconds):
+            return
+        self._last_read[uid] = mono
+        creds = s3.Credentials.from_secret_data(view.secret.get("data") or {})
+        client = s3.client(spec.storage.endpoint or self.cfg.s3Endpoint, spec.storage.region, creds)
+        docs = await asyncio.to_thread(s3.read_run_documents, client, spec.output.uri, spec.runId)
+        obs.progress, obs.evaluation, obs.result = docs.progress, docs.evaluation, docs.result
+
+    async def _event(self, body: dict[str, Any], event_type: str, reason: str, message: str, now: datetime) -> None:
+        try:
+            await self.kube.create(ev.event(body, event_type, reason, message, now))
+        except Exception as exc:  # an event is best effort; never fail the pass for it
+            log.warning("cannot post event %s on %s/%s: %s", reason, body["metadata"]["namespace"],
+                        body["metadata"]["name"], exc)
+
+    # ---- deletion --------------------------------------------------------------------------------
+
+    async def finalize(self, body: dict[str, Any], elapsed_seconds: float) -> bool:
+        """Delete the sandbox; True when the finalizer may be released (gone, or waited long enough)."""
+        meta = body["metadata"]
+        sandbox = n.sandbox_namespace(self.cfg.sandboxPrefix, meta["namespace"], meta["name"])
+        ns = await self.kube.get(k8s.Namespace, sandbox)
+        if ns is not None and not owns_namespace(ns, meta.get("uid", "")):
+            ns = None  # not ours (a name conflict): leave it alone
+        done = ns is None
+        if ns is not None and namespace_state(ns) == SANDBOX_ACTIVE:
+            await self.kube.delete(k8s.Namespace, sandbox)
+        if not done and elapsed_seconds >= self.cfg.deletionTimeoutSeconds:
+            await self._event(body, ev.WARNING, "SandboxDeletionTimedOut",
+                              f"namespace {sandbox} still exists after {int(elapsed_seconds)}s; releasing the "
+                              "FineTuneJob anyway: delete the namespace by hand if it stays", self.clock())
+            done = True
+        if done:
+            self.forget(body)
+        return done
+
+    def forget(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        uid = meta.get("uid", "")
+        self.metrics.forget_job(meta["namespace"], meta["name"])
+        self._last_read.pop(uid, None)
+        self._input_checks.pop(uid, None)
+        self._locks.pop(uid, None)

@@ -1,0 +1,343 @@
+"""Status derivation: (FineTuneJob, what one reconcile pass observed) -> the new status, in memory.
+
+Pure functions only. The conditions are the truth; `phase` is a one-word summary of them.
+A condition's lastTransitionTime changes only when its status flips. Run-scoped fields (progress,
+checkpoints, evaluation, output, times) are reset when spec.runId changes, and carried over from
+the previous status when this pass did not read the trainer's documents (rate limit, S3 error).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from finetune_operator.api.types import ConditionType as C
+from finetune_operator.api.types import FineTuneJobStatus, Phase
+from finetune_operator.validation import TRANSIENT_REASONS, Problem
+from finetune_trainer.config import EvaluationResult, Progress, RunResult
+
+SANDBOX_ABSENT = "absent"
+SANDBOX_ACTIVE = "active"
+SANDBOX_TERMINATING = "terminating"
+SANDBOX_EXPIRED = "expired"  # deleted after ttlSecondsAfterFinished
+
+RUN_SCOPED = ("startTime", "completionTime", "restarts", "gpuSeconds", "progress", "checkpoints",
+              "latestCheckpoint", "resumedFromStep", "evaluation", "output", "pytorchJob")
+
+
+@dataclass
+class Observation:
+    """Everything one reconcile pass saw or did that the status depends on."""
+
+    now: datetime
+    problems: list[Problem] = field(default_factory=list)
+    sandbox: str = ""
+    sandbox_state: str = SANDBOX_ABSENT
+    applied: bool = False  # the sandbox objects were applied in this pass
+    pytorchjob: dict[str, Any] | None = None  # the current run's PyTorchJob as read
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    gpu_resource: str = "nvidia.com/gpu"
+    progress: Progress | None = None  # None: not read in this pass
+    evaluation: EvaluationResult | None = None
+    result: RunResult | None = None
+    spec_drift: bool = False  # the spec changed after the run was created (needs a new runId)
+    replacing_run: str = ""  # an older runId whose objects are being deleted first
+    stall_after_seconds: float = 0.0  # Running with progress older than this is reported (0: never)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# ---- conditions ----------------------------------------------------------------------------------
+
+
+def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool | None, reason: str, message: str,
+                  generation: int, now: datetime) -> list[dict[str, Any]]:
+    """Return conditions with `type_` set; lastTransitionTime kept unless the status flips."""
+    value = "Unknown" if status is None else ("True" if status else "False")
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    transition = previous["lastTransitionTime"] if previous and previous.get("status") == value and \
+        previous.get("lastTransitionTime") else rfc3339(now)
+    new = {"type": type_, "status": value, "reason": reason, "message": message[:4096],
+           "observedGeneration": generation, "lastTransitionTime": transition}
+    return [c for c in conditions if c.get("type") != type_] + [new]
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions", []) if c.get("type") == type_), None)
+
+
+def is_true(status: dict[str, Any], type_: str) -> bool:
+    c = condition(status, type_)
+    return bool(c and c.get("status") == "True")
+
+
+def ptj_condition(ptj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
+    if not ptj:
+        return None
+    for c in (ptj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+# ---- pods ----------------------------------------------------------------------------------------
+
+
+def pod_restarts(pods: list[dict[str, Any]]) -> int:
+    restarts = 0
+    for pod in pods:
+        status = pod.get("status") or {}
+        restarts += sum(int(cs.get("restartCount") or 0) for cs in status.get("containerStatuses") or [])
+        if status.get("phase") == "Failed":
+            restarts += 1
+    return restarts
+
+
+def _pod_gpus(pod: dict[str, Any], gpu_resource: str) -> int:
+    total = 0
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        limits = (c.get("resources") or {}).get("limits") or {}
+        try:
+            total += int(str(limits.get(gpu_resource, 0)))
+        except ValueError:
+            continue
+    return total
+
+
+def pod_gpu_seconds(pods: list[dict[str, Any]], gpu_resource: str, now: datetime) -> float:
+    """Running time x GPUs of the pods seen (a pod that finished counts until its containers ended)."""
+    total = 0.0
+    for pod in pods:
+        gpus = _pod_gpus(pod, gpu_resource)
+        status = pod.get("status") or {}
+        start = parse_time(status.get("startTime"))
+        if not gpus or not start:
+            continue
+        ends = [parse_time(((cs.get("state") or {}).get("terminated") or {}).get("finishedAt"))
+                for cs in status.get("containerStatuses") or []]
+        ends = [e for e in ends if e]
+        end = max(ends) if ends and status.get("phase") in ("Succeeded", "Failed") else now
+        total += max((end - start).total_seconds(), 0.0) * gpus
+    return total
+
+
+def failed_exit_code(pods: list[dict[str, Any]]) -> int | None:
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            code = ((cs.get("state") or {}).get("terminated") or {}).get("exitCode")
+            if code:
+                return int(code)
+    return None
+
+
+# ---- derivation ----------------------------------------------------------------------------------
+
+
+def _finite(value: float | None) -> float | None:
+    """NaN and infinities (a diverged loss, a zero-throughput ETA) are not JSON: report them as absent."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    """Readable numbers for `kubectl get` (the trainer's metrics endpoint has the full precision)."""
+    finite = _finite(value)
+    return None if finite is None else round(finite, digits)
+
+
+def _progress_status(progress: Progress, succeeded: bool) -> dict[str, Any]:
+    percent = 100.0 if succeeded else (
+        round(min(progress.step / progress.totalSteps, 1.0) * 100, 1) if progress.totalSteps > 0 else 0.0)
+    out = {
+        "step": progress.step,
+        "totalSteps": progress.totalSteps,
+        "epoch": round(_finite(progress.epoch) or 0.0, 3),
+        "percent": percent,
+        "loss": _rounded(progress.loss, 4),
+        "evalLoss": _rounded(progress.evalLoss, 4),
+        "learningRate": _finite(progress.learningRate),
+        "tokensPerSecond": _rounded(progress.tokensPerSecond, 1),
+        "etaSeconds": None if _finite(progress.etaSeconds) is None else int(progress.etaSeconds),
+        "updatedAt": progress.updatedAt,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: list[int] | None = None) -> dict[str, Any]:
+    """The new status of a FineTuneJob (a JSON-ready dict without nulls)."""
+    meta, spec = body["metadata"], body.get("spec") or {}
+    generation = int(meta.get("generation") or 0)
+    run_id = str(spec.get("runId") or "1")
+    run_policy = spec.get("runPolicy") or {}
+    prev = dict(body.get("status") or {})
+    same_run = prev.get("runId") == run_id
+    status: dict[str, Any] = {k: v for k, v in prev.items() if k not in ("conditions",)}
+    if not same_run:
+        for key in RUN_SCOPED:
+            status.pop(key, None)
+    status["runId"] = run_id
+    status["observedGeneration"] = generation
+    conds: list[dict[str, Any]] = [dict(c) for c in prev.get("conditions") or []]
+    if not same_run:  # a new run: the previous run's outcome is no longer this job's state
+        conds = [c for c in conds if c.get("type") not in (C.Succeeded.value, C.Failed.value, C.Running.value)]
+    now = obs.now
+
+    def put(type_: C, value: bool | None, reason: str, message: str) -> None:
+        nonlocal conds
+        conds = set_condition(conds, type_.value, value, reason, message, generation, now)
+
+    # Validated
+    problems = obs.problems
+    transient = bool(problems) and all(p.reason in TRANSIENT_REASONS for p in problems)
+    if problems:
+        put(C.Validated, None if transient else False, problems[0].reason, "; ".join(p.message for p in problems))
+    else:
+        put(C.Validated, True, "Valid", "spec, credentials and inputs are valid")
+
+    # SandboxReady
+    finished_before = same_run and (is_true(prev, C.Succeeded.value) or is_true(prev, C.Failed.value))
+    if obs.sandbox and obs.sandbox_state != SANDBOX_ABSENT:
+        status["sandboxNamespace"] = obs.sandbox
+    if obs.sandbox_state == SANDBOX_EXPIRED:
+        put(C.SandboxReady, False, "DeletedAfterTTL", f"sandbox {obs.sandbox} deleted after runPolicy.ttlSecondsAfterFinished")
+    elif obs.sandbox_state == SANDBOX_ABSENT and finished_before:
+        put(C.SandboxReady, False, "Deleted", "the run has finished and its sandbox namespace no longer exists")
+    elif obs.sandbox_state == SANDBOX_TERMINATING:
+        put(C.SandboxReady, False, "Terminating", f"namespace {obs.sandbox} is being deleted")
+    elif obs.sandbox_state == SANDBOX_ACTIVE and (obs.applied or not problems):
+        put(C.SandboxReady, True, "Ready", f"namespace {obs.sandbox} and its policies are in place")
+    elif problems:
+        put(C.SandboxReady, False, "NotValidated", "nothing is created until the spec is valid")
+    else:
+        put(C.SandboxReady, False, "Creating", f"creating namespace {obs.sandbox}")
+
+    # The run: PyTorchJob conditions, the trainer's result document.
+    ptj = obs.pytorchjob
+    if ptj:
+        status["pytorchJob"] = ptj["metadata"]["name"]
+    ptj_status = (ptj or {}).get("status") or {}
+    succeeded_c, failed_c = ptj_condition(ptj, "Succeeded"), ptj_condition(ptj, "Failed")
+    running_c, restarting_c = ptj_condition(ptj, "Running"), ptj_condition(ptj, "Restarting")
+    ptj_suspended = ptj_condition(ptj, "Suspended") is not None or bool(((ptj or {}).get("spec") or {}).get("runPolicy", {}).get("suspend"))
+    result = obs.result  # read from the current run's prefix
+
+    if obs.progress is not None:
+        status["progress"] = _progress_status(obs.progress, succeeded=bool(succeeded_c))
+        status["checkpoints"] = [{"step": c.step, "uri": c.uri, "time": c.time} for c in obs.progress.checkpoints][-100:]
+        if obs.progress.checkpoints:
+            status["latestCheckpoint"] = obs.progress.checkpoints[-1].uri
+        status["resumedFromStep"] = obs.progress.resumedFromStep
+    if obs.evaluation is not None:
+        status["evaluation"] = {k: v for k, v in {"basePerplexity": _rounded(obs.evaluation.basePerplexity, 4),
+                                                  "perplexity": _rounded(obs.evaluation.perplexity, 4)}.items() if v is not None}
+    if result is not None:
+        output = {k: v for k, v in {"adapterUri": result.adapterUri, "mergedUri": result.mergedUri}.items() if v}
+        if output:
+            status["output"] = output
+
+    if ptj and obs.pods:
+        status["restarts"] = max(int(status.get("restarts") or 0), pod_restarts(obs.pods))
+        status["gpuSeconds"] = round(max(float(status.get("gpuSeconds") or 0.0),
+                                         pod_gpu_seconds(obs.pods, obs.gpu_resource, now)), 1)
+
+    if succeeded_c:
+        put(C.Succeeded, True, "Completed", (result.message if result and result.message else "training finished"))
+        put(C.Failed, False, "Completed", "")
+    elif failed_c:
+        reason = (result.reason if result and not result.succeeded and result.reason else failed_c.get("reason") or "Failed")
+        message = (result.message if result and result.message else failed_c.get("message") or "the run failed")
+        code = failed_exit_code(obs.pods)
+        if code is not None:
+            kind = "retryable" if code in (retryable_exit_codes or []) or code >= 128 else "not retryable"
+            message += f" (trainer exit code {code}, {kind})"
+        put(C.Failed, True, reason, message)
+        put(C.Succeeded, False, "Failed", "")
+    elif not finished_before:
+        put(C.Succeeded, False, "NotFinished", "")
+        put(C.Failed, False, "NotFailed", "")
+
+    finished = is_true({"conditions": conds}, C.Succeeded.value) or is_true({"conditions": conds}, C.Failed.value)
+    user_suspend = bool(run_policy.get("suspend"))
+    if finished:
+        end = ptj_status.get("completionTime") or status.get("completionTime") or rfc3339(now)
+        status["completionTime"] = end
+        put(C.Running, False, "Finished", "the run has finished")
+        put(C.Suspended, False, "Finished", "")
+    elif user_suspend:
+        put(C.Suspended, True, "SuspendedByUser", "spec.runPolicy.suspend is true; pods are removed, checkpoints kept")
+        put(C.Running, False, "Suspended", "the run is suspended")
+    else:
+        put(C.Suspended, False, "NotSuspended", "")
+        if running_c and not ptj_suspended:
+            status.setdefault("startTime", ptj_status.get("startTime") or rfc3339(now))
+            p = status.get("progress")
+            updated = parse_time((p or {}).get("updatedAt"))
+            quiet = (now - updated).total_seconds() if updated else 0.0
+            if obs.stall_after_seconds and quiet > obs.stall_after_seconds:
+                put(C.Running, True, "ProgressStalled",
+                    f"no progress reported for {int(quiet)}s (last: step {p.get('step', 0)} at {p.get('updatedAt')})")
+            else:
+                put(C.Running, True, "Training",
+                    f"step {p.get('step', 0)}/{p.get('totalSteps', 0)}" if p else "training; no progress reported yet")
+        elif restarting_c:
+            put(C.Running, False, "Restarting", restarting_c.get("message") or "pods are restarting; the trainer resumes from the latest checkpoint")
+        elif ptj and ptj_suspended:
+            put(C.Running, False, "Queued", "waiting for admission (the PyTorchJob is suspended by its queue)")
+        elif obs.replacing_run:
+            put(C.Running, False, "ReplacingRun", f"deleting the objects of run {obs.replacing_run} first")
+        elif ptj:
+            put(C.Running, False, "Starting", "waiting for the training pods to start")
+        else:
+            put(C.Running, False, "NotStarted", "the run has not been created")
+
+    if obs.spec_drift:
+        put(C.UpToDate, False, "SpecChangedDuringRun",
+            f"the spec changed after run {run_id} was created; the change is not applied to it: "
+            "change spec.runId to start a new run with the new spec")
+    else:
+        put(C.UpToDate, True, "Applied", f"run {run_id} uses the current spec")
+
+    status["conditions"] = sorted(conds, key=lambda c: _ORDER.get(c["type"], 99))
+    status["phase"] = phase(status["conditions"], ptj is not None).value
+    return FineTuneJobStatus.model_validate(status).model_dump(mode="json", exclude_none=True)
+
+
+_ORDER = {t.value: i for i, t in enumerate(C)}
+
+
+def phase(conditions: list[dict[str, Any]], run_exists: bool) -> Phase:
+    """One word for `kubectl get`, derived from the conditions only."""
+    state = {"conditions": conditions}
+    validated = condition(state, C.Validated.value) or {}
+    if is_true(state, C.Succeeded.value):
+        return Phase.Succeeded
+    if is_true(state, C.Failed.value):
+        return Phase.Failed
+    if is_true(state, C.Suspended.value):
+        return Phase.Suspended
+    if is_true(state, C.Running.value):
+        return Phase.Running
+    if validated.get("status") == "Unknown":
+        return Phase.Validating
+    if validated.get("status") == "False":
+        return Phase.Pending
+    if run_exists:
+        return Phase.Queued
+    return Phase.Pending
+
+
+def changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether a status write is needed (the status subresource is only written when this is true)."""
+    return (old or {}) != new

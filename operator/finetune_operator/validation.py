@@ -1,0 +1,235 @@
+"""Validation of a FineTuneJob against the cluster and the storage, as pure functions over facts.
+
+The reconcile gathers the facts (does the Secret exist, which keys it has, which S3 URIs exist);
+the validators here turn them into problems: (reason, message naming the field). The CEL rules in
+the CRD already reject most bad specs; the spec-level validators repeat the cross-field ones so a
+FineTuneJob stored before a CRD upgrade (or without CEL support) is still refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from pydantic import ValidationError
+
+from finetune_operator.api.types import FineTuneJobSpec, parse_spec
+from finetune_operator.builders.names import CREDENTIAL_KEYS
+from finetune_operator.config import OperatorConfig
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}"
+
+
+@dataclass(frozen=True)
+class S3Check:
+    """What a HEAD/LIST of one URI said: exists True/False (False with an error: access refused), or
+    None with an error (could not ask: network, endpoint down -- a transient problem)."""
+
+    exists: bool | None
+    error: str = ""
+
+
+@dataclass
+class Facts:
+    """What the reconcile observed for validation. None means 'not observed (yet)'."""
+
+    secret_found: bool | None = None
+    secret_keys: frozenset[str] = frozenset()
+    s3: dict[str, S3Check] = field(default_factory=dict)  # spec field path -> check
+
+
+# ---- spec ----------------------------------------------------------------------------------------
+
+
+def _loc(loc: Iterable[Any]) -> str:
+    out = "spec"
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out
+
+
+def parse_or_problems(raw_spec: dict[str, Any]) -> tuple[FineTuneJobSpec | None, list[Problem]]:
+    try:
+        return parse_spec(raw_spec), []
+    except ValidationError as exc:
+        return None, [Problem("InvalidSpec", f"{_loc(e['loc'])}: {e['msg']}") for e in exc.errors()]
+
+
+def check_datasets_or_stages(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    if not spec.datasets and not spec.stages:
+        return [Problem("InvalidSpec", "spec.datasets: set datasets or stages (at least one must be non-empty)")]
+    return []
+
+
+def check_unique_stage_names(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    seen: set[str] = set()
+    out = []
+    for i, stage in enumerate(spec.stages):
+        if stage.name in seen:
+            out.append(Problem("InvalidSpec", f"spec.stages[{i}].name: duplicate stage name {stage.name!r}"))
+        seen.add(stage.name)
+    return out
+
+
+def check_dpo_datasets(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    out = []
+    if spec.objective == "dpo":
+        for i, d in enumerate(spec.datasets):
+            if d.format != "preference":
+                out.append(Problem("InvalidSpec", f"spec.datasets[{i}].format: objective dpo needs preference, got {d.format}"))
+    for s, stage in enumerate(spec.stages):
+        if stage.objective == "dpo":
+            for i, d in enumerate(stage.datasets):
+                if d.format != "preference":
+                    out.append(Problem("InvalidSpec",
+                                       f"spec.stages[{s}].datasets[{i}].format: objective dpo needs preference, got {d.format}"))
+    return out
+
+
+def check_node_pool(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    name = spec.resources.nodePool or cfg.defaultNodePool
+    if name not in cfg.nodePools:
+        return [Problem("UnknownNodePool",
+                        f"spec.resources.nodePool: unknown node pool {name!r} (known: {', '.join(sorted(cfg.nodePools))})")]
+    return []
+
+
+def check_gpus_fit_pool(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    name = spec.resources.nodePool or cfg.defaultNodePool
+    pool = cfg.nodePools.get(name)
+    gpus = spec.resources.gpusPerWorker
+    if pool is None or gpus == 0:
+        return []
+    if pool.gpusPerNode == 0:
+        return [Problem("GPUsNotAvailable",
+                        f"spec.resources.gpusPerWorker: node pool {name!r} has no GPUs; set gpusPerWorker: 0 or a GPU pool")]
+    if gpus > pool.gpusPerNode:
+        return [Problem("GPUsNotAvailable",
+                        f"spec.resources.gpusPerWorker: {gpus} GPUs per pod, but nodes of pool {name!r} have {pool.gpusPerNode}")]
+    return []
+
+
+def check_qlora_needs_gpus(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    if spec.method.type == "qlora" and spec.resources.gpusPerWorker == 0:
+        return [Problem("InvalidSpec", "spec.method.type: qlora needs spec.resources.gpusPerWorker > 0")]
+    return []
+
+
+def check_method_settings(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    m, out = spec.method, []
+    if m.lora is not None and m.type not in ("lora", "qlora", "dora"):
+        out.append(Problem("InvalidSpec", f"spec.method.lora: only allowed with method.type lora, qlora or dora, not {m.type}"))
+    if m.virtualTokens is not None and m.type not in ("prefix", "prompt"):
+        out.append(Problem("InvalidSpec", f"spec.method.virtualTokens: only allowed with method.type prefix or prompt, not {m.type}"))
+    if m.freezeLayers is not None and m.type != "full":
+        out.append(Problem("InvalidSpec", f"spec.method.freezeLayers: only allowed with method.type full, not {m.type}"))
+    return out
+
+
+def check_distributed_settings(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    d, out = spec.distributed, []
+    if d.zeroStage is not None and d.engine != "deepspeed":
+        out.append(Problem("InvalidSpec", "spec.distributed.zeroStage: only allowed with engine deepspeed"))
+    if d.offload != "none" and d.engine != "deepspeed":
+        out.append(Problem("InvalidSpec", "spec.distributed.offload: needs engine deepspeed"))
+    elif d.offload != "none" and d.zeroStage is not None and d.zeroStage < 2:
+        out.append(Problem("InvalidSpec", "spec.distributed.offload: needs zeroStage 2 or 3"))
+    return out
+
+
+def check_other_cross_field_rules(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    out = []
+    if spec.objective == "dpo" and spec.preprocessing.packing:
+        out.append(Problem("InvalidSpec", "spec.preprocessing.packing: not allowed with objective dpo"))
+    if spec.evaluation.maxPerplexityRatio is not None and not spec.evaluation.compareToBase:
+        out.append(Problem("InvalidSpec", "spec.evaluation.maxPerplexityRatio: needs evaluation.compareToBase true"))
+    if spec.validation.uri and spec.validation.splitRatio:
+        out.append(Problem("InvalidSpec", "spec.validation: set either uri or splitRatio, not both"))
+    return out
+
+
+SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]] = [
+    check_method_settings,
+    check_distributed_settings,
+    check_other_cross_field_rules,
+    check_datasets_or_stages,
+    check_unique_stage_names,
+    check_dpo_datasets,
+    check_qlora_needs_gpus,
+    check_node_pool,
+    check_gpus_fit_pool,
+]
+
+
+def validate_spec(raw_spec: dict[str, Any], cfg: OperatorConfig) -> tuple[FineTuneJobSpec | None, list[Problem]]:
+    """Problems of the spec alone (no cluster facts). Returns the parsed spec when it parses."""
+    spec, problems = parse_or_problems(raw_spec)
+    if spec is None:
+        return None, problems
+    for validator in SPEC_VALIDATORS:
+        problems.extend(validator(spec, cfg))
+    return spec, problems
+
+
+# ---- facts ---------------------------------------------------------------------------------------
+
+
+def check_secret(spec: FineTuneJobSpec, facts: Facts) -> list[Problem]:
+    name = spec.credentials.secretName
+    if facts.secret_found is False:
+        return [Problem("SecretNotFound", f"spec.credentials.secretName: Secret {name!r} not found in the job's namespace")]
+    if facts.secret_found:
+        missing = [k for k in CREDENTIAL_KEYS if k not in facts.secret_keys]
+        if missing:
+            return [Problem("SecretKeysMissing",
+                            f"spec.credentials.secretName: Secret {name!r} lacks key(s) {', '.join(missing)}")]
+    return []
+
+
+def s3_uris_to_check(spec: FineTuneJobSpec) -> dict[str, str]:
+    """Inputs that must exist before a run starts: field path -> s3 URI (a key or a prefix)."""
+    uris = {"spec.model.uri": spec.model.uri}
+    for i, d in enumerate(spec.datasets):
+        uris[f"spec.datasets[{i}].uri"] = d.uri
+    if spec.validation.uri:
+        uris["spec.validation.uri"] = spec.validation.uri
+    for s, stage in enumerate(spec.stages):
+        for i, d in enumerate(stage.datasets):
+            uris[f"spec.stages[{s}].datasets[{i}].uri"] = d.uri
+    return uris
+
+
+def check_s3_inputs(spec: FineTuneJobSpec, facts: Facts) -> list[Problem]:
+    out = []
+    for path, uri in s3_uris_to_check(spec).items():
+        check = facts.s3.get(path)
+        if check is None:
+            continue
+        if check.exists is False and check.error:
+            out.append(Problem("S3AccessDenied", f"{path}: cannot read {uri} with the job's credentials: {check.error}"))
+        elif check.exists is False:
+            out.append(Problem("S3ObjectNotFound", f"{path}: nothing at {uri}"))
+        elif check.exists is None:
+            out.append(Problem("S3Unreachable", f"{path}: cannot check {uri}: {check.error}"))
+    return out
+
+
+TRANSIENT_REASONS = {"S3Unreachable"}
+
+
+def validate(raw_spec: dict[str, Any], cfg: OperatorConfig, facts: Facts) -> tuple[FineTuneJobSpec | None, list[Problem]]:
+    """All problems: the spec's, then the Secret's, then the S3 inputs' (only when the rest is fine)."""
+    spec, problems = validate_spec(raw_spec, cfg)
+    if spec is None:
+        return None, problems
+    problems.extend(check_secret(spec, facts))
+    if not problems:
+        problems.extend(check_s3_inputs(spec, facts))
+    return spec, problems

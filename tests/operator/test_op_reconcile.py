@@ -1,0 +1,201 @@
+"""The reconcile's decisions (pure: observed view -> plan), events, metrics and kopf wiring."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import kopf
+import pytest
+
+from finetune_operator.builders import JobRef, names, run_objects
+from finetune_operator.builders.events import event, transition_events
+from finetune_operator.config import OperatorConfig
+from finetune_operator.handlers import FINALIZER, configure_settings, register
+from finetune_operator.metrics import Metrics
+from finetune_operator.reconcile import View, decide, should_read_documents
+from finetune_operator.status import SANDBOX_ABSENT, SANDBOX_ACTIVE, SANDBOX_EXPIRED, SANDBOX_TERMINATING
+from finetune_operator.validation import Facts, Problem, validate
+from op_testdata import ROOT, job, minimal_spec
+
+CFG = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml")
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+CPU = {"gpusPerWorker": 0, "nodePool": "cpu"}
+SECRET = {"data": {"AWS_ACCESS_KEY_ID": "eA==", "AWS_SECRET_ACCESS_KEY": "eQ=="}}
+OURS = {names.LABEL_JOB_UID: job()["metadata"]["uid"]}
+ACTIVE_NS = {"metadata": {"name": "ftj-team-a-support-bot", "labels": OURS}, "status": {"phase": "Active"}}
+TERMINATING_NS = {"metadata": {"name": "ftj-team-a-support-bot", "labels": OURS,
+                               "deletionTimestamp": "2026-01-01T11:00:00Z"}, "status": {"phase": "Terminating"}}
+FOREIGN_NS = {"metadata": {"name": "ftj-team-a-support-bot", "labels": {names.LABEL_JOB_UID: "another-uid"},
+                           "annotations": {names.ANNOTATION_JOB: "team-a-support/bot"}}, "status": {"phase": "Active"}}
+SUCCEEDED = {"runId": "1", "completionTime": "2026-01-01T11:00:00Z",
+             "conditions": [{"type": "Succeeded", "status": "True"}]}
+
+
+def body(status=None, **spec_overrides):
+    spec = minimal_spec(resources=CPU, **spec_overrides)
+    return job(spec, status=status)
+
+
+def existing_run(b, **changes):
+    """The PyTorchJob the operator made for `b` (as read back), optionally for a changed spec."""
+    ptj = run_objects(JobRef.from_body(b), CFG)[1]
+    if changes:
+        ptj["metadata"]["annotations"][names.ANNOTATION_SPEC_HASH] = "0123456789abcdef"
+    return ptj
+
+
+def view(b, problems=None, **kw):
+    spec, found = validate(b["spec"], CFG, Facts())
+    return View(body=b, now=NOW, spec=spec, problems=found if problems is None else problems,
+                secret=kw.pop("secret", SECRET), **kw)
+
+
+def kinds(objects):
+    return [o["kind"] for o in objects]
+
+
+SANDBOX_KINDS = ["Namespace", "NetworkPolicy", "NetworkPolicy", "ResourceQuota", "LimitRange", "ServiceAccount", "Secret"]
+B = body()
+CASES = [
+    # name, view, expected (sandbox_state, applied kinds, deleted kinds, drift, suspend patch, requeue?, permanent?)
+    ("new job: sandbox then run", view(B), (SANDBOX_ACTIVE, SANDBOX_KINDS + ["ConfigMap", "PyTorchJob"], [], False, None, False, False)),
+    ("invalid: nothing is created", view(B, problems=[Problem("SecretNotFound", "spec.credentials.secretName: x")]),
+     (SANDBOX_ABSENT, [], [], False, None, False, True)),
+    ("S3 unreachable: wait, nothing created", view(B, problems=[Problem("S3Unreachable", "spec.model.uri: x")]),
+     (SANDBOX_ABSENT, [], [], False, None, True, False)),
+    ("problem during a run: the run is left alone", view(B, problems=[Problem("SecretNotFound", "x")], namespace=ACTIVE_NS,
+                                                         pytorchjob=existing_run(B)),
+     (SANDBOX_ACTIVE, [], [], False, None, False, False)),
+    ("steady state: idempotent apply", view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS + ["ConfigMap", "PyTorchJob"], [], False, None, False, False)),
+    ("spec changed mid-run: reported, not applied", view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B, changed=True)),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS, [], True, None, False, False)),
+    ("suspend toggled with another change: suspend still applied",
+     view(body(runPolicy={"suspend": True}), namespace=ACTIVE_NS, pytorchjob=existing_run(B, changed=True)),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS, [], True, True, False, False)),
+    ("queued by Kueue, spec changed: Kueue keeps suspend",
+     view(body(runPolicy={"queueName": "q"}), namespace=ACTIVE_NS,
+          pytorchjob={**existing_run(body(runPolicy={"queueName": "q"}), changed=True),
+                      "spec": {"runPolicy": {"suspend": True}}}),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS, [], True, None, False, False)),
+    ("new runId: old run deleted first", view(body(runId="2"), namespace=ACTIVE_NS, other_runs=[existing_run(B)]),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS, ["PyTorchJob", "ConfigMap"], False, None, True, False)),
+    ("new runId: old pods still going", view(body(runId="2"), namespace=ACTIVE_NS, other_run_pods=2),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS, [], False, None, True, False)),
+    ("sandbox terminating: wait", view(B, namespace=TERMINATING_NS), (SANDBOX_TERMINATING, [], [], False, None, True, False)),
+    ("finished: never re-created", view(body(status=SUCCEEDED), namespace=ACTIVE_NS),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS, [], False, None, False, False)),
+    ("finished, sandbox deleted by hand: not re-created", view(body(status=SUCCEEDED)),
+     (SANDBOX_ABSENT, [], [], False, None, False, False)),
+    ("finished, ttl not reached", view(body(status=SUCCEEDED, runPolicy={"ttlSecondsAfterFinished": 7200}), namespace=ACTIVE_NS),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS, [], False, None, False, False)),
+    ("finished, ttl passed: sandbox deleted", view(body(status=SUCCEEDED, runPolicy={"ttlSecondsAfterFinished": 60}),
+                                                   namespace=ACTIVE_NS),
+     (SANDBOX_EXPIRED, [], ["Namespace"], False, None, False, False)),
+    ("namespace of another job: refused, untouched", view(B, namespace=FOREIGN_NS),
+     (SANDBOX_ABSENT, [], [], False, None, False, True)),
+    ("ttl passed but the namespace is not ours: untouched",
+     view(body(status=SUCCEEDED, runPolicy={"ttlSecondsAfterFinished": 60}), namespace=FOREIGN_NS),
+     (SANDBOX_ABSENT, [], [], False, None, False, True)),
+    ("ttl passed, sandbox gone: stays gone", view(body(status=SUCCEEDED, runPolicy={"ttlSecondsAfterFinished": 60})),
+     (SANDBOX_EXPIRED, [], [], False, None, False, False)),
+]
+
+
+@pytest.mark.parametrize("name,v,expected", CASES, ids=[c[0] for c in CASES])
+def test_decide(name, v, expected):
+    state, applied, deleted, drift, suspend, requeue, permanent = expected
+    plan = decide(v, CFG)
+    assert plan.sandbox_state == state
+    assert kinds(plan.apply) == applied
+    assert kinds(plan.delete) == deleted
+    assert plan.spec_drift == drift and plan.suspend_patch == suspend
+    assert (plan.requeue_after is not None) == requeue
+    assert bool(plan.permanent) == permanent
+
+
+def test_sandbox_conflict_names_the_owner():
+    plan = decide(view(B, namespace=FOREIGN_NS), CFG)
+    assert [p.reason for p in plan.problems] == ["SandboxConflict"]
+    assert "team-a-support/bot" in plan.permanent and "ftj-team-a-support-bot" in plan.permanent
+
+
+def test_permanent_message_names_the_field():
+    plan = decide(view(B, problems=[Problem("SecretNotFound", "spec.credentials.secretName: Secret 's3' not found")]), CFG)
+    assert "spec.credentials.secretName" in plan.permanent
+
+
+def test_old_run_objects_are_named_by_their_run_id():
+    plan = decide(next(c[1] for c in CASES if c[0] == "new runId: old run deleted first"), CFG)
+    assert [o["metadata"]["name"] for o in plan.delete] == ["train-1", "trainer-config-1"]
+    assert plan.replacing_run == "1"
+
+
+def ptj_with(*conds):
+    return {"metadata": {"name": "train-1"}, "status": {"conditions": [{"type": c, "status": "True"} for c in conds]}}
+
+
+@pytest.mark.parametrize("ptj,previous,last,now,expected", [
+    (None, {}, None, 100.0, False),
+    (ptj_with("Created"), {}, None, 100.0, False),
+    (ptj_with("Running"), {}, None, 100.0, True),
+    (ptj_with("Running"), {}, 95.0, 100.0, False),  # rate-limited (10 s in the dev config)
+    (ptj_with("Running"), {}, 85.0, 100.0, True),
+    (ptj_with("Restarting"), {}, None, 100.0, True),
+    (ptj_with("Succeeded"), {}, 99.0, 100.0, True),  # the final documents, once
+    (ptj_with("Succeeded"), SUCCEEDED, None, 100.0, False),
+])
+def test_should_read_documents(ptj, previous, last, now, expected):
+    assert should_read_documents(ptj, previous, "1", last, now, 10.0) == expected
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ({}, {"conditions": [{"type": "Validated", "status": "False", "reason": "SecretNotFound", "message": "m"}]},
+     [("Warning", "SecretNotFound", "m")]),
+    ({"conditions": [{"type": "Validated", "status": "False", "reason": "SecretNotFound"}]},
+     {"conditions": [{"type": "Validated", "status": "False", "reason": "SecretNotFound", "message": "m"}]}, []),
+    ({}, {"conditions": [{"type": "Running", "status": "False", "reason": "NotStarted"}]}, []),
+    ({"conditions": [{"type": "Running", "status": "True", "reason": "Training"}]},
+     {"conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "done"},
+                     {"type": "Running", "status": "False", "reason": "Finished"}]},
+     [("Normal", "Completed", "done")]),
+    ({"conditions": [{"type": "Running", "status": "True", "reason": "Training"}]},
+     {"conditions": [{"type": "Running", "status": "True", "reason": "ProgressStalled", "message": "quiet"}]},
+     [("Warning", "ProgressStalled", "quiet")]),
+])
+def test_transition_events(old, new, expected):
+    assert transition_events(old, new) == expected
+
+
+def test_event_object():
+    e = event(job(), "Warning", "SecretNotFound", "spec.credentials.secretName: missing", NOW)
+    assert e["involvedObject"]["kind"] == "FineTuneJob" and e["involvedObject"]["uid"] == job()["metadata"]["uid"]
+    assert e["metadata"]["namespace"] == "team-a" and e["type"] == "Warning"
+    assert e["metadata"]["name"] != event(job(), "Warning", "SecretNotFound", "other", NOW)["metadata"]["name"]
+
+
+def test_metrics_per_job_gauges_are_removed_with_the_job():
+    m = Metrics()
+    m.observe_job("team-a", "bot", {"phase": "Running", "progress": {"percent": 25.0, "loss": 1.5, "tokensPerSecond": 900.0,
+                                                                      "etaSeconds": 60}})
+    m.observe_job("team-b", "other", {"phase": "Succeeded"})
+    value = m.registry.get_sample_value
+    assert value("finetune_job_progress_percent", {"namespace": "team-a", "name": "bot"}) == 25.0
+    assert value("finetune_job_eta_seconds", {"namespace": "team-a", "name": "bot"}) == 60
+    assert value("finetune_jobs", {"phase": "Running"}) == 1 and value("finetune_jobs", {"phase": "Succeeded"}) == 1
+    m.forget_job("team-a", "bot")
+    assert value("finetune_job_progress_percent", {"namespace": "team-a", "name": "bot"}) is None
+    assert value("finetune_jobs", {"phase": "Running"}) == 0
+    assert value("finetune_operator_build_info", {"version": "0.1.0"}) == 1
+
+
+def test_kopf_wiring():
+    registry = kopf.OperatorRegistry()
+    register(registry, CFG, start_metrics_server=False)
+    ids = {str(h.id) for h in registry._changing.get_all_handlers()}
+    assert {"create", "update/spec", "resume", "cleanup"} <= ids, ids
+    assert len(list(registry._spawning.get_all_handlers())) == 1  # the timer
+    settings = kopf.OperatorSettings()
+    configure_settings(settings)
+    assert settings.persistence.finalizer == FINALIZER
+    assert settings.posting.enabled is False

@@ -1,0 +1,83 @@
+"""Reading trainer documents and checking inputs against a real S3 server (moto, on loopback)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from e2e.localcluster import s3 as local_s3
+from finetune_operator import s3
+from finetune_trainer.config import Progress, progress_uri, result_uri
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.fixture
+def bucket(s3_bucket, s3_endpoint):
+    raw, name = s3_bucket
+    creds = s3.Credentials.from_secret_data({"AWS_ACCESS_KEY_ID": b64(local_s3.ACCESS_KEY),
+                                             "AWS_SECRET_ACCESS_KEY": b64(local_s3.SECRET_KEY)})
+    return raw, name, s3.client(s3_endpoint, local_s3.REGION, creds)
+
+
+def test_credentials_from_secret_data():
+    creds = s3.Credentials.from_secret_data({"AWS_ACCESS_KEY_ID": b64("a"), "AWS_SECRET_ACCESS_KEY": b64("b"),
+                                             "AWS_SESSION_TOKEN": b64("c")})
+    assert creds == s3.Credentials("a", "b", "c")
+
+
+@pytest.mark.parametrize("content,expected_step", [
+    (json.dumps({"step": 7, "totalSteps": 10, "futureField": 1}), 7),  # unknown fields are ignored
+    ("{not json", None),
+    (json.dumps({"step": "seven"}), None),
+    (json.dumps([1, 2]), None),
+])
+def test_read_progress_document(bucket, content, expected_step):
+    raw, name, client = bucket
+    uri = progress_uri(f"s3://{name}/out/", "1")
+    raw.put_object(Bucket=name, Key=uri.split("/", 3)[3], Body=content.encode())
+    doc = s3.read_document(client, uri, Progress)
+    assert (doc.step if doc else None) == expected_step
+
+
+def test_missing_documents_are_none(bucket):
+    _, name, client = bucket
+    docs = s3.read_run_documents(client, f"s3://{name}/out/", "1")
+    assert docs.progress is None and docs.evaluation is None and docs.result is None
+
+
+def test_read_run_documents(bucket):
+    raw, name, client = bucket
+    out = f"s3://{name}/out/"
+    raw.put_object(Bucket=name, Key=result_uri(out, "2").split("/", 3)[3],
+                   Body=json.dumps({"succeeded": True, "adapterUri": f"{out}adapter/"}).encode())
+    docs = s3.read_run_documents(client, out, "2")
+    assert docs.result is not None and docs.result.succeeded and docs.result.adapterUri == f"{out}adapter/"
+
+
+def test_check_uris(bucket):
+    raw, name, client = bucket
+    raw.put_object(Bucket=name, Key="models/tiny/config.json", Body=b"{}")
+    raw.put_object(Bucket=name, Key="data/train.jsonl", Body=b"{}")
+    checks = s3.check_uris(client, {
+        "prefix with slash": f"s3://{name}/models/tiny/",
+        "prefix without slash": f"s3://{name}/models/tiny",
+        "object": f"s3://{name}/data/train.jsonl",
+        "missing object": f"s3://{name}/data/other.jsonl",
+        "missing bucket": "s3://no-such-bucket-here/x.jsonl",
+    })
+    assert {k: v.exists for k, v in checks.items()} == {
+        "prefix with slash": True, "prefix without slash": True, "object": True,
+        "missing object": False, "missing bucket": False,
+    }
+
+
+def test_unreachable_endpoint_is_not_a_verdict():
+    client = s3.client("http://127.0.0.1:9", "us-east-1", s3.Credentials("a", "b"))
+    check = s3.check_uri(client, "s3://bucket/x.jsonl")
+    assert check.exists is None and check.error
+    assert s3.read_document(client, "s3://bucket/progress.json", Progress) is None

@@ -1,0 +1,193 @@
+"""Status derivation: tables of (observation -> phase and conditions), plus transition-time rules."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from finetune_operator.status import (
+    SANDBOX_ACTIVE,
+    SANDBOX_EXPIRED,
+    Observation,
+    changed,
+    condition,
+    derive_status,
+    pod_gpu_seconds,
+    set_condition,
+)
+from finetune_operator.validation import Problem
+from finetune_trainer.config import CheckpointRecord, EvaluationResult, Progress, RunResult
+from op_testdata import job, minimal_spec
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+SANDBOX = "ftj-team-a-support-bot"
+
+
+def ptj(*true_conditions: str, suspend: bool = False, completion: str | None = None) -> dict:
+    status = {"conditions": [{"type": t, "status": "True", "reason": f"PyTorchJob{t}", "message": f"job is {t.lower()}"}
+                             for t in true_conditions]}
+    if completion:
+        status["completionTime"] = completion
+    return {"metadata": {"name": "train-1"}, "spec": {"runPolicy": {"suspend": suspend}}, "status": status}
+
+
+def pod(phase="Running", gpus=8, start="2026-01-01T11:00:00Z", restarts=0, exit_code=None):
+    cs = {"name": "pytorch", "restartCount": restarts, "state": {"running": {}}}
+    if exit_code is not None:
+        cs["state"] = {"terminated": {"exitCode": exit_code, "finishedAt": "2026-01-01T11:30:00Z"}}
+    return {"spec": {"containers": [{"name": "pytorch", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]},
+            "status": {"phase": phase, "startTime": start, "containerStatuses": [cs]}}
+
+
+def obs(**kw) -> Observation:
+    base = dict(now=NOW, sandbox=SANDBOX, sandbox_state=SANDBOX_ACTIVE, applied=True)
+    base.update(kw)
+    return Observation(**base)
+
+
+PROGRESS = Progress(step=50, totalSteps=200, epoch=0.25, loss=1.2340000001, tokensPerSecond=1500.04, etaSeconds=600.4,
+                    updatedAt="2026-01-01T11:59:58Z", resumedFromStep=40,
+                    checkpoints=[CheckpointRecord(step=40, uri="s3://team-a/ckpt/1/step-00000040/", time="t")])
+
+CASES = [
+    # name, observation, spec overrides, expected phase, {condition: status}
+    ("invalid spec", obs(problems=[Problem("UnknownNodePool", "spec.resources.nodePool: unknown")], applied=False,
+                         sandbox_state="absent"), {},
+     "Pending", {"Validated": "False", "SandboxReady": "False", "Running": "False"}),
+    ("S3 unreachable is not a verdict", obs(problems=[Problem("S3Unreachable", "spec.model.uri: timeout")], applied=False),
+     {}, "Validating", {"Validated": "Unknown"}),
+    ("sandbox ready, run not yet created", obs(), {}, "Pending", {"Validated": "True", "SandboxReady": "True"}),
+    ("created, pods not running", obs(pytorchjob=ptj("Created")), {}, "Queued", {"Running": "False"}),
+    ("queued by kueue", obs(pytorchjob=ptj("Created", "Suspended", suspend=True)), {}, "Queued", {"Running": "False", "Suspended": "False"}),
+    ("running", obs(pytorchjob=ptj("Created", "Running"), pods=[pod()], progress=PROGRESS), {}, "Running",
+     {"Running": "True", "Succeeded": "False", "Failed": "False"}),
+    ("restarting", obs(pytorchjob=ptj("Created", "Restarting"), pods=[pod(phase="Failed", exit_code=137)]), {}, "Queued",
+     {"Running": "False"}),
+    ("suspended by the user", obs(pytorchjob=ptj("Created", "Suspended", suspend=True)), {"runPolicy": {"suspend": True}},
+     "Suspended", {"Suspended": "True", "Running": "False"}),
+    ("succeeded", obs(pytorchjob=ptj("Created", "Succeeded", completion="2026-01-01T11:58:00Z"), pods=[pod(phase="Succeeded", exit_code=0)],
+                      result=RunResult(succeeded=True, adapterUri="s3://team-a/models/support-bot/adapter/"),
+                      evaluation=EvaluationResult(basePerplexity=20.0, perplexity=12.5)), {},
+     "Succeeded", {"Succeeded": "True", "Failed": "False", "Running": "False"}),
+    ("failed by the evaluation gate", obs(pytorchjob=ptj("Created", "Failed"), pods=[pod(phase="Failed", exit_code=3)],
+                                          result=RunResult(succeeded=False, reason="EvaluationGateFailed", message="ratio 1.3 > 1.0")),
+     {}, "Failed", {"Failed": "True", "Succeeded": "False"}),
+    ("spec changed during the run", obs(pytorchjob=ptj("Created", "Running"), spec_drift=True), {}, "Running",
+     {"UpToDate": "False", "Running": "True"}),
+    ("replacing an old run", obs(replacing_run="1"), {"runId": "2"}, "Pending", {"Running": "False"}),
+]
+
+
+@pytest.mark.parametrize("name,observation,overrides,phase,conditions", CASES, ids=[c[0] for c in CASES])
+def test_derive_status(name, observation, overrides, phase, conditions):
+    status = derive_status(job(minimal_spec(**overrides)), observation, [137])
+    assert status["phase"] == phase
+    got = {c["type"]: c["status"] for c in status["conditions"]}
+    assert {k: got.get(k) for k in conditions} == conditions
+    for c in status["conditions"]:
+        assert c["observedGeneration"] == 1 and c["lastTransitionTime"] and c["reason"]
+
+
+def test_no_sandbox_is_named_before_one_exists():
+    invalid = derive_status(job(), CASES[0][1])
+    assert "sandboxNamespace" not in invalid
+    assert derive_status(job(), obs())["sandboxNamespace"] == SANDBOX
+
+
+def test_running_status_has_progress_and_checkpoints():
+    status = derive_status(job(), obs(pytorchjob=ptj("Created", "Running"), pods=[pod()], progress=PROGRESS))
+    assert status["progress"] == {"step": 50, "totalSteps": 200, "epoch": 0.25, "percent": 25.0, "loss": 1.234,
+                                  "tokensPerSecond": 1500.0, "etaSeconds": 600, "updatedAt": "2026-01-01T11:59:58Z"}
+    assert status["latestCheckpoint"] == "s3://team-a/ckpt/1/step-00000040/" and status["resumedFromStep"] == 40
+    assert status["gpuSeconds"] == 3600 * 8 and status["startTime"]
+    assert "step 50/200" in condition(status, "Running")["message"]
+
+
+@pytest.mark.parametrize("updated,stall,reason", [
+    ("2026-01-01T11:59:58Z", 900, "Training"),
+    ("2026-01-01T11:00:00Z", 900, "ProgressStalled"),
+    ("2026-01-01T11:00:00Z", 0, "Training"),  # disabled
+    ("", 900, "Training"),  # no timestamp: nothing to judge
+])
+def test_stalled_progress(updated, stall, reason):
+    progress = PROGRESS.model_copy(update={"updatedAt": updated})
+    status = derive_status(job(), obs(pytorchjob=ptj("Created", "Running"), progress=progress, stall_after_seconds=stall))
+    running = condition(status, "Running")
+    assert running["status"] == "True" and running["reason"] == reason
+    if reason == "ProgressStalled":
+        assert "3600s" in running["message"]
+
+
+def test_failure_message_names_reason_and_exit_code():
+    status = derive_status(job(), CASES[9][1], [137])
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "EvaluationGateFailed"
+    assert "ratio 1.3 > 1.0" in failed["message"] and "exit code 3, not retryable" in failed["message"]
+
+
+def test_succeeded_keeps_outputs_and_completion_time():
+    status = derive_status(job(), CASES[8][1])
+    assert status["output"] == {"adapterUri": "s3://team-a/models/support-bot/adapter/"}
+    assert status["evaluation"] == {"basePerplexity": 20.0, "perplexity": 12.5}
+    assert status["completionTime"] == "2026-01-01T11:58:00Z"
+
+
+def test_finished_status_survives_the_sandbox_going_away():
+    done = derive_status(job(), CASES[8][1])
+    later = derive_status(job(status=done), obs(sandbox_state=SANDBOX_EXPIRED, applied=False, now=NOW + timedelta(hours=1)))
+    assert later["phase"] == "Succeeded" and later["output"] == done["output"]
+    assert condition(later, "SandboxReady")["reason"] == "DeletedAfterTTL"
+
+
+def test_finished_run_without_its_sandbox():
+    done = derive_status(job(), CASES[8][1])
+    later = derive_status(job(status=done), obs(sandbox_state="absent", applied=False))
+    assert later["phase"] == "Succeeded" and condition(later, "SandboxReady")["reason"] == "Deleted"
+
+
+def test_lastTransitionTime_changes_only_when_status_flips():
+    first = derive_status(job(), obs(pytorchjob=ptj("Created", "Running"), progress=PROGRESS))
+    later = NOW + timedelta(minutes=5)
+    second = derive_status(job(status=first), obs(now=later, pytorchjob=ptj("Created", "Running"),
+                                                  progress=PROGRESS.model_copy(update={"step": 60})))
+    assert condition(second, "Running")["lastTransitionTime"] == condition(first, "Running")["lastTransitionTime"]
+    assert condition(second, "Running")["message"] != condition(first, "Running")["message"]
+    third = derive_status(job(status=second), obs(now=later, pytorchjob=ptj("Created", "Succeeded")))
+    assert condition(third, "Running")["lastTransitionTime"] == "2026-01-01T12:05:00Z"
+
+
+def test_a_new_run_id_resets_run_scoped_fields():
+    done = derive_status(job(), CASES[8][1])
+    rerun = derive_status(job(minimal_spec(runId="2"), status=done, generation=2), obs())
+    assert rerun["runId"] == "2" and rerun["phase"] == "Pending"
+    assert "output" not in rerun and "completionTime" not in rerun
+    assert condition(rerun, "Succeeded")["status"] == "False"
+
+
+def test_non_finite_numbers_from_the_trainer_are_dropped():
+    wild = Progress.model_validate_json('{"step": 5, "totalSteps": 10, "loss": NaN, "etaSeconds": Infinity, "epoch": NaN}')
+    status = derive_status(job(), obs(pytorchjob=ptj("Created", "Running"), progress=wild,
+                                      evaluation=EvaluationResult(basePerplexity=float("inf"), perplexity=3.0)))
+    assert status["progress"] == {"step": 5, "totalSteps": 10, "epoch": 0.0, "percent": 50.0, "updatedAt": ""}
+    assert status["evaluation"] == {"perplexity": 3.0}
+
+
+def test_progress_is_carried_over_when_not_read():
+    first = derive_status(job(), obs(pytorchjob=ptj("Created", "Running"), progress=PROGRESS))
+    second = derive_status(job(status=first), obs(pytorchjob=ptj("Created", "Running")))
+    assert second["progress"] == first["progress"]
+    assert not changed(first, second)
+
+
+@pytest.mark.parametrize("before,value,flips", [("True", True, False), ("False", True, True), ("Unknown", None, False)])
+def test_set_condition_transition(before, value, flips):
+    conds = [{"type": "Running", "status": before, "lastTransitionTime": "2025-12-31T00:00:00Z"}]
+    (new,) = set_condition(conds, "Running", value, "R", "m", 3, NOW)
+    assert (new["lastTransitionTime"] == "2026-01-01T12:00:00Z") == flips
+    assert new["observedGeneration"] == 3
+
+
+def test_gpu_seconds_count_finished_pods_until_they_ended():
+    pods = [pod(phase="Succeeded", gpus=2, exit_code=0), pod(gpus=0)]
+    assert pod_gpu_seconds(pods, "nvidia.com/gpu", NOW) == 1800 * 2
