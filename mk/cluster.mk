@@ -1,8 +1,9 @@
 # The local control plane (e2e/localcluster): built from Go modules, cached by version.
 .PHONY: cluster-build cluster-up cluster-down cluster-status test-cluster
 
-cluster-build: venv ## build (or find cached) etcd, Kubernetes, training-operator and KWOK binaries
-	$(PY) -m e2e.localcluster build
+# Only the standard library: runs in parallel with `make venv` (make -j2 venv cluster-build).
+cluster-build: ## build (or find cached) etcd, Kubernetes, training-operator and KWOK binaries
+	python3 -m e2e.localcluster.build
 
 cluster-up: venv ## build what is missing, start the local cluster, wait until ready
 	$(PY) -m e2e.localcluster up
