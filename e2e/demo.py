@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from e2e.localcluster import s3 as local_s3
 from e2e.localcluster.cluster import LocalCluster

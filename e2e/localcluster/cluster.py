@@ -25,7 +25,7 @@ import yaml
 
 from . import build, certs, nodes, s3, versions
 from .paths import REPO_ROOT, cache_dir, cluster_dir
-from .procs import free_port, port_open, start_logged, wait_until
+from .procs import free_port, http_ok, port_open, start_logged, wait_until
 
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
@@ -373,7 +373,7 @@ class LocalCluster:
             f"--web.listen-address=127.0.0.1:{p['prometheus']}",
             "--web.enable-lifecycle", "--storage.tsdb.retention.time=1d",
         ])
-        wait_until(lambda: _http_ok(f"{self.prometheus_url}/-/ready"), 60, "Prometheus", proc=proc,
+        wait_until(lambda: http_ok(f"{self.prometheus_url}/-/ready"), 60, "Prometheus", proc=proc,
                    log_file=self.logs / "prometheus.log")
 
     @property
@@ -400,7 +400,7 @@ class LocalCluster:
             return len(items) >= len(nodes.SIMULATED_NODES) + len(LOCAL_NODES) and all(is_ready(n) for n in items)
         wait_until(ready, 120, "simulated nodes Ready")
         # The training-operator serves its health endpoint once its certificates are in place.
-        wait_until(lambda: _http_ok(f"http://127.0.0.1:{self.state.ports['training-operator-probe']}/readyz"), 120,
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{self.state.ports['training-operator-probe']}/readyz"), 120,
                    "training-operator ready")
 
     # ---- down and status ----------------------------------------------------------------------
@@ -430,14 +430,6 @@ class LocalCluster:
             f"  kubeconfig:   export KUBECONFIG={self.kubeconfig}; export PATH={self.bin}:$PATH",
         ]
         return lines
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _terminate_group(pid: int, grace: float = 10) -> None:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 from .cluster import LocalCluster, _pid_alive, _terminate_group
 from .paths import REPO_ROOT
-from .procs import free_port, start_logged, wait_until
+from .procs import free_port, http_ok, start_logged, wait_until
 
 DEV_CONFIG = REPO_ROOT / "operator" / "config" / "dev.yaml"
 CRD = REPO_ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
@@ -67,7 +65,7 @@ class OperatorProcess:
                             env=env, cwd=REPO_ROOT)
         self.pid_file.write_text(json.dumps({"pid": proc.pid, "metricsPort": metrics_port,
                                              "livenessPort": liveness_port}))
-        wait_until(lambda: _http_ok(f"http://127.0.0.1:{liveness_port}/healthz"), 90, "operator liveness",
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{liveness_port}/healthz"), 90, "operator liveness",
                    proc=proc, log_file=self.log_file)
         target = self.cluster.prometheus_targets_dir / "operator.json"
         target.write_text(json.dumps([{"targets": [f"127.0.0.1:{metrics_port}"],
@@ -87,13 +85,5 @@ class OperatorProcess:
         pid = self._state().get("pid")
         if pid and _pid_alive(pid):
             os.killpg(pid, 9)
-            subprocess.run(["true"])  # let the kernel reap before the next start
+            wait_until(lambda: not _pid_alive(pid), 10, "the killed operator to exit")
         self.pid_file.unlink(missing_ok=True)
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -41,3 +42,11 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: f
             raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail}")
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -7,28 +7,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-from .procs import start_logged, wait_until
+from .procs import http_ok, start_logged, wait_until
 
 ACCESS_KEY = "finetune-local"
 SECRET_KEY = "finetune-local-secret"
 REGION = "us-east-1"
 
 
-def _healthy(endpoint: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def start_s3_server(port: int, log_file: Path, host: str = "127.0.0.1") -> subprocess.Popen:
     proc = start_logged([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)], log_file)
     endpoint = f"http://{host}:{port}"
-    wait_until(lambda: _healthy(endpoint), 60, f"S3 server on {endpoint}", proc=proc, log_file=log_file)
+    wait_until(lambda: http_ok(f"{endpoint}/moto-api/"), 60, f"S3 server on {endpoint}", proc=proc, log_file=log_file)
     return proc
 
 
