@@ -75,9 +75,11 @@ class Kube:
                 return None
             raise
 
-    async def list(self, res: Any, namespace: str, labels: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    async def list(self, res: Any, namespace: str, labels: dict[str, Any] | None = None,
+                   fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
         out = []
-        iterator: AsyncIterator[Any] = self.client.list(res, namespace=namespace, labels=labels or {})
+        iterator: AsyncIterator[Any] = self.client.list(res, namespace=namespace, labels=labels or {},
+                                                        fields=fields or {})
         async for item in iterator:
             out.append(as_dict(item))
         return out

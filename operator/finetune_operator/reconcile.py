@@ -311,6 +311,9 @@ class Reconciler:
         if ptj is not None and plan.sandbox_state == SANDBOX_ACTIVE and view.spec is not None:
             obs.pods = await self.kube.list(k8s.Pod, plan.sandbox, labels={n.LABEL_JOB_UID: meta.get("uid", ""),
                                                                           n.LABEL_RUN_ID: view.spec.runId})
+            obs.exit_events = await self.kube.list(k8s.Event, plan.sandbox, fields={
+                "involvedObject.kind": "PyTorchJob", "involvedObject.name": ptj["metadata"]["name"],
+                "reason": "ExitedWithCode"})
             await self._read_documents(meta.get("uid", ""), view, ptj, previous, obs)
 
         status = derive_status(body, obs, self.cfg.retryableExitCodes)

@@ -9,6 +9,7 @@ the previous status when this pass did not read the trainer's documents (rate li
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -38,6 +39,9 @@ class Observation:
     applied: bool = False  # the sandbox objects were applied in this pass
     pytorchjob: dict[str, Any] | None = None  # the current run's PyTorchJob as read
     pods: list[dict[str, Any]] = field(default_factory=list)
+    # The training-operator's ExitedWithCode events of the current run's PyTorchJob: it deletes and
+    # recreates a failed pod within a second, so the pods alone miss most restarts.
+    exit_events: list[dict[str, Any]] = field(default_factory=list)
     gpu_resource: str = "nvidia.com/gpu"
     progress: Progress | None = None  # None: not read in this pass
     evaluation: EvaluationResult | None = None
@@ -104,6 +108,24 @@ def pod_restarts(pods: list[dict[str, Any]]) -> int:
         if status.get("phase") == "Failed":
             restarts += 1
     return restarts
+
+
+EXITED_WITH_CODE = re.compile(r"exited with code (\d+)")
+
+
+def restarts_from_events(events: list[dict[str, Any]], retryable_exit_codes: list[int] | None = None) -> int:
+    """Pod restarts the training-operator made: its ExitedWithCode events with a retryable code
+    (an event repeated for the same pod and code is one object whose `count` grows)."""
+    total = 0
+    for event in events:
+        match = EXITED_WITH_CODE.search(event.get("message") or "")
+        if match and _retryable(int(match.group(1)), retryable_exit_codes):
+            total += int(event.get("count") or 1)
+    return total
+
+
+def _retryable(code: int, retryable_exit_codes: list[int] | None) -> bool:
+    return code in (retryable_exit_codes or []) or code >= 128
 
 
 def _pod_gpus(pod: dict[str, Any], gpu_resource: str) -> int:
@@ -248,7 +270,8 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
             status["output"] = output
 
     if ptj and obs.pods:
-        status["restarts"] = max(int(status.get("restarts") or 0), pod_restarts(obs.pods))
+        status["restarts"] = max(int(status.get("restarts") or 0), pod_restarts(obs.pods),
+                                 restarts_from_events(obs.exit_events, retryable_exit_codes))
         status["gpuSeconds"] = round(max(float(status.get("gpuSeconds") or 0.0),
                                          pod_gpu_seconds(obs.pods, obs.gpu_resource, now)), 1)
 
@@ -260,7 +283,7 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         message = (result.message if result and result.message else failed_c.get("message") or "the run failed")
         code = failed_exit_code(obs.pods)
         if code is not None:
-            kind = "retryable" if code in (retryable_exit_codes or []) or code >= 128 else "not retryable"
+            kind = "retryable" if _retryable(code, retryable_exit_codes) else "not retryable"
             message += f" (trainer exit code {code}, {kind})"
         put(C.Failed, True, reason, message)
         put(C.Succeeded, False, "Failed", "")

@@ -191,3 +191,21 @@ def test_set_condition_transition(before, value, flips):
 def test_gpu_seconds_count_finished_pods_until_they_ended():
     pods = [pod(phase="Succeeded", gpus=2, exit_code=0), pod(gpus=0)]
     assert pod_gpu_seconds(pods, "nvidia.com/gpu", NOW) == 1800 * 2
+
+
+def _exit_event(pod: str, code: int, count: int = 1) -> dict:
+    return {"reason": "ExitedWithCode", "message": f"Pod: ftj-a-b.{pod} exited with code {code}", "count": count}
+
+
+@pytest.mark.parametrize("events,expected", [
+    ([], 0),
+    ([_exit_event("train-1-worker-0", 137)], 1),
+    ([_exit_event("train-1-worker-0", 137, count=3)], 3),                               # the same event repeated
+    ([_exit_event("train-1-worker-0", 143), _exit_event("train-1-master-0", 170)], 2),   # preempted + unexpected
+    ([_exit_event("train-1-worker-0", 3)], 0),                                          # permanent: no restart
+    ([{"reason": "ExitedWithCode", "message": "garbled"}], 0),
+])
+def test_restarts_are_counted_from_the_training_operators_exit_events(events, expected):
+    from finetune_operator.status import restarts_from_events
+
+    assert restarts_from_events(events, [130, 137, 143]) == expected

@@ -248,7 +248,9 @@ class JobIdentity(ApiModel):
 
 
 class Runtime(ApiModel):
-    metricsPort: int = Field(default=9090, ge=1, le=65535, description="Port of rank 0's Prometheus metrics endpoint.")
+    metricsPort: int = Field(
+        default=9090, ge=0, le=65535, description="Port of rank 0's Prometheus metrics endpoint; 0 disables it."
+    )
     progressIntervalSeconds: float = Field(default=5.0, gt=0, description="How often rank 0 writes progress.json.")
 
 

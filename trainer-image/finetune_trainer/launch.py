@@ -50,14 +50,14 @@ def pod_exit_code(torchrun_code: int, rank_codes: list[int]) -> int:
     return torchrun_code if torchrun_code >= 128 else exit_codes.UNEXPECTED_ERROR
 
 
-def torchrun_argv(nproc_per_node: int, trainer_args: list[str]) -> list[str]:
+def torchrun_argv(nproc_per_node: str, trainer_args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}",
             "-m", "finetune_trainer", *trainer_args]
 
 
 def main(argv: list[str] | None = None) -> int:
     trainer_args = list(sys.argv[1:] if argv is None else argv)
-    nproc = int(os.environ.get("PET_NPROC_PER_NODE") or os.environ.get("FINETUNE_NPROC_PER_NODE") or 1)
+    nproc = os.environ.get("FINETUNE_NPROC_PER_NODE") or os.environ.get("PET_NPROC_PER_NODE") or "1"
     with tempfile.TemporaryDirectory(prefix="finetune-exit-") as folder:
         env = dict(os.environ, **{EXIT_CODE_DIR_ENV: folder})
         proc = subprocess.Popen(torchrun_argv(nproc, trainer_args), env=env)

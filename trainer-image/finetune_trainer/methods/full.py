@@ -1,0 +1,34 @@
+"""full: every weight is trained, except the lowest freezeLayers blocks and the embeddings below them."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from . import MethodSpec, register
+
+
+def transformer_blocks(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks, found by shape rather than by architecture name."""
+    layers = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return module
+    raise ConfigError(f"cannot find the {layers} transformer blocks of {type(model).__name__} to freeze")
+
+
+def apply(model, method, device_type: str):
+    freeze = method.freezeLayers or 0
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    if freeze:
+        blocks = transformer_blocks(model)
+        if freeze > len(blocks):
+            raise ConfigError(f"method.freezeLayers={freeze} but the model has only {len(blocks)} blocks")
+        model.get_input_embeddings().requires_grad_(False)
+        for block in list(blocks)[:freeze]:
+            block.requires_grad_(False)
+    return model
+
+
+SPEC = register(MethodSpec("full", apply, uses_adapter=False))

@@ -1,0 +1,39 @@
+"""The registry of training objectives: one small module each, registered by name.
+
+An objective turns a list of tokenized items into a batch (collate) and a batch into a loss.
+Every objective can also measure validation negative log-likelihood (for perplexity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    name: str
+    collate: Callable[[list, int], dict]           # (items, pad_id) -> batch of tensors
+    loss: Callable[..., Any]                       # (model, batch, hyperparameters) -> scalar loss
+    eval_collate: Callable[[list, int], dict]      # (items, pad_id) -> batch for token_nll
+    needs_reference: bool = False                  # loss needs reference log-probs in the batch
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {}
+
+
+def register(spec: ObjectiveSpec) -> ObjectiveSpec:
+    OBJECTIVES[spec.name] = spec
+    return spec
+
+
+def get(name: str) -> ObjectiveSpec:
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ConfigError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}") from None
+
+
+from . import causal_lm, dpo, sft  # noqa: E402,F401  (each registers itself)

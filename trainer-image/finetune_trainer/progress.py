@@ -1,0 +1,131 @@
+"""Progress of a run: progress.json in S3 every few seconds and Prometheus metrics (rank 0 only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+
+from .checkpoint import now
+from .config import CheckpointRecord, Progress
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+METRICS_PORT_ENV = "FINETUNE_TRAINER_METRICS_PORT"
+
+
+class Metrics:
+    """Prometheus gauges in their own registry (several runs in one test process must not clash)."""
+
+    def __init__(self, port: int):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+        self.registry = CollectorRegistry()
+        gauge = lambda name, doc: Gauge(f"finetune_trainer_{name}", doc, registry=self.registry)  # noqa: E731
+        self.step = gauge("step", "Optimizer steps done in the current stage.")
+        self.total_steps = gauge("total_steps", "Optimizer steps of the current stage.")
+        self.loss = gauge("loss", "Training loss (mean over the last optimizer step).")
+        self.eval_loss = gauge("eval_loss", "Validation loss.")
+        self.learning_rate = gauge("learning_rate", "Current learning rate.")
+        self.tokens_per_second = gauge("tokens_per_second", "Training tokens per second, all ranks together.")
+        self.eta_seconds = gauge("eta_seconds", "Estimated seconds until the stage ends.")
+        self.checkpoints = Counter("finetune_trainer_checkpoints", "Checkpoints saved.", registry=self.registry)
+        self.server = None
+        if port:
+            self.server, _ = start_http_server(port, registry=self.registry)
+
+    def update(self, p: Progress) -> None:
+        self.step.set(p.step)
+        self.total_steps.set(p.totalSteps)
+        for gauge, value in ((self.loss, p.loss), (self.eval_loss, p.evalLoss), (self.learning_rate, p.learningRate),
+                             (self.tokens_per_second, p.tokensPerSecond), (self.eta_seconds, p.etaSeconds)):
+            if value is not None:
+                gauge.set(value)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+
+def metrics_port(configured: int) -> int:
+    override = os.environ.get(METRICS_PORT_ENV)
+    return int(override) if override not in (None, "") else configured
+
+
+class Throughput:
+    """Tokens per second over a sliding window of recent optimizer steps."""
+
+    def __init__(self, window: int = 20):
+        self.samples: deque[tuple[float, int]] = deque(maxlen=window)
+
+    def add(self, tokens: int, at: float | None = None) -> None:
+        self.samples.append((time.monotonic() if at is None else at, tokens))
+
+    def rate(self) -> float | None:
+        if len(self.samples) < 2:
+            return None
+        elapsed = self.samples[-1][0] - self.samples[0][0]
+        tokens = sum(t for _, t in list(self.samples)[1:])
+        return tokens / elapsed if elapsed > 0 else None
+
+
+def eta_seconds(step: int, total: int, seconds_per_step: float | None) -> float | None:
+    if seconds_per_step is None:
+        return None
+    return max(0, total - step) * seconds_per_step
+
+
+class ProgressReporter:
+    """Rank 0: keeps the latest Progress, writes it to S3 every interval from a thread."""
+
+    def __init__(self, storage: Storage | None, uri: str, interval: float, port: int = 0):
+        self.storage, self.uri, self.interval = storage, uri, interval
+        self.progress = Progress(updatedAt=now())
+        self.metrics = Metrics(port) if storage is not None else None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._dirty = True
+        self._thread = None
+        if storage is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="progress-writer")
+            self._thread.start()
+
+    def update(self, **fields) -> None:
+        if self.storage is None:
+            return
+        with self._lock:
+            if "checkpoints" in fields:
+                fields["checkpoints"] = [CheckpointRecord(**c) for c in fields["checkpoints"]]
+            self.progress = self.progress.model_copy(update={**fields, "updatedAt": now()})
+            self._dirty = True
+        self.metrics.update(self.progress)
+
+    def checkpoint_saved(self) -> None:
+        if self.metrics:
+            self.metrics.checkpoints.inc()
+
+    def flush(self) -> None:
+        if self.storage is None:
+            return
+        with self._lock:
+            document, self._dirty = self.progress.model_dump(mode="json"), False
+        try:
+            self.storage.put_json(self.uri, document)
+        except Exception as e:  # progress is best effort; the next write tries again
+            log.warning("could not write %s: %s", self.uri, e)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self._dirty:
+                self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self.flush()
+        if self.metrics:
+            self.metrics.close()

@@ -1,0 +1,341 @@
+"""One run, start to end: config -> data -> model -> training stages -> evaluation -> outputs -> result.
+
+Rank 0 writes the documents (data report, progress, evaluation, result); every rank trains,
+checkpoints its own part and evaluates its share of the validation set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import config as cfg
+from . import distributed, engines, events, evaluation, methods, objectives, outputs, schedule, validation
+from .checkpoint import TRAINER_STATE, CheckpointManager
+from .data.pipeline import PreparedData, prepare
+from .errors import ConfigError, DataError, EvaluationGateFailed, Preempted, TrainerError
+from .exit_codes import SUCCEEDED
+from .progress import ProgressReporter, Throughput, eta_seconds, metrics_port
+from .storage import Storage, from_config, join
+from .train import StepReport, attach_reference_log_probs, run_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    datasets: list
+    objective: str
+    hyperparameters: cfg.Hyperparameters
+    data: PreparedData | None = None
+    total_steps: int = 0
+    first_global_step: int = 0
+
+
+@dataclass
+class RunSummary:
+    exit_code: int
+    result: cfg.RunResult
+    losses: dict[str, list[float]] = field(default_factory=dict)
+    evaluation: cfg.EvaluationResult | None = None
+    resumed_from_step: int = 0
+
+
+def plan_stages(config: cfg.TrainerConfig) -> list[StagePlan]:
+    if not config.stages:
+        return [StagePlan("main", config.datasets, config.objective, config.hyperparameters)]
+    return [StagePlan(s.name, s.datasets, s.objective, s.hyperparameters or config.hyperparameters) for s in config.stages]
+
+
+class Preemption:
+    """SIGTERM sets a flag; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def load_model_and_tokenizer(storage: Storage, model_source: cfg.ModelSource, local_dir: Path, method_spec, device_type):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not storage.download_prefix(model_source.uri, local_dir):
+        raise DataError(f"{model_source.uri}: no model files under this prefix")
+    gguf = {"gguf_file": model_source.ggufFile} if model_source.ggufFile else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local_dir, **gguf)
+        model = AutoModelForCausalLM.from_pretrained(local_dir, **gguf, **method_spec.load_kwargs(device_type))
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, TrainerError):
+            raise
+        raise DataError(f"{model_source.uri}: cannot load a Hugging Face causal LM and tokenizer: {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+class Run:
+    def __init__(self, config: cfg.TrainerConfig, work_dir: Path):
+        self.config = config
+        self.work_dir = work_dir
+        self.out = config.output.uri
+        self.run_id = config.job.runId
+
+    # ---- documents ----
+
+    def uri(self, name: str) -> str:
+        return cfg.run_prefix(self.out, self.run_id) + name
+
+    def write_result(self, result: cfg.RunResult) -> None:
+        if self.ctx.is_main:
+            self.storage.put_json(cfg.result_uri(self.out, self.run_id), result.model_dump(mode="json"))
+
+    # ---- the run ----
+
+    def execute(self) -> RunSummary:
+        config = self.config
+        validation.check(config)
+        self.ctx = distributed.init(config.distributed.engine)
+        events.enable(self.ctx.is_main)
+        self.storage = from_config(config.storage)
+        previous = self.storage.get_json(cfg.result_uri(self.out, self.run_id))
+        if previous and previous.get("succeeded"):
+            events.emit("already-succeeded", result=previous)
+            return RunSummary(SUCCEEDED, cfg.RunResult(**previous))
+        self.preemption = Preemption()
+        port = metrics_port(config.runtime.metricsPort) if self.ctx.is_main else 0
+        self.reporter = ProgressReporter(self.storage if self.ctx.is_main else None,
+                                         cfg.progress_uri(self.out, self.run_id), config.runtime.progressIntervalSeconds, port)
+        try:
+            return self._train_and_finish()
+        finally:
+            self.reporter.close()
+            self.preemption.restore()
+
+    def _train_and_finish(self) -> RunSummary:
+        config, ctx = self.config, self.ctx
+        hp0 = plan_stages(config)[0].hyperparameters
+        torch.manual_seed(hp0.seed)
+        method_spec = methods.get(config.method.type)
+        self.base_dir = self.work_dir / f"rank-{ctx.rank}" / "base-model"
+        model, tokenizer = load_model_and_tokenizer(self.storage, config.model, self.base_dir, method_spec, ctx.device_type)
+        self.tokenizer = tokenizer
+        if config.distributed.gradientCheckpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+
+        plans = self._prepare_data(tokenizer)
+        torch.manual_seed(hp0.seed)
+        model = method_spec.apply(model, config.method, ctx.device_type)
+
+        checkpoints = CheckpointManager(self.storage, cfg.checkpoint_prefix(config.checkpoint.uri, self.out, self.run_id),
+                                        self.work_dir / "checkpoints", ctx.rank, ctx.world_size, config.checkpoint.keep)
+        latest = checkpoints.latest()
+        resume_state = self.storage.get_json(join(latest[1], TRAINER_STATE)) if latest else None
+        resumed_from = latest[0] if latest else 0
+        if latest:
+            events.emit("resume", checkpoint=latest[1], step=latest[0])
+        base_perplexity = resume_state.get("basePerplexity") if resume_state else None
+        losses: dict[str, list[float]] = dict(resume_state.get("losses", {})) if resume_state else {}
+        pad_id = tokenizer.pad_token_id
+        grand_total = plans[-1].first_global_step + plans[-1].total_steps
+        engine = None
+        for index, plan in enumerate(plans):
+            if resume_state and index < resume_state["stage"]:
+                continue
+            objective = objectives.get(plan.objective)
+            engine = engines.create(model if engine is None else engine.module, plan.hyperparameters, plan.total_steps,
+                                    ctx, config.distributed)
+            resuming_here = bool(resume_state) and index == resume_state["stage"]
+            start_step = 0
+            if resuming_here:
+                checkpoints.restore(latest[1], engine)
+                start_step = resume_state["stageStep"]
+                if resume_state.get("reference") is not None:
+                    for item, ref in zip(plan.data.train, resume_state["reference"]):
+                        item.reference = tuple(ref)
+            else:
+                if index == 0 and config.evaluation.compareToBase and base_perplexity is None:
+                    base_perplexity = self._evaluate(engine, plans[-1], objectives.get(plans[-1].objective), base=True,
+                                                     uses_adapter=method_spec.uses_adapter)
+                    events.emit("base-evaluation", perplexity=base_perplexity)
+                if objective.needs_reference:
+                    from .objectives.dpo import pair_log_probs
+
+                    attach_reference_log_probs(engine.module, plan.data.train, objective.collate, pair_log_probs, pad_id,
+                                               plan.hyperparameters.batchSize, ctx)
+            stage_losses = losses.setdefault(plan.name, [])
+            throughput = Throughput()
+            self.reporter.update(stage=plan.name, totalSteps=grand_total, resumedFromStep=resumed_from,
+                                 step=plan.first_global_step + start_step, checkpoints=checkpoints.records)
+            per_epoch = schedule.steps_per_epoch(len(plan.data.train), ctx.world_size, plan.hyperparameters.batchSize,
+                                                 plan.hyperparameters.gradientAccumulationSteps)
+
+            def trainer_state(stage_step: int) -> dict:
+                reference = [list(i.reference) for i in plan.data.train] if objective.needs_reference else None
+                return {"stage": index, "stageName": plan.name, "stageStep": stage_step,
+                        "globalStep": plan.first_global_step + stage_step, "basePerplexity": base_perplexity,
+                        "losses": losses, "reference": reference}
+
+            def after_step(report: StepReport) -> None:
+                stage_losses.append(report.loss)
+                throughput.add(report.tokens)
+                global_step = plan.first_global_step + report.step
+                rate = throughput.rate()
+                seconds_per_step = report.tokens / rate if rate else None
+                events.emit("step", stage=plan.name, step=global_step, stageStep=report.step, loss=report.loss,
+                            learningRate=report.learning_rate, tokens=report.tokens, seconds=round(report.seconds, 4))
+                self.reporter.update(step=global_step, epoch=report.step / per_epoch, loss=report.loss,
+                                     learningRate=report.learning_rate, tokensPerSecond=rate,
+                                     etaSeconds=eta_seconds(global_step, grand_total, seconds_per_step))
+                if report.step % config.checkpoint.everySteps == 0 and report.step < plan.total_steps:
+                    started = time.perf_counter()
+                    checkpoints.save(global_step, engine, trainer_state(report.step))
+                    self.reporter.checkpoint_saved()
+                    events.emit("checkpoint", step=global_step, blockingSeconds=round(time.perf_counter() - started, 4))
+                self.reporter.update(checkpoints=checkpoints.records)
+
+            loop = run_loop(engine, objective, plan.data.train, plan.hyperparameters, ctx, pad_id, start_step,
+                            plan.total_steps, plan.hyperparameters.seed, self.preemption.requested.is_set, after_step)
+            if loop.stopped_at is not None:
+                checkpoints.save(plan.first_global_step + loop.stopped_at, engine, trainer_state(loop.stopped_at),
+                                 background=False)
+                events.emit("preempted", step=plan.first_global_step + loop.stopped_at)
+                raise Preempted(f"SIGTERM: checkpoint saved at step {plan.first_global_step + loop.stopped_at}")
+            if index < len(plans) - 1:
+                checkpoints.save(plan.first_global_step + plan.total_steps, engine, trainer_state(plan.total_steps),
+                                 background=False)
+                self._save_outputs(engine, method_spec, cfg.stage_output_uri(self.out, plan.name), merge=False)
+        checkpoints.wait()
+        self.reporter.update(checkpoints=checkpoints.records)
+        return self._finish(engine, plans, method_spec, base_perplexity, losses, resumed_from)
+
+    def _prepare_data(self, tokenizer) -> list[StagePlan]:
+        config, ctx = self.config, self.ctx
+        plans = plan_stages(config)
+        reports = {}
+        first_global = 0
+        for plan in plans:
+            plan.data = prepare(self.storage, tokenizer, plan.datasets, config.validation, config.preprocessing,
+                                plan.objective, plan.hyperparameters.seed)
+            plan.total_steps = schedule.total_steps(len(plan.data.train), ctx.world_size, plan.hyperparameters)
+            plan.first_global_step = first_global
+            first_global += plan.total_steps
+            reports[plan.name] = {**plan.data.report, "totalSteps": plan.total_steps}
+        if ctx.is_main:
+            self.storage.put_json(cfg.data_report_uri(self.out, self.run_id), {"stages": reports})
+        events.emit("data-report", stages={k: {"trainSequences": v["trainSequences"], "rowsDropped": v["rowsDropped"]}
+                                           for k, v in reports.items()})
+        self.data_reports = reports
+        return plans
+
+    def _evaluate(self, engine, plan: StagePlan, objective, base: bool = False, uses_adapter: bool = True):
+        module = engine.module
+        context = module.disable_adapter() if base and uses_adapter else _nothing()
+        with context:
+            return evaluation.perplexity(module, plan.data.validation, objective.eval_collate, self.tokenizer.pad_token_id,
+                                         plan.hyperparameters.batchSize, self.ctx, self.config.evaluation.maxSamples,
+                                         engine.autocast)
+
+    def _save_outputs(self, engine, method_spec, output_uri: str, merge: bool) -> tuple[str | None, str | None]:
+        """Adapter (or the full model) and, if asked, the merged model; collective, rank 0 uploads."""
+        local = self.work_dir / "outputs" / output_uri.rstrip("/").rsplit("/", 1)[-1]
+        adapter_uri = merged_uri = None
+        with engine.full_parameters():
+            if self.ctx.is_main:
+                trained = outputs.save_trained(engine.module, method_spec.uses_adapter, self.tokenizer, local / "trained")
+        if self.ctx.is_main:
+            card = outputs.model_card(self.config.to_json(), getattr(self, "evaluation_document", {}),
+                                      self.data_reports.get(list(self.data_reports)[-1], {}), self.config.model.uri,
+                                      method_spec.uses_adapter, getattr(self, "losses", {}))
+            outputs.write_model_card(trained, card)
+            if method_spec.uses_adapter:
+                adapter_uri = cfg.adapter_uri(output_uri)
+                self.storage.upload_dir(trained, adapter_uri)
+                if merge:
+                    gguf = {"gguf_file": self.config.model.ggufFile} if self.config.model.ggufFile else {}
+                    merged = outputs.merge_adapter(self.base_dir, trained, self.tokenizer, local / "merged", gguf)
+                    outputs.write_model_card(merged, card)
+                    merged_uri = cfg.merged_uri(output_uri)
+                    self.storage.upload_dir(merged, merged_uri)
+            else:
+                merged_uri = cfg.merged_uri(output_uri)
+                self.storage.upload_dir(trained, merged_uri)
+        distributed.barrier()
+        return adapter_uri, merged_uri
+
+    def _finish(self, engine, plans, method_spec, base_perplexity, losses, resumed_from) -> RunSummary:
+        config = self.config
+        last = plans[-1]
+        perplexity = self._evaluate(engine, last, objectives.get(last.objective))
+        ratio, passed = evaluation.gate(base_perplexity, perplexity, config.evaluation.maxPerplexityRatio)
+        result_eval = cfg.EvaluationResult(basePerplexity=base_perplexity, perplexity=perplexity, ratio=ratio,
+                                           maxPerplexityRatio=config.evaluation.maxPerplexityRatio, passed=passed)
+        self.evaluation_document = result_eval.model_dump(mode="json", exclude_none=True)
+        self.losses = losses
+        if self.ctx.is_main:
+            self.storage.put_json(cfg.evaluation_uri(self.out, self.run_id), result_eval.model_dump(mode="json"))
+        events.emit("evaluation", **self.evaluation_document)
+        if perplexity is not None:
+            self.reporter.update(evalLoss=math.log(perplexity))
+        if not passed:
+            raise EvaluationGateFailed(
+                f"tuned perplexity {perplexity:.4g} is {ratio:.3g}x the base perplexity {base_perplexity:.4g}, "
+                f"above evaluation.maxPerplexityRatio {config.evaluation.maxPerplexityRatio}")
+        adapter_uri, merged_uri = self._save_outputs(engine, method_spec, self.out, merge=config.output.merge)
+        result = cfg.RunResult(succeeded=True, reason="Succeeded",
+                               message=f"trained {sum(len(v) for v in losses.values())} steps", adapterUri=adapter_uri,
+                               mergedUri=merged_uri)
+        self.write_result(result)
+        return RunSummary(SUCCEEDED, result, losses, result_eval, resumed_from)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def write_final_result(config: cfg.TrainerConfig, result: cfg.RunResult) -> None:
+    """result.json from rank 0, also when the failure came before the process group existed."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    try:
+        from_config(config.storage).put_json(cfg.result_uri(config.output.uri, config.job.runId),
+                                             result.model_dump(mode="json"))
+    except TrainerError as e:
+        log.warning("could not write result.json: %s", e)
+
+
+def execute(config: cfg.TrainerConfig, work_dir: Path | None = None) -> RunSummary:
+    """Run a TrainerConfig; TrainerErrors become a RunSummary with their exit code (and, for
+    permanent failures, a result.json saying why)."""
+    work = Path(work_dir or os.environ.get("FINETUNE_TRAINER_WORK_DIR") or tempfile.mkdtemp(prefix="finetune-"))
+    run = Run(config, work)
+    try:
+        return run.execute()
+    except TrainerError as e:
+        result = cfg.RunResult(succeeded=False, reason=e.reason, message=str(e))
+        events.emit("failed", reason=e.reason, message=str(e), exitCode=e.exit_code)
+        if e.exit_code in (ConfigError.exit_code, DataError.exit_code, EvaluationGateFailed.exit_code):
+            write_final_result(config, result)
+        return RunSummary(e.exit_code, result)
+    finally:
+        distributed.destroy()

@@ -1,0 +1,40 @@
+"""Rules that span several fields, checked before any work (the CRD's CEL rules, and the trainer's own)."""
+
+from __future__ import annotations
+
+from .config import TrainerConfig
+from .errors import ConfigError
+
+
+def problems(config: TrainerConfig) -> list[str]:
+    found = []
+    method, distributed = config.method, config.distributed
+    if method.lora is not None and method.type not in ("lora", "qlora", "dora"):
+        found.append("method.lora is only allowed with method.type lora, qlora or dora")
+    if method.virtualTokens is not None and method.type not in ("prefix", "prompt"):
+        found.append("method.virtualTokens is only allowed with method.type prefix or prompt")
+    if method.freezeLayers is not None and method.type != "full":
+        found.append("method.freezeLayers is only allowed with method.type full")
+    if distributed.zeroStage is not None and distributed.engine != "deepspeed":
+        found.append("distributed.zeroStage is only allowed with engine deepspeed")
+    if distributed.offload != "none" and distributed.engine != "deepspeed":
+        found.append("distributed.offload needs engine deepspeed")
+    if distributed.offload != "none" and distributed.zeroStage is not None and distributed.zeroStage < 2:
+        found.append("distributed.offload needs zeroStage 2 or 3")
+    if config.validation.uri and config.validation.splitRatio:
+        found.append("validation: set either uri or splitRatio, not both")
+    if not config.datasets and not config.stages:
+        found.append("datasets: at least one dataset (or stages) is required")
+    if config.stages and len({s.name for s in config.stages}) != len(config.stages):
+        found.append("stages: names must be unique")
+    if config.output.merge and method.type in ("prefix", "prompt"):
+        found.append(f"output.merge is impossible with method {method.type} (virtual tokens cannot be folded into weights)")
+    if config.evaluation.maxPerplexityRatio is not None and not config.evaluation.compareToBase:
+        found.append("evaluation.maxPerplexityRatio needs evaluation.compareToBase")
+    return found
+
+
+def check(config: TrainerConfig) -> None:
+    found = problems(config)
+    if found:
+        raise ConfigError("invalid TrainerConfig: " + "; ".join(found))
