@@ -188,6 +188,7 @@ def test_a_killed_worker_restarts_and_the_trainer_resumes_from_its_checkpoint(ku
     final = _wait_phase(kube, namespace, "resume", timeout=600)
     assert final["phase"] == "Succeeded", _explain_failure(local_cluster, final)
     assert final["resumedFromStep"] > 0
+    assert final["restarts"] >= 1
     assert final["progress"]["step"] == 40
     events = json.loads(kube.run("get", "events", "-n", sandbox, "-o", "json").stdout)["items"]
     exits = [e["message"] for e in events if e["reason"] == "ExitedWithCode"]
