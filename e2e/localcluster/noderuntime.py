@@ -11,10 +11,10 @@ trainer) can be shown end to end. What it does for each pod bound to one of its 
   `.cluster/pods/<namespace>/<pod>/volumes/<volume>/`; a container's mountPath appearing in its
   command, args or env values is rewritten to that folder (the `per-pod path`);
 - names of Services and pods in the pod's namespace, as values of `*_ADDR` / `*_HOST` env vars,
-  resolve to 127.0.0.1 (MASTER_ADDR of a PyTorchJob, for one); ports:
-  each `*MASTER_PORT` value and each declared containerPort gets a free host port, the same for all
-  pods of one job, so concurrent jobs never clash; a port named `metrics` is registered as a
-  Prometheus target of the local cluster;
+  resolve to 127.0.0.1 (MASTER_ADDR of a PyTorchJob, for one); ports: a `*MASTER_PORT` value gets
+  a free host port shared by all pods of the job, a `*_PORT` value naming a declared containerPort
+  a free host port of the pod's own, so concurrent jobs never clash; a port named `metrics` is
+  registered as a Prometheus target of the local cluster;
 - in-cluster API access: KUBERNETES_SERVICE_HOST/PORT point at the local API server; a projected
   service-account token (what the ServiceAccount admission plugin mounts) is requested with the
   TokenRequest API, bound to the pod, written into the volume folder and also handed over as a
@@ -129,20 +129,17 @@ class PodRun:
 
 
 class PortMap:
-    """Host ports for in-pod ports, stable per (namespace, job, port) so all pods of a job agree."""
+    """Host ports for in-pod ports, stable per (namespace, owner, port): the owner is the job for
+    ports all its pods must agree on (the rendezvous), the pod for its own ports."""
 
     def __init__(self):
         self._ports: dict[tuple[str, str, str], int] = {}
 
-    def get(self, namespace: str, job: str, port: str) -> int:
-        key = (namespace, job, port)
+    def get(self, namespace: str, owner: str, port: str) -> int:
+        key = (namespace, owner, port)
         if key not in self._ports:
             self._ports[key] = free_port()
         return self._ports[key]
-
-    def forget(self, namespace: str, job: str) -> None:
-        for key in [k for k in self._ports if k[:2] == (namespace, job)]:
-            del self._ports[key]
 
 
 def _job_of(pod: dict) -> str:
@@ -392,8 +389,10 @@ class LocalNodeRuntime:
         for key, value in list(env.items()):
             if key.endswith(("_ADDR", "_HOST")) and value in local_names:
                 env[key] = "127.0.0.1"
-            elif key.endswith("MASTER_PORT") or (key.endswith("_PORT") and value in declared_ports):
+            elif key.endswith("MASTER_PORT"):  # shared by all pods of the job
                 env[key] = str(self.ports.get(namespace, job, value))
+            elif key.endswith("_PORT") and value in declared_ports:  # this pod's own port
+                env[key] = str(self.ports.get(namespace, pod["metadata"]["name"], value))
             else:
                 env[key] = _rewrite_paths(value, mounts)
         base = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "LC_ALL", "TMPDIR", "TERM")}
@@ -430,7 +429,7 @@ class LocalNodeRuntime:
             return
         for port in container.get("ports") or []:
             if port.get("name") == "metrics":
-                host_port = self.ports.get(namespace, job, str(port["containerPort"]))
+                host_port = self.ports.get(namespace, run.name, str(port["containerPort"]))
                 target = self.prometheus_targets / f"pod-{namespace}-{run.name}.json"
                 labels = {"namespace": namespace, "pod": run.name, "source": "local-runtime"}
                 labels.update({k.replace(".", "_").replace("/", "_").replace("-", "_"): v

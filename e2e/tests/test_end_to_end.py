@@ -34,6 +34,9 @@ def operator(local_cluster):
     process.up()
     yield process
     if started_here:
+        # Let the finalizers of jobs in deleted test namespaces run before the operator goes.
+        _wait_for(lambda: not local_cluster.kubectl("get", "finetunejobs", "-A", "-o", "name").stdout.strip(), 120,
+                  "FineTuneJobs of the tests to be cleaned up")
         process.down()
 
 
@@ -128,18 +131,23 @@ def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator
     name = job["metadata"]["name"]
     steps_seen: set[int] = set()
     prometheus_steps: set[float] = set()
+    trainer_steps: set[float] = set()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         status = _status(kube, namespace, name)
         steps_seen.add((status.get("progress") or {}).get("step", 0))
         for sample in _prometheus(local_cluster, f'finetune_job_step{{namespace="{namespace}"}}'):
             prometheus_steps.add(float(sample["value"][1]))
+        # The trainer's own metrics, scraped from rank 0 through the pod's `metrics` port.
+        for sample in _prometheus(local_cluster, f'finetune_trainer_step{{finetune_dev_tenant="{namespace}"}}'):
+            trainer_steps.add(float(sample["value"][1]))
         if status.get("phase") in ("Succeeded", "Failed"):
             break
         time.sleep(2)
     assert status.get("phase") == "Succeeded", _explain_failure(local_cluster, status)
     assert len(steps_seen - {0}) >= 2, f"progress did not advance in status: {steps_seen}"
     assert len(prometheus_steps - {0.0}) >= 1, f"no progress in Prometheus: {prometheus_steps}"
+    assert len(trainer_steps - {0.0}) >= 2, f"the trainer's metrics did not advance in Prometheus: {trainer_steps}"
     wait = kube.run("wait", "-n", namespace, "--for=condition=Succeeded", f"finetunejob/{name}", "--timeout=10s")
     assert "condition met" in wait.stdout
 

@@ -164,3 +164,28 @@ def test_a_pod_reaches_the_api_server_as_its_service_account(kube, local_cluster
     _wait_for(lambda: _phase(kube, namespace, "incluster") in ("Succeeded", "Failed"), 60, "pod finished")
     out = _logs(local_cluster, namespace, "incluster")
     assert f'User "system:serviceaccount:{namespace}:default" cannot list resource "configmaps"' in out, out
+
+
+METRICS_SERVER = """
+import os, time
+from prometheus_client import Gauge, start_http_server
+Gauge("e2e_runtime_probe", "A value the pod exposes").set(7)
+start_http_server(int(os.environ["METRICS_PORT"]), addr="127.0.0.1")
+print("serving on", os.environ["METRICS_PORT"], flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_metrics_port_gets_a_free_host_port_and_is_scraped_by_prometheus(kube, local_cluster, namespace):
+    from e2e.tests.test_end_to_end import _prometheus
+
+    pod = _pod("exporter", METRICS_SERVER, env=[{"name": "METRICS_PORT", "value": "9090"}],
+               ports=[{"name": "metrics", "containerPort": 9090}])
+    kube.apply(pod, namespace=namespace)
+    _wait_for(lambda: "serving on" in _logs(local_cluster, namespace, "exporter"), 60, "metrics server up")
+    assert "serving on 9090" not in _logs(local_cluster, namespace, "exporter"), "the port was not remapped"
+    result = _wait_for(lambda: _prometheus(local_cluster, f'e2e_runtime_probe{{namespace="{namespace}"}}'), 60,
+                       "Prometheus to scrape the pod")
+    assert float(result[0]["value"][1]) == 7.0 and result[0]["metric"]["pod"] == "exporter"
+    kube.run("delete", "pod", "exporter", "-n", namespace, "--wait=true", "--timeout=60s")
+    assert not (local_cluster.prometheus_targets_dir / f"pod-{namespace}-exporter.json").exists()
