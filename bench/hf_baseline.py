@@ -27,15 +27,14 @@ def run_hf_trainer(model_dir, sequences, settings, output_dir) -> list[tuple[flo
         tokens_seen.append(int(mask.sum()))
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    steps: list[tuple[float, int]] = []
+    durations: list[float] = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             self.started = time.perf_counter()
-            self.tokens_before = sum(tokens_seen)
 
         def on_step_end(self, args, state, control, **kwargs):
-            steps.append((time.perf_counter() - self.started, sum(tokens_seen) - self.tokens_before))
+            durations.append(time.perf_counter() - self.started)
 
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=settings["steps"], per_device_train_batch_size=settings["batch_size"],
@@ -44,4 +43,5 @@ def run_hf_trainer(model_dir, sequences, settings, output_dir) -> list[tuple[flo
         remove_unused_columns=False, seed=settings["seed"], use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[StepTimer()])
     trainer.train()
-    return steps
+    # One batch per step (no accumulation); the data loader may collate ahead, so pair by order.
+    return list(zip(durations, tokens_seen))

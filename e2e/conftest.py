@@ -1,9 +1,10 @@
-"""Fixtures of the control-plane tier: the local cluster (reused when already running), a fresh
-namespace per test, and a kubeconfig of an unprivileged tenant user."""
+"""Fixtures of the control-plane tier: the local cluster (reused when already running), the operator
+(one process per session), a fresh namespace per test, and a kubeconfig of an unprivileged tenant user."""
 
 from __future__ import annotations
 
 import json
+import time
 import subprocess
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from e2e.localcluster.cluster import TENANT_GROUP, LocalCluster
+from e2e.localcluster.operator_process import OperatorProcess
 
 
 class Kube:
@@ -53,6 +55,22 @@ def local_cluster():
     yield cluster
     if started_here:
         cluster.down()
+
+
+@pytest.fixture(scope="session")
+def operator(local_cluster) -> OperatorProcess:
+    """The operator from the working tree, one process for the session (reused when already running)."""
+    process = OperatorProcess(local_cluster)
+    started_here = not process.running()
+    process.up()
+    yield process
+    if started_here:
+        # Let the finalizers of jobs in deleted test namespaces run before the operator goes.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and local_cluster.kubectl(
+                "get", "finetunejobs", "-A", "-o", "name", check=False).stdout.strip():
+            time.sleep(2)
+        process.down()
 
 
 @pytest.fixture(scope="session")

@@ -18,26 +18,12 @@ import pytest
 import yaml
 
 from e2e.localcluster import s3 as local_s3
-from e2e.localcluster.operator_process import OperatorProcess
 from e2e.localcluster.paths import REPO_ROOT
 from e2e.tests.test_control_plane import _wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
 DEMO = REPO_ROOT / "examples" / "finetunejob-demo.yaml"
-
-
-@pytest.fixture(scope="session")
-def operator(local_cluster):
-    process = OperatorProcess(local_cluster)
-    started_here = not process.running()
-    process.up()
-    yield process
-    if started_here:
-        # Let the finalizers of jobs in deleted test namespaces run before the operator goes.
-        _wait_for(lambda: not local_cluster.kubectl("get", "finetunejobs", "-A", "-o", "name").stdout.strip(), 120,
-                  "FineTuneJobs of the tests to be cleaned up")
-        process.down()
 
 
 def _demo_documents() -> tuple[dict, dict]:

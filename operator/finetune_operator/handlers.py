@@ -69,8 +69,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
 
     @kopf.on.probe(id="reconciles", registry=registry)
     def probe(memo: kopf.Memo, **_: Any) -> float:
-        return sum(s.get() for s in memo.reconciler.metrics.reconciles.collect()[0].samples
-                   if s.name.endswith("_total"))
+        return memo.reconciler.metrics.reconcile_count()
 
     async def run(body: Any, memo: kopf.Memo) -> None:
         outcome = await memo.reconciler.reconcile(plain(body))

@@ -39,6 +39,11 @@ class Metrics:
         for phase in Phase:
             self.jobs.labels(phase.value).set(0)
 
+    def reconcile_count(self) -> float:
+        """Reconcile passes so far, all outcomes (the liveness probe's answer)."""
+        return sum(s.value for metric in self.reconciles.collect() for s in metric.samples
+                   if s.name.endswith("_total"))
+
     def observe_job(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         key = (namespace, name)
         self._phases[key] = status.get("phase", Phase.Pending.value)

@@ -1,0 +1,324 @@
+"""The Helm chart on the local control plane: the rendered manifests pass the API server's own
+validation, `helm install` runs the operator as a pod of the `local` node pool (a real process),
+its service account can do what the operator needs and nothing more (RBAC and the admission guard,
+asked of the real API server), a FineTuneJob from examples/ succeeds with that installation, and
+`helm uninstall` leaves no operator object behind.
+
+The tests of this module share one release and run in file order; the last one uninstalls it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e.localcluster import build
+from e2e.localcluster.cluster import TENANT_GROUP
+from e2e.localcluster.nodes import POOL_LABEL
+from e2e.localcluster.paths import REPO_ROOT
+from e2e.localcluster.procs import free_port
+
+pytestmark = pytest.mark.cluster
+
+CHART = REPO_ROOT / "charts" / "finetune-operator"
+ALL_FEATURES = CHART / "ci" / "all-features-values.yaml"
+DEV_CONFIG = REPO_ROOT / "operator" / "config" / "dev.yaml"
+EXAMPLE = REPO_ROOT / "examples" / "finetunejob-lora.yaml"
+RELEASE = "fto"
+INSTANCE_SELECTOR = f"app.kubernetes.io/instance={RELEASE}"
+# Kinds of the monitoring stack (prometheus-operator); the local cluster has no such CRDs.
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class HelmRunner:
+    def __init__(self, kubeconfig: Path):
+        build.build(build.HELM, log=lambda *_: None)
+        self.binary = build.HELM.binary("helm")
+        self.kubeconfig = kubeconfig
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(self.binary), "--kubeconfig", str(self.kubeconfig), *args],
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+
+def make_namespace(kube, name: str, labels: dict[str, str]) -> str:
+    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+    return name
+
+
+@pytest.fixture(scope="module")
+def helm(local_cluster) -> HelmRunner:
+    return HelmRunner(local_cluster.kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def release_namespace(kube):
+    # The operator's namespace enforces the `restricted` Pod Security Standard: the pod must pass it.
+    name = make_namespace(kube, f"fto-helm-{uuid.uuid4().hex[:6]}", {
+        "pod-security.kubernetes.io/enforce": "restricted", "finetune.dev/test": "true"})
+    yield name
+    kube.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def tenant_namespace(kube):
+    name = make_namespace(kube, f"t-helm-tenant-{uuid.uuid4().hex[:6]}", {"finetune.dev/test": "true"})
+    kube.apply({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": {"name": "tenant-edit", "namespace": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": TENANT_GROUP}]})
+    yield name
+    kube.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def local_values(local_cluster, tenant_namespace, tmp_path_factory) -> dict:
+    """Values for the local cluster: the pod runs on the `local` pool (a real process in this
+    checkout's venv), watches the tenant namespace only, and talks to the local S3 server."""
+    config = yaml.safe_load(DEV_CONFIG.read_text())
+    config.update(s3Endpoint=local_cluster.s3_endpoint, operatorMetricsPort=free_port(), livenessPort=free_port(),
+                  reconcileIntervalSeconds=3, progressPollSeconds=2)
+    config["s3Egress"]["ports"] = [local_cluster.state.ports["s3"]]
+    return {
+        "image": {"repository": "localhost/finetune-operator", "tag": "dev"},
+        "watchNamespaces": [tenant_namespace],
+        "nodeSelector": {POOL_LABEL: "local"},
+        "config": config,
+        "probes": {"liveness": {"initialDelaySeconds": 2, "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 6},
+                   "readiness": {"initialDelaySeconds": 1, "periodSeconds": 2, "timeoutSeconds": 5, "failureThreshold": 3}},
+    }
+
+
+@pytest.fixture(scope="module")
+def values_file(local_values, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("helm") / "local-values.yaml"
+    path.write_text(yaml.safe_dump(local_values))
+    return path
+
+
+@pytest.fixture(scope="module")
+def release(helm, kube, release_namespace, values_file):
+    installed = helm("install", RELEASE, str(CHART), "--namespace", release_namespace, "--values", str(values_file),
+                     "--wait", "--timeout", "180s", check=False, timeout=240)
+    if installed.returncode != 0:
+        pods = kube.run("get", "pods", "-n", release_namespace, "-o", "wide", check=False).stdout
+        raise AssertionError(f"helm install failed:\n{installed.stderr}\n{pods}")
+    yield release_namespace
+    helm("uninstall", RELEASE, "--namespace", release_namespace, "--wait", check=False)
+
+
+def operator_sa(release_namespace: str) -> str:
+    return f"system:serviceaccount:{release_namespace}:{RELEASE}-finetune-operator"
+
+
+def operator_pod(kube, release_namespace: str) -> dict:
+    pods = kube.get("pods", namespace=release_namespace, selector=INSTANCE_SELECTOR)["items"]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    return pods[0]
+
+
+# ---- the rendered manifests against the real API server -------------------------------------------------
+
+@pytest.mark.parametrize("value_set", ["default", "all-features"])
+def test_rendered_manifests_pass_server_side_dry_run(helm, kube, release_namespace, tenant_namespace, value_set):
+    args = ["template", "dry", str(CHART), "--namespace", release_namespace]
+    if value_set == "all-features":
+        args += ["--values", str(ALL_FEATURES), "--set", f"watchNamespaces={{{tenant_namespace}}}",
+                 "--set", f"monitoring.dashboard.namespace={release_namespace}"]
+    objects = [o for o in yaml.safe_load_all(helm(*args).stdout) if o]
+    checked = [o for o in objects if o["kind"] not in PROMETHEUS_OPERATOR_KINDS]
+    assert len(checked) >= 8
+    result = kube.run("apply", "--dry-run=server", "--server-side", "--field-manager=helm-dry-run", "-f", "-",
+                      input=yaml.safe_dump_all(checked))
+    assert result.stdout.count("(server dry run)") == len(checked), result.stdout
+
+
+# ---- helm install ----------------------------------------------------------------------------------------
+
+def test_operator_pod_runs_on_the_local_pool_with_the_chart_service_account(kube, release):
+    pod = wait_for(lambda: (p := operator_pod(kube, release)) and p["status"].get("phase") == "Running" and p,
+                   60, "the operator pod to run")
+    assert pod["spec"]["nodeName"] == "local-0"
+    assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-finetune-operator"
+    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert ready["Ready"] == "True"
+    deployment = kube.get("deployment", f"{RELEASE}-finetune-operator", namespace=release)
+    assert deployment["status"].get("availableReplicas") == 1
+
+
+def test_operator_answers_its_health_and_metrics_endpoints(release, local_values):
+    config = local_values["config"]
+    # The local runtime reports a pod Ready once its process runs (it does not run probes), so the
+    # endpoint may need a few more seconds; kopf answers 200 only when it is up.
+    health = wait_for(lambda: _read(f"http://127.0.0.1:{config['livenessPort']}/healthz"), 60, "the operator's /healthz")
+    assert json.loads(health)
+    metrics = wait_for(lambda: _read(f"http://127.0.0.1:{config['operatorMetricsPort']}/metrics"), 30,
+                       "the operator's metrics")
+    assert 'finetune_jobs{phase="Running"}' in metrics
+
+
+def _read(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+    except OSError:
+        return None
+
+
+# ---- what the service account may and may not do (RBAC, asked of the API server) -------------------------
+
+CAN_I_CASES = [
+    # (verb, resource, namespace ('' = all namespaces, None = cluster-scoped), "TENANT" = the watched tenant namespace)
+    ("watch", "finetunejobs.finetune.dev", "", True),
+    ("patch", "finetunejobs.finetune.dev/status", "TENANT", True),
+    ("create", "namespaces", None, True),
+    ("delete", "namespaces", None, True),
+    ("create", "pytorchjobs.kubeflow.org", "ftj-any-sandbox", True),
+    ("list", "pods", "ftj-any-sandbox", True),
+    ("create", "secrets", "ftj-any-sandbox", True),
+    ("get", "secrets", "TENANT", True),
+    ("create", "events", "TENANT", True),
+    ("list", "events", "ftj-any-sandbox", True),
+    ("list", "secrets", "", False),
+    ("watch", "secrets", "", False),
+    ("list", "secrets", "TENANT", False),
+    ("get", "secrets", "kube-system", False),
+    ("get", "secrets", "default", False),
+    ("delete", "secrets", "kube-system", False),
+    ("create", "pods", "TENANT", False),
+    ("create", "pods/exec", "ftj-any-sandbox", False),
+    ("create", "serviceaccounts/token", "kube-system", False),
+    ("delete", "nodes", None, False),
+    ("update", "finetunejobs.finetune.dev", "TENANT", False),
+    ("patch", "finetunejobs.finetune.dev/scale", "TENANT", False),
+    ("create", "serviceaccounts", "kube-system", True),  # RBAC allows it; the admission guard stops it
+    ("escalate", "clusterroles", None, False),
+    ("bind", "clusterroles", None, False),
+    ("create", "clusterrolebindings", None, False),
+    ("create", "rolebindings", "TENANT", False),
+    ("impersonate", "users", None, False),
+    ("impersonate", "groups", None, False),
+    ("impersonate", "serviceaccounts", "kube-system", False),
+    ("delete", "customresourcedefinitions", None, False),
+    ("patch", "validatingadmissionpolicies", None, False),
+]
+
+
+@pytest.mark.parametrize("verb, resource, namespace, allowed", CAN_I_CASES,
+                         ids=[f"{v}-{r.split('.')[0]}-{n or 'cluster'}" for v, r, n, _ in CAN_I_CASES])
+def test_service_account_can_do_only_what_the_operator_needs(kube, release, tenant_namespace, verb, resource,
+                                                             namespace, allowed):
+    resource, _, subresource = resource.partition("/")  # kubectl reads TYPE/NAME: pass a subresource apart
+    args = ["auth", "can-i", verb, resource, f"--as={operator_sa(release)}"]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    if namespace == "":
+        args.append("--all-namespaces")
+    elif namespace is not None:
+        args += ["-n", tenant_namespace if namespace == "TENANT" else namespace]
+    answer = kube.run(*args, check=False).stdout.strip()
+    assert answer == ("yes" if allowed else "no"), f"can-i {verb} {resource} in {namespace}: {answer}"
+
+
+GUARD_CASES = [
+    # (what the operator's service account tries, kubectl args; namespace placeholders filled in)
+    ("a Secret in a tenant namespace", ["create", "secret", "generic", "stolen", "--from-literal=k=v", "-n", "TENANT"]),
+    ("a Secret in kube-system", ["create", "secret", "generic", "stolen", "--from-literal=k=v", "-n", "kube-system"]),
+    ("a ConfigMap in default", ["create", "configmap", "planted", "--from-literal=k=v", "-n", "default"]),
+    ("deleting a tenant namespace", ["delete", "namespace", "TENANT", "--dry-run=server"]),
+    ("an unlabelled namespace", ["create", "namespace", "not-a-sandbox"]),
+]
+
+
+@pytest.mark.parametrize("attempt, args", GUARD_CASES, ids=[c[0] for c in GUARD_CASES])
+def test_admission_guard_confines_the_operators_writes_to_sandboxes(kube, release, tenant_namespace, attempt, args):
+    args = [tenant_namespace if a == "TENANT" else a for a in args]
+    if "--dry-run=server" not in args:
+        args.append("--dry-run=server")
+
+    def denied():  # a new policy takes a moment to be enforced
+        result = kube.run(*args, f"--as={operator_sa(release)}", check=False)
+        assert "created" not in result.stdout or result.returncode != 0, result.stdout
+        return result.returncode != 0 and "may only write in its sandbox namespaces" in result.stderr and result
+    wait_for(denied, 30, f"the admission guard to deny {attempt}")
+
+
+def test_admission_guard_lets_the_operator_write_in_its_sandboxes(kube, release):
+    sandbox = make_namespace(kube, f"ftj-helm-guard-{uuid.uuid4().hex[:6]}",
+                             {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/test": "true"})
+    try:
+        result = kube.run("create", "secret", "generic", "s3-credentials", "--from-literal=k=v", "-n", sandbox,
+                          "--dry-run=server", f"--as={operator_sa(release)}")
+        assert "created (server dry run)" in result.stdout
+    finally:
+        kube.run("delete", "namespace", sandbox, "--wait=false", check=False)
+
+
+# ---- a FineTuneJob with this installation -----------------------------------------------------------------
+
+def test_a_finetunejob_from_examples_succeeds_with_the_helm_installation(kube, release, tenant_namespace,
+                                                                          local_values):
+    name = next(d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d["kind"] == "FineTuneJob")["metadata"]["name"]
+    kube.run("apply", "-n", tenant_namespace, "-f", str(EXAMPLE))
+    wait = kube.run("wait", "-n", tenant_namespace, "--for=condition=Succeeded", f"finetunejob/{name}",
+                    "--timeout=180s", timeout=200, check=False)
+    status = kube.get("finetunejob", name, namespace=tenant_namespace).get("status", {})
+    assert "condition met" in wait.stdout, json.dumps(status, indent=1)
+    assert status["phase"] == "Succeeded"
+    # The helm-installed operator (it watches only this namespace) saw the job succeed, and no API
+    # call it made was refused.
+    metrics = _read(f"http://127.0.0.1:{local_values['config']['operatorMetricsPort']}/metrics") or ""
+    assert 'finetune_jobs{phase="Succeeded"} 1.0' in metrics, metrics
+    pod = operator_pod(kube, release)
+    log = (kube.cluster.pods_dir / release / pod["metadata"]["name"] / "operator.log").read_text()
+    assert "forbidden" not in log.lower() and "[ERROR" not in log, log[-4000:]
+    kube.run("delete", "finetunejob", name, "-n", tenant_namespace, "--timeout=120s", timeout=150)
+
+
+# ---- helm uninstall (last: it removes the shared release) -------------------------------------------------
+
+NAMESPACED_KINDS = ["deployments", "replicasets", "pods", "services", "configmaps", "serviceaccounts", "roles",
+                    "rolebindings"]
+CLUSTER_KINDS = ["clusterroles", "clusterrolebindings", "validatingadmissionpolicies",
+                 "validatingadmissionpolicybindings"]
+
+
+def test_helm_uninstall_leaves_no_operator_objects_behind(helm, kube, release, tenant_namespace, local_values):
+    helm("uninstall", RELEASE, "--namespace", release, "--wait", "--timeout", "120s")
+
+    def leftovers() -> list[str]:
+        found = []
+        for namespace in (release, tenant_namespace):
+            out = kube.run("get", ",".join(NAMESPACED_KINDS), "-n", namespace, "-l", INSTANCE_SELECTOR, "-o", "name")
+            found += out.stdout.split()
+        found += kube.run("get", ",".join(CLUSTER_KINDS), "-l", INSTANCE_SELECTOR, "-o", "name").stdout.split()
+        return found
+    wait_for(lambda: not leftovers(), 60, "the release's objects to go")
+    sandboxes = kube.run("get", "namespaces", "-o", "name").stdout.split()
+    assert not [s for s in sandboxes if f"ftj-{tenant_namespace}" in s]
+    assert helm("list", "--namespace", release, "-q").stdout.strip() == ""
+    # The local runtime stopped the operator's process when its pod went.
+    assert not kube.get("pods", namespace=release)["items"]
+    healthz = f"http://127.0.0.1:{local_values['config']['livenessPort']}/healthz"
+    wait_for(lambda: _read(healthz) is None, 30, "the operator process to stop")

@@ -1,0 +1,264 @@
+"""The Helm chart without a cluster: lint, render (default and all-features values), the shape of
+every rendered object, security settings, RBAC, and monitoring wired to the real metric names."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from finetune_operator import k8s
+from finetune_operator.config import OperatorConfig
+from finetune_operator.metrics import Metrics as OperatorMetrics
+from finetune_trainer.progress import Metrics as TrainerMetrics
+from tests.chart.chartkit import ALL_FEATURES, CHART, REPO, RELEASE_NAMESPACE, by_kind, named, one
+
+VALUE_SETS = {"default": (), "all-features": ("--values", str(ALL_FEATURES))}
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+                  "CustomResourceDefinition"}
+OPTIONAL_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+
+
+@pytest.fixture(scope="module", params=list(VALUE_SETS))
+def rendered(request, helm_cli) -> tuple[str, list[dict]]:
+    return request.param, helm_cli.render(*VALUE_SETS[request.param])
+
+
+@pytest.mark.parametrize("value_set", list(VALUE_SETS))
+def test_helm_lint_strict_passes(helm_cli, value_set):
+    result = helm_cli.run("lint", "--strict", str(CHART), *VALUE_SETS[value_set])
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+def test_every_rendered_object_is_well_formed(rendered):
+    _, objects = rendered
+    assert objects
+    for obj in objects:
+        assert obj.get("apiVersion") and obj.get("kind"), obj
+        name = obj.get("metadata", {}).get("name")
+        assert name and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) and len(name) <= 63, obj["metadata"]
+        if obj["kind"] not in CLUSTER_SCOPED:
+            assert obj["metadata"].get("namespace"), f"{obj['kind']}/{name} has no namespace"
+        labels = obj["metadata"].get("labels") or {}
+        assert labels.get("app.kubernetes.io/instance") == "ftop", f"{obj['kind']}/{name} lacks the release labels"
+
+
+def test_rendered_names_are_unique(rendered):
+    _, objects = rendered
+    keys = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
+    assert len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("value_set, expected_kinds", [
+    ("default", {"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
+                 "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}),
+    ("all-features", {"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+                      "Deployment", "Service", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+                      "ServiceMonitor", "PodMonitor", "PrometheusRule"}),
+])
+def test_monitoring_is_off_by_default_and_on_with_all_features(helm_cli, value_set, expected_kinds):
+    assert {o["kind"] for o in helm_cli.render(*VALUE_SETS[value_set])} == expected_kinds
+
+
+def test_chart_crd_is_identical_to_the_generated_crd():
+    chart_crds = sorted(p.name for p in (CHART / "crds").iterdir())
+    assert chart_crds == sorted(p.name for p in (REPO / "crds").glob("*.yaml"))
+    for name in chart_crds:
+        assert (CHART / "crds" / name).read_bytes() == (REPO / "crds" / name).read_bytes(), f"{name}: run make chart-crds"
+
+
+def test_deployment_runs_one_restricted_replica(rendered):
+    _, objects = rendered
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/tmp"}
+
+
+def test_probes_and_ports_follow_the_operator_config(rendered):
+    _, objects = rendered
+    config = OperatorConfig.from_yaml(named(objects, "ConfigMap", "-config")["data"]["config.yaml"])
+    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": config.operatorMetricsPort, "health": config.livenessPort}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    service = one(objects, "Service")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": config.operatorMetricsPort,
+                                         "targetPort": "metrics", "protocol": "TCP"}]
+    assert service["spec"]["selector"].items() <= one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_config_map_is_a_valid_operator_config(rendered):
+    _, objects = rendered
+    config = OperatorConfig.from_yaml(named(objects, "ConfigMap", "-config")["data"]["config.yaml"])
+    assert config.defaultNodePool in config.nodePools
+
+
+def test_config_change_restarts_the_operator(helm_cli):
+    def checksum(*args):
+        deployment = one(helm_cli.render(*args), "Deployment")
+        return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert checksum() != checksum("--set", "config.trainerImage=example.com/trainer:2")
+
+
+def test_watch_namespaces_become_operator_arguments(helm_cli):
+    objects = helm_cli.render("--values", str(ALL_FEATURES))
+    (container,) = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["--config", "/etc/finetune-operator/config.yaml", "--namespace", "team-a",
+                                 "--namespace", "team-b", "--verbose"]
+
+
+# ---- RBAC ------------------------------------------------------------------------------------
+
+def rules_for(objects: list[dict], api_group: str, resource: str) -> set[str]:
+    verbs: set[str] = set()
+    for role in by_kind(objects, "ClusterRole"):
+        for rule in role["rules"]:
+            if api_group in rule["apiGroups"] and resource in rule["resources"]:
+                verbs.update(rule["verbs"])
+    return verbs
+
+
+# What the operator (operator/finetune_operator/k8s.py, reconcile.py) and kopf do with each resource.
+EXPECTED_CLUSTER_VERBS = [
+    ("finetune.dev", "finetunejobs", {"get", "list", "watch", "patch"}),
+    ("finetune.dev", "finetunejobs/status", {"get", "patch"}),
+    ("apiextensions.k8s.io", "customresourcedefinitions", {"list", "watch"}),
+    ("", "namespaces", {"get", "list", "watch", "create", "patch", "delete"}),
+    ("", "configmaps", {"create", "patch", "delete"}),
+    ("", "serviceaccounts", {"create", "patch"}),
+    ("", "resourcequotas", {"create", "patch"}),
+    ("", "limitranges", {"create", "patch"}),
+    ("networking.k8s.io", "networkpolicies", {"create", "patch"}),
+    ("kubeflow.org", "pytorchjobs", {"get", "list", "create", "patch", "delete"}),
+    ("", "pods", {"list"}),
+    ("", "events", {"create", "list"}),
+]
+
+
+@pytest.mark.parametrize("api_group, resource, verbs", EXPECTED_CLUSTER_VERBS, ids=[r[1] for r in EXPECTED_CLUSTER_VERBS])
+def test_cluster_role_grants_exactly_what_the_operator_uses(rendered, api_group, resource, verbs):
+    _, objects = rendered
+    assert rules_for(objects, api_group, resource) == verbs
+
+
+def test_every_resource_the_operator_touches_is_in_the_cluster_role():
+    plural = {"Namespace": "namespaces", "ConfigMap": "configmaps", "Secret": "secrets", "ServiceAccount": "serviceaccounts",
+              "ResourceQuota": "resourcequotas", "LimitRange": "limitranges", "Pod": "pods", "Event": "events",
+              "NetworkPolicy": "networkpolicies", "PyTorchJob": "pytorchjobs", "FineTuneJob": "finetunejobs"}
+    expected = {r for _, r, _ in EXPECTED_CLUSTER_VERBS} | {"secrets"}
+    assert {plural[kind] for _, kind in k8s.RESOURCES} <= expected
+
+
+@pytest.mark.parametrize("value_set, secret_verbs, namespaced_secret_reads", [
+    ("default", {"get", "create", "patch"}, set()),
+    ("all-features", {"create", "patch"}, {"team-a", "team-b"}),
+])
+def test_secret_access_is_read_by_name_and_confined_when_namespaces_are_listed(helm_cli, value_set, secret_verbs,
+                                                                               namespaced_secret_reads):
+    objects = helm_cli.render(*VALUE_SETS[value_set])
+    assert rules_for(objects, "", "secrets") == secret_verbs
+    roles = {r["metadata"]["namespace"]: r["rules"] for r in by_kind(objects, "Role")}
+    assert set(roles) == namespaced_secret_reads
+    for rules in roles.values():
+        assert rules == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+
+
+def test_no_role_grants_wildcards_or_privilege_escalation(rendered):
+    _, objects = rendered
+    for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role"):
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], rule
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+            assert not {"roles", "clusterroles", "rolebindings", "clusterrolebindings", "users", "groups",
+                        "serviceaccounts/token"} & set(rule["resources"]), rule
+            if "secrets" in rule["resources"]:
+                assert not {"list", "watch", "deletecollection"} & set(rule["verbs"]), rule
+
+
+def test_admission_guard_matches_only_the_operator_service_account(rendered):
+    _, objects = rendered
+    policy = one(objects, "ValidatingAdmissionPolicy")
+    (condition,) = policy["spec"]["matchConditions"]
+    sa = one(objects, "ServiceAccount")["metadata"]["name"]
+    assert f"system:serviceaccount:{RELEASE_NAMESPACE}:{sa}" in condition["expression"]
+    binding = one(objects, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+
+
+# ---- monitoring ------------------------------------------------------------------------------
+
+def exposed_metric_names() -> set[str]:
+    operator = OperatorMetrics()
+    operator.observe_job("team-a", "job", {"phase": "Running", "gpuSeconds": 1, "restarts": 0, "progress": {
+        "percent": 1, "step": 1, "loss": 1, "tokensPerSecond": 1, "etaSeconds": 1}})
+    operator.reconciles.labels("ok").inc()
+    operator.reconcile_seconds.observe(0.1)
+    trainer = TrainerMetrics(port=0)
+    return {sample.name for metrics in (operator, trainer) for family in metrics.registry.collect()
+            for sample in family.samples}
+
+
+def metric_names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\bfinetune_[a-z_]+", expr))
+
+
+def test_alerts_cover_failure_stall_checkpoint_and_reconcile_errors(helm_cli):
+    rule = one(helm_cli.render("--values", str(ALL_FEATURES)), "PrometheusRule")
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
+    assert set(alerts) == {"FineTuneJobFailed", "FineTuneJobProgressStalled", "FineTuneJobCheckpointStale",
+                           "FineTuneOperatorReconcileErrors"}
+    names = exposed_metric_names()
+    for alert in alerts.values():
+        used = metric_names_in(alert["expr"])
+        assert used and used <= names, f"{alert['alert']} uses unknown metrics {used - names}"
+        assert alert["annotations"]["summary"] and alert["labels"]["severity"]
+
+
+def test_dashboard_shows_jobs_and_reconciles_with_real_metric_names(helm_cli):
+    dashboard_map = named(helm_cli.render("--values", str(ALL_FEATURES)), "ConfigMap", "-dashboard")
+    assert dashboard_map["metadata"]["namespace"] == "monitoring"
+    dashboard = json.loads(dashboard_map["data"]["finetune-operator.json"])
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = set().union(*(metric_names_in(e) for e in exprs))
+    assert used <= exposed_metric_names()
+    for needed in ("finetune_job_progress_percent", "finetune_job_loss", "finetune_job_tokens_per_second",
+                   "finetune_job_eta_seconds", "finetune_jobs", "finetune_reconcile_duration_seconds_bucket"):
+        assert needed in used, needed
+
+
+def test_monitors_scrape_the_named_metrics_ports(helm_cli):
+    objects = helm_cli.render("--values", str(ALL_FEATURES))
+    assert [e["port"] for e in one(objects, "ServiceMonitor")["spec"]["endpoints"]] == ["metrics"]
+    assert [e["port"] for e in one(objects, "PodMonitor")["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+# ---- documentation ---------------------------------------------------------------------------
+
+def leaf_keys(values: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("nodePools", "resources", "labels"):
+            keys |= leaf_keys(value, path + ".")
+        else:
+            keys.add(path)
+    return keys
+
+
+def test_readme_documents_every_value():
+    readme = (CHART / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.M))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert leaf_keys(values) - documented == set()
