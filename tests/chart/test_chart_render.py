@@ -120,9 +120,14 @@ def test_watch_namespaces_become_operator_arguments(helm_cli):
 
 # ---- RBAC ------------------------------------------------------------------------------------
 
+def _is_tenant_role(role: dict) -> bool:
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in role["metadata"].get("labels", {}))
+
+
 def rules_for(objects: list[dict], api_group: str, resource: str) -> set[str]:
+    """Verbs the operator's own ClusterRoles grant (not the tenant roles aggregated into edit/view)."""
     verbs: set[str] = set()
-    for role in by_kind(objects, "ClusterRole"):
+    for role in [r for r in by_kind(objects, "ClusterRole") if not _is_tenant_role(r)]:
         for rule in role["rules"]:
             if api_group in rule["apiGroups"] and resource in rule["resources"]:
                 verbs.update(rule["verbs"])
@@ -262,3 +267,14 @@ def test_readme_documents_every_value():
     documented = set(re.findall(r"^\| `([^`]+)` \|", readme, re.M))
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert leaf_keys(values) - documented == set()
+
+
+def test_tenant_roles_extend_the_built_in_namespace_roles_with_finetunejobs(rendered):
+    _, objects = rendered
+    tenant = {r["metadata"]["name"].rsplit("-", 2)[-1]: r for r in by_kind(objects, "ClusterRole") if _is_tenant_role(r)}
+    assert set(tenant) == {"edit", "view"}
+    edit, view = tenant["edit"], tenant["view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert {"create", "delete", "patch"} <= set(edit["rules"][0]["verbs"])
+    assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
