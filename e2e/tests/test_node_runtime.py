@@ -49,7 +49,7 @@ def test_a_pod_runs_as_a_process_with_its_env_and_volumes(kube, local_cluster, n
                volumeMounts=[{"name": "settings", "mountPath": "/etc/settings"}])
     pod["spec"]["volumes"] = [{"name": "settings", "configMap": {"name": "settings"}}]
     kube.apply(pod, namespace=namespace)
-    _wait_for(lambda: _phase(kube, namespace, "envcheck") == "Succeeded", 60, "pod Succeeded")
+    _wait_for(lambda: _phase(kube, namespace, "envcheck") == "Succeeded", 180, "pod Succeeded")
     out = _logs(local_cluster, namespace, "envcheck")
     assert f"token s3cr3t mode fast pod envcheck ns {namespace} answer 42 peer 127.0.0.1" in out
     status = kube.get("pod", "envcheck", namespace)["status"]
@@ -70,7 +70,7 @@ def local_cluster_logs(local_cluster, namespace, pod) -> str:
 
 def test_a_failing_process_reports_its_real_exit_code(kube, namespace):
     kube.apply(_pod("fails", "import sys; print('bye'); sys.exit(7)"), namespace=namespace)
-    _wait_for(lambda: _phase(kube, namespace, "fails") == "Failed", 60, "pod Failed")
+    _wait_for(lambda: _phase(kube, namespace, "fails") == "Failed", 180, "pod Failed")
     state = kube.get("pod", "fails", namespace)["status"]["containerStatuses"][0]["state"]
     assert state["terminated"]["exitCode"] == 7 and state["terminated"]["reason"] == "Error"
 
@@ -81,7 +81,7 @@ def test_on_failure_restarts_the_process_and_counts_restarts(kube, local_cluster
     pod = _pod("flaky", code)
     pod["spec"]["restartPolicy"] = "OnFailure"
     kube.apply(pod, namespace=namespace)
-    _wait_for(lambda: _phase(kube, namespace, "flaky") == "Succeeded", 60, "pod Succeeded after restarts")
+    _wait_for(lambda: _phase(kube, namespace, "flaky") == "Succeeded", 180, "pod Succeeded after restarts")
     assert kube.get("pod", "flaky", namespace)["status"]["containerStatuses"][0]["restartCount"] == 2
 
 
@@ -90,7 +90,7 @@ def test_deleting_a_pod_terminates_its_process(kube, local_cluster, namespace):
             "def bye(*_):\n    open('got-sigterm', 'w').write(str(os.getpid())); sys.exit(0)\n"
             "signal.signal(signal.SIGTERM, bye)\nprint('ready', flush=True)\ntime.sleep(600)")
     kube.apply(_pod("sleeper", code), namespace=namespace)
-    _wait_for(lambda: "ready" in _logs(local_cluster, namespace, "sleeper"), 60, "process running")
+    _wait_for(lambda: "ready" in _logs(local_cluster, namespace, "sleeper"), 180, "process running")
     assert _phase(kube, namespace, "sleeper") == "Running"
     kube.run("delete", "pod", "sleeper", "-n", namespace, "--wait=true", "--timeout=60s")
     marker = local_cluster.pods_dir / namespace / "sleeper" / "got-sigterm"
@@ -161,7 +161,7 @@ except ApiError as e:
 
 def test_a_pod_reaches_the_api_server_as_its_service_account(kube, local_cluster, namespace):
     kube.apply(_pod("incluster", IN_CLUSTER), namespace=namespace)
-    _wait_for(lambda: _phase(kube, namespace, "incluster") in ("Succeeded", "Failed"), 60, "pod finished")
+    _wait_for(lambda: _phase(kube, namespace, "incluster") in ("Succeeded", "Failed"), 180, "pod finished")
     out = _logs(local_cluster, namespace, "incluster")
     assert f'User "system:serviceaccount:{namespace}:default" cannot list resource "configmaps"' in out, out
 
@@ -182,7 +182,7 @@ def test_a_metrics_port_gets_a_free_host_port_and_is_scraped_by_prometheus(kube,
     pod = _pod("exporter", METRICS_SERVER, env=[{"name": "METRICS_PORT", "value": "9090"}],
                ports=[{"name": "metrics", "containerPort": 9090}])
     kube.apply(pod, namespace=namespace)
-    _wait_for(lambda: "serving on" in _logs(local_cluster, namespace, "exporter"), 60, "metrics server up")
+    _wait_for(lambda: "serving on" in _logs(local_cluster, namespace, "exporter"), 180, "metrics server up")
     assert "serving on 9090" not in _logs(local_cluster, namespace, "exporter"), "the port was not remapped"
     result = _wait_for(lambda: _prometheus(local_cluster, f'e2e_runtime_probe{{namespace="{namespace}"}}'), 60,
                        "Prometheus to scrape the pod")
