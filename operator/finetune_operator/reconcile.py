@@ -69,6 +69,7 @@ class View:
     pytorchjob: dict[str, Any] | None = None  # the current run's
     other_runs: list[dict[str, Any]] = field(default_factory=list)  # PyTorchJobs of other runIds
     other_run_pods: int = 0
+    run_pods: list[dict[str, Any]] = field(default_factory=list)  # pods of the current runId
 
 
 @dataclass
@@ -260,7 +261,8 @@ class Reconciler:
             view.pytorchjob = next((r for r in runs if r["metadata"]["name"] == current), None)
             view.other_runs = [r for r in runs if r["metadata"]["name"] != current]
             pods = await self.kube.list(k8s.Pod, sandbox, labels={n.LABEL_JOB_UID: uid})
-            view.other_run_pods = sum(1 for p in pods if (p["metadata"].get("labels") or {}).get(n.LABEL_RUN_ID) != spec.runId)
+            view.run_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(n.LABEL_RUN_ID) == spec.runId]
+            view.other_run_pods = len(pods) - len(view.run_pods)
         needs_inputs = (facts.secret_found and view.pytorchjob is None and not run_finished(status, spec.runId))
         if needs_inputs and not view.other_runs:
             facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.secret)
@@ -309,8 +311,8 @@ class Reconciler:
             except ValueError:
                 pass
         if ptj is not None and plan.sandbox_state == SANDBOX_ACTIVE and view.spec is not None:
-            obs.pods = await self.kube.list(k8s.Pod, plan.sandbox, labels={n.LABEL_JOB_UID: meta.get("uid", ""),
-                                                                          n.LABEL_RUN_ID: view.spec.runId})
+            # The pods were listed while observing; a pass that only applied objects sees them next time.
+            obs.pods = view.run_pods
             obs.exit_events = await self.kube.list(k8s.Event, plan.sandbox, fields={
                 "involvedObject.kind": "PyTorchJob", "involvedObject.name": ptj["metadata"]["name"],
                 "reason": "ExitedWithCode"})
