@@ -599,11 +599,15 @@ def _rewrite_hosts(value: str, local_names: set[str]) -> str:
 
 
 def _rewrite_paths(value: str, mounts: dict[str, Path]) -> str:
-    for mount_path in sorted(mounts, key=len, reverse=True):
-        prefix = mount_path.rstrip("/")
-        if value == prefix or value.startswith(prefix + "/") or f"={prefix}" in value:
-            value = value.replace(prefix, str(mounts[mount_path]))
-    return value
+    """A container's mount paths -> the pod's volume folders, in one pass (the folders may themselves
+    lie under a mount path such as /tmp, and must not be rewritten again). A mount path counts where
+    it starts the value or follows `=`, `:` or a space, and ends there or at `/`, `:` or a space."""
+    if not mounts:
+        return value
+    by_path = {m.rstrip("/") or "/": str(folder) for m, folder in mounts.items()}
+    alternatives = "|".join(re.escape(m) for m in sorted(by_path, key=len, reverse=True))
+    pattern = rf"(?:^|(?<=[=:\s]))({alternatives})(?=$|[/:\s])"
+    return re.sub(pattern, lambda match: by_path[match.group(1)], value)
 
 
 def main() -> int:

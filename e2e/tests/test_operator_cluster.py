@@ -410,6 +410,67 @@ def test_deleting_the_job_removes_its_sandbox(kube, operator, cfg, namespace, wh
     assert owned_pytorchjobs(kube, uid) == []
 
 
+def events_with_reason(kube, namespace: str, reason: str) -> list[dict]:
+    return [e for e in kube.get("events", namespace=namespace)["items"] if e.get("reason") == reason]
+
+
+def test_a_spec_change_during_a_run_is_reported_and_not_applied(kube, operator, cfg, namespace):
+    job = ftj("steady", runPolicy=run_policy(), hyperparameters={"maxSteps": 10, "learningRate": 1e-4})
+    sandbox = start_suspended_and_annotate(kube, cfg, namespace, copy.deepcopy(job), {"Master": {SIM_DURATION: "300s"}})
+    wait_status(kube, namespace, "steady", lambda s: is_true(s, "Running"), "Running")
+    config_before = kube.get("configmap", "trainer-config-1", sandbox)["data"]
+    ptj_generation = kube.get("pytorchjob", "train-1", sandbox)["metadata"]["generation"]
+
+    job["spec"]["hyperparameters"]["learningRate"] = 5e-4
+    kube.apply(job, namespace=namespace)
+    generation = kube.get("finetunejob", "steady", namespace)["metadata"]["generation"]
+    status = wait_status(kube, namespace, "steady",
+                         lambda s: conditions(s).get("UpToDate", {}).get("reason") == "SpecChangedDuringRun",
+                         "UpToDate False (SpecChangedDuringRun)")
+    up_to_date = conditions(status)["UpToDate"]
+    assert up_to_date["status"] == "False" and "spec.runId" in up_to_date["message"]
+    assert up_to_date["observedGeneration"] == generation
+    assert is_true(status, "Running")  # the run goes on as it was created
+    assert kube.get("configmap", "trainer-config-1", sandbox)["data"] == config_before
+    assert kube.get("pytorchjob", "train-1", sandbox)["metadata"]["generation"] == ptj_generation
+    _wait_for(lambda: events_with_reason(kube, namespace, "SpecChangedDuringRun"), 30, "a SpecChangedDuringRun event")
+
+    # A new runId applies the new spec in a new run.
+    job["spec"]["runId"] = "2"
+    kube.apply(job, namespace=namespace)
+    status = wait_status(kube, namespace, "steady",
+                         lambda s: s.get("runId") == "2" and conditions(s).get("UpToDate", {}).get("status") == "True",
+                         "run 2 up to date")
+    trainer_config = TrainerConfig.from_json(kube.get("configmap", "trainer-config-2", sandbox)["data"][n.CONFIG_KEY])
+    assert trainer_config.hyperparameters.learningRate == 5e-4
+
+
+def test_a_stuck_sandbox_is_reported_and_the_finalizer_still_goes(kube, operator, cfg, namespace):
+    job = ftj("stuck", runPolicy=run_policy())
+    kube.apply(credentials(), job, namespace=namespace)
+    wait_phase(kube, namespace, "stuck", "Succeeded")
+    sandbox = sandbox_of(cfg, namespace, "stuck")
+    # An object whose finalizer nobody removes keeps its namespace Terminating forever.
+    holder = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": "held", "finalizers": ["e2e.finetune.dev/hold"]}, "data": {}}
+    kube.apply(holder, namespace=sandbox)
+    try:
+        started = time.monotonic()
+        kube.run("delete", "finetunejob", "stuck", "-n", namespace, "--wait=false")
+        wait_gone(kube, "finetunejob", "stuck", namespace, timeout=cfg.deletionTimeoutSeconds + 90)
+        waited = time.monotonic() - started
+        assert waited >= cfg.deletionTimeoutSeconds - 5, f"released after {waited:.0f}s, before the bound"
+        ns = kube.get("namespace", sandbox)
+        assert ns["status"]["phase"] == "Terminating"
+        (event,) = events_with_reason(kube, namespace, "SandboxDeletionTimedOut")
+        assert event["type"] == "Warning" and sandbox in event["message"]
+        assert event["involvedObject"]["name"] == "stuck"
+    finally:
+        kube.run("patch", "configmap", "held", "-n", sandbox, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
+                 check=False)
+    wait_gone(kube, "namespace", sandbox, timeout=90)
+
+
 # ---- bad manifests -------------------------------------------------------------------------------
 
 API_REJECTED = [
