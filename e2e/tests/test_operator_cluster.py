@@ -439,8 +439,8 @@ def test_a_spec_change_during_a_run_is_reported_and_not_applied(kube, operator, 
     job["spec"]["runId"] = "2"
     kube.apply(job, namespace=namespace)
     status = wait_status(kube, namespace, "steady",
-                         lambda s: s.get("runId") == "2" and conditions(s).get("UpToDate", {}).get("status") == "True",
-                         "run 2 up to date")
+                         lambda s: s.get("runId") == "2" and s.get("phase") == "Succeeded", "run 2 Succeeded")
+    assert conditions(status)["UpToDate"]["status"] == "True"
     trainer_config = TrainerConfig.from_json(kube.get("configmap", "trainer-config-2", sandbox)["data"][n.CONFIG_KEY])
     assert trainer_config.hyperparameters.learningRate == 5e-4
 
