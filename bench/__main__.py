@@ -155,7 +155,12 @@ def run(output: Path, with_smollm2: bool) -> None:
         "python": platform.python_version(), "torch": torch.__version__, "gpu": torch.cuda.is_available(),
         "parameters": parameters, "rows": len(data.train), "tokens": data.report["trainTokens"],
     }
-    output.write_text(render(best, results, checkpoint_events, environment) + smollm2.render(smollm2_result))
+    from bench.operator_scale import existing_section
+
+    # The operator-at-scale section is written by bench.operator_scale (it needs the local cluster): keep it.
+    kept = existing_section(output)
+    output.write_text(render(best, results, checkpoint_events, environment) + smollm2.render(smollm2_result)
+                      + ("\n" + kept if kept else ""))
     print(json.dumps({"best": best, "environment": environment, "smollm2": smollm2_result}, indent=2))
 
 

@@ -410,6 +410,31 @@ def test_deleting_the_job_removes_its_sandbox(kube, operator, cfg, namespace, wh
     assert owned_pytorchjobs(kube, uid) == []
 
 
+def reconcile_passes(operator) -> float:
+    text = urllib.request.urlopen(operator.metrics_url(), timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("finetune_reconcile_total{"))
+
+
+def test_passes_over_a_job_that_did_not_change_write_nothing(kube, operator, cfg, namespace):
+    job = ftj("settled", runPolicy=run_policy())
+    kube.apply(credentials(), job, namespace=namespace)
+    wait_phase(kube, namespace, "settled", "Succeeded")
+    sandbox = sandbox_of(cfg, namespace, "settled")
+    time.sleep(cfg.reconcileIntervalSeconds + 2)  # let the pass after the last change happen
+
+    def versions() -> dict[str, str]:
+        objects = [kube.get("finetunejob", "settled", namespace), kube.get("namespace", sandbox)]
+        for kind in ("networkpolicies", "resourcequotas", "limitranges", "serviceaccounts", "secrets", "configmaps",
+                     "pytorchjobs"):
+            objects += kube.get(kind, namespace=sandbox, selector=n.LABEL_JOB_NAME)["items"]
+        return {f"{o['kind']}/{o['metadata']['name']}": o["metadata"]["resourceVersion"] for o in objects}
+
+    before, passes_before = versions(), reconcile_passes(operator)
+    time.sleep(2 * cfg.reconcileIntervalSeconds + 3)
+    assert reconcile_passes(operator) >= passes_before + 2  # the timer did run over it
+    assert versions() == before
+
+
 def events_with_reason(kube, namespace: str, reason: str) -> list[dict]:
     return [e for e in kube.get("events", namespace=namespace)["items"] if e.get("reason") == reason]
 

@@ -1,0 +1,309 @@
+"""`python -m bench.operator_scale --jobs 300`: what many FineTuneJobs cost the operator and the API server.
+
+Runs against the local control plane (started here when none is running) with the operator from the
+working tree, on the KWOK pool `cpu` (no training: each job's pod runs 5 s and succeeds). Phases:
+
+1. baseline: the idle cluster, no jobs (what the other controllers and KWOK cost on their own);
+2. N jobs created suspended: each is validated, gets its sandbox and a suspended PyTorchJob;
+3. steady state with N suspended jobs (active runs: every pass applies the run's objects);
+4. N jobs resumed and run to Succeeded;
+5. steady state with N finished jobs;
+6. deletion of all N: the finalizers remove the sandboxes.
+
+In each steady window it reads, before and after: the API server's `apiserver_request_total` (by
+verb and resource; the baseline is subtracted), the operator's reconcile counter and duration
+histogram, the FineTuneJobs' resourceVersions (a status write changes it), and the operator
+process's CPU time and resident memory. The section "The operator at scale" of
+docs/benchmarks.md is replaced with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from e2e.localcluster import s3 as local_s3
+from e2e.localcluster.cluster import LocalCluster
+from e2e.localcluster.operator_process import OperatorProcess
+from finetune_operator.builders import names as n
+
+REPO = Path(__file__).resolve().parents[1]
+NAMESPACE = "bench-scale"
+WRITE_VERBS = {"POST", "PUT", "PATCH", "DELETE", "APPLY"}
+SECTION_START, SECTION_END = "<!-- operator-scale:begin -->", "<!-- operator-scale:end -->"
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+
+
+def api_requests(cluster: LocalCluster) -> Counter:
+    """apiserver_request_total summed over codes and scopes: {(verb, resource): count}."""
+    text = cluster.kubectl("get", "--raw", "/metrics").stdout
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name != "apiserver_request":
+            continue
+        for sample in family.samples:
+            if sample.name == "apiserver_request_total":
+                resource = sample.labels.get("resource", "")
+                if sample.labels.get("subresource"):
+                    resource += "/" + sample.labels["subresource"]
+                counts[(sample.labels["verb"], resource)] += sample.value
+    return counts
+
+
+def operator_metrics(operator: OperatorProcess) -> dict:
+    text = urllib.request.urlopen(operator.metrics_url(), timeout=10).read().decode()
+    out = {"reconciles": 0.0, "buckets": {}, "seconds_sum": 0.0, "seconds_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "finetune_reconcile_total":
+                out["reconciles"] += s.value
+            elif s.name == "finetune_reconcile_duration_seconds_bucket":
+                out["buckets"][float(s.labels["le"])] = s.value
+            elif s.name == "finetune_reconcile_duration_seconds_sum":
+                out["seconds_sum"] = s.value
+            elif s.name == "finetune_reconcile_duration_seconds_count":
+                out["seconds_count"] = s.value
+    return out
+
+
+def process_usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds, resident MiB) of a process and its children still running."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    rss_kib = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+    return cpu, rss_kib / 1024
+
+
+def resource_versions(cluster: LocalCluster) -> dict[str, str]:
+    items = json.loads(cluster.kubectl("get", "finetunejobs", "-n", NAMESPACE, "-o", "json").stdout)["items"]
+    return {i["metadata"]["name"]: i["metadata"]["resourceVersion"] for i in items}
+
+
+def quantile(buckets: dict[float, float], q: float) -> float:
+    """Upper bound of the histogram bucket holding the q-quantile."""
+    ordered = sorted(buckets.items())
+    total = ordered[-1][1] if ordered else 0
+    for bound, count in ordered:
+        if total and count >= q * total:
+            return bound
+    return float("nan")
+
+
+def window(cluster: LocalCluster, operator: OperatorProcess, seconds: float, jobs: int) -> dict:
+    pid = json.loads(operator.pid_file.read_text())["pid"]
+    api0, op0, usage0, rv0 = api_requests(cluster), operator_metrics(operator), process_usage(pid), \
+        (resource_versions(cluster) if jobs else {})
+    started = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - started
+    api1, op1, usage1, rv1 = api_requests(cluster), operator_metrics(operator), process_usage(pid), \
+        (resource_versions(cluster) if jobs else {})
+    delta_buckets = {b: op1["buckets"].get(b, 0) - op0["buckets"].get(b, 0) for b in op1["buckets"]}
+    passes = op1["reconciles"] - op0["reconciles"]
+    return {
+        "seconds": elapsed,
+        "api": api1 - api0,
+        "passes": passes,
+        "pass_seconds_mean": (op1["seconds_sum"] - op0["seconds_sum"]) / max(op1["seconds_count"] - op0["seconds_count"], 1),
+        "pass_seconds_p99": quantile(delta_buckets, 0.99),
+        "cpu_percent": 100 * (usage1[0] - usage0[0]) / elapsed,
+        "rss_mib": usage1[1],
+        "status_writes": sum(1 for k, v in rv1.items() if rv0.get(k) != v),
+    }
+
+
+# ---- the jobs ------------------------------------------------------------------------------------
+
+
+def job(index: int, run: str, suspend: bool) -> dict:
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": f"job-{index:04d}", "namespace": NAMESPACE},
+            "spec": {"model": {"uri": "s3://models/tiny-llama/"},
+                     "datasets": [{"uri": "s3://team-a/data/support.jsonl", "format": "chat"}],
+                     "method": {"type": "lora"}, "hyperparameters": {"maxSteps": 10},
+                     "resources": {"workers": 1, "gpusPerWorker": 0, "nodePool": "cpu", "cpu": "100m",
+                                   "memory": "256Mi"},
+                     "output": {"uri": f"s3://team-a/bench-scale/{run}/job-{index:04d}/"},
+                     "credentials": {"secretName": "s3-credentials"},
+                     "runPolicy": {"backoffLimit": 0, "suspend": suspend}}}
+
+
+def apply_jobs(cluster: LocalCluster, jobs: list[dict], batch: int = 100) -> None:
+    for i in range(0, len(jobs), batch):
+        cluster.kubectl("apply", "--server-side", "--field-manager=bench", "-f", "-",
+                        input=yaml.safe_dump_all(jobs[i:i + batch]), timeout=300)
+
+
+def phases(cluster: LocalCluster) -> Counter:
+    items = json.loads(cluster.kubectl("get", "finetunejobs", "-n", NAMESPACE, "-o", "json").stdout)["items"]
+    return Counter((i.get("status") or {}).get("phase", "-") for i in items)
+
+
+def wait_for(cluster: LocalCluster, what: str, done, timeout: float) -> float:
+    started = time.monotonic()
+    while True:
+        counts = phases(cluster)
+        if done(counts):
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise TimeoutError(f"{what}: still {dict(counts)} after {timeout:.0f}s")
+        time.sleep(3)
+
+
+def sandboxes(cluster: LocalCluster) -> int:
+    out = cluster.kubectl("get", "namespaces", "-l", f"{n.LABEL_TENANT}={NAMESPACE}", "-o", "name").stdout
+    return len(out.split())
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+
+def per_second(counter: Counter, seconds: float) -> dict[tuple[str, str], float]:
+    return {k: v / seconds for k, v in counter.items()}
+
+
+def steady_rows(name: str, w: dict, baseline: dict, jobs: int) -> list[str]:
+    own = per_second(w["api"], w["seconds"])
+    base = per_second(baseline["api"], baseline["seconds"])
+    extra = {k: own.get(k, 0) - base.get(k, 0) for k in set(own) | set(base)}
+    reads = sum(v for (verb, _), v in extra.items() if verb not in WRITE_VERBS)
+    writes = {k: v for k, v in extra.items() if k[0] in WRITE_VERBS and v > 0.05}
+    passes_per_s = w["passes"] / w["seconds"]
+    return [
+        f"| {name} | {passes_per_s:.1f} | {reads:.1f} | {reads / max(passes_per_s, 1e-9):.1f} | "
+        f"{sum(writes.values()):.2f} | {w['status_writes']} of {jobs} | {w['pass_seconds_mean'] * 1000:.0f} / "
+        f"{w['pass_seconds_p99'] * 1000:.0f} | {w['cpu_percent']:.0f}% | {w['rss_mib']:.0f} |",
+        ", ".join(f"{verb} {res}: {v:.2f}/s" for (verb, res), v in sorted(writes.items())) or "none",
+    ]
+
+
+def report(args, r: dict) -> str:
+    cfg = r["config"]
+    lines = [
+        SECTION_START,
+        "## The operator at scale",
+        "",
+        f"Written by `make bench-operator` (`python -m bench.operator_scale --jobs {args.jobs}`); measured "
+        f"{r['when']} on the local control plane (2 cores; API server, etcd, controllers, KWOK, S3 and the "
+        f"operator share them). {args.jobs} FineTuneJobs in one namespace on the KWOK pool `cpu` (each pod runs 5 s and "
+        f"succeeds; no training). The operator's timer runs every {cfg['reconcileIntervalSeconds']:.0f} s per job; "
+        f"steady windows of {args.window:.0f} s, the idle cluster's own API traffic subtracted.",
+        "",
+        "| phase | seconds |",
+        "|---|---:|",
+        f"| create {args.jobs} jobs suspended, until every one has its sandbox and a suspended PyTorchJob | {r['t_create']:.0f} |",
+        f"| resume all, until all Succeeded | {r['t_run']:.0f} |",
+        f"| delete all, until the FineTuneJobs and their sandbox namespaces are gone | {r['t_delete']:.0f} |",
+        "",
+        "| steady state | passes/s | API reads/s | reads per pass | API writes/s | FineTuneJobs whose status was written | pass ms mean / p99 | operator CPU | operator RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    suspended = steady_rows(f"{args.jobs} suspended (active) jobs", r["suspended"], r["baseline"], args.jobs)
+    finished = steady_rows(f"{args.jobs} finished jobs", r["finished"], r["baseline"], args.jobs)
+    lines += [suspended[0], finished[0], "",
+              f"Writes in the steady windows (by verb and resource): suspended: {suspended[1]}; finished: {finished[1]}.",
+              "",
+              "A pass reads the FineTuneJob, its Secret, the sandbox namespace, and lists the run's "
+              "PyTorchJobs, pods and exit events; an active run's pass also server-side applies the run's "
+              "objects (an unchanged apply is a no-op in etcd: no new resourceVersion, no watch event). "
+              "The status is written only when it changed, so a steady job costs reads only; "
+              "a training job's status changes with its progress, at most once per pass.",
+              SECTION_END]
+    return "\n".join(lines) + "\n"
+
+
+def existing_section(path: Path) -> str:
+    text = path.read_text() if path.exists() else ""
+    if SECTION_START not in text:
+        return ""
+    return SECTION_START + text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0] + SECTION_END + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if SECTION_START in text:
+        before, rest = text.split(SECTION_START, 1)
+        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
+        text = before + section + ("\n" + after if after else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.operator_scale", description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--window", type=float, default=60.0, help="seconds of each steady-state window")
+    parser.add_argument("--output", type=Path, default=REPO / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+
+    cluster = LocalCluster()
+    cluster_here = not cluster.is_running()
+    cluster.up()
+    operator = OperatorProcess(cluster)
+    operator_here = not operator.running()
+    operator.up()
+    results: dict = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     "config": yaml.safe_load(operator.config_file.read_text())}
+    run = uuid.uuid4().hex[:8]
+    try:
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials", "namespace": NAMESPACE},
+                  "stringData": {"AWS_ACCESS_KEY_ID": local_s3.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": local_s3.SECRET_KEY}}
+        cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(secret))
+        print(f"baseline window ({args.window:.0f}s)", flush=True)
+        results["baseline"] = window(cluster, operator, args.window, 0)
+
+        started = time.monotonic()
+        apply_jobs(cluster, [job(i, run, suspend=True) for i in range(args.jobs)])
+        wait_for(cluster, "suspended", lambda c: c.get("Suspended", 0) == args.jobs, 1800)
+        results["t_create"] = time.monotonic() - started
+        print(f"{args.jobs} suspended jobs in {results['t_create']:.0f}s; steady window", flush=True)
+        time.sleep(results["config"]["reconcileIntervalSeconds"])
+        results["suspended"] = window(cluster, operator, args.window, args.jobs)
+
+        started = time.monotonic()
+        apply_jobs(cluster, [job(i, run, suspend=False) for i in range(args.jobs)])
+        wait_for(cluster, "succeeded", lambda c: c.get("Succeeded", 0) == args.jobs, 1800)
+        results["t_run"] = time.monotonic() - started
+        print(f"all Succeeded in {results['t_run']:.0f}s; steady window", flush=True)
+        time.sleep(results["config"]["reconcileIntervalSeconds"])
+        results["finished"] = window(cluster, operator, args.window, args.jobs)
+
+        started = time.monotonic()
+        cluster.kubectl("delete", "finetunejobs", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=1800s", timeout=1900)
+        while sandboxes(cluster):
+            time.sleep(3)
+        results["t_delete"] = time.monotonic() - started
+        print(f"deleted in {results['t_delete']:.0f}s", flush=True)
+    finally:
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        if operator_here:
+            operator.down()
+        if cluster_here:
+            cluster.down()
+    section = report(args, results)
+    write_section(args.output, section)
+    print(section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
