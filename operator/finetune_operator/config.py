@@ -59,6 +59,9 @@ class OperatorConfig(ConfigModel):
     progressStallSeconds: float = Field(
         default=900.0, ge=0, description="A running job whose progress.json is older than this is reported as "
         "ProgressStalled (Running condition reason + Warning event); 0 disables.")
+    resyncSeconds: float = Field(
+        default=600.0, ge=0, description="An unchanged sandbox is applied again after this long (repairs hand edits "
+        "inside it); in between, a pass applies only when the desired objects changed. 0: apply on every pass.")
     deletionTimeoutSeconds: float = Field(
         default=300.0, gt=0, description="How long a deletion waits for the sandbox namespace before releasing the finalizer."
     )

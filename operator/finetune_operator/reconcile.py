@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -110,6 +112,25 @@ def ttl_expired(status: dict[str, Any], ttl: int, now: datetime) -> bool:
 def _ref(api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any]:
     meta = {"name": name} if namespace is None else {"name": name, "namespace": namespace}
     return {"apiVersion": api_version, "kind": kind, "metadata": meta}
+
+
+def objects_digest(objects: list[dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(objects, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def needs_apply(plan: Plan, view: View, last_applied: tuple[str, float] | None, now_monotonic: float,
+                resync_seconds: float) -> bool:
+    """Whether this pass must send its server-side applies. An unchanged apply is a no-op in etcd but
+    still a request: with the same desired objects as the last successful apply, a sandbox that is
+    there and a run that exists, it waits for the resync period (which repairs hand edits)."""
+    if not plan.apply or last_applied is None or resync_seconds <= 0:
+        return bool(plan.apply)
+    digest, when = last_applied
+    if namespace_state(view.namespace) != SANDBOX_ACTIVE:
+        return True
+    if any(o["kind"] == "PyTorchJob" for o in plan.apply) and view.pytorchjob is None:
+        return True
+    return digest != objects_digest(plan.apply) or now_monotonic - when >= resync_seconds
 
 
 def decide(view: View, cfg: OperatorConfig) -> Plan:
@@ -213,6 +234,7 @@ class Reconciler:
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_read: dict[str, float] = {}
         self._input_checks: dict[str, tuple[tuple[int, str], dict[str, Any]]] = {}
+        self._applied: dict[str, tuple[str, float]] = {}  # uid -> (digest of the objects, monotonic time)
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
@@ -292,10 +314,16 @@ class Reconciler:
         for obj in plan.delete:
             await self.kube.delete(k8s.resource_of(obj), obj["metadata"]["name"], obj["metadata"].get("namespace"))
         ptj = view.pytorchjob
-        for obj in plan.apply:
-            applied = await self.kube.apply(obj)
-            if obj["kind"] == "PyTorchJob":
-                ptj = applied
+        uid = meta.get("uid", "")
+        mono = time.monotonic()
+        if needs_apply(plan, view, self._applied.get(uid), mono, self.cfg.resyncSeconds):
+            self._applied.pop(uid, None)
+            for obj in plan.apply:
+                applied = await self.kube.apply(obj)
+                if obj["kind"] == "PyTorchJob":
+                    ptj = applied
+            if plan.apply:
+                self._applied[uid] = (objects_digest(plan.apply), mono)
         if plan.suspend_patch is not None and ptj is not None:
             await self.kube.merge_patch(k8s.PyTorchJob, ptj["metadata"]["name"], plan.sandbox,
                                         {"spec": {"runPolicy": {"suspend": plan.suspend_patch}}})
@@ -377,4 +405,5 @@ class Reconciler:
         self.metrics.forget_job(meta["namespace"], meta["name"])
         self._last_read.pop(uid, None)
         self._input_checks.pop(uid, None)
+        self._applied.pop(uid, None)
         self._locks.pop(uid, None)

@@ -12,7 +12,7 @@ from finetune_operator.builders.events import event, transition_events
 from finetune_operator.config import OperatorConfig
 from finetune_operator.handlers import FINALIZER, configure_settings, register
 from finetune_operator.metrics import Metrics
-from finetune_operator.reconcile import View, decide, should_read_documents
+from finetune_operator.reconcile import View, decide, needs_apply, objects_digest, should_read_documents
 from finetune_operator.status import SANDBOX_ABSENT, SANDBOX_ACTIVE, SANDBOX_EXPIRED, SANDBOX_TERMINATING
 from finetune_operator.validation import Facts, Problem, validate
 from op_testdata import ROOT, job, minimal_spec
@@ -112,6 +112,32 @@ def test_decide(name, v, expected):
     assert plan.spec_drift == drift and plan.suspend_patch == suspend
     assert (plan.requeue_after is not None) == requeue
     assert bool(plan.permanent) == permanent
+
+
+STEADY = view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B))
+STEADY_DIGEST = objects_digest(decide(STEADY, CFG).apply)
+RESYNC = 600.0
+APPLY_CASES = [
+    # name, view, last successful apply (digest, monotonic time) or None, now (monotonic), expected
+    ("first pass since the operator started", STEADY, None, 1000.0, True),
+    ("same objects, applied recently: no request", STEADY, (STEADY_DIGEST, 900.0), 1000.0, False),
+    ("same objects, resync period passed", STEADY, (STEADY_DIGEST, 300.0), 1000.0, True),
+    ("desired objects changed (e.g. a rotated Secret)", STEADY, ("another-digest", 900.0), 1000.0, True),
+    ("sandbox namespace deleted by hand", view(B, pytorchjob=existing_run(B)), (STEADY_DIGEST, 900.0), 1000.0, True),
+    ("sandbox namespace terminating: it waits, nothing to apply",
+     view(B, namespace=TERMINATING_NS, pytorchjob=existing_run(B)), (STEADY_DIGEST, 900.0), 1000.0, False),
+    ("the run's PyTorchJob is missing", view(B, namespace=ACTIVE_NS), (STEADY_DIGEST, 900.0), 1000.0, True),
+    ("nothing to apply", view(body(status=SUCCEEDED)), None, 1000.0, False),
+]
+
+
+@pytest.mark.parametrize("name,v,last,now,expected", APPLY_CASES, ids=[c[0] for c in APPLY_CASES])
+def test_needs_apply(name, v, last, now, expected):
+    assert needs_apply(decide(v, CFG), v, last, now, RESYNC) is expected
+
+
+def test_resync_zero_applies_on_every_pass():
+    assert needs_apply(decide(STEADY, CFG), STEADY, (STEADY_DIGEST, 999.0), 1000.0, 0) is True
 
 
 def test_sandbox_conflict_names_the_owner():
