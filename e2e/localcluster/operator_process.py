@@ -44,8 +44,8 @@ class OperatorProcess:
                              "-f", str(CRD))
         self.cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
 
-    def render_config(self, metrics_port: int, liveness_port: int) -> Path:
-        config = yaml.safe_load(DEV_CONFIG.read_text())
+    def render_config(self, metrics_port: int, liveness_port: int, overrides: dict | None = None) -> Path:
+        config = {**yaml.safe_load(DEV_CONFIG.read_text()), **(overrides or {})}
         s3_port = self.cluster.state.ports["s3"]
         config.update(s3Endpoint=self.cluster.s3_endpoint, operatorMetricsPort=metrics_port,
                       livenessPort=liveness_port)
@@ -53,13 +53,14 @@ class OperatorProcess:
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         return self.config_file
 
-    def up(self, log=print) -> None:
+    def up(self, log=print, overrides: dict | None = None) -> None:
+        """Start it (OperatorConfig fields in `overrides` replace dev.yaml's)."""
         if self.running():
             log(f"operator already running (pid {self._state()['pid']}), log {self.log_file}")
             return
         self.install_crds()
         metrics_port, liveness_port = free_port(), free_port()
-        config = self.render_config(metrics_port, liveness_port)
+        config = self.render_config(metrics_port, liveness_port, overrides)
         env = dict(os.environ, KUBECONFIG=str(self.cluster.kubeconfig), PYTHONUNBUFFERED="1")
         proc = start_logged([sys.executable, "-m", "finetune_operator", f"--config={config}"], self.log_file,
                             env=env, cwd=REPO_ROOT)
