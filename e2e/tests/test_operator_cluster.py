@@ -416,9 +416,10 @@ def reconcile_passes(operator) -> float:
 
 
 def test_passes_over_a_job_that_did_not_change_write_nothing(kube, operator, cfg, namespace):
-    job = ftj("settled", runPolicy=run_policy())
+    # A suspended job is active (its timer passes every tick, its run objects are desired) and steady.
+    job = ftj("settled", runPolicy=run_policy(suspend=True))
     kube.apply(credentials(), job, namespace=namespace)
-    wait_phase(kube, namespace, "settled", "Succeeded")
+    wait_phase(kube, namespace, "settled", "Suspended")
     sandbox = sandbox_of(cfg, namespace, "settled")
     time.sleep(cfg.reconcileIntervalSeconds + 2)  # let the pass after the last change happen
 
@@ -430,6 +431,7 @@ def test_passes_over_a_job_that_did_not_change_write_nothing(kube, operator, cfg
         return {f"{o['kind']}/{o['metadata']['name']}": o["metadata"]["resourceVersion"] for o in objects}
 
     before, passes_before = versions(), reconcile_passes(operator)
+    assert "PyTorchJob/train-1" in before and "ConfigMap/trainer-config-1" in before
     time.sleep(2 * cfg.reconcileIntervalSeconds + 3)
     assert reconcile_passes(operator) >= passes_before + 2  # the timer did run over it
     assert versions() == before

@@ -59,6 +59,9 @@ class OperatorConfig(ConfigModel):
     progressStallSeconds: float = Field(
         default=900.0, ge=0, description="A running job whose progress.json is older than this is reported as "
         "ProgressStalled (Running condition reason + Warning event); 0 disables.")
+    idleReconcileSeconds: float = Field(
+        default=300.0, ge=0, description="Timer period of a job with nothing left to do (its run finished and no "
+        "ttlSecondsAfterFinished pending); spec changes and deletion are still handled at once. 0: the normal period.")
     resyncSeconds: float = Field(
         default=600.0, ge=0, description="An unchanged sandbox is applied again after this long (repairs hand edits "
         "inside it); in between, a pass applies only when the desired objects changed. 0: apply on every pass.")

@@ -95,7 +95,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
     async def periodic(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         if body.metadata.get("deletionTimestamp"):
             return
-        await memo.reconciler.reconcile(plain(body))  # a requeue is the next tick
+        await memo.reconciler.on_timer(plain(body))  # a requeue is the next tick
 
     @kopf.on.delete(**resource, id="cleanup")
     async def on_delete(body: kopf.Body, memo: kopf.Memo, runtime: Any, **_: Any) -> None:

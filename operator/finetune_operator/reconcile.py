@@ -39,6 +39,7 @@ from finetune_operator.status import (
     SANDBOX_TERMINATING,
     Observation,
     changed,
+    condition,
     derive_status,
     is_true,
     parse_time,
@@ -102,6 +103,24 @@ def namespace_state(ns: dict[str, Any] | None) -> str:
 
 def run_finished(status: dict[str, Any], run_id: str) -> bool:
     return status.get("runId") == run_id and (is_true(status, "Succeeded") or is_true(status, "Failed"))
+
+
+def idle(body: dict[str, Any]) -> bool:
+    """A job whose run finished and that waits for nothing on a timer (no TTL deletion pending):
+    only a spec change (an update handler) or deletion can give it something to do."""
+    raw_spec, status = body.get("spec") or {}, body.get("status") or {}
+    if status.get("observedGeneration") != (body.get("metadata") or {}).get("generation"):
+        return False
+    if not run_finished(status, str(raw_spec.get("runId") or "1")):
+        return False
+    ttl = int(((raw_spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")) or 0)
+    sandbox = condition(status, "SandboxReady") or {}
+    return ttl == 0 or (sandbox.get("status") == "False" and sandbox.get("reason") in ("DeletedAfterTTL", "Deleted"))
+
+
+def timer_due(body: dict[str, Any], last_pass: float | None, now_monotonic: float, idle_seconds: float) -> bool:
+    """Whether the timer's pass should run: always, except for an idle job passed less than idle_seconds ago."""
+    return last_pass is None or idle_seconds <= 0 or not idle(body) or now_monotonic - last_pass >= idle_seconds
 
 
 def ttl_expired(status: dict[str, Any], ttl: int, now: datetime) -> bool:
@@ -235,13 +254,22 @@ class Reconciler:
         self._last_read: dict[str, float] = {}
         self._input_checks: dict[str, tuple[tuple[int, str], dict[str, Any]]] = {}
         self._applied: dict[str, tuple[str, float]] = {}  # uid -> (digest of the objects, monotonic time)
+        self._last_pass: dict[str, float] = {}  # uid -> monotonic time of its last pass
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
 
+    async def on_timer(self, body: dict[str, Any]) -> Outcome | None:
+        """The timer's pass, or None when the job is idle and was passed recently."""
+        if not timer_due(body, self._last_pass.get(body["metadata"].get("uid", "")), time.monotonic(),
+                         self.cfg.idleReconcileSeconds):
+            return None
+        return await self.reconcile(body)
+
     async def reconcile(self, body: dict[str, Any]) -> Outcome:
         body = copy.deepcopy(body)
         started = time.monotonic()
+        self._last_pass[body["metadata"].get("uid", "")] = started
         try:
             async with self._lock(body["metadata"].get("uid", "")):
                 # Handlers and the timer may hold an older copy: decide on the stored object, so two
@@ -406,4 +434,5 @@ class Reconciler:
         self._last_read.pop(uid, None)
         self._input_checks.pop(uid, None)
         self._applied.pop(uid, None)
+        self._last_pass.pop(uid, None)
         self._locks.pop(uid, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import datetime, timezone
 
 import kopf
@@ -12,7 +13,7 @@ from finetune_operator.builders.events import event, transition_events
 from finetune_operator.config import OperatorConfig
 from finetune_operator.handlers import FINALIZER, configure_settings, register
 from finetune_operator.metrics import Metrics
-from finetune_operator.reconcile import View, decide, needs_apply, objects_digest, should_read_documents
+from finetune_operator.reconcile import View, decide, needs_apply, objects_digest, should_read_documents, timer_due
 from finetune_operator.status import SANDBOX_ABSENT, SANDBOX_ACTIVE, SANDBOX_EXPIRED, SANDBOX_TERMINATING
 from finetune_operator.validation import Facts, Problem, validate
 from op_testdata import ROOT, job, minimal_spec
@@ -138,6 +139,44 @@ def test_needs_apply(name, v, last, now, expected):
 
 def test_resync_zero_applies_on_every_pass():
     assert needs_apply(decide(STEADY, CFG), STEADY, (STEADY_DIGEST, 999.0), 1000.0, 0) is True
+
+
+def observed(status, **spec_overrides):
+    b = body(status=copy.deepcopy(status), **spec_overrides)
+    b["metadata"]["generation"] = 3
+    b["status"]["observedGeneration"] = 3
+    return b
+
+
+SANDBOX_KEPT = {"type": "SandboxReady", "status": "True", "reason": "Ready"}
+SANDBOX_GONE_TTL = {"type": "SandboxReady", "status": "False", "reason": "DeletedAfterTTL"}
+RUNNING = {"runId": "1", "conditions": [{"type": "Running", "status": "True"}]}
+IDLE = 300.0
+TIMER_CASES = [
+    # name, job, seconds since its last pass (None: none since the operator started), expected
+    ("running: every tick", observed(RUNNING), 10, True),
+    ("finished, no TTL, passed recently: skipped", observed(SUCCEEDED), 10, False),
+    ("finished, no TTL, idle period over", observed(SUCCEEDED), 301, True),
+    ("finished, first tick since the operator started", observed(SUCCEEDED), None, True),
+    ("finished, TTL pending: every tick", observed({**SUCCEEDED, "conditions": SUCCEEDED["conditions"] + [SANDBOX_KEPT]},
+                                                   runPolicy={"ttlSecondsAfterFinished": 60}), 10, True),
+    ("finished, sandbox deleted after TTL: skipped",
+     observed({**SUCCEEDED, "conditions": SUCCEEDED["conditions"] + [SANDBOX_GONE_TTL]},
+              runPolicy={"ttlSecondsAfterFinished": 60}), 10, False),
+    ("finished run of an older runId: every tick", observed(SUCCEEDED, runId="2"), 10, True),
+    ("spec changed since the status was written: every tick",
+     {**observed(SUCCEEDED), "metadata": {**observed(SUCCEEDED)["metadata"], "generation": 4}}, 10, True),
+]
+
+
+@pytest.mark.parametrize("name,b,since,expected", TIMER_CASES, ids=[c[0] for c in TIMER_CASES])
+def test_timer_due(name, b, since, expected):
+    now = 10_000.0
+    assert timer_due(b, None if since is None else now - since, now, IDLE) is expected
+
+
+def test_idle_zero_passes_every_tick():
+    assert timer_due(observed(SUCCEEDED), 9_999.0, 10_000.0, 0) is True
 
 
 def test_sandbox_conflict_names_the_owner():
