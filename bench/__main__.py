@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -20,33 +19,21 @@ sys.path.insert(0, str(REPO / "trainer-image"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("FINETUNE_TRAINER_METRICS_PORT", "0")
 
-ACCESS_KEY, SECRET_KEY = "bench", "bench-secret"
+from e2e.localcluster import s3 as local_s3  # noqa: E402
+from e2e.localcluster.procs import free_port  # noqa: E402
+
 WARMUP_STEPS = 5
 SETTINGS = {"steps": 40, "batch_size": 8, "learning_rate": 2e-3, "rank": 16, "alpha": 32, "seed": 42,
             "max_seq_length": 128, "hidden_size": 256, "layers": 4}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_s3() -> tuple[subprocess.Popen, str]:
+    """The local cluster's S3 server (moto) on a free port, its log in a temporary folder."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.25)
-    os.environ.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION="us-east-1")
-    return process, endpoint
+    process = local_s3.start_s3_server(port, Path(tempfile.mkdtemp(prefix="bench-s3-")) / "s3.log")
+    os.environ.update(AWS_ACCESS_KEY_ID=local_s3.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=local_s3.SECRET_KEY,
+                      AWS_DEFAULT_REGION=local_s3.REGION)
+    return process, f"http://127.0.0.1:{port}"
 
 
 def steady(steps: list[tuple[float, int]]) -> dict:
@@ -160,7 +147,7 @@ def run(output: Path, with_smollm2: bool) -> None:
     # The operator-at-scale section is written by bench.operator_scale (it needs the local cluster): keep it.
     kept = existing_section(output)
     output.write_text(render(best, results, checkpoint_events, environment) + smollm2.render(smollm2_result)
-                      + ("\n" + kept if kept else ""))
+                      + ("\n" + kept + "\n" if kept else ""))
     print(json.dumps({"best": best, "environment": environment, "smollm2": smollm2_result}, indent=2))
 
 

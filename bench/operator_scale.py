@@ -38,6 +38,7 @@ from e2e.localcluster import s3 as local_s3
 from e2e.localcluster.cluster import LocalCluster
 from e2e.localcluster.operator_process import OperatorProcess
 from finetune_operator.builders import names as n
+from finetune_operator.config import OperatorConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "bench-scale"
@@ -81,7 +82,7 @@ def operator_metrics(operator: OperatorProcess) -> dict:
 
 
 def process_usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds, resident MiB) of a process and its children still running."""
+    """(CPU seconds, resident MiB) of a process."""
     ticks = os.sysconf("SC_CLK_TCK")
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
@@ -104,15 +105,19 @@ def quantile(buckets: dict[float, float], q: float) -> float:
     return float("nan")
 
 
+def snapshot(cluster: LocalCluster, operator: OperatorProcess, pid: int, jobs: int) -> tuple:
+    """(API requests, operator metrics, operator (CPU s, RSS MiB), FineTuneJob resourceVersions)."""
+    return (api_requests(cluster), operator_metrics(operator), process_usage(pid),
+            resource_versions(cluster) if jobs else {})
+
+
 def window(cluster: LocalCluster, operator: OperatorProcess, seconds: float, jobs: int) -> dict:
     pid = json.loads(operator.pid_file.read_text())["pid"]
-    api0, op0, usage0, rv0 = api_requests(cluster), operator_metrics(operator), process_usage(pid), \
-        (resource_versions(cluster) if jobs else {})
+    api0, op0, usage0, rv0 = snapshot(cluster, operator, pid, jobs)
     started = time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - started
-    api1, op1, usage1, rv1 = api_requests(cluster), operator_metrics(operator), process_usage(pid), \
-        (resource_versions(cluster) if jobs else {})
+    api1, op1, usage1, rv1 = snapshot(cluster, operator, pid, jobs)
     delta_buckets = {b: op1["buckets"].get(b, 0) - op0["buckets"].get(b, 0) for b in op1["buckets"]}
     passes = op1["reconciles"] - op0["reconciles"]
     return {
@@ -205,7 +210,7 @@ def report(args, r: dict) -> str:
         f"Written by `make bench-operator` (`python -m bench.operator_scale --jobs {args.jobs}`); measured "
         f"{r['when']} on the local control plane (2 cores; API server, etcd, controllers, KWOK, S3 and the "
         f"operator share them). {args.jobs} FineTuneJobs in one namespace on the KWOK pool `cpu` (each pod runs 5 s and "
-        f"succeeds; no training). The operator's timer runs every {cfg['reconcileIntervalSeconds']:.0f} s per job; "
+        f"succeeds; no training). The operator's timer runs every {cfg.reconcileIntervalSeconds:.0f} s per job; "
         f"steady windows of {args.window:.0f} s, the idle cluster's own API traffic subtracted.",
         "",
         "| phase | seconds |",
@@ -220,11 +225,11 @@ def report(args, r: dict) -> str:
     rows = [steady_rows(f"{args.jobs} suspended (active) jobs", r["suspended"], r["baseline"], args.jobs),
             steady_rows(f"{args.jobs} suspended jobs, `resyncSeconds: 0` (applies on every pass)",
                         r["suspended_apply_always"], r["baseline"], args.jobs),
-            steady_rows(f"{args.jobs} finished jobs", r["finished"], r["baseline"], args.jobs),
+            steady_rows(f"{args.jobs} finished jobs", r["succeeded"], r["baseline"], args.jobs),
             steady_rows(f"{args.jobs} finished jobs, `idleReconcileSeconds: 0` (a pass every tick)",
                         r["finished_every_tick"], r["baseline"], args.jobs)]
     apply_ratio = r["suspended_apply_always"]["pass_seconds_mean"] / max(r["suspended"]["pass_seconds_mean"], 1e-9)
-    cpu_ratio = r["finished_every_tick"]["cpu_percent"] / max(r["finished"]["cpu_percent"], 1e-9)
+    cpu_ratio = r["finished_every_tick"]["cpu_percent"] / max(r["succeeded"]["cpu_percent"], 1e-9)
     lines += [row[0] for row in rows] + [
         "",
         "Writes in the steady windows (by verb and resource): "
@@ -234,35 +239,30 @@ def report(args, r: dict) -> str:
         "A pass reads the FineTuneJob, its Secret and the sandbox namespace, and lists the run's "
         "PyTorchJobs, pods and exit events. It sends server-side applies only when the desired "
         "objects changed, the sandbox or the run is missing, or `resyncSeconds` "
-        f"({cfg.get('resyncSeconds', 600):.0f} s here) passed since the last apply. An unchanged apply "
+        f"({cfg.resyncSeconds:.0f} s here) passed since the last apply. An unchanged apply "
         "writes nothing to etcd, but the API server still decodes and merges it: with applies on every "
         f"pass (second row, same run) a pass takes {apply_ratio:.1f}x as long. A job whose run finished "
         "(no TTL pending) is passed by the timer every `idleReconcileSeconds` "
-        f"({cfg.get('idleReconcileSeconds', 300):.0f} s) instead of every tick; spec changes and deletion "
+        f"({cfg.idleReconcileSeconds:.0f} s) instead of every tick; spec changes and deletion "
         f"are still handled at once. With a pass every tick (last row) the operator uses {cpu_ratio:.1f}x "
         "the CPU. The status is written only when it changed, so a steady job costs reads only; a "
         "training job's status changes with its progress, at most once per pass. The operator only "
         "creates Events; PATCHes of events come from the other controllers' event recorders.",
               SECTION_END]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def existing_section(path: Path) -> str:
+    """The operator-at-scale section of `path` as it stands there, markers included ("" if none)."""
     text = path.read_text() if path.exists() else ""
-    if SECTION_START not in text:
-        return ""
-    return SECTION_START + text.split(SECTION_START, 1)[1].split(SECTION_END, 1)[0] + SECTION_END + "\n"
+    start, end = text.find(SECTION_START), text.find(SECTION_END)
+    return text[start:end + len(SECTION_END)] if 0 <= start < end else ""
 
 
 def write_section(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in text:
-        before, rest = text.split(SECTION_START, 1)
-        after = rest.split(SECTION_END, 1)[1].lstrip("\n")
-        text = before + section + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    old = existing_section(path)
+    path.write_text(text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section + "\n")
 
 
 def restart(operator: OperatorProcess, interval: float, **overrides) -> None:
@@ -290,7 +290,7 @@ def main() -> int:
     operator_here = not operator.running()
     operator.up()
     results: dict = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                     "config": yaml.safe_load(operator.config_file.read_text())}
+                     "config": OperatorConfig.model_validate(yaml.safe_load(operator.config_file.read_text()))}
     run = uuid.uuid4().hex[:8]
     try:
         cluster.kubectl("create", "namespace", NAMESPACE)
@@ -300,28 +300,24 @@ def main() -> int:
         print(f"baseline window ({args.window:.0f}s)", flush=True)
         results["baseline"] = window(cluster, operator, args.window, 0)
 
-        started = time.monotonic()
-        apply_jobs(cluster, [job(i, run, suspend=True) for i in range(args.jobs)])
-        wait_for(cluster, "suspended", lambda c: c.get("Suspended", 0) == args.jobs, 1800)
-        results["t_create"] = time.monotonic() - started
-        print(f"{args.jobs} suspended jobs in {results['t_create']:.0f}s; steady windows", flush=True)
-        interval = results["config"]["reconcileIntervalSeconds"]
-        time.sleep(interval)
-        results["suspended"] = window(cluster, operator, args.window, args.jobs)
-        restart(operator, interval, resyncSeconds=0)
-        results["suspended_apply_always"] = window(cluster, operator, args.window, args.jobs)
-        restart(operator, interval)
+        interval = results["config"].reconcileIntervalSeconds
 
-        started = time.monotonic()
-        apply_jobs(cluster, [job(i, run, suspend=False) for i in range(args.jobs)])
-        wait_for(cluster, "succeeded", lambda c: c.get("Succeeded", 0) == args.jobs, 1800)
-        results["t_run"] = time.monotonic() - started
-        print(f"all Succeeded in {results['t_run']:.0f}s; steady windows", flush=True)
-        time.sleep(interval)
-        results["finished"] = window(cluster, operator, args.window, args.jobs)
-        restart(operator, interval, idleReconcileSeconds=0)
-        results["finished_every_tick"] = window(cluster, operator, args.window, args.jobs)
-        restart(operator, interval)
+        def settle(key: str, suspend: bool, phase: str, compare_key: str, **compare_overrides) -> None:
+            """Apply every job, wait until all reach `phase`, then a steady window with the operator's
+            defaults and one with `compare_overrides`, side by side."""
+            started = time.monotonic()
+            apply_jobs(cluster, [job(i, run, suspend=suspend) for i in range(args.jobs)])
+            wait_for(cluster, phase, lambda c: c.get(phase, 0) == args.jobs, 1800)
+            results[key] = time.monotonic() - started
+            print(f"{args.jobs} jobs {phase} in {results[key]:.0f}s; steady windows", flush=True)
+            time.sleep(interval)
+            results[phase.lower()] = window(cluster, operator, args.window, args.jobs)
+            restart(operator, interval, **compare_overrides)
+            results[compare_key] = window(cluster, operator, args.window, args.jobs)
+            restart(operator, interval)
+
+        settle("t_create", True, "Suspended", "suspended_apply_always", resyncSeconds=0)
+        settle("t_run", False, "Succeeded", "finished_every_tick", idleReconcileSeconds=0)
 
         started = time.monotonic()
         cluster.kubectl("delete", "finetunejobs", "--all", "-n", NAMESPACE, "--wait=true", "--timeout=1800s", timeout=1900)

@@ -72,8 +72,9 @@ def test_runs_as_a_numeric_non_root_user(dockerfile):
 
 
 def test_trainer_image_user_is_the_pods_run_as_user():
-    assert int(last(TRAINER, "USER").split(":")[0]) == OperatorConfig.model_fields["runAsUser"].default
-    assert int(last(TRAINER, "USER").split(":")[0]) == yaml.safe_load(CHART_VALUES.read_text())["config"]["runAsUser"]
+    uid = int(last(TRAINER, "USER").split(":")[0])
+    assert uid == OperatorConfig.model_fields["runAsUser"].default
+    assert uid == yaml.safe_load(CHART_VALUES.read_text())["config"]["runAsUser"]
 
 
 def test_trainer_image_installs_the_trainer_and_gpu_extras():

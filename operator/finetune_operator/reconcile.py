@@ -44,6 +44,7 @@ from finetune_operator.status import (
     is_true,
     parse_time,
     ptj_condition,
+    run_id_of,
 )
 from finetune_operator.validation import TRANSIENT_REASONS, Facts, Problem, s3_uris_to_check, validate
 
@@ -111,7 +112,7 @@ def idle(body: dict[str, Any]) -> bool:
     raw_spec, status = body.get("spec") or {}, body.get("status") or {}
     if status.get("observedGeneration") != (body.get("metadata") or {}).get("generation"):
         return False
-    if not run_finished(status, str(raw_spec.get("runId") or "1")):
+    if not run_finished(status, run_id_of(raw_spec)):
         return False
     ttl = int(((raw_spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")) or 0)
     sandbox = condition(status, "SandboxReady") or {}
@@ -137,19 +138,20 @@ def objects_digest(objects: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(objects, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def needs_apply(plan: Plan, view: View, last_applied: tuple[str, float] | None, now_monotonic: float,
+def needs_apply(plan: Plan, view: View, digest: str, last_applied: tuple[str, float] | None, now_monotonic: float,
                 resync_seconds: float) -> bool:
-    """Whether this pass must send its server-side applies. An unchanged apply is a no-op in etcd but
-    still a request: with the same desired objects as the last successful apply, a sandbox that is
-    there and a run that exists, it waits for the resync period (which repairs hand edits)."""
+    """Whether this pass must send its server-side applies (`digest`: objects_digest(plan.apply)). An
+    unchanged apply is a no-op in etcd but still a request: with the same desired objects as the last
+    successful apply, a sandbox that is there and a run that exists, it waits for the resync period
+    (which repairs hand edits)."""
     if not plan.apply or last_applied is None or resync_seconds <= 0:
         return bool(plan.apply)
-    digest, when = last_applied
     if namespace_state(view.namespace) != SANDBOX_ACTIVE:
         return True
     if any(o["kind"] == "PyTorchJob" for o in plan.apply) and view.pytorchjob is None:
         return True
-    return digest != objects_digest(plan.apply) or now_monotonic - when >= resync_seconds
+    last_digest, when = last_applied
+    return digest != last_digest or now_monotonic - when >= resync_seconds
 
 
 def decide(view: View, cfg: OperatorConfig) -> Plan:
@@ -158,7 +160,7 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
     sandbox = n.sandbox_namespace(cfg.sandboxPrefix, meta["namespace"], meta["name"])
     plan = Plan(sandbox=sandbox, sandbox_state=namespace_state(view.namespace))
     spec = view.spec
-    run_id = spec.runId if spec else str(raw_spec.get("runId") or "1")
+    run_id = spec.runId if spec else run_id_of(raw_spec)
     finished = run_finished(status, run_id)
 
     if view.namespace is not None and not owns_namespace(view.namespace, meta.get("uid", "")):
@@ -342,16 +344,14 @@ class Reconciler:
         for obj in plan.delete:
             await self.kube.delete(k8s.resource_of(obj), obj["metadata"]["name"], obj["metadata"].get("namespace"))
         ptj = view.pytorchjob
-        uid = meta.get("uid", "")
-        mono = time.monotonic()
-        if needs_apply(plan, view, self._applied.get(uid), mono, self.cfg.resyncSeconds):
-            self._applied.pop(uid, None)
+        uid, mono, digest = meta.get("uid", ""), time.monotonic(), objects_digest(plan.apply)
+        if needs_apply(plan, view, digest, self._applied.get(uid), mono, self.cfg.resyncSeconds):
+            self._applied.pop(uid, None)  # a failed apply leaves no record: the next pass applies again
             for obj in plan.apply:
                 applied = await self.kube.apply(obj)
                 if obj["kind"] == "PyTorchJob":
                     ptj = applied
-            if plan.apply:
-                self._applied[uid] = (objects_digest(plan.apply), mono)
+            self._applied[uid] = (digest, mono)
         if plan.suspend_patch is not None and ptj is not None:
             await self.kube.merge_patch(k8s.PyTorchJob, ptj["metadata"]["name"], plan.sandbox,
                                         {"spec": {"runPolicy": {"suspend": plan.suspend_patch}}})

@@ -55,6 +55,11 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def run_id_of(raw_spec: dict[str, Any]) -> str:
+    """spec.runId of a stored object ("1" is the schema's default; kept for objects made before it)."""
+    return str(raw_spec.get("runId") or "1")
+
+
 def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
@@ -201,7 +206,7 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
     """The new status of a FineTuneJob (a JSON-ready dict without nulls)."""
     meta, spec = body["metadata"], body.get("spec") or {}
     generation = int(meta.get("generation") or 0)
-    run_id = str(spec.get("runId") or "1")
+    run_id = run_id_of(spec)
     run_policy = spec.get("runPolicy") or {}
     prev = dict(body.get("status") or {})
     same_run = prev.get("runId") == run_id

@@ -134,11 +134,12 @@ APPLY_CASES = [
 
 @pytest.mark.parametrize("name,v,last,now,expected", APPLY_CASES, ids=[c[0] for c in APPLY_CASES])
 def test_needs_apply(name, v, last, now, expected):
-    assert needs_apply(decide(v, CFG), v, last, now, RESYNC) is expected
+    plan = decide(v, CFG)
+    assert needs_apply(plan, v, objects_digest(plan.apply), last, now, RESYNC) is expected
 
 
 def test_resync_zero_applies_on_every_pass():
-    assert needs_apply(decide(STEADY, CFG), STEADY, (STEADY_DIGEST, 999.0), 1000.0, 0) is True
+    assert needs_apply(decide(STEADY, CFG), STEADY, STEADY_DIGEST, (STEADY_DIGEST, 999.0), 1000.0, 0) is True
 
 
 def observed(status, **spec_overrides):

@@ -59,39 +59,19 @@ if generation ~= nil then
   end
 end
 
-local failed = conditionIsTrue(conditions, "Failed")
-if failed ~= nil then
-  health.status = "Degraded"
-  health.message = messageOf(failed, "The fine-tuning run failed")
-  return health
-end
+-- In order: a failed run is Degraded even if another condition is also True.
+local outcomes = {
+  {type = "Failed", health = "Degraded", message = "The fine-tuning run failed"},
+  {type = "Succeeded", health = "Healthy", message = "The fine-tuning run succeeded"},
+  {type = "Suspended", health = "Suspended", message = "The fine-tuning run is suspended"},
+}
 
-local succeeded = conditionIsTrue(conditions, "Succeeded")
-if succeeded ~= nil then
-  health.status = "Healthy"
-  health.message = messageOf(succeeded, "The fine-tuning run succeeded")
-  return health
-end
-
-local suspended = conditionIsTrue(conditions, "Suspended")
-if suspended ~= nil then
-  health.status = "Suspended"
-  health.message = messageOf(suspended, "The fine-tuning run is suspended")
-  return health
-end
-
-if #conditions == 0 then
-  if status.phase == "Succeeded" then
-    health.status = "Healthy"
-    health.message = "The fine-tuning run succeeded"
-    return health
-  elseif status.phase == "Failed" then
-    health.status = "Degraded"
-    health.message = "The fine-tuning run failed"
-    return health
-  elseif status.phase == "Suspended" then
-    health.status = "Suspended"
-    health.message = "The fine-tuning run is suspended"
+for _, outcome in ipairs(outcomes) do
+  local condition = conditionIsTrue(conditions, outcome.type)
+  -- Without conditions, the phase (named like the condition) stands in for them.
+  if condition ~= nil or (#conditions == 0 and status.phase == outcome.type) then
+    health.status = outcome.health
+    health.message = messageOf(condition, outcome.message)
     return health
   end
 end
