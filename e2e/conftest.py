@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from e2e.localcluster.cluster import TENANT_GROUP, LocalCluster
-from e2e.localcluster.operator_process import OperatorProcess
+from e2e.localcluster.operator_release import OperatorRelease
 
 
 class Kube:
@@ -58,19 +58,18 @@ def local_cluster():
 
 
 @pytest.fixture(scope="session")
-def operator(local_cluster) -> OperatorProcess:
-    """The operator from the working tree, one process for the session (reused when already running)."""
-    process = OperatorProcess(local_cluster)
-    started_here = not process.running()
-    process.up()
-    yield process
-    if started_here:
-        # Let the finalizers of jobs in deleted test namespaces run before the operator goes.
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and local_cluster.kubectl(
-                "get", "finetunejobs", "-A", "-o", "name", check=False).stdout.strip():
-            time.sleep(2)
-        process.down()
+def operator(local_cluster) -> OperatorRelease:
+    """The operator installed by its Helm chart (its image, service account, RBAC, admission guard),
+    one release for the session; an installation from an earlier run is upgraded to this tree."""
+    release = OperatorRelease(local_cluster)
+    release.up()
+    yield release
+    # Let the finalizers of jobs in deleted test namespaces run before the operator goes.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and local_cluster.kubectl(
+            "get", "finetunejobs", "-A", "-o", "name", check=False).stdout.strip():
+        time.sleep(2)
+    release.down()
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """`make demo`: the whole chain on this machine, with real training.
 
-Starts the local control plane (building it the first time), S3 with a small model and the Orbit
-Storage help-desk data, Prometheus, the node runtime and the operator; applies
-examples/finetunejob-demo.yaml (LoRA, 2 workers, CPU); shows live progress from the FineTuneJob's
-status; ends with where the adapter and merged model are and the base and tuned perplexity.
+Starts the local cluster (building it the first time: binaries and images), S3 with a small model
+and the Orbit Storage help-desk data, Prometheus and the real node; installs the operator with its
+Helm chart; applies examples/finetunejob-demo.yaml (LoRA, 2 workers, CPU: two containers of the
+trainer image); shows live progress from the FineTuneJob's status; ends with where the adapter and
+merged model are and the base and tuned perplexity.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 
 from e2e.localcluster import s3 as local_s3
 from e2e.localcluster.cluster import LocalCluster
-from e2e.localcluster.operator_process import OperatorProcess
+from e2e.localcluster.operator_release import OperatorRelease
 from e2e.localcluster.paths import REPO_ROOT
 
 NAMESPACE = "demo"
@@ -48,7 +49,7 @@ def _true_conditions(status: dict) -> list[dict]:
 def run_demo() -> int:
     t0 = time.monotonic()
     cluster = LocalCluster().up()
-    operator = OperatorProcess(cluster)
+    operator = OperatorRelease(cluster)
     operator.up()
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
     # A demo run always starts fresh: the previous run's job (and its sandbox) go first, and so do
@@ -57,7 +58,8 @@ def run_demo() -> int:
                     "--timeout=180s")
     _delete_prefix(cluster, "team-a", "models/orbit-helpdesk/")
     cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(MANIFEST))
-    print(f"\napplied {MANIFEST.relative_to(REPO_ROOT)} in namespace {NAMESPACE}; training for real on 2 local workers\n")
+    print(f"\napplied {MANIFEST.relative_to(REPO_ROOT)} in namespace {NAMESPACE}; training for real in 2 containers"
+          f" on {cluster.image('trainer')}\n")
 
     interactive = sys.stdout.isatty()
     last_print = 0.0
@@ -82,7 +84,7 @@ def run_demo() -> int:
         print(f"\nthe demo job did not succeed (phase {status.get('phase')!r}) after {elapsed:.0f}s:")
         for cond in _true_conditions(status):
             print(f"  {cond['type']}: {cond.get('reason')}: {cond.get('message')}")
-        print(f"  operator log: {operator.log_file}")
+        print(f"  operator log: kubectl logs -n {operator.namespace} deploy/{operator.deployment}")
         print(f"  pod output:   make pod-logs NS={status.get('sandboxNamespace', '<sandbox>')} POD=<pod>")
         return 1
 
@@ -108,7 +110,7 @@ def _delete_prefix(cluster: LocalCluster, bucket: str, prefix: str) -> None:
             client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
 
 
-def _look_around(cluster: LocalCluster, operator: OperatorProcess, status: dict) -> str:
+def _look_around(cluster: LocalCluster, operator: OperatorRelease, status: dict) -> str:
     sandbox = status.get("sandboxNamespace", "")
     return f"""
 Look around:
@@ -119,7 +121,8 @@ Look around:
   make pod-logs NS={sandbox} POD=train-1-master-0    # the trainer's output
   S3 ({cluster.s3_endpoint}, key finetune-local / finetune-local-secret):
     .venv/bin/python -c "import boto3; c=boto3.client('s3', endpoint_url='{cluster.s3_endpoint}', aws_access_key_id='finetune-local', aws_secret_access_key='finetune-local-secret', region_name='us-east-1'); print([o['Key'] for o in c.list_objects_v2(Bucket='team-a', Prefix='models/orbit-helpdesk/')['Contents']])"
-  Prometheus: {cluster.prometheus_url}/graph?g0.expr=finetune_job_progress_percent   (operator log: {operator.log_file})
+  kubectl logs -n {operator.namespace} deploy/{operator.deployment}   # the operator, installed by its chart
+  Prometheus: {cluster.prometheus_url}/graph?g0.expr=finetune_job_progress_percent
 Stop everything: make cluster-down"""
 
 

@@ -2,7 +2,7 @@
 .PHONY: cluster-build cluster-up cluster-down cluster-status test-cluster
 
 # Only the standard library: runs in parallel with `make venv` (make -j2 venv cluster-build).
-cluster-build: ## build (or find cached) etcd, Kubernetes, training-operator and KWOK binaries
+cluster-build: ## install the node's Debian packages; build (or find cached) every binary and image
 	python3 -m e2e.localcluster.build
 
 cluster-up: venv ## build what is missing, start the local cluster, wait until ready
@@ -24,9 +24,16 @@ operator-up: venv ## run the operator from the working tree against the local cl
 operator-down: ## stop the operator started by operator-up
 	@if [ -x $(PY) ]; then $(PY) -m e2e.localcluster operator-down; fi
 
-pod-logs: ## output of a pod run by the local node runtime: make pod-logs NS=<namespace> POD=<pod>
+pod-logs: ## output of a pod on the real node: make pod-logs NS=<namespace> POD=<pod>
 	$(PY) -m e2e.localcluster logs $(NS) $(POD)
 
+.PHONY: operator-install operator-uninstall
+operator-install: venv ## install (or upgrade) the operator in the local cluster with its Helm chart and image
+	$(PY) -m e2e.localcluster operator-install
+
+operator-uninstall: ## helm uninstall the operator from the local cluster
+	@if [ -x $(PY) ]; then $(PY) -m e2e.localcluster operator-uninstall; fi
+
 .PHONY: demo
-demo: venv ## set everything up and run the demo FineTuneJob end to end (real training on 2 local workers)
+demo: venv ## set everything up and run the demo FineTuneJob end to end (real training in 2 containers)
 	$(PY) -m e2e.demo

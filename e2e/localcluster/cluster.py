@@ -1,6 +1,9 @@
 """Start, stop and inspect the local cluster: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, the Kubeflow training-operator, KWOK with simulated GPU pools, an S3 server and
-Prometheus -- every one a process on loopback, on free ports, with certificates made per run.
+kube-scheduler, the Kubeflow training-operator, KWOK with simulated GPU pools, an S3 server,
+Prometheus and the real node `node-0` (containerd, kubelet, kube-proxy, kube-router's NetworkPolicy
+firewall, CoreDNS) -- every one a process of this machine, on free ports, with certificates made
+per run. Control-plane internals listen on loopback; what pods use (the API server, S3, Prometheus,
+the kubelet) listens on the node's bridge address (network.NODE_IP), which the host reaches too.
 
 The cluster outlives the command that started it (`make cluster-up`); its state (ports, pids) is
 kept in `.cluster/state.json`, so tests and `make cluster-down` find it again.
@@ -23,11 +26,14 @@ from pathlib import Path
 
 import yaml
 
-from . import build, certs, nodes, s3, versions
+from . import addons, build, certs, debian, images, network, nodes, s3, versions
+from .prometheus import prometheus_config
+from .node import NODE_NAME, NodePaths, NodeRuntime
+from . import node as node_config
 from .paths import REPO_ROOT, cache_dir, cluster_dir
 from .procs import free_port, http_ok, port_open, start_logged, wait_until
 
-SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
+SERVICE_CLUSTER_IP_RANGE = network.SERVICE_CIDR
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
 # Fixed by the training-operator (pkg/cert): where it expects its mounted webhook certificates.
 TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
@@ -36,9 +42,15 @@ TENANT_USER = "tenant-alice"
 TENANT_GROUP = "finetune:tenants"
 COMPONENT_ORDER = [
     "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-    "kwok", "training-operator", "s3", "prometheus", "node-runtime",
+    "kwok", "training-operator", "s3", "prometheus",
+    "containerd", "kubelet", "kube-proxy", "kube-router",
 ]
-LOCAL_NODES = ["local-0"]
+LOCAL_NODES = [NODE_NAME]
+# Images every start imports into the node's containerd (`images.py` builds them).
+NODE_IMAGES = ("pause", "base", "coredns", "trainer", "operator")
+# Machine-wide: the bridge, iptables and containerd's shim sockets exist once per machine, so only
+# one checkout's cluster may run the real node at a time.
+NODE_OWNER_FILE = Path("/run/finetune-operator-node.json")
 
 
 @dataclass
@@ -86,15 +98,28 @@ class LocalCluster:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.state.ports['kube-apiserver']}"
+        return f"https://{network.NODE_IP}:{self.state.ports['kube-apiserver']}"
 
     @property
     def s3_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.state.ports['s3']}"
+        """Where the host and the pods reach S3."""
+        return f"http://{network.NODE_IP}:{self.state.ports['s3']}"
 
     @property
     def prometheus_url(self) -> str:
-        return f"http://127.0.0.1:{self.state.ports['prometheus']}"
+        return f"http://{network.NODE_IP}:{self.state.ports['prometheus']}"
+
+    @property
+    def node_paths(self) -> NodePaths:
+        return NodePaths(self.root / "node")
+
+    @property
+    def node_runtime(self) -> NodeRuntime:
+        return NodeRuntime(self.node_paths, build.CRI_TOOLS.binary("crictl"), self.root / "crictl.yaml")
+
+    def image(self, name: str) -> str:
+        """The reference of one of the project's images, as the node's containerd knows it."""
+        return images.ref(images.IMAGES[name] if name != "coredns" else images.coredns_spec(build.COREDNS.binary("coredns")))
 
     @property
     def prometheus_targets_dir(self) -> Path:
@@ -137,15 +162,22 @@ class LocalCluster:
         if self.state.pids:
             self.down(log=lambda *_: None)
         t0 = time.monotonic()
+        debian.ensure_packages(debian.NODE_PACKAGES, log=log)
         for component in build.COMPONENTS.values():
             build.build(component, log=log)
-        self._ensure_prometheus_installed(log)
+        node_images = self._node_image_specs()
+        for spec in node_images:
+            images.ensure_built(spec, log=log)
+        self._claim_node()
         self._reset_dirs()
         self.state = State(ports={n: free_port() for n in [*COMPONENT_ORDER, "etcd-peer", "kwok-server",
                                                           "kcm-secure", "scheduler-secure",
-                                                          "training-operator-webhook", "training-operator-probe"]},
+                                                          "training-operator-webhook", "training-operator-probe",
+                                                          "kubelet-healthz", "kube-proxy-metrics",
+                                                          "kube-router-health"]},
                            started_at=time.time())
         self._link_binaries()
+        network.HostNetwork(self.node_paths.cni_conf_dir, self.node_paths.cni_ipam_dir).setup()
         self._write_pki_and_kubeconfigs()
         self._start_etcd()
         self._start_apiserver()
@@ -156,15 +188,44 @@ class LocalCluster:
         self._start_training_operator()
         self._start_s3()
         self._start_prometheus()
-        self._start_node_runtime()
+        self._start_containerd()
+        self.ensure_node_images(log)
+        self._start_kubelet()
+        self._start_kube_proxy()
+        self._start_kube_router()
+        self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
+                     input=yaml.safe_dump_all(addons.dns_objects(self.image("coredns"))))
         self._wait_nodes_ready()
         log(f"local cluster up in {time.monotonic() - t0:.1f}s")
         return self
 
+    def ensure_node_images(self, log=print) -> None:
+        """This tree's images in the node's containerd: imported when missing or changed (the kubelet
+        under disk pressure deletes images that no container uses, the sandbox image among them on
+        containerd 1.6, which cannot pin it)."""
+        for spec in self._node_image_specs():
+            images.import_into_containerd(spec, self.node_paths.containerd_socket, log=log)
+
+    def _node_image_specs(self) -> list:
+        return [images.coredns_spec(build.COREDNS.binary("coredns")) if name == "coredns" else images.IMAGES[name]
+                for name in NODE_IMAGES]
+
+    def _claim_node(self) -> None:
+        """The real node's resources exist once per machine: refuse to start a second one."""
+        if NODE_OWNER_FILE.exists():
+            owner = json.loads(NODE_OWNER_FILE.read_text())
+            if owner.get("root") != str(self.root) and _pid_alive(owner.get("containerd", 0)):
+                raise RuntimeError(f"the real node of another local cluster ({owner['root']}) is running on this "
+                                   f"machine; stop it first (make cluster-down in that checkout)")
+        NODE_OWNER_FILE.write_text(json.dumps({"root": str(self.root)}))
+
     def _reset_dirs(self) -> None:
-        for sub in ("pki", "etcd", "prometheus", "kwok", "training-operator", "pods"):
+        for sub in ("pki", "etcd", "prometheus", "kwok", "training-operator"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
-        for d in (self.root, self.pki, self.logs, self.bin):
+        for path in self.node_paths.ephemeral():
+            node_config.unmount_under(path)
+            shutil.rmtree(path, ignore_errors=True)
+        for d in (self.root, self.pki, self.logs, self.bin, self.node_paths.root):
             d.mkdir(parents=True, exist_ok=True)
 
     def _link_binaries(self) -> None:
@@ -173,6 +234,8 @@ class LocalCluster:
                 link = self.bin / name
                 link.unlink(missing_ok=True)
                 link.symlink_to(component.binary(name))
+        # `crictl` on PATH (make's PATH has .cluster/bin) talks to this node's containerd.
+        (self.root / "crictl.yaml").write_text(node_config.crictl_config(self.node_paths))
 
     def _save(self) -> None:
         self.state.save(self.state_file)
@@ -191,7 +254,10 @@ class LocalCluster:
         ca.issue("apiserver", "kube-apiserver", server=True,
                  dns_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                             "kubernetes.default.svc.cluster.local"),
-                 ips=("127.0.0.1", "10.96.0.1"))
+                 ips=("127.0.0.1", network.NODE_IP, network.KUBERNETES_SERVICE_IP))
+        ca.issue("kubelet-serving", NODE_NAME, server=True, dns_names=(NODE_NAME,), ips=(network.NODE_IP,))
+        ca.issue("apiserver-kubelet-client", addons.APISERVER_KUBELET_CLIENT)
+        ca.issue("prometheus", addons.PROMETHEUS_USER)
         identities = {
             "kubeconfig": ("admin", "finetune-admin", "system:masters"),
             "kube-controller-manager.kubeconfig": ("kcm", "system:kube-controller-manager", None),
@@ -199,6 +265,10 @@ class LocalCluster:
             "kwok.kubeconfig": ("kwok", "kwok-controller", "system:masters"),
             "training-operator.kubeconfig": ("training-operator", "training-operator", "system:masters"),
             "kubeconfig-tenant": ("tenant", TENANT_USER, TENANT_GROUP),
+            # The real node's processes, each as its own identity (Node authorizer, NodeRestriction).
+            "kubelet.kubeconfig": ("kubelet", f"system:node:{NODE_NAME}", "system:nodes"),
+            "kube-proxy.kubeconfig": ("kube-proxy", addons.KUBE_PROXY_USER, None),
+            "kube-router.kubeconfig": ("kube-router", addons.KUBE_ROUTER_USER, None),
         }
         for filename, (cert_name, cn, org) in identities.items():
             pair = ca.issue(cert_name, cn, org)
@@ -237,11 +307,16 @@ class LocalCluster:
         proc = self._start("kube-apiserver", [
             str(self.bin / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{p['etcd']}",
-            "--bind-address=127.0.0.1", f"--secure-port={p['kube-apiserver']}",
-            "--advertise-address=127.0.0.1",
-            # The `kubernetes` Service would need a non-loopback endpoint; nothing in-cluster uses it.
-            "--endpoint-reconciler-type=none",
+            # On the node's bridge address: the host and the pods (through the `kubernetes` Service,
+            # whose endpoint is the advertised address) reach it there.
+            f"--bind-address={network.NODE_IP}", f"--secure-port={p['kube-apiserver']}",
+            f"--advertise-address={network.NODE_IP}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            f"--service-node-port-range={network.NODE_PORT_RANGE}",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--client-ca-file={pki / 'ca.crt'}",
             f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
             f"--service-account-key-file={pki / 'sa.pub'}",
@@ -291,7 +366,8 @@ class LocalCluster:
         pytorchjob_crd = build.TRAINING_OPERATOR.module_dir() / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
         self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", str(pytorchjob_crd))
         self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
-                     input=yaml.safe_dump_all(nodes.bootstrap_objects(TRAINING_OPERATOR_NAMESPACE, TENANT_GROUP)))
+                     input=yaml.safe_dump_all(nodes.bootstrap_objects(TRAINING_OPERATOR_NAMESPACE, TENANT_GROUP)
+                                              + addons.node_rbac()))
         self.kubectl("wait", "--for=condition=Established", "crd/pytorchjobs.kubeflow.org", "--timeout=60s")
 
     def _start_kwok(self) -> None:
@@ -302,7 +378,7 @@ class LocalCluster:
             f"--config={Path(__file__).parent / 'kwok' / 'stages.yaml'}",
             f"--manage-nodes-with-annotation-selector={nodes.KWOK_ANNOTATION}=fake",
             f"--server-address=127.0.0.1:{p['kwok-server']}",
-            "--cidr=10.244.0.0/16", "--node-ip=127.0.0.1",
+            f"--cidr={network.SIMULATED_POD_CIDR}", "--node-ip=127.0.0.1",
         ])
 
     def _start_training_operator(self) -> None:
@@ -314,6 +390,8 @@ class LocalCluster:
             "--enable-scheme=pytorchjob",
             # A Pod Security `restricted` init container; the built-in one is rejected in sandboxes.
             f"--pytorch-init-container-template-file={TRAINING_OPERATOR_INIT_CONTAINER}",
+            # Workers wait for the master's DNS name with sh and getent: the base image has both.
+            f"--pytorch-init-container-image={self.image('base')}",
             f"--metrics-bind-address=127.0.0.1:{p['training-operator']}",
             f"--health-probe-bind-address=127.0.0.1:{p['training-operator-probe']}",
             f"--webhook-server-port={p['training-operator-webhook']}",
@@ -335,57 +413,101 @@ class LocalCluster:
             (TRAINING_OPERATOR_CERT_DIR / key).write_bytes(base64.b64decode(value))
 
     def _start_s3(self) -> None:
-        proc = self._start("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.state.ports["s3"])])
-        wait_until(lambda: port_open(self.state.ports["s3"]), 60, "S3 server", proc=proc, log_file=self.logs / "s3.log")
+        proc = self._start("s3", [sys.executable, "-m", "moto.server", "-H", network.NODE_IP,
+                                  "-p", str(self.state.ports["s3"])])
+        wait_until(lambda: port_open(self.state.ports["s3"], network.NODE_IP), 60, "S3 server", proc=proc,
+                   log_file=self.logs / "s3.log")
         # What the examples name must be there: a small model and the demo's domain datasets.
         with open(self.logs / "seed.log", "wb") as out:
             subprocess.run([sys.executable, "-m", "e2e.localcluster.seed", f"--endpoint={self.s3_endpoint}"],
                            cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, check=True)
 
-    def _ensure_prometheus_installed(self, log) -> None:
-        if shutil.which("prometheus"):
-            return
-        log("installing Prometheus from Debian's package")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=True, env=env)
-
     def _start_prometheus(self) -> None:
         p = self.state.ports
         prom_dir = self.root / "prometheus"
         self.prometheus_targets_dir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "global": {"scrape_interval": "2s", "evaluation_interval": "5s"},
-            "scrape_configs": [
-                {"job_name": "prometheus", "static_configs": [{"targets": [f"127.0.0.1:{p['prometheus']}"]}]},
-                {"job_name": "training-operator",
-                 "static_configs": [{"targets": [f"127.0.0.1:{p['training-operator']}"]}]},
-                # Tests, the operator and the node runtime drop target files here.
-                {"job_name": "finetune", "file_sd_configs": [
-                    {"files": [str(self.prometheus_targets_dir / "*.json")], "refresh_interval": "2s"}]},
-            ],
-        }
-        (prom_dir / "prometheus.yml").write_text(yaml.safe_dump(config))
+        (prom_dir / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(
+            api_server=self.server, pki=self.pki, own_port=p["prometheus"],
+            training_operator_port=p["training-operator"], targets_dir=self.prometheus_targets_dir)))
         proc = self._start("prometheus", [
-            shutil.which("prometheus") or "prometheus",
+            str(self.bin / "prometheus"),
             f"--config.file={prom_dir / 'prometheus.yml'}",
             f"--storage.tsdb.path={prom_dir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{p['prometheus']}",
+            f"--web.listen-address={network.NODE_IP}:{p['prometheus']}",
             "--web.enable-lifecycle", "--storage.tsdb.retention.time=1d",
         ])
         wait_until(lambda: http_ok(f"{self.prometheus_url}/-/ready"), 60, "Prometheus", proc=proc,
                    log_file=self.logs / "prometheus.log")
 
-    @property
-    def pods_dir(self) -> Path:
-        return self.root / "pods"
+    # ---- the real node --------------------------------------------------------------------------
 
-    def _start_node_runtime(self) -> None:
-        self._start("node-runtime", [
-            sys.executable, "-m", "e2e.localcluster.noderuntime", f"--kubeconfig={self.kubeconfig}",
-            f"--root={self.pods_dir}", f"--nodes={','.join(LOCAL_NODES)}",
-            f"--prometheus-targets={self.prometheus_targets_dir}",
-        ], env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), cwd=REPO_ROOT)
+    def _start_containerd(self) -> None:
+        paths = self.node_paths
+        paths.containerd_config.parent.mkdir(parents=True, exist_ok=True)
+        paths.containerd_config.write_text(node_config.containerd_config(paths, self.image("pause")))
+        paths.containerd_socket.unlink(missing_ok=True)
+        proc = self._start("containerd", ["containerd", f"--config={paths.containerd_config}"])
+        NODE_OWNER_FILE.write_text(json.dumps({"root": str(self.root), "containerd": proc.pid}))
+        wait_until(lambda: self.node_runtime.ctr("version", check=False).returncode == 0, 60, "containerd",
+                   proc=proc, log_file=self.logs / "containerd.log")
+
+    def _start_kubelet(self) -> None:
+        paths, pki = self.node_paths, self.pki
+        paths.resolv_conf.write_text("# no upstream resolver: pods never leave this machine\n")
+        config = node_config.kubelet_config(paths, pki / "ca.crt", pki / "kubelet-serving.crt",
+                                            pki / "kubelet-serving.key", self.state.ports["kubelet-healthz"])
+        paths.kubelet_config.write_text(yaml.safe_dump(config))
+        proc = self._start("kubelet", node_config.kubelet_argv(self.bin / "kubelet", paths,
+                                                              self.root / "kubelet.kubeconfig"))
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{self.state.ports['kubelet-healthz']}/healthz"), 120,
+                   "kubelet healthz", proc=proc, log_file=self.logs / "kubelet.log")
+
+    def _start_kube_proxy(self) -> None:
+        p, paths = self.state.ports, self.node_paths
+        paths.kube_proxy_config.write_text(yaml.safe_dump(node_config.kube_proxy_config(
+            self.root / "kube-proxy.kubeconfig", p["kube-proxy"], p["kube-proxy-metrics"])))
+        proc = self._start("kube-proxy", [str(self.bin / "kube-proxy"), f"--config={paths.kube_proxy_config}",
+                                          "--v=1"])
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{p['kube-proxy']}/healthz"), 60, "kube-proxy healthz",
+                   proc=proc, log_file=self.logs / "kube-proxy.log")
+
+    def _start_kube_router(self) -> None:
+        port = self.state.ports["kube-router-health"]
+        proc = self._start("kube-router", node_config.kube_router_argv(
+            self.bin / "kube-router", self.root / "kube-router.kubeconfig", port))
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), 60, "kube-router healthz",
+                   proc=proc, log_file=self.logs / "kube-router.log")
+
+    def _stop_node(self, log) -> None:
+        """Stop the node so that nothing of it stays behind: the kubelet first (it would restart
+        what goes), then every pod through the CRI (processes, network namespaces, addresses), the
+        policy and proxy rules, containerd and its shims, the mounts and the bridge."""
+        self._stop_component("kubelet", log)
+        runtime = self.node_runtime
+        if "containerd" in self.state.pids and _pid_alive(self.state.pids["containerd"]):
+            try:
+                runtime.remove_all_pods()
+            except (OSError, subprocess.SubprocessError) as exc:
+                log(f"removing the node's pods: {exc}")
+        for name in ("kube-router", "kube-proxy", "containerd"):
+            self._stop_component(name, log)
+        node_config.kill_leftover_shims(self.node_paths)
+        cleanups = [[str(self.bin / "kube-proxy"), "--cleanup"],
+                    [str(self.bin / "kube-router"), "--cleanup-config"]]
+        for argv in cleanups:
+            if Path(argv[0]).exists():
+                subprocess.run(argv, capture_output=True, check=False, timeout=120)
+        for path in self.node_paths.ephemeral():
+            node_config.unmount_under(path)
+        network.HostNetwork(self.node_paths.cni_conf_dir, self.node_paths.cni_ipam_dir).teardown()
+        if NODE_OWNER_FILE.exists() and json.loads(NODE_OWNER_FILE.read_text()).get("root") == str(self.root):
+            NODE_OWNER_FILE.unlink()
+
+    def _stop_component(self, name: str, log) -> None:
+        pid = self.state.pids.get(name)
+        if pid and _pid_alive(pid):
+            _terminate_group(pid)
+            log(f"stopped {name} (pid {pid})")
 
     def _wait_nodes_ready(self) -> None:
         def ready() -> bool:
@@ -398,7 +520,10 @@ class LocalCluster:
                 taints = {t["key"] for t in n.get("spec", {}).get("taints", [])}
                 return conds.get("Ready") == "True" and "node.kubernetes.io/not-ready" not in taints
             return len(items) >= len(nodes.SIMULATED_NODES) + len(LOCAL_NODES) and all(is_ready(n) for n in items)
-        wait_until(ready, 120, "simulated nodes Ready")
+        wait_until(ready, 120, "nodes Ready")
+        wait_until(lambda: self.kubectl("rollout", "status", "-n", addons.DNS_NAMESPACE,
+                                        f"deployment/{addons.DNS_NAME}", "--timeout=5s",
+                                        check=False).returncode == 0, 120, "CoreDNS ready")
         # The training-operator serves its health endpoint once its certificates are in place.
         wait_until(lambda: http_ok(f"http://127.0.0.1:{self.state.ports['training-operator-probe']}/readyz"), 120,
                    "training-operator ready")
@@ -406,11 +531,9 @@ class LocalCluster:
     # ---- down and status ----------------------------------------------------------------------
 
     def down(self, log=print) -> None:
+        self._stop_node(log)
         for name in reversed(COMPONENT_ORDER):
-            pid = self.state.pids.get(name)
-            if pid and _pid_alive(pid):
-                _terminate_group(pid)
-                log(f"stopped {name} (pid {pid})")
+            self._stop_component(name, log)
         self.state = State()
         self.state_file.unlink(missing_ok=True)
         for sub in ("etcd", "prometheus", "kwok", "training-operator"):

@@ -1,8 +1,9 @@
 """Run the operator from the working tree against the local cluster, in the background.
 
 `make operator-up` / `make operator-down`. Its OperatorConfig is operator/config/dev.yaml with the
-local cluster's facts filled in (the S3 endpoint and free ports for metrics and liveness); its log
-is .cluster/logs/operator.log and Prometheus scrapes its metrics.
+local cluster's facts filled in (the S3 endpoint, the trainer image, free ports for metrics and
+liveness); its log is .cluster/logs/operator.log and Prometheus scrapes its metrics. The demo and
+the end-to-end tier run the operator from its chart instead (operator_release.py).
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 import yaml
 
 from .cluster import LocalCluster, _pid_alive, _terminate_group
+from .operator_release import local_operator_config
 from .paths import REPO_ROOT
 from .procs import free_port, http_ok, start_logged, wait_until
 
-DEV_CONFIG = REPO_ROOT / "operator" / "config" / "dev.yaml"
 CRD = REPO_ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
 
 
@@ -45,11 +46,8 @@ class OperatorProcess:
         self.cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
 
     def render_config(self, metrics_port: int, liveness_port: int, overrides: dict | None = None) -> Path:
-        config = {**yaml.safe_load(DEV_CONFIG.read_text()), **(overrides or {})}
-        s3_port = self.cluster.state.ports["s3"]
-        config.update(s3Endpoint=self.cluster.s3_endpoint, operatorMetricsPort=metrics_port,
-                      livenessPort=liveness_port)
-        config.setdefault("s3Egress", {})["ports"] = [s3_port]
+        config = local_operator_config(self.cluster, overrides)
+        config.update(operatorMetricsPort=metrics_port, livenessPort=liveness_port)
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         return self.config_file
 

@@ -1,5 +1,6 @@
-"""The whole chain for real: FineTuneJob -> operator -> sandbox -> PyTorchJob -> training-operator ->
-pods on the local node runtime -> torchrun -> trainer -> S3 -> status. Training is real (CPU, gloo)."""
+"""The whole chain for real: FineTuneJob -> operator (installed by its chart) -> sandbox -> PyTorchJob
+-> training-operator -> pods on the real node (containers of the trainer image) -> torchrun ->
+trainer -> S3 -> status. Training is real (CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,11 @@ def _conditions(status: dict) -> dict[str, dict]:
 def _explain_failure(local_cluster, status: dict) -> str:
     sandbox = status.get("sandboxNamespace", "")
     logs = []
-    for log in sorted((local_cluster.pods_dir / sandbox).glob("*/*.log")):
-        logs.append(f"--- {log.parent.name}/{log.name}\n{log.read_text(errors='replace')[-2500:]}")
+    if sandbox:
+        pods = local_cluster.kubectl("get", "pods", "-n", sandbox, "-o", "name", check=False).stdout.split()
+        for pod in pods:
+            out = local_cluster.kubectl("logs", "-n", sandbox, pod, "--all-containers", "--tail=60", check=False)
+            logs.append(f"--- {pod}\n{(out.stdout + out.stderr)[-2500:]}")
     return json.dumps(status.get("conditions"), indent=1) + "\n" + "\n".join(logs)
 
 
@@ -97,17 +101,40 @@ def _prometheus(local_cluster, query: str) -> list[dict]:
 
 
 def _pids_of_pod(local_cluster, namespace: str, pod: str) -> list[int]:
-    """Processes the node runtime started for a pod: their working folder is the pod's folder."""
-    folder = str((local_cluster.pods_dir / namespace / pod).resolve())
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if os.readlink(proc / "cwd") == folder and (proc / "stat").read_text().split()[2] != "Z":
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
+    """Host PIDs of the main processes of the pod's running containers on the real node."""
+    return local_cluster.node_runtime.container_pids(namespace, pod)
+
+
+HARDENING_PROBE = """
+import json, os
+report = {"uid": os.getuid(), "gid": os.getgid()}
+try:
+    open("/probe", "w")
+    report["rootfs"] = "writable"
+except OSError as exc:
+    report["rootfs"] = exc.strerror
+report["token"] = os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount")
+shm = os.statvfs("/dev/shm")
+report["shm"] = shm.f_blocks * shm.f_frsize
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+report.update({key: status[key].strip() for key in ("CapEff", "CapPrm", "NoNewPrivs", "Seccomp")})
+print(json.dumps(report))
+"""
+
+
+def _assert_the_training_container_is_hardened(kube, operator, sandbox: str, pod: str, shared_memory: int) -> None:
+    """What the kubelet made of the pod's security context, seen from inside the container."""
+    out = kube.run("exec", "-n", sandbox, pod, "-c", "pytorch", "--", "python", "-c", HARDENING_PROBE).stdout
+    report = json.loads(out)
+    from finetune_operator.config import OperatorConfig
+
+    run_as = OperatorConfig.model_validate(operator.config()).runAsUser
+    assert (report["uid"], report["gid"]) == (run_as, run_as), report
+    assert report["rootfs"] == "Read-only file system", report
+    assert report["token"] is False, "a service-account token is mounted"
+    assert report["shm"] == shared_memory, report
+    assert report["CapEff"] == report["CapPrm"] == "0000000000000000", report
+    assert report["NoNewPrivs"] == "1" and report["Seccomp"] == "2", report
 
 
 def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator, namespace):
@@ -197,6 +224,7 @@ def test_deleting_a_job_mid_run_stops_training_and_removes_the_sandbox(kube, loc
     sandbox = status["sandboxNamespace"]
     pods = [p["metadata"]["name"] for p in kube.get("pods", namespace=sandbox)["items"]]
     assert any(_pids_of_pod(local_cluster, sandbox, pod) for pod in pods)
+    _assert_the_training_container_is_hardened(kube, operator, sandbox, "train-1-master-0", 2 * 1024**3)
     kube.run("delete", "finetunejob", "deleted", "-n", namespace, "--wait=true", "--timeout=180s")
     assert kube.run("get", "finetunejob", "deleted", "-n", namespace, check=False).returncode != 0
     _wait_for(lambda: kube.run("get", "namespace", sandbox, check=False).returncode != 0, 180, "sandbox deleted")

@@ -1,10 +1,12 @@
 """The Helm chart on the local control plane: the rendered manifests pass the API server's own
-validation, `helm install` runs the operator as a pod of the `local` node pool (a real process),
-its service account can do what the operator needs and nothing more (RBAC and the admission guard,
-asked of the real API server), a FineTuneJob from examples/ succeeds with that installation, and
-`helm uninstall` leaves no operator object behind.
+validation, `helm install` runs the operator image as a container on the real node, its service
+account can do what the operator needs and nothing more (RBAC and the admission guard, asked of the
+real API server), a FineTuneJob from examples/ succeeds with that installation (so a verb missing
+from the chart's RBAC fails it), and `helm uninstall` leaves no operator object behind.
 
-The tests of this module share one release and run in file order; the last one uninstalls it.
+The tests of this module share one release (namespaced mode: it watches one tenant namespace) and
+run in file order; the last one uninstalls it. The session's cluster-wide release is scaled down
+meanwhile, so that exactly one operator acts on the tenant namespace.
 """
 
 from __future__ import annotations
@@ -21,15 +23,14 @@ import yaml
 
 from e2e.localcluster import build
 from e2e.localcluster.cluster import TENANT_GROUP
-from e2e.localcluster.nodes import POOL_LABEL
+from e2e.localcluster.node import NODE_NAME
+from e2e.localcluster.operator_release import OperatorRelease, local_operator_config, local_values as chart_values
 from e2e.localcluster.paths import REPO_ROOT
-from e2e.localcluster.procs import free_port
 
 pytestmark = pytest.mark.cluster
 
 CHART = REPO_ROOT / "charts" / "finetune-operator"
 ALL_FEATURES = CHART / "ci" / "all-features-values.yaml"
-DEV_CONFIG = REPO_ROOT / "operator" / "config" / "dev.yaml"
 EXAMPLE = REPO_ROOT / "examples" / "finetunejob-lora.yaml"
 RELEASE = "fto"
 INSTANCE_SELECTOR = f"app.kubernetes.io/instance={RELEASE}"
@@ -92,22 +93,24 @@ def tenant_namespace(kube):
     kube.run("delete", "namespace", name, "--wait=false", check=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def only_this_release_acts(local_cluster):
+    """The session's cluster-wide operator (if one runs) steps aside for this module's release."""
+    session_release = OperatorRelease(local_cluster)
+    was_running = session_release.running()
+    if was_running:
+        session_release.kill()
+    yield
+    if was_running:
+        session_release.up(log=lambda *_: None)
+
+
 @pytest.fixture(scope="module")
 def local_values(local_cluster, tenant_namespace, tmp_path_factory) -> dict:
-    """Values for the local cluster: the pod runs on the `local` pool (a real process in this
-    checkout's venv), watches the tenant namespace only, and talks to the local S3 server."""
-    config = yaml.safe_load(DEV_CONFIG.read_text())
-    config.update(s3Endpoint=local_cluster.s3_endpoint, operatorMetricsPort=free_port(), livenessPort=free_port(),
-                  reconcileIntervalSeconds=3, progressPollSeconds=2)
-    config["s3Egress"]["ports"] = [local_cluster.state.ports["s3"]]
-    return {
-        "image": {"repository": "localhost/finetune-operator", "tag": "dev"},
-        "watchNamespaces": [tenant_namespace],
-        "nodeSelector": {POOL_LABEL: "local"},
-        "config": config,
-        "probes": {"liveness": {"initialDelaySeconds": 2, "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 6},
-                   "readiness": {"initialDelaySeconds": 1, "periodSeconds": 2, "timeoutSeconds": 5, "failureThreshold": 3}},
-    }
+    """Values for the local cluster: the operator image on the real node, watching the tenant
+    namespace only, talking to the local S3 server."""
+    config = local_operator_config(local_cluster, {"reconcileIntervalSeconds": 3, "progressPollSeconds": 2})
+    return chart_values(local_cluster, config, [tenant_namespace])
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +159,12 @@ def test_rendered_manifests_pass_server_side_dry_run(helm, kube, release_namespa
 
 # ---- helm install ----------------------------------------------------------------------------------------
 
-def test_operator_pod_runs_on_the_local_pool_with_the_chart_service_account(kube, release):
+def test_operator_pod_runs_on_the_real_node_with_the_chart_service_account(kube, release, local_cluster):
     pod = wait_for(lambda: (p := operator_pod(kube, release)) and p["status"].get("phase") == "Running" and p,
                    60, "the operator pod to run")
-    assert pod["spec"]["nodeName"] == "local-0"
+    assert pod["spec"]["nodeName"] == NODE_NAME
+    status = pod["status"]["containerStatuses"][0]
+    assert status["image"] == local_cluster.image("operator") and status["imageID"]
     assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-finetune-operator"
     ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
     assert ready["Ready"] == "True"
@@ -167,13 +172,17 @@ def test_operator_pod_runs_on_the_local_pool_with_the_chart_service_account(kube
     assert deployment["status"].get("availableReplicas") == 1
 
 
-def test_operator_answers_its_health_and_metrics_endpoints(release, local_values):
+def _pod_url(kube, release: str, port: int, path: str) -> str:
+    return f"http://{operator_pod(kube, release)['status']['podIP']}:{port}{path}"
+
+
+def test_operator_answers_its_health_and_metrics_endpoints(kube, release, local_values):
     config = local_values["config"]
-    # The local runtime reports a pod Ready once its process runs (it does not run probes), so the
-    # endpoint may need a few more seconds; kopf answers 200 only when it is up.
-    health = wait_for(lambda: _read(f"http://127.0.0.1:{config['livenessPort']}/healthz"), 60, "the operator's /healthz")
+    # The kubelet's readiness probe passed (helm --wait); the host reaches the pod's address.
+    health = wait_for(lambda: _read(_pod_url(kube, release, config["livenessPort"], "/healthz")), 60,
+                      "the operator's /healthz")
     assert json.loads(health)
-    metrics = wait_for(lambda: _read(f"http://127.0.0.1:{config['operatorMetricsPort']}/metrics"), 30,
+    metrics = wait_for(lambda: _read(_pod_url(kube, release, config["operatorMetricsPort"], "/metrics")), 30,
                        "the operator's metrics")
     assert 'finetune_jobs{phase="Running"}' in metrics
 
@@ -288,10 +297,10 @@ def test_a_finetunejob_from_examples_succeeds_with_the_helm_installation(kube, r
     assert status["phase"] == "Succeeded"
     # The helm-installed operator (it watches only this namespace) saw the job succeed, and no API
     # call it made was refused.
-    metrics = _read(f"http://127.0.0.1:{local_values['config']['operatorMetricsPort']}/metrics") or ""
+    metrics = _read(_pod_url(kube, release, local_values["config"]["operatorMetricsPort"], "/metrics")) or ""
     assert 'finetune_jobs{phase="Succeeded"} 1.0' in metrics, metrics
     pod = operator_pod(kube, release)
-    log = (kube.cluster.pods_dir / release / pod["metadata"]["name"] / "operator.log").read_text()
+    log = kube.run("logs", "-n", release, pod["metadata"]["name"], "-c", "operator").stdout
     assert "forbidden" not in log.lower() and "[ERROR" not in log, log[-4000:]
     kube.run("delete", "finetunejob", name, "-n", tenant_namespace, "--timeout=120s", timeout=150)
 
@@ -318,7 +327,6 @@ def test_helm_uninstall_leaves_no_operator_objects_behind(helm, kube, release, t
     sandboxes = kube.run("get", "namespaces", "-o", "name").stdout.split()
     assert not [s for s in sandboxes if f"ftj-{tenant_namespace}" in s]
     assert helm("list", "--namespace", release, "-q").stdout.strip() == ""
-    # The local runtime stopped the operator's process when its pod went.
-    assert not kube.get("pods", namespace=release)["items"]
-    healthz = f"http://127.0.0.1:{local_values['config']['livenessPort']}/healthz"
-    wait_for(lambda: _read(healthz) is None, 30, "the operator process to stop")
+    # The kubelet stopped the operator's container when its pod went.
+    wait_for(lambda: not kube.get("pods", namespace=release)["items"], 60, "the operator pod to go")
+    assert not kube.cluster.node_runtime.container_pids(release)

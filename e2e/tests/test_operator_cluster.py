@@ -645,16 +645,16 @@ def test_an_operator_killed_during_creation_ends_with_one_sandbox_and_one_run(ku
 
 
 def test_the_liveness_probe_answers_after_reconciles(kube, operator, namespace):
-    # A fresh process of the working tree's operator, then a job for it to reconcile.
+    # A fresh operator pod, then a job for it to reconcile.
     operator.kill()
     operator.up(log=lambda *_: None)
     kube.apply(credentials(), ftj("probed"), namespace=namespace)
     wait_phase(kube, namespace, "probed", "Succeeded")
-    port = json.loads(operator.pid_file.read_text())["livenessPort"]
+    url = operator.health_url()
 
     def healthz():
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            with urllib.request.urlopen(url, timeout=5) as response:
                 return response.status, json.load(response)
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode(errors="replace")

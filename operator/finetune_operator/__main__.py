@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 
 import kopf
@@ -31,6 +32,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def operator_identity() -> str:
+    """Who this operator is in kopf's records: the pod's name (its hostname) and PID. kopf's own
+    default asks the password database for the user name, which fails for a numeric non-root user
+    without an entry there (every hardened image)."""
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = OperatorConfig.load(args.config)
@@ -44,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     asyncio.run(kopf.operator(
         registry=registry,
         standalone=True,
+        identity=operator_identity(),
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=f"http://0.0.0.0:{cfg.livenessPort}/healthz",

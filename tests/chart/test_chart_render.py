@@ -53,10 +53,10 @@ def test_rendered_names_are_unique(rendered):
 
 @pytest.mark.parametrize("value_set, expected_kinds", [
     ("default", {"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                 "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}),
+                 "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "NetworkPolicy"}),
     ("all-features", {"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
                       "Deployment", "Service", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
-                      "ServiceMonitor", "PodMonitor", "PrometheusRule"}),
+                      "NetworkPolicy", "ServiceMonitor", "PodMonitor", "PrometheusRule"}),
 ])
 def test_monitoring_is_off_by_default_and_on_with_all_features(helm_cli, value_set, expected_kinds):
     assert {o["kind"] for o in helm_cli.render(*VALUE_SETS[value_set])} == expected_kinds
@@ -278,3 +278,16 @@ def test_tenant_roles_extend_the_built_in_namespace_roles_with_finetunejobs(rend
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert {"create", "delete", "patch"} <= set(edit["rules"][0]["verbs"])
     assert set(view["rules"][0]["verbs"]) == {"get", "list", "watch"}
+
+
+def test_only_the_monitoring_namespace_reaches_the_operator_metrics_port(rendered):
+    _, objects = rendered
+    policy = one(objects, "NetworkPolicy")
+    deployment = one(objects, "Deployment")
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]
+    ports = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert "metrics" in ports

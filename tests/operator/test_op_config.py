@@ -36,3 +36,21 @@ def test_command_line(monkeypatch):
     monkeypatch.setenv("FINETUNE_S3_ENDPOINT", "http://127.0.0.1:4566")
     args = parse_args(["--config", str(DEV), "--namespace", "team-a"])
     assert args.s3_endpoint == "http://127.0.0.1:4566" and args.namespace == ["team-a"]
+
+
+def test_the_operator_identity_needs_no_password_database_entry(monkeypatch):
+    # The chart runs the image as a numeric user that /etc/passwd does not know (kopf's default
+    # identity asks for the user name and crashed the pod on the real node).
+    import os
+    import pwd
+    import socket
+
+    from finetune_operator.__main__ import operator_identity
+
+    def unknown(uid):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", unknown)
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert operator_identity() == f"{socket.gethostname()}/{os.getpid()}"

@@ -1,0 +1,118 @@
+"""The real node's network on this machine: a bridge for the pods, the sysctls and a firewall that
+keeps every packet of the pod network on the machine.
+
+Pods are attached to the bridge `ftobr0` by the CNI bridge plugin. The bridge's address is the
+node's InternalIP and the address where host services that pods use (the API server, S3,
+Prometheus, the kubelet) listen; the host reaches them there too. Pods get two routes, their own
+subnet (on the bridge) and the Service range via the bridge's address, and no default route; nothing
+is masqueraded. On top of that the chain FTO-ISOLATE drops anything that would leave the pod network
+through another interface, or enter it from one, so no pod can reach beyond this machine even if
+it found a route.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from pathlib import Path
+
+BRIDGE = "ftobr0"
+CLUSTER_CIDR = "10.244.0.0/16"
+NODE_POD_CIDR = "10.244.0.0/24"
+NODE_IP = "10.244.0.1"                 # the bridge's address: InternalIP of node-0, host services
+SERVICE_CIDR = "10.96.0.0/16"
+KUBERNETES_SERVICE_IP = "10.96.0.1"
+DNS_SERVICE_IP = "10.96.0.10"
+CLUSTER_DOMAIN = "cluster.local"
+# KWOK's simulated pods get addresses from a range of their own, never one of the real node's.
+SIMULATED_POD_CIDR = "10.250.0.0/16"
+# The API server's NodePort range (kube-router lets node ports through before any policy): kept
+# narrow and below the ephemeral range where the host services' free ports come from.
+NODE_PORT_RANGE = "30000-30099"
+ISOLATION_CHAIN = "FTO-ISOLATE"
+CNI_NETWORK = "finetune-local"
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=check)
+
+
+def isolation_rules() -> list[list[str]]:
+    """Rules of FTO-ISOLATE (iptables arguments after `-A FTO-ISOLATE`), a pure function."""
+    return [
+        ["-s", CLUSTER_CIDR, "!", "-o", BRIDGE, "-m", "comment", "--comment",
+         "pod traffic stays on this machine", "-j", "DROP"],
+        ["-d", CLUSTER_CIDR, "!", "-i", BRIDGE, "-m", "comment", "--comment",
+         "nothing from outside reaches the pods", "-j", "DROP"],
+    ]
+
+
+def cni_config(ipam_dir: Path) -> dict:
+    """The CNI network of node-0 (bridge + host-local IPAM; containerd adds loopback), a pure function."""
+    subnet = ipaddress.ip_network(NODE_POD_CIDR)
+    return {
+        "cniVersion": "1.0.0",
+        "name": CNI_NETWORK,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": BRIDGE,
+                "isGateway": True,       # the bridge holds NODE_IP, the pods' only gateway
+                "isDefaultGateway": False,
+                "ipMasq": False,
+                "hairpinMode": True,     # a pod reaching itself through its Service
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": str(ipam_dir),
+                    "ranges": [[{"subnet": str(subnet), "gateway": NODE_IP,
+                                 "rangeStart": str(subnet.network_address + 10),
+                                 "rangeEnd": str(subnet.broadcast_address - 1)}]],
+                    # No default route: the Service range through the node, the subnet on the bridge.
+                    "routes": [{"dst": SERVICE_CIDR}],
+                },
+            },
+        ],
+    }
+
+
+class HostNetwork:
+    def __init__(self, cni_conf_dir: Path, ipam_dir: Path):
+        self.cni_conf_dir = cni_conf_dir
+        self.ipam_dir = ipam_dir
+
+    def setup(self) -> None:
+        if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+            _run("ip", "link", "add", BRIDGE, "type", "bridge")
+        addresses = _run("ip", "-o", "-4", "addr", "show", "dev", BRIDGE).stdout
+        if f" {NODE_IP}/" not in addresses:
+            _run("ip", "addr", "add", f"{NODE_IP}/{NODE_POD_CIDR.split('/')[1]}", "dev", BRIDGE)
+        _run("ip", "link", "set", BRIDGE, "up")
+        for key, value in {
+            "net/ipv4/ip_forward": "1",               # Service traffic DNATed back to a pod
+            "net/bridge/bridge-nf-call-iptables": "1",  # policy on traffic between pods of the bridge
+            "net/bridge/bridge-nf-call-ip6tables": "1",
+        }.items():
+            Path("/proc/sys", key).write_text(value)
+        self._isolate()
+        self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+        self.ipam_dir.mkdir(parents=True, exist_ok=True)
+        (self.cni_conf_dir / f"10-{CNI_NETWORK}.conflist").write_text(json.dumps(cni_config(self.ipam_dir), indent=2))
+
+    def _isolate(self) -> None:
+        if _run("iptables", "-w", "-n", "-L", ISOLATION_CHAIN, check=False).returncode != 0:
+            _run("iptables", "-w", "-N", ISOLATION_CHAIN)
+        _run("iptables", "-w", "-F", ISOLATION_CHAIN)
+        for rule in isolation_rules():
+            _run("iptables", "-w", "-A", ISOLATION_CHAIN, *rule)
+        # First in FORWARD: before kube-proxy's and kube-router's chains can accept anything.
+        while _run("iptables", "-w", "-D", "FORWARD", "-j", ISOLATION_CHAIN, check=False).returncode == 0:
+            pass
+        _run("iptables", "-w", "-I", "FORWARD", "1", "-j", ISOLATION_CHAIN)
+
+    def teardown(self) -> None:
+        while _run("iptables", "-w", "-D", "FORWARD", "-j", ISOLATION_CHAIN, check=False).returncode == 0:
+            pass
+        _run("iptables", "-w", "-F", ISOLATION_CHAIN, check=False)
+        _run("iptables", "-w", "-X", ISOLATION_CHAIN, check=False)
+        _run("ip", "link", "del", BRIDGE, check=False)

@@ -1,0 +1,211 @@
+"""A sandbox is isolated on a real network: the operator's NetworkPolicies, enforced by kube-router's
+firewall on the real node, let a sandbox pod reach its own job's pods, the cluster DNS and S3, and
+nothing else -- not another tenant's sandbox, not a tenant namespace, not the API server, not the
+operator. Only the monitoring namespace reaches the trainers' and the operator's metrics ports.
+
+The sandboxes are the operator's own (two suspended FineTuneJobs of two tenants); probe pods are
+placed in them and connect with plain TCP. kube-router REJECTs what no policy allows, so a refusal
+is a quick `connection refused`; a timeout counts as refused too.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from e2e.localcluster import network
+from e2e.localcluster.node import NODE_TOLERATION
+from e2e.tests.test_control_plane import _wait_for
+
+pytestmark = pytest.mark.cluster
+
+PROBE = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    socket.create_connection((host, port), timeout=3).close()
+    print("open")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as exc:
+    print("timeout" if isinstance(exc, (socket.timeout, TimeoutError)) else f"error {exc}")
+"""
+RESOLVE = "import socket, sys; print(socket.gethostbyname(sys.argv[1]))"
+SERVE = ("import socketserver, sys\n"
+         "class H(socketserver.BaseRequestHandler):\n    def handle(self): self.request.sendall(b'hi')\n"
+         "servers = [socketserver.ThreadingTCPServer(('', int(p)), H) for p in sys.argv[1:]]\n"
+         "import threading\n"
+         "for s in servers[1:]: threading.Thread(target=s.serve_forever, daemon=True).start()\n"
+         "servers[0].serve_forever()\n")
+JOB_PORT = 23456
+
+
+def _restricted_pod(cluster, name: str, argv: list[str], labels: dict | None = None) -> dict:
+    """A pod that passes Pod Security `restricted` and the sandbox's LimitRange defaults."""
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "labels": {"probe": name, **(labels or {})}},
+        "spec": {
+            "nodeSelector": {"finetune.dev/pool": "local"}, "tolerations": [NODE_TOLERATION],
+            "automountServiceAccountToken": False, "terminationGracePeriodSeconds": 1,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "main", "image": cluster.image("base"), "imagePullPolicy": "Never",
+                "command": ["python3", "-c", *argv],
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    }
+
+
+def _server(cluster, name: str, ports: list[int]) -> dict:
+    return _restricted_pod(cluster, name, [SERVE, *map(str, ports)])
+
+
+def _client(cluster, name: str) -> dict:
+    return _restricted_pod(cluster, name, ["import time; time.sleep(3600)"])
+
+
+class Probes:
+    def __init__(self, kube):
+        self.kube = kube
+
+    def connect(self, namespace: str, pod: str, host: str, port: int) -> str:
+        out = self.kube.run("exec", "-n", namespace, pod, "--", "python3", "-c", PROBE, host, str(port),
+                            check=False, timeout=60)
+        return out.stdout.strip() or out.stderr.strip()
+
+    def eventually(self, namespace: str, pod: str, host: str, port: int, expected: str) -> None:
+        """Policies take effect within seconds of a pod starting: wait for the expected outcome,
+        then check that it holds."""
+        outcomes = {"open"} if expected == "open" else {"refused", "timeout"}
+        _wait_for(lambda: self.connect(namespace, pod, host, port) in outcomes, 60,
+                  f"{namespace}/{pod} -> {host}:{port} to be {expected}", interval=1)
+        for _ in range(2):
+            outcome = self.connect(namespace, pod, host, port)
+            assert outcome in outcomes, f"{namespace}/{pod} -> {host}:{port}: {outcome}, expected {expected}"
+
+
+def _suspended_job(name: str) -> list[dict]:
+    return [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
+         "stringData": {"AWS_ACCESS_KEY_ID": "finetune-local", "AWS_SECRET_ACCESS_KEY": "finetune-local-secret"}},
+        {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
+         "spec": {"model": {"uri": "s3://models/tiny-llama/"},
+                  "datasets": [{"uri": "s3://team-a/data/support.jsonl", "format": "chat"}],
+                  "method": {"type": "lora"}, "objective": "sft",
+                  "resources": {"workers": 3, "gpusPerWorker": 0, "nodePool": "local", "cpu": "100m",
+                                "memory": "256Mi"},
+                  "output": {"uri": f"s3://team-a/e2e/netpol-{uuid.uuid4().hex[:8]}/"},
+                  "credentials": {"secretName": "s3-credentials"},
+                  "runPolicy": {"suspend": True}}},
+    ]
+
+
+def _running(kube, namespace: str, *names: str) -> dict[str, str]:
+    def ips():
+        pods = {p["metadata"]["name"]: p for p in kube.get("pods", namespace=namespace)["items"]}
+        if all(pods.get(n, {}).get("status", {}).get("phase") == "Running" for n in names):
+            return {n: pods[n]["status"]["podIP"] for n in names}
+        return None
+    return _wait_for(ips, 120, f"pods {names} running in {namespace}")
+
+
+@pytest.fixture(scope="module")
+def world(kube, local_cluster, operator):
+    """Two tenants with one sandbox each, a plain tenant namespace and the monitoring namespace,
+    with probe pods in all of them."""
+    suffix = uuid.uuid4().hex[:6]
+    tenants = [f"t-netpol-a-{suffix}", f"t-netpol-b-{suffix}"]
+    for tenant in tenants:
+        kube.apply({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": tenant, "labels": {"finetune.dev/test": "true"}}})
+        kube.apply(*_suspended_job("isolated"), namespace=tenant)
+    sandboxes = [_wait_for(lambda t=t: (kube.get("finetunejob", "isolated", t).get("status") or {})
+                           .get("sandboxNamespace"), 120, f"the sandbox of {t}") for t in tenants]
+    for sandbox in sandboxes:
+        _wait_for(lambda s=sandbox: len(kube.get("networkpolicies", namespace=s)["items"]) == 2, 60,
+                  f"the NetworkPolicies of {sandbox}")
+    cfg = operator.config()
+    metrics_port = cfg["trainerMetricsPort"]
+    a, b = sandboxes
+    kube.apply(_server(local_cluster, "server", [JOB_PORT, metrics_port]), _client(local_cluster, "client"), namespace=a)
+    kube.apply(_server(local_cluster, "server", [JOB_PORT, metrics_port]), namespace=b)
+    plain = tenants[0]
+    kube.apply(_server(local_cluster, "server", [JOB_PORT]), _client(local_cluster, "client"), namespace=plain)
+    monitoring = "monitoring"
+    kube.apply(_client(local_cluster, f"client-{suffix}"), namespace=monitoring)
+    yield {
+        "a": (a, _running(kube, a, "server", "client")), "b": (b, _running(kube, b, "server")),
+        "tenant": (plain, _running(kube, plain, "server", "client")),
+        "monitoring": (monitoring, _running(kube, monitoring, f"client-{suffix}")),
+        "monitoring_client": f"client-{suffix}", "metrics_port": metrics_port,
+        "operator_ip": operator.pod()["status"]["podIP"], "operator_metrics_port": cfg["operatorMetricsPort"],
+    }
+    kube.run("delete", "pod", f"client-{suffix}", "-n", monitoring, "--wait=false", check=False)
+    for tenant in tenants:
+        kube.run("delete", "namespace", tenant, "--wait=false", check=False)
+
+
+def test_a_sandbox_pod_reaches_its_own_jobs_pods_dns_and_s3(kube, local_cluster, world):
+    probes = Probes(kube)
+    sandbox, ips = world["a"]
+    probes.eventually(sandbox, "client", ips["server"], JOB_PORT, "open")
+    resolved = kube.run("exec", "-n", sandbox, "client", "--", "python3", "-c", RESOLVE,
+                        "kubernetes.default.svc.cluster.local").stdout.strip()
+    assert resolved == network.KUBERNETES_SERVICE_IP
+    probes.eventually(sandbox, "client", network.NODE_IP, local_cluster.state.ports["s3"], "open")
+
+
+@pytest.mark.parametrize("target", ["another-sandbox", "tenant-namespace", "api-server-service",
+                                    "api-server-address", "operator-metrics", "kubelet"])
+def test_a_sandbox_pod_is_refused_everywhere_else(kube, local_cluster, world, target):
+    """Each target is first shown open from a pod that is allowed there (so it listens and is
+    reachable), then refused from the sandbox."""
+    sandbox, _ = world["a"]
+    tenant = (world["tenant"][0], "client")
+    monitoring = (world["monitoring"][0], world["monitoring_client"])
+    host, port, allowed_from = {
+        "another-sandbox": (world["b"][1]["server"], world["metrics_port"], monitoring),
+        "tenant-namespace": (world["tenant"][1]["server"], JOB_PORT, tenant),
+        "api-server-service": (network.KUBERNETES_SERVICE_IP, 443, tenant),
+        "api-server-address": (network.NODE_IP, local_cluster.state.ports["kube-apiserver"], tenant),
+        "operator-metrics": (world["operator_ip"], world["operator_metrics_port"], monitoring),
+        "kubelet": (network.NODE_IP, 10250, tenant),
+    }[target]
+    probes = Probes(kube)
+    probes.eventually(*allowed_from, host, port, "open")
+    probes.eventually(sandbox, "client", host, port, "refused")
+
+
+def test_nothing_outside_a_sandbox_reaches_into_it_but_monitoring_on_the_metrics_port(kube, world):
+    probes = Probes(kube)
+    sandbox_ip = world["a"][1]["server"]
+    tenant, _ = world["tenant"]
+    probes.eventually(tenant, "client", sandbox_ip, JOB_PORT, "refused")
+    monitoring, _ = world["monitoring"]
+    client = world["monitoring_client"]
+    probes.eventually(monitoring, client, sandbox_ip, world["metrics_port"], "open")
+    probes.eventually(monitoring, client, sandbox_ip, JOB_PORT, "refused")
+
+
+def test_only_the_monitoring_namespace_reaches_the_operator_metrics_port(kube, world):
+    probes = Probes(kube)
+    monitoring, _ = world["monitoring"]
+    probes.eventually(monitoring, world["monitoring_client"], world["operator_ip"], world["operator_metrics_port"],
+                      "open")
+    tenant, _ = world["tenant"]
+    probes.eventually(tenant, "client", world["operator_ip"], world["operator_metrics_port"], "refused")
+
+
+def test_no_pod_has_a_route_off_this_machine(kube, world):
+    sandbox, _ = world["a"]
+    routes = kube.run("exec", "-n", sandbox, "client", "--", "cat", "/proc/net/route").stdout.splitlines()[1:]
+    destinations = {line.split()[1] for line in routes}
+    assert "00000000" not in destinations, routes  # no default route
+    # An address beyond the machine (TEST-NET-3) is unreachable, not merely filtered.
+    out = Probes(kube).connect(sandbox, "client", "203.0.113.1", 443)
+    assert out.startswith("error") and "unreachable" in out, out
