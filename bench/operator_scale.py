@@ -252,16 +252,17 @@ def report(args, r: dict) -> str:
     return "\n".join(lines)
 
 
-def existing_section(path: Path) -> str:
-    """The operator-at-scale section of `path` as it stands there, markers included ("" if none)."""
+def existing_section(path: Path, start_marker: str = SECTION_START, end_marker: str = SECTION_END) -> str:
+    """The section of `path` between the markers as it stands there, markers included ("" if none)."""
     text = path.read_text() if path.exists() else ""
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
-    return text[start:end + len(SECTION_END)] if 0 <= start < end else ""
+    start, end = text.find(start_marker), text.find(end_marker)
+    return text[start:end + len(end_marker)] if 0 <= start < end else ""
 
 
-def write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str, start_marker: str = SECTION_START, end_marker: str = SECTION_END) -> None:
+    """Replace the section between the markers (or append it)."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    old = existing_section(path)
+    old = existing_section(path, start_marker, end_marker)
     path.write_text(text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section + "\n")
 
 

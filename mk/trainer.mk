@@ -1,5 +1,5 @@
 # The trainer engine (trainer-image/): its tests and benchmarks.
-.PHONY: test-trainer bench bench-smollm2 bench-operator trainer-image operator-image images
+.PHONY: test-trainer bench bench-smollm2 bench-operator bench-hostile trainer-image operator-image images
 
 TRAINER_ENV := DS_ACCELERATOR=cpu FINETUNE_TRAINER_METRICS_PORT=0 TOKENIZERS_PARALLELISM=false
 
@@ -8,6 +8,9 @@ test-trainer: venv ## run the trainer tests (tiny models on CPU, S3 on loopback,
 
 bench: venv ## measure the trainer against a plain Hugging Face Trainer and rewrite docs/benchmarks.md
 	$(TRAINER_ENV) $(PY) -m bench --output docs/benchmarks.md
+
+bench-hostile: venv ## 50 jobs with hostile S3 endpoints next to an ordinary job; updates docs/benchmarks.md
+	$(PY) -m bench.hostile_tenants --jobs $(or $(JOBS),50)
 
 bench-operator: venv ## many FineTuneJobs on the local cluster: API traffic and operator cost; updates docs/benchmarks.md
 	$(PY) -m bench.operator_scale --jobs $(or $(JOBS),300)

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import versions
@@ -260,10 +261,14 @@ def main(argv: list[str]) -> int:
     from . import debian, images
 
     debian.ensure_packages(debian.LOCAL_CLUSTER_PACKAGES)
-    for component in COMPONENTS.values():
-        build(component)
-    for spec in [*images.IMAGES.values(), images.coredns_spec(COREDNS.binary("coredns"))]:
-        images.ensure_built(spec)
+    # Two streams: the Go builds (CPU) and the image builds (mostly downloads) overlap; the CoreDNS
+    # image, which needs the CoreDNS binary, comes last.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        go_builds = pool.submit(lambda: [build(component) for component in COMPONENTS.values()])
+        image_builds = pool.submit(lambda: [images.ensure_built(spec) for spec in images.IMAGES.values()])
+        go_builds.result()
+        image_builds.result()
+    images.ensure_built(images.coredns_spec(COREDNS.binary("coredns")))
     return 0
 
 

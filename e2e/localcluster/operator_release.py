@@ -34,11 +34,11 @@ SELECTOR = f"app.kubernetes.io/instance={RELEASE}"
 
 def local_operator_config(cluster: LocalCluster, overrides: dict | None = None) -> dict:
     """dev.yaml with the local cluster's facts: its S3 (address and port), its trainer image."""
-    config = {**yaml.safe_load(DEV_CONFIG.read_text()), **(overrides or {})}
+    config = yaml.safe_load(DEV_CONFIG.read_text())
     config.update(s3Endpoint=cluster.s3_endpoint, trainerImage=cluster.image("trainer"),
                   imagePullPolicy="Never")
     config.setdefault("s3Egress", {})["ports"] = [cluster.state.ports["s3"]]
-    return config
+    return {**config, **(overrides or {})}
 
 
 def local_values(cluster: LocalCluster, config: dict, watch_namespaces: list[str] | None = None) -> dict:
@@ -50,6 +50,8 @@ def local_values(cluster: LocalCluster, config: dict, watch_namespaces: list[str
         "nodeSelector": {POOL_LABEL: "local"},
         "tolerations": [NODE_TOLERATION],
         "config": config,
+        # The most verbose level: a test reads the whole log for credentials (there must be none).
+        "extraArgs": ["--verbose"],
         "resources": {"requests": {"cpu": "50m", "memory": "192Mi"}, "limits": {"memory": "512Mi"}},
         "probes": {"liveness": {"initialDelaySeconds": 5, "periodSeconds": 5, "timeoutSeconds": 5,
                                 "failureThreshold": 6},
@@ -95,6 +97,9 @@ class OperatorRelease:
 
     def config(self) -> dict:
         return yaml.safe_load(self.config_file.read_text())
+
+    def values(self) -> dict:
+        return yaml.safe_load(self.values_file.read_text())
 
     def metrics_url(self) -> str:
         pod = self.pod()

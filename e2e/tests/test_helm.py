@@ -214,7 +214,7 @@ CAN_I_CASES = [
     ("list", "secrets", "TENANT", False),
     ("get", "secrets", "kube-system", False),
     ("get", "secrets", "default", False),
-    ("delete", "secrets", "kube-system", False),
+    ("delete", "secrets", "kube-system", True),  # RBAC allows it (sandbox copies); the admission guard stops it
     ("create", "pods", "TENANT", False),
     ("create", "pods/exec", "ftj-any-sandbox", False),
     ("create", "serviceaccounts/token", "kube-system", False),
@@ -255,6 +255,7 @@ GUARD_CASES = [
     ("a Secret in a tenant namespace", ["create", "secret", "generic", "stolen", "--from-literal=k=v", "-n", "TENANT"]),
     ("a Secret in kube-system", ["create", "secret", "generic", "stolen", "--from-literal=k=v", "-n", "kube-system"]),
     ("a ConfigMap in default", ["create", "configmap", "planted", "--from-literal=k=v", "-n", "default"]),
+    ("deleting a ConfigMap of the tenant", ["delete", "configmap", "kube-root-ca.crt", "-n", "TENANT"]),
     ("deleting a tenant namespace", ["delete", "namespace", "TENANT", "--dry-run=server"]),
     ("an unlabelled namespace", ["create", "namespace", "not-a-sandbox"]),
 ]

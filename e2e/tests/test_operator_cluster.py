@@ -51,9 +51,12 @@ DATA = "s3://team-a/data"
 # ---- objects -------------------------------------------------------------------------------------
 
 
-def credentials(name: str = "s3-credentials", **extra: str) -> dict:
+def credentials(name: str = "s3-credentials", opted_in: bool = True, **extra: str) -> dict:
+    """The local S3's credentials as a Secret its owner opted in for FineTuneJobs."""
     data = {"AWS_ACCESS_KEY_ID": local_s3.ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": local_s3.SECRET_KEY, **extra}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque", "stringData": data}
+    labels = {n.CREDENTIALS_OPT_IN_LABEL: "true"} if opted_in else {}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "labels": labels}, "type": "Opaque",
+            "stringData": data}
 
 
 def ftj(name: str, **spec_changes) -> dict:
@@ -89,8 +92,9 @@ def cfg(operator) -> OperatorConfig:
     return OperatorConfig.model_validate(yaml.safe_load(operator.config_file.read_text()))
 
 
-def sandbox_of(cfg: OperatorConfig, namespace: str, name: str) -> str:
-    return n.sandbox_namespace(cfg.sandboxPrefix, namespace, name)
+def sandbox_of(kube, cfg: OperatorConfig, namespace: str, name: str) -> str:
+    """The sandbox of an existing FineTuneJob (its name carries the job's uid)."""
+    return n.sandbox_namespace(cfg.sandboxPrefix, namespace, name, job_uid(kube, namespace, name))
 
 
 def get_or_none(kube, kind: str, name: str, namespace: str | None = None) -> dict | None:
@@ -163,7 +167,7 @@ def start_suspended_and_annotate(kube, cfg, namespace: str, job: dict, annotatio
     name = job["metadata"]["name"]
     job["spec"].setdefault("runPolicy", {})["suspend"] = True
     kube.apply(credentials(), job, namespace=namespace)
-    sandbox = sandbox_of(cfg, namespace, name)
+    sandbox = sandbox_of(kube, cfg, namespace, name)
     ptj_name = n.pytorchjob_name(job["spec"].get("runId", "1"))
     _wait_for(lambda: get_or_none(kube, "pytorchjob", ptj_name, sandbox), 60, f"PyTorchJob {sandbox}/{ptj_name}")
     annotate_replicas(kube, sandbox, ptj_name, annotations)
@@ -226,7 +230,7 @@ def test_the_sandbox_holds_exactly_the_objects_of_the_job(kube, operator, cfg, l
     kube.apply(credentials(EXTRA_TOKEN="not-for-the-sandbox"), job, namespace=namespace)
     status = wait_phase(kube, namespace, "sandboxed", "Succeeded")
     uid = job_uid(kube, namespace, "sandboxed")
-    sandbox = sandbox_of(cfg, namespace, "sandboxed")
+    sandbox = sandbox_of(kube, cfg, namespace, "sandboxed")
     assert status["sandboxNamespace"] == sandbox
     assert status["pytorchJob"] == "train-1"
     assert owned_namespaces(kube, uid) == [sandbox]
@@ -378,7 +382,7 @@ def test_ttl_after_finished_removes_the_sandbox_and_keeps_the_job(kube, operator
     job = ftj("short-lived", runPolicy=run_policy(ttlSecondsAfterFinished=3))
     kube.apply(credentials(), job, namespace=namespace)
     wait_status(kube, namespace, "short-lived", lambda s: is_true(s, "Succeeded"), "Succeeded")
-    sandbox = sandbox_of(cfg, namespace, "short-lived")
+    sandbox = sandbox_of(kube, cfg, namespace, "short-lived")
     wait_gone(kube, "namespace", sandbox, timeout=90)
     status = wait_status(kube, namespace, "short-lived",
                          lambda s: conditions(s).get("SandboxReady", {}).get("reason") == "DeletedAfterTTL",
@@ -401,7 +405,7 @@ def test_deleting_the_job_removes_its_sandbox(kube, operator, cfg, namespace, wh
         kube.apply(credentials(), job, namespace=namespace)
         wait_phase(kube, namespace, "doomed", "Succeeded")
     uid = job_uid(kube, namespace, "doomed")
-    sandbox = sandbox_of(cfg, namespace, "doomed")
+    sandbox = sandbox_of(kube, cfg, namespace, "doomed")
     assert owned_namespaces(kube, uid) == [sandbox]
     kube.run("delete", "finetunejob", "doomed", "-n", namespace, "--timeout=120s", timeout=150)
     assert get_or_none(kube, "finetunejob", "doomed", namespace) is None
@@ -420,7 +424,7 @@ def test_passes_over_a_job_that_did_not_change_write_nothing(kube, operator, cfg
     job = ftj("settled", runPolicy=run_policy(suspend=True))
     kube.apply(credentials(), job, namespace=namespace)
     wait_phase(kube, namespace, "settled", "Suspended")
-    sandbox = sandbox_of(cfg, namespace, "settled")
+    sandbox = sandbox_of(kube, cfg, namespace, "settled")
     time.sleep(cfg.reconcileIntervalSeconds + 2)  # let the pass after the last change happen
 
     def versions() -> dict[str, str]:
@@ -476,7 +480,7 @@ def test_a_stuck_sandbox_is_reported_and_the_finalizer_still_goes(kube, operator
     job = ftj("stuck", runPolicy=run_policy())
     kube.apply(credentials(), job, namespace=namespace)
     wait_phase(kube, namespace, "stuck", "Succeeded")
-    sandbox = sandbox_of(cfg, namespace, "stuck")
+    sandbox = sandbox_of(kube, cfg, namespace, "stuck")
     # An object whose finalizer nobody removes keeps its namespace Terminating forever.
     holder = {"apiVersion": "v1", "kind": "ConfigMap",
               "metadata": {"name": "held", "finalizers": ["e2e.finetune.dev/hold"]}, "data": {}}
@@ -535,7 +539,7 @@ def test_a_bad_manifest_is_rejected_by_the_api_server(kube, operator, cfg, names
     assert result.returncode != 0, result.stdout
     assert message in result.stderr, result.stderr
     assert get_or_none(kube, "finetunejob", "bad", namespace) is None
-    assert get_or_none(kube, "namespace", sandbox_of(cfg, namespace, "bad")) is None
+    assert items(kube, "namespaces", selector=f"{n.LABEL_TENANT}={namespace},{n.LABEL_JOB_NAME}=bad") == []
 
 
 OPERATOR_REJECTED = [
@@ -571,7 +575,8 @@ def test_a_job_that_cannot_run_is_not_validated_and_gets_nothing(kube, operator,
     if secret == "ok":
         objects.insert(0, credentials())
     elif secret is not None:
-        objects.insert(0, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
+        objects.insert(0, {"apiVersion": "v1", "kind": "Secret",
+                           "metadata": {"name": "s3-credentials", "labels": {n.CREDENTIALS_OPT_IN_LABEL: "true"}},
                            "stringData": secret})
     kube.apply(*objects, namespace=namespace)
     status = wait_status(kube, namespace, "refused", lambda s: "Validated" in conditions(s), "a Validated condition")
@@ -581,7 +586,7 @@ def test_a_job_that_cannot_run_is_not_validated_and_gets_nothing(kube, operator,
     assert status["phase"] == "Pending"
     assert conditions(status)["SandboxReady"]["status"] == "False"
     uid = job_uid(kube, namespace, "refused")
-    assert get_or_none(kube, "namespace", sandbox_of(cfg, namespace, "refused")) is None
+    assert get_or_none(kube, "namespace", sandbox_of(kube, cfg, namespace, "refused")) is None
     assert owned_namespaces(kube, uid) == [] and owned_pytorchjobs(kube, uid) == []
     events = [e for e in items(kube, "events", namespace) if e["involvedObject"]["name"] == "refused"]
     assert any(e["type"] == "Warning" and field in e["message"] for e in events), [e["message"] for e in events]
@@ -626,8 +631,8 @@ KILL_POINTS = [
 @pytest.mark.parametrize("kill_when", KILL_POINTS)
 def test_an_operator_killed_during_creation_ends_with_one_sandbox_and_one_run(kube, operator, cfg, namespace, kill_when):
     job = ftj("crashy", resources={"workers": 2, "gpusPerWorker": 1, "nodePool": "a100", "cpu": "1", "memory": "1Gi"})
-    sandbox = sandbox_of(cfg, namespace, "crashy")
     kube.apply(credentials(), job, namespace=namespace)
+    sandbox = sandbox_of(kube, cfg, namespace, "crashy")
     try:
         _wait_for(lambda: kill_when(kube, namespace, sandbox), 60, f"the kill point {kill_when.__name__}", interval=0.05)
         operator.kill()
@@ -678,11 +683,11 @@ CRASH_LEFTOVERS = [
 @pytest.mark.parametrize("made", CRASH_LEFTOVERS)
 def test_an_operator_restarted_over_a_half_made_sandbox_completes_it(kube, operator, cfg, namespace, made):
     job = ftj("halfmade", resources={"workers": 2, "gpusPerWorker": 0, "nodePool": "cpu", "cpu": "1", "memory": "1Gi"})
-    sandbox = sandbox_of(cfg, namespace, "halfmade")
     operator.kill()
     try:
         kube.apply(credentials(), job, namespace=namespace)
         ref = n.JobRef.from_body(kube.get("finetunejob", "halfmade", namespace))
+        sandbox = sandbox_of(kube, cfg, namespace, "halfmade")
         secret_data = kube.get("secret", "s3-credentials", namespace)["data"]
         objects = (sandbox_objects(ref, cfg, secret_data) + run_objects(ref, cfg))[:made]
         assert len(objects) == made

@@ -91,7 +91,8 @@ class Probes:
 
 def _suspended_job(name: str) -> list[dict]:
     return [
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": "s3-credentials", "labels": {"finetune.dev/credentials": "true"}},
          "stringData": {"AWS_ACCESS_KEY_ID": "finetune-local", "AWS_SECRET_ACCESS_KEY": "finetune-local-secret"}},
         {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
          "spec": {"model": {"uri": "s3://models/tiny-llama/"},
@@ -199,6 +200,13 @@ def test_only_the_monitoring_namespace_reaches_the_operator_metrics_port(kube, w
                       "open")
     tenant, _ = world["tenant"]
     probes.eventually(tenant, "client", world["operator_ip"], world["operator_metrics_port"], "refused")
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "100.100.100.200"])
+def test_a_sandbox_pod_cannot_reach_a_metadata_address(kube, world, address):
+    # No route and no policy lead there (the S3 ipBlocks except the metadata ranges).
+    out = Probes(kube).connect(world["a"][0], "client", address, 80)
+    assert out != "open", out
 
 
 def test_no_pod_has_a_route_off_this_machine(kube, world):

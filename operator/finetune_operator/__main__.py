@@ -16,6 +16,7 @@ import sys
 
 import kopf
 
+from finetune_operator import redact
 from finetune_operator.config import OperatorConfig
 from finetune_operator.handlers import register
 
@@ -45,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.s3_endpoint:
         cfg = cfg.model_copy(update={"s3Endpoint": args.s3_endpoint})
     kopf.configure(verbose=args.verbose)  # sets up logging
-    for noisy in ("httpx", "httpx2", "botocore", "urllib3"):
+    for noisy in ("httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    redact.install()  # botocore and urllib3 stay at WARNING: their DEBUG logs carry credentials
     registry = kopf.OperatorRegistry()
     register(registry, cfg)
     asyncio.run(kopf.operator(

@@ -6,11 +6,15 @@ FineTuneJob may leave empty (trainer image, S3 endpoint).
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from finetune_operator import endpoints
+from finetune_operator import quantity
 
 
 class ConfigModel(BaseModel):
@@ -27,11 +31,30 @@ class NodePool(ConfigModel):
 class S3Egress(ConfigModel):
     cidrs: list[str] = Field(
         default_factory=lambda: ["0.0.0.0/0"],
-        description="Where the trainer pods may connect for S3 (NetworkPolicy ipBlocks).",
+        description="Where the trainer pods may connect for S3 (NetworkPolicy ipBlocks); the cloud metadata "
+        "ranges and the clusterNetworks ranges inside one are excepted from it.",
     )
     ports: list[int] = Field(
-        default_factory=lambda: [443], description="TCP ports allowed to those CIDRs (plus the endpoint URL's port)."
+        default_factory=lambda: [443],
+        description="TCP ports allowed to those CIDRs; an S3 endpoint must use one of them.",
     )
+
+    @field_validator("cidrs")
+    @classmethod
+    def _cidrs_are_networks(cls, cidrs: list[str]) -> list[str]:
+        for cidr in cidrs:
+            network = ipaddress.ip_network(cidr, strict=False)
+            inside = next((m for m in endpoints.METADATA_NETWORKS
+                           if m.version == network.version and network.subnet_of(m)), None)
+            if inside is not None:
+                raise ValueError(f"s3Egress.cidrs: {cidr} lies inside the metadata range {inside}")
+        return cidrs
+
+
+class ClusterDNS(ConfigModel):
+    namespace: str = Field(default="kube-system", description="Namespace of the cluster DNS pods.")
+    podLabels: dict[str, str] = Field(default_factory=lambda: {"k8s-app": "kube-dns"},
+                                      description="Labels of the cluster DNS pods (the only DNS a sandbox may ask).")
 
 
 class OperatorConfig(ConfigModel):
@@ -43,6 +66,31 @@ class OperatorConfig(ConfigModel):
                                description="Prefix of sandbox namespace names.")
     s3Endpoint: str = Field(default="", description="S3 endpoint used when spec.storage.endpoint is empty ('' = AWS).")
     s3Egress: S3Egress = Field(default_factory=S3Egress, description="NetworkPolicy egress to S3.")
+    allowedS3Endpoints: list[str] = Field(
+        default_factory=list,
+        description="S3 endpoints a FineTuneJob may name in spec.storage.endpoint besides s3Endpoint: origins "
+        "(scheme://host[:port]); a host `*.example.com` allows its subdomains. Empty: only s3Endpoint.")
+    clusterNetworks: list[str] = Field(
+        default_factory=list,
+        description="The cluster's own address ranges (pods, Services, nodes): a tenant's S3 endpoint may not "
+        "lead there unless its exact origin is allowed. The API server's address is always excluded.")
+    clusterDNS: ClusterDNS = Field(default_factory=ClusterDNS, description="The only DNS servers a sandbox may ask.")
+    allowedImages: list[str] = Field(
+        default_factory=list,
+        description="Prefixes (registry/repository) a FineTuneJob's spec.image must start with; empty: spec.image "
+        "must stay empty (only trainerImage runs).")
+    requireImageDigest: bool = Field(default=False, description="spec.image must be pinned by digest (@sha256:...).")
+    allowedPriorityClasses: list[str] = Field(
+        default_factory=list,
+        description="PriorityClasses a FineTuneJob may name in runPolicy.priorityClassName; empty: none.")
+    maxSharedMemory: str = Field(default="64Gi", description="Upper bound of spec.resources.sharedMemory.")
+    scratchSize: str = Field(
+        default="100Gi",
+        description="Size limit of each training pod's /tmp (emptyDir sizeLimit and ephemeral-storage limit).")
+    sweepIntervalSeconds: float = Field(
+        default=300.0, gt=0,
+        description="How often sandboxes are checked for a FineTuneJob that is gone (a stripped finalizer) or "
+        "that moved to another sandbox; those are deleted.")
     monitoringNamespace: str = Field(default="monitoring", description="Namespace allowed to scrape trainer metrics.")
     trainerMetricsPort: int = Field(default=9090, ge=1, le=65535, description="Port of the trainer's metrics endpoint.")
     progressIntervalSeconds: float = Field(default=5.0, gt=0, description="How often the trainer writes progress.json.")
@@ -68,6 +116,28 @@ class OperatorConfig(ConfigModel):
     deletionTimeoutSeconds: float = Field(
         default=300.0, gt=0, description="How long a deletion waits for the sandbox namespace before releasing the finalizer."
     )
+
+    @field_validator("allowedS3Endpoints")
+    @classmethod
+    def _endpoints_are_origins(cls, urls: list[str]) -> list[str]:
+        for url in urls:
+            parsed = endpoints.parse_allowed(url)
+            if isinstance(parsed, endpoints.EndpointProblem):
+                raise ValueError(f"allowedS3Endpoints: {url!r}: {parsed.message}")
+        return urls
+
+    @field_validator("maxSharedMemory", "scratchSize")
+    @classmethod
+    def _quantities(cls, value: str) -> str:
+        quantity.split(value)
+        return value
+
+    @field_validator("clusterNetworks")
+    @classmethod
+    def _networks(cls, cidrs: list[str]) -> list[str]:
+        for cidr in cidrs:
+            ipaddress.ip_network(cidr, strict=False)
+        return cidrs
 
     @model_validator(mode="after")
     def _default_pool_exists(self) -> "OperatorConfig":

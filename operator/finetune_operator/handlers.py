@@ -18,6 +18,7 @@ from prometheus_client import start_http_server
 
 from finetune_operator import k8s
 from finetune_operator.api import types as t
+from finetune_operator.builders import names as n
 from finetune_operator.config import OperatorConfig
 from finetune_operator.metrics import Metrics
 from finetune_operator.reconcile import REQUEUE_SHORT, Reconciler
@@ -96,6 +97,14 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
         if body.metadata.get("deletionTimestamp"):
             return
         await memo.reconciler.on_timer(plain(body))  # a requeue is the next tick
+
+    # Sandboxes whose FineTuneJob went without the finalizer (or moved to another sandbox) are swept.
+    @kopf.timer("", "v1", "namespaces", registry=registry, id="sweep", interval=cfg.sweepIntervalSeconds,
+                initial_delay=cfg.sweepIntervalSeconds, sharp=False,
+                labels={n.LABEL_MANAGED_BY: n.MANAGER, n.LABEL_JOB_UID: kopf.PRESENT})
+    async def sweep(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        if not body.metadata.get("deletionTimestamp"):
+            await memo.reconciler.sweep(plain(body))
 
     @kopf.on.delete(**resource, id="cleanup")
     async def on_delete(body: kopf.Body, memo: kopf.Memo, runtime: Any, **_: Any) -> None:

@@ -56,6 +56,10 @@ def is_not_found(exc: ApiError) -> bool:
     return exc.status.code == 404
 
 
+def is_conflict(exc: ApiError) -> bool:
+    return exc.status.code == 409
+
+
 class Kube:
     """Thin async wrapper: get-or-None, list, server-side apply, delete-if-present."""
 
@@ -102,8 +106,11 @@ class Kube:
     async def merge_patch(self, res: Any, name: str, namespace: str | None, patch: dict[str, Any]) -> None:
         await self.client.patch(res, name, patch, namespace=namespace, patch_type=PatchType.MERGE, field_manager=MANAGER)
 
-    async def delete(self, res: Any, name: str, namespace: str | None = None) -> bool:
-        """Delete (background cascade); False when it was already gone."""
+    async def delete(self, res: Any, name: str, namespace: str | None = None, uid: str | None = None) -> bool:
+        """Delete (background cascade); False when it was already gone, or (with `uid`, sent as the
+        precondition) when the object of that name is another one now."""
+        if uid is not None:
+            return await self._delete_with_uid(res, name, namespace, uid)
         try:
             if namespace is None:
                 await self.client.delete(res, name, cascade=CascadeType.BACKGROUND)
@@ -115,6 +122,30 @@ class Kube:
                 return False
             raise
 
+    async def _delete_with_uid(self, res: Any, name: str, namespace: str | None, uid: str) -> bool:
+        # lightkube's delete sends no body; DeleteOptions with preconditions go as the request body.
+        generic = self.client._client
+        request = generic.prepare_request("delete", res=res, name=name, namespace=namespace)
+        request.data = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background",
+                        "preconditions": {"uid": uid}}
+        try:
+            generic.handle_response("delete", await generic.send(generic.build_adapter_request(request)), request)
+            return True
+        except ApiError as exc:
+            if is_not_found(exc) or is_conflict(exc):
+                return False
+            raise
+
     async def create(self, obj: dict[str, Any]) -> None:
         res = resource_of(obj)
         await self.client.create(res.from_dict(obj), namespace=obj["metadata"].get("namespace"))
+
+    async def create_if_absent(self, obj: dict[str, Any]) -> bool:
+        """Create-only (never adopts an existing object): False when the name is taken."""
+        try:
+            await self.create(obj)
+            return True
+        except ApiError as exc:
+            if is_conflict(exc):
+                return False
+            raise

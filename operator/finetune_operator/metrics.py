@@ -34,6 +34,12 @@ class Metrics:
         self.eta = Gauge("finetune_job_eta_seconds", "Estimated seconds to the end of training.", JOB_LABELS, registry=r)
         self.gpu_seconds = Gauge("finetune_job_gpu_seconds", "GPU time used by the run.", JOB_LABELS, registry=r)
         self.restarts = Gauge("finetune_job_restarts", "Pod restarts of the run.", JOB_LABELS, registry=r)
+        self.sandboxes_swept = Counter(
+            "finetune_sandboxes_swept_total", "Sandboxes deleted by the sweep: their FineTuneJob is gone (orphaned) "
+            "or has another sandbox (superseded).", ["reason"], registry=r)
+        self.tenant_io_timeouts = Counter(
+            "finetune_tenant_io_timeouts_total", "Calls to a tenant's storage that did not answer in time.",
+            registry=r)
         self._per_job = (self.progress, self.step, self.loss, self.tokens, self.eta, self.gpu_seconds, self.restarts)
         self._phases: dict[tuple[str, str], str] = {}
         for phase in Phase:

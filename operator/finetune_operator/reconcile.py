@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from finetune_operator import k8s, s3
+from finetune_operator import endpoints, k8s, s3
 from finetune_operator.api.types import FineTuneJobSpec
 from finetune_operator.builders import events as ev
 from finetune_operator.builders import names as n
@@ -46,11 +46,25 @@ from finetune_operator.status import (
     ptj_condition,
     run_id_of,
 )
-from finetune_operator.validation import TRANSIENT_REASONS, Facts, Problem, s3_uris_to_check, validate
+from finetune_operator.tenant_io import TenantIO, TenantIOTimeout
+from finetune_operator.validation import (
+    SECRET_REASONS,
+    TRANSIENT_REASONS,
+    Facts,
+    Problem,
+    S3Check,
+    s3_uris_to_check,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
 REQUEUE_SHORT = 5.0
+# Waits for a tenant's storage (its slot in the I/O executor included): an input check, a read of the
+# trainer's documents, a DNS lookup of the endpoint's host.
+INPUT_CHECK_TIMEOUT = s3.CHECK_BUDGET_SECONDS + s3.REQUEST_DEADLINE_SECONDS
+DOCUMENTS_TIMEOUT = 3 * s3.REQUEST_DEADLINE_SECONDS + 5
+RESOLVE_TIMEOUT = 10.0
 
 
 def utcnow() -> datetime:
@@ -129,9 +143,18 @@ def ttl_expired(status: dict[str, Any], ttl: int, now: datetime) -> bool:
     return ttl > 0 and completion is not None and now >= completion + timedelta(seconds=ttl)
 
 
-def _ref(api_version: str, kind: str, name: str, namespace: str | None) -> dict[str, Any]:
+def _ref(api_version: str, kind: str, name: str, namespace: str | None, uid: str | None = None) -> dict[str, Any]:
+    """What to delete; with `uid`, only that very object (a precondition of the delete)."""
     meta = {"name": name} if namespace is None else {"name": name, "namespace": namespace}
+    if uid:
+        meta["uid"] = uid
     return {"apiVersion": api_version, "kind": kind, "metadata": meta}
+
+
+def sandbox_conflict(sandbox: str) -> Problem:
+    return Problem("SandboxConflict", f"metadata.name: the namespace {sandbox} already exists and was not made "
+                                      "for this FineTuneJob; it is left alone (delete and recreate the FineTuneJob "
+                                      "to get a sandbox of another name)")
 
 
 def objects_digest(objects: list[dict[str, Any]]) -> str:
@@ -157,29 +180,30 @@ def needs_apply(plan: Plan, view: View, digest: str, last_applied: tuple[str, fl
 def decide(view: View, cfg: OperatorConfig) -> Plan:
     body = view.body
     meta, raw_spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
-    sandbox = n.sandbox_namespace(cfg.sandboxPrefix, meta["namespace"], meta["name"])
+    sandbox = n.sandbox_of(cfg.sandboxPrefix, meta)
     plan = Plan(sandbox=sandbox, sandbox_state=namespace_state(view.namespace))
     spec = view.spec
     run_id = spec.runId if spec else run_id_of(raw_spec)
     finished = run_finished(status, run_id)
 
     if view.namespace is not None and not owns_namespace(view.namespace, meta.get("uid", "")):
-        # Names are readable, so two jobs can map to one name (team-a/b-c and team-a-b/c): never
-        # touch (or delete) a namespace that another job, or someone else, created.
-        owner = (view.namespace["metadata"].get("annotations") or {}).get(n.ANNOTATION_JOB, "not a FineTuneJob")
-        plan.problems.append(Problem("SandboxConflict", f"metadata.name: the sandbox namespace {sandbox} already "
-                                                        f"exists and belongs to {owner}; rename this FineTuneJob"))
+        # Sandbox names carry the job's uid, so this is someone else's namespace made under this
+        # job's name: never adopt, touch or delete it, and say nothing about whose it is.
+        plan.problems.append(sandbox_conflict(sandbox))
         plan.sandbox_state = SANDBOX_ABSENT
         plan.permanent = str(plan.problems[0])
         return plan
 
     if spec and finished and ttl_expired(status, spec.runPolicy.ttlSecondsAfterFinished, view.now):
         if plan.sandbox_state == SANDBOX_ACTIVE:
-            plan.delete.append(_ref("v1", "Namespace", sandbox, None))
+            plan.delete.append(_ref("v1", "Namespace", sandbox, None, uid=view.namespace["metadata"].get("uid")))
         plan.sandbox_state = SANDBOX_EXPIRED
         return plan
 
     if view.problems:
+        if plan.sandbox_state == SANDBOX_ACTIVE and any(p.reason in SECRET_REASONS for p in view.problems):
+            # The tenant's Secret went (or stopped being usable): so does its copy in the sandbox.
+            plan.delete.append(_ref("v1", "Secret", n.CREDENTIALS_SECRET, sandbox))
         transient = all(p.reason in TRANSIENT_REASONS for p in view.problems)
         if transient:
             plan.requeue_after = REQUEUE_SHORT * 2
@@ -225,6 +249,27 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
     return plan
 
 
+SWEEP_MESSAGES = {
+    "orphaned": "its FineTuneJob is gone (deleted without its finalizer)",
+    "superseded": "its FineTuneJob has another sandbox now",
+}
+
+
+def sweep_verdict(namespace: dict[str, Any], job: dict[str, Any] | None, prefix: str) -> str:
+    """What the sweep does with a namespace (a pure function): `keep`, `not-a-sandbox`, `orphaned`
+    (its job is gone, or a job of that name with another uid is there) or `superseded`."""
+    meta = namespace["metadata"]
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    uid = labels.get(n.LABEL_JOB_UID)
+    if labels.get(n.LABEL_MANAGED_BY) != n.MANAGER or not uid or "/" not in annotations.get(n.ANNOTATION_JOB, ""):
+        return "not-a-sandbox"
+    if job is None or job["metadata"].get("uid") != uid:
+        return "orphaned"
+    if n.sandbox_of(prefix, job["metadata"]) != meta["name"]:
+        return "superseded"
+    return "keep"
+
+
 def should_read_documents(ptj: dict[str, Any] | None, previous_status: dict[str, Any], run_id: str,
                           last_read: float | None, now_monotonic: float, interval: float) -> bool:
     """Read progress/evaluation/result from S3: while the run is active (rate-limited), and once
@@ -250,8 +295,10 @@ class Outcome:
 
 class Reconciler:
     def __init__(self, kube: k8s.Kube, cfg: OperatorConfig, metrics: Metrics,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow, io: TenantIO | None = None) -> None:
         self.kube, self.cfg, self.metrics, self.clock = kube, cfg, metrics, clock
+        self.io = io or TenantIO()
+        self.api_server = endpoints.api_server_addresses()
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_read: dict[str, float] = {}
         self._input_checks: dict[str, tuple[tuple[int, str], dict[str, Any]]] = {}
@@ -294,7 +341,7 @@ class Reconciler:
     async def _observe(self, body: dict[str, Any], now: datetime) -> View:
         meta, raw_spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
         uid = meta.get("uid", "")
-        sandbox = n.sandbox_namespace(self.cfg.sandboxPrefix, meta["namespace"], meta["name"])
+        sandbox = n.sandbox_of(self.cfg.sandboxPrefix, meta)
         facts = Facts()
         spec, problems = validate(raw_spec, self.cfg, facts)
         view = View(body=body, now=now, spec=spec, problems=problems)
@@ -305,7 +352,16 @@ class Reconciler:
             return view
         view.secret = await self.kube.get(k8s.Secret, spec.credentials.secretName, meta["namespace"])
         facts.secret_found = view.secret is not None
-        facts.secret_keys = frozenset((view.secret or {}).get("data") or {})
+        if view.secret is not None:
+            data = view.secret.get("data") or {}
+            labels = view.secret["metadata"].get("labels") or {}
+            facts.secret_keys = frozenset(data)
+            facts.secret_opted_in = labels.get(n.CREDENTIALS_OPT_IN_LABEL) == "true"
+            facts.secret_blank_keys = frozenset(k for k in n.CREDENTIAL_KEYS if k in data and s3.blank(data[k]))
+        facts.api_server_addresses = self.api_server
+        host = endpoints.needs_resolution(spec.storage.endpoint, self.cfg)
+        if host:
+            facts.endpoint_addresses = await self._resolve(meta["namespace"], host)
         view.namespace = await self.kube.get(k8s.Namespace, sandbox)
         if view.namespace is not None:
             runs = await self.kube.list(k8s.PyTorchJob, sandbox, labels={n.LABEL_JOB_UID: uid})
@@ -317,20 +373,32 @@ class Reconciler:
             view.other_run_pods = len(pods) - len(view.run_pods)
         needs_inputs = (facts.secret_found and view.pytorchjob is None and not run_finished(status, spec.runId))
         if needs_inputs and not view.other_runs:
-            facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.secret)
+            facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.secret,
+                                                meta["namespace"])
         view.spec, view.problems = validate(raw_spec, self.cfg, facts)
         return view
 
+    async def _resolve(self, tenant: str, host: str) -> tuple[Any, ...] | None:
+        """The addresses of a host a tenant's endpoint names (None: no answer in time, so not judged yet)."""
+        try:
+            return await self.io.run(tenant, RESOLVE_TIMEOUT, endpoints.resolve, host)
+        except TenantIOTimeout:
+            return None
+
     async def _check_inputs(self, uid: str, generation: int, spec: FineTuneJobSpec, raw_spec: dict[str, Any],
-                            secret: dict[str, Any] | None) -> dict[str, Any]:
+                            secret: dict[str, Any] | None, tenant: str) -> dict[str, Any]:
         key = (generation, n.spec_hash(raw_spec))
         cached = self._input_checks.get(uid)
         if cached and cached[0] == key and all(c.exists for c in cached[1].values()):
             return cached[1]
         creds = s3.Credentials.from_secret_data((secret or {}).get("data") or {})
         endpoint = spec.storage.endpoint or self.cfg.s3Endpoint
-        client = s3.client(endpoint, spec.storage.region, creds)
-        checks = await asyncio.to_thread(s3.check_uris, client, s3_uris_to_check(spec))
+        uris = s3_uris_to_check(spec)
+        try:
+            checks = await self.io.run(tenant, INPUT_CHECK_TIMEOUT, s3.check_inputs, endpoint, spec.storage.region,
+                                       creds, uris)
+        except TenantIOTimeout as exc:
+            checks = {path: S3Check(None, str(exc)) for path in uris}
         self._input_checks[uid] = (key, checks)
         return checks
 
@@ -342,16 +410,26 @@ class Reconciler:
         plan = decide(view, self.cfg)
 
         for obj in plan.delete:
-            await self.kube.delete(k8s.resource_of(obj), obj["metadata"]["name"], obj["metadata"].get("namespace"))
+            await self.kube.delete(k8s.resource_of(obj), obj["metadata"]["name"], obj["metadata"].get("namespace"),
+                                   uid=obj["metadata"].get("uid"))
         ptj = view.pytorchjob
         uid, mono, digest = meta.get("uid", ""), time.monotonic(), objects_digest(plan.apply)
         if needs_apply(plan, view, digest, self._applied.get(uid), mono, self.cfg.resyncSeconds):
             self._applied.pop(uid, None)  # a failed apply leaves no record: the next pass applies again
             for obj in plan.apply:
+                if obj["kind"] == "Namespace" and view.namespace is None:
+                    # Create-only: a namespace of this name made since it was observed (by anyone) is
+                    # never adopted; nothing goes into it.
+                    if not await self.kube.create_if_absent(obj):
+                        plan.problems.append(sandbox_conflict(plan.sandbox))
+                        plan.sandbox_state, plan.permanent, ptj = SANDBOX_ABSENT, str(plan.problems[-1]), None
+                        break
+                    continue
                 applied = await self.kube.apply(obj)
                 if obj["kind"] == "PyTorchJob":
                     ptj = applied
-            self._applied[uid] = (digest, mono)
+            else:
+                self._applied[uid] = (digest, mono)
         if plan.suspend_patch is not None and ptj is not None:
             await self.kube.merge_patch(k8s.PyTorchJob, ptj["metadata"]["name"], plan.sandbox,
                                         {"spec": {"runPolicy": {"suspend": plan.suspend_patch}}})
@@ -395,8 +473,13 @@ class Reconciler:
             return
         self._last_read[uid] = mono
         creds = s3.Credentials.from_secret_data(view.secret.get("data") or {})
-        client = s3.client(spec.storage.endpoint or self.cfg.s3Endpoint, spec.storage.region, creds)
-        docs = await asyncio.to_thread(s3.read_run_documents, client, spec.output.uri, spec.runId)
+        try:
+            docs = await self.io.run(view.body["metadata"]["namespace"], DOCUMENTS_TIMEOUT, s3.read_documents,
+                                     spec.storage.endpoint or self.cfg.s3Endpoint, spec.storage.region, creds,
+                                     spec.output.uri, spec.runId)
+        except TenantIOTimeout as exc:
+            log.warning("%s/%s: %s", view.body["metadata"]["namespace"], view.body["metadata"]["name"], exc)
+            return
         obs.progress, obs.evaluation, obs.result = docs.progress, docs.evaluation, docs.result
 
     async def _event(self, body: dict[str, Any], event_type: str, reason: str, message: str, now: datetime) -> None:
@@ -411,13 +494,13 @@ class Reconciler:
     async def finalize(self, body: dict[str, Any], elapsed_seconds: float) -> bool:
         """Delete the sandbox; True when the finalizer may be released (gone, or waited long enough)."""
         meta = body["metadata"]
-        sandbox = n.sandbox_namespace(self.cfg.sandboxPrefix, meta["namespace"], meta["name"])
+        sandbox = n.sandbox_of(self.cfg.sandboxPrefix, meta)
         ns = await self.kube.get(k8s.Namespace, sandbox)
         if ns is not None and not owns_namespace(ns, meta.get("uid", "")):
             ns = None  # not ours (a name conflict): leave it alone
         done = ns is None
         if ns is not None and namespace_state(ns) == SANDBOX_ACTIVE:
-            await self.kube.delete(k8s.Namespace, sandbox)
+            await self.kube.delete(k8s.Namespace, sandbox, uid=ns["metadata"].get("uid"))
         if not done and elapsed_seconds >= self.cfg.deletionTimeoutSeconds:
             await self._event(body, ev.WARNING, "SandboxDeletionTimedOut",
                               f"namespace {sandbox} still exists after {int(elapsed_seconds)}s; releasing the "
@@ -426,6 +509,28 @@ class Reconciler:
         if done:
             self.forget(body)
         return done
+
+    # ---- the sweep of sandboxes without their job ------------------------------------------------
+
+    async def sweep(self, namespace: dict[str, Any]) -> str:
+        """Delete a sandbox whose FineTuneJob is gone (deleted with its finalizer stripped: tenants may
+        patch their objects) or now has another sandbox (its name scheme changed); returns what was
+        decided. Only namespaces this operator made (its labels, a job uid, the job annotation) are
+        considered, and the delete carries the namespace's uid."""
+        meta = namespace["metadata"]
+        verdict = sweep_verdict(namespace, await self._job_of(namespace), self.cfg.sandboxPrefix)
+        if verdict in ("orphaned", "superseded") and namespace_state(namespace) == SANDBOX_ACTIVE:
+            if await self.kube.delete(k8s.Namespace, meta["name"], uid=meta.get("uid")):
+                log.warning("deleted sandbox %s: %s", meta["name"], SWEEP_MESSAGES[verdict])
+                self.metrics.sandboxes_swept.labels(verdict).inc()
+        return verdict
+
+    async def _job_of(self, namespace: dict[str, Any]) -> dict[str, Any] | None:
+        owner = (namespace["metadata"].get("annotations") or {}).get(n.ANNOTATION_JOB, "")
+        job_namespace, _, job_name = owner.partition("/")
+        if not job_namespace or not job_name:
+            return None
+        return await self.kube.get(k8s.FineTuneJob, job_name, job_namespace)
 
     def forget(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]

@@ -1,30 +1,116 @@
 """Reading the trainer's documents and checking inputs in S3, with the tenant's own credentials.
 
-boto3 is synchronous: the reconcile calls these functions through `asyncio.to_thread`. Every
-function returns values, never raises for storage problems: a missing or malformed document is
-None (and logged), an unreachable endpoint is an S3Check with exists=None.
+Every byte a tenant's endpoint sends is hostile: each HTTP exchange has a deadline over all of it
+(connect, headers, a body sent one byte at a time) and a cap on the body, read in chunks
+(`BoundedHTTP`, botocore's `before-send` hook); a whole input check has a time budget. boto3 is
+synchronous: the reconcile runs these functions in its bounded, tenant-fair executor
+(tenant_io.py). Every function returns values, never raises for storage problems: a missing or
+malformed document is None (and logged), an unreachable endpoint is an S3Check with exists=None.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.client
+import io
 import json
 import logging
+import os
+import socket
+import ssl
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import boto3
+from botocore.awsrequest import AWSResponse
 from botocore.config import Config as BotoConfig
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, ReadTimeoutError
+from botocore.httpsession import get_cert_path
 from pydantic import BaseModel, ValidationError
 
+from finetune_operator import redact
 from finetune_operator.validation import S3Check
 from finetune_trainer.config import EvaluationResult, Progress, RunResult, evaluation_uri, progress_uri, result_uri
 
 log = logging.getLogger(__name__)
 D = TypeVar("D", bound=BaseModel)
 MAX_DOCUMENT_BYTES = 1 << 20
+# Any response body the operator reads (a listing with MaxKeys=1, an error document, a trainer
+# document) fits in this; a longer one is cut off and the call fails.
+MAX_RESPONSE_BYTES = MAX_DOCUMENT_BYTES + (64 << 10)
+REQUEST_DEADLINE_SECONDS = 10.0
+CHECK_BUDGET_SECONDS = 30.0
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_CHUNK = 16 << 10
+
+
+class ResponseTooLarge(HTTPClientError):
+    fmt = "the response body from {endpoint_url} is larger than {limit} bytes"
+
+
+class _Body(io.BytesIO):
+    """A fully read (bounded) body that botocore can stream or read."""
+
+    def stream(self, amt: int = _CHUNK, decode_content: bool = True):
+        while chunk := self.read(amt):
+            yield chunk
+
+
+def _abort(connection: http.client.HTTPConnection, fired: threading.Event) -> None:
+    fired.set()
+    sock = connection.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class BoundedHTTP:
+    """Sends botocore's prepared requests itself (the `before-send` hook): one deadline over the
+    whole exchange, enforced by a watchdog that shuts the socket down (so a server that sends its
+    headers or body one byte at a time, or nothing at all, cannot hold the call), and a cap on the
+    body, read in chunks. One connection per request, no redirects, no retries."""
+
+    def __init__(self, deadline: float = REQUEST_DEADLINE_SECONDS, max_bytes: int = MAX_RESPONSE_BYTES) -> None:
+        self.deadline, self.max_bytes = deadline, max_bytes
+        self.tls = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
+
+    def __call__(self, request: Any, **_: Any) -> AWSResponse:
+        url = urlsplit(request.url)
+        if url.scheme == "https":
+            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+                url.hostname, url.port, timeout=min(self.deadline, 5.0), context=self.tls)
+        else:
+            connection = http.client.HTTPConnection(url.hostname, url.port, timeout=min(self.deadline, 5.0))
+        fired = threading.Event()
+        watchdog = threading.Timer(self.deadline, _abort, (connection, fired))
+        watchdog.daemon = True
+        watchdog.start()
+        body = io.BytesIO()
+        error: Exception | None = None
+        try:
+            target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+            connection.request(request.method, target, body=request.body, headers=dict(request.headers.items()))
+            response = connection.getresponse()
+            while chunk := response.read1(_CHUNK):
+                body.write(chunk)
+                if body.tell() > self.max_bytes:
+                    raise ResponseTooLarge(endpoint_url=request.url, limit=self.max_bytes)
+            status, headers = response.status, dict(response.getheaders())
+        except (OSError, http.client.HTTPException) as exc:
+            error = exc
+        finally:
+            watchdog.cancel()
+            connection.close()
+        # A cut-off answer is no answer, whatever http.client made of what arrived before the cut.
+        if fired.is_set():
+            raise ReadTimeoutError(endpoint_url=request.url, error=f"no complete answer within {self.deadline:.0f}s")
+        if error is not None:
+            raise HTTPClientError(error=f"{type(error).__name__}: {str(error)[:200]}")
+        return AWSResponse(request.url, status, headers, _Body(body.getvalue()))
 
 
 @dataclass(frozen=True)
@@ -36,9 +122,11 @@ class Credentials:
     @classmethod
     def from_secret_data(cls, data: dict[str, str]) -> "Credentials":
         def dec(key: str) -> str | None:
-            return base64.b64decode(data[key]).decode() if key in data else None
+            return base64.b64decode(data[key]).decode(errors="replace") if key in data else None
 
-        return cls(dec("AWS_ACCESS_KEY_ID") or "", dec("AWS_SECRET_ACCESS_KEY") or "", dec("AWS_SESSION_TOKEN"))
+        creds = cls(dec("AWS_ACCESS_KEY_ID") or "", dec("AWS_SECRET_ACCESS_KEY") or "", dec("AWS_SESSION_TOKEN"))
+        redact.REDACTOR.register(creds.access_key, creds.secret_key, creds.session_token)
+        return creds
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -48,17 +136,19 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def client(endpoint: str, region: str, creds: Credentials) -> Any:
-    return boto3.client(
+def client(endpoint: str, region: str, creds: Credentials, http: BoundedHTTP | None = None) -> Any:
+    s3 = boto3.client(
         "s3",
         endpoint_url=endpoint or None,
         region_name=region,
         aws_access_key_id=creds.access_key,
         aws_secret_access_key=creds.secret_key,
         aws_session_token=creds.session_token,
-        config=BotoConfig(connect_timeout=3, read_timeout=5, retries={"max_attempts": 1},
+        config=BotoConfig(connect_timeout=3, read_timeout=5, retries={"total_max_attempts": 1},
                           s3={"addressing_style": "path"}),
     )
+    s3.meta.events.register("before-send.s3", http or BoundedHTTP())
+    return s3
 
 
 def _error_code(exc: ClientError) -> str:
@@ -82,10 +172,14 @@ def read_document(s3: Any, uri: str, model: type[D]) -> D | None:
         log.warning("cannot read %s: %s", uri, exc)
         return None
     try:
-        return model.model_validate(json.loads(body))
-    except (ValueError, ValidationError) as exc:
+        return model.model_validate(json.loads(body, parse_constant=_no_constants))
+    except (ValueError, ValidationError, RecursionError) as exc:
         log.warning("ignoring malformed %s: %s", uri, str(exc)[:300])
         return None
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not a number")
 
 
 @dataclass
@@ -128,5 +222,40 @@ def check_uri(s3: Any, uri: str) -> S3Check:
         return S3Check(None, str(exc)[:300])
 
 
-def check_uris(s3: Any, uris: dict[str, str]) -> dict[str, S3Check]:
-    return {path: check_uri(s3, uri) for path, uri in uris.items()}
+def blank(encoded: str) -> bool:
+    """Whether a Secret's base64 value is empty or only whitespace once decoded."""
+    try:
+        return not base64.b64decode(encoded).decode(errors="replace").strip()
+    except ValueError:
+        return True
+
+
+def check_inputs(endpoint: str, region: str, creds: Credentials, uris: dict[str, str]) -> dict[str, S3Check]:
+    """check_uris with a client of its own (for the I/O executor: nothing of it runs on the event loop)."""
+    try:
+        s3 = client(endpoint, region, creds)
+    except (BotoCoreError, ValueError) as exc:  # the schema refuses such regions/endpoints; never raise anyway
+        return {path: S3Check(None, f"cannot configure an S3 client: {exc}") for path in uris}
+    return check_uris(s3, uris)
+
+
+def read_documents(endpoint: str, region: str, creds: Credentials, output_uri: str, run_id: str) -> RunDocuments:
+    try:
+        s3 = client(endpoint, region, creds)
+    except (BotoCoreError, ValueError) as exc:
+        log.warning("cannot configure an S3 client for %s: %s", output_uri, exc)
+        return RunDocuments()
+    return read_run_documents(s3, output_uri, run_id)
+
+
+def check_uris(s3: Any, uris: dict[str, str], budget: float = CHECK_BUDGET_SECONDS) -> dict[str, S3Check]:
+    """Check each URI until the time budget is spent; the ones left are reported as not checked (a
+    transient problem: the next pass goes on)."""
+    end = time.monotonic() + budget
+    out = {}
+    for path, uri in uris.items():
+        if time.monotonic() >= end:
+            out[path] = S3Check(None, f"not checked: the storage used up the {budget:.0f}s budget of this check")
+            continue
+        out[path] = check_uri(s3, uri)
+    return out

@@ -72,10 +72,22 @@ def parse_time(text: str | None) -> datetime | None:
 # ---- conditions ----------------------------------------------------------------------------------
 
 
+# A condition's reason: CamelCase (metav1.Condition's pattern), at most 128 characters (the CRD's
+# bound); the API refuses anything else.
+REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+MAX_REASON = 128
+
+
+def safe_reason(reason: str, fallback: str = "Failed") -> str:
+    """A reason the API accepts: the trainer's result.json is the tenant's to write."""
+    return reason if len(reason) <= MAX_REASON and REASON.match(reason) else fallback
+
+
 def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool | None, reason: str, message: str,
                   generation: int, now: datetime) -> list[dict[str, Any]]:
     """Return conditions with `type_` set; lastTransitionTime kept unless the status flips."""
     value = "Unknown" if status is None else ("True" if status else "False")
+    reason = safe_reason(reason)
     previous = next((c for c in conditions if c.get("type") == type_), None)
     transition = previous["lastTransitionTime"] if previous and previous.get("status") == value and \
         previous.get("lastTransitionTime") else rfc3339(now)

@@ -8,13 +8,16 @@ FineTuneJob stored before a CRD upgrade (or without CEL support) is still refuse
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from pydantic import ValidationError
 
+from finetune_operator import endpoints
 from finetune_operator.api.types import FineTuneJobSpec, parse_spec
-from finetune_operator.builders.names import CREDENTIAL_KEYS
+from finetune_operator import quantity
+from finetune_operator.builders.names import CREDENTIAL_KEYS, CREDENTIALS_OPT_IN_LABEL
 from finetune_operator.config import OperatorConfig
 
 
@@ -42,7 +45,11 @@ class Facts:
 
     secret_found: bool | None = None
     secret_keys: frozenset[str] = frozenset()
+    secret_blank_keys: frozenset[str] = frozenset()  # credential keys whose value is empty or whitespace
+    secret_opted_in: bool = False  # the Secret carries CREDENTIALS_OPT_IN_LABEL=true
     s3: dict[str, S3Check] = field(default_factory=dict)  # spec field path -> check
+    endpoint_addresses: tuple[Any, ...] | None = None  # what spec.storage.endpoint's host resolved to
+    api_server_addresses: tuple[Any, ...] = ()
 
 
 # ---- spec ----------------------------------------------------------------------------------------
@@ -155,6 +162,46 @@ def check_other_cross_field_rules(spec: FineTuneJobSpec, cfg: OperatorConfig) ->
     return out
 
 
+def check_image_allowed(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    image = spec.image
+    if not image:
+        return []
+    if not any(image.startswith(prefix) for prefix in cfg.allowedImages):
+        allowed = ", ".join(cfg.allowedImages) or "none: only the operator's trainer image"
+        return [Problem("ImageNotAllowed", f"spec.image: {image!r} is not from an allowed registry prefix ({allowed})")]
+    if cfg.requireImageDigest and not DIGEST.search(image):
+        return [Problem("ImageNotAllowed", f"spec.image: {image!r} must be pinned by digest (@sha256:<64 hex>)")]
+    return []
+
+
+def check_priority_class_allowed(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    name = spec.runPolicy.priorityClassName
+    if name and name not in cfg.allowedPriorityClasses:
+        allowed = ", ".join(cfg.allowedPriorityClasses) or "none"
+        return [Problem("PriorityClassNotAllowed",
+                        f"spec.runPolicy.priorityClassName: {name!r} is not allowed (allowed: {allowed})")]
+    return []
+
+
+def check_resource_bounds(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    res, out = spec.resources, []
+    for field_name in ("cpu", "memory"):
+        if quantity.value(getattr(res, field_name)) <= 0:
+            out.append(Problem("InvalidSpec", f"spec.resources.{field_name}: must be greater than 0 (0 would mean no limit)"))
+    if quantity.value(res.sharedMemory) <= 0:
+        out.append(Problem("InvalidSpec", "spec.resources.sharedMemory: must be greater than 0"))
+    elif quantity.value(res.sharedMemory) > quantity.value(cfg.maxSharedMemory):
+        out.append(Problem("LimitExceeded", f"spec.resources.sharedMemory: {res.sharedMemory} is above the "
+                                            f"operator's limit {cfg.maxSharedMemory}"))
+    return out
+
+
+def check_storage_endpoint(spec: FineTuneJobSpec, cfg: OperatorConfig, facts: Facts) -> list[Problem]:
+    return [Problem(p.reason, f"spec.storage.endpoint: {p.message}")
+            for p in endpoints.check_endpoint(spec.storage.endpoint, cfg, facts.endpoint_addresses,
+                                              facts.api_server_addresses)]
+
+
 SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]] = [
     check_method_settings,
     check_distributed_settings,
@@ -165,7 +212,11 @@ SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]
     check_qlora_needs_gpus,
     check_node_pool,
     check_gpus_fit_pool,
+    check_image_allowed,
+    check_priority_class_allowed,
+    check_resource_bounds,
 ]
+DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 
 def validate_spec(raw_spec: dict[str, Any], cfg: OperatorConfig) -> tuple[FineTuneJobSpec | None, list[Problem]]:
@@ -182,15 +233,30 @@ def validate_spec(raw_spec: dict[str, Any], cfg: OperatorConfig) -> tuple[FineTu
 
 
 def check_secret(spec: FineTuneJobSpec, facts: Facts) -> list[Problem]:
+    """The Secret exists in the job's namespace, was opted in for FineTuneJobs by its owner (a label
+    that needs rights on the Secret itself: a principal that may only create FineTuneJobs cannot
+    have any Secret copied), and holds non-empty credentials (empty ones would let the AWS SDK fall
+    back to the node's own identity)."""
     name = spec.credentials.secretName
     if facts.secret_found is False:
         return [Problem("SecretNotFound", f"spec.credentials.secretName: Secret {name!r} not found in the job's namespace")]
     if facts.secret_found:
+        if not facts.secret_opted_in:
+            return [Problem("SecretNotOptedIn",
+                            f"spec.credentials.secretName: Secret {name!r} is not labelled "
+                            f"{CREDENTIALS_OPT_IN_LABEL}=true; label it to let FineTuneJobs use it")]
         missing = [k for k in CREDENTIAL_KEYS if k not in facts.secret_keys]
         if missing:
             return [Problem("SecretKeysMissing",
                             f"spec.credentials.secretName: Secret {name!r} lacks key(s) {', '.join(missing)}")]
+        blank = sorted(facts.secret_blank_keys)
+        if blank:
+            return [Problem("SecretValueEmpty",
+                            f"spec.credentials.secretName: Secret {name!r} has empty value(s) for {', '.join(blank)}")]
     return []
+
+
+SECRET_REASONS = {"SecretNotFound", "SecretNotOptedIn", "SecretKeysMissing", "SecretValueEmpty"}
 
 
 def s3_uris_to_check(spec: FineTuneJobSpec) -> dict[str, str]:
@@ -221,7 +287,7 @@ def check_s3_inputs(spec: FineTuneJobSpec, facts: Facts) -> list[Problem]:
     return out
 
 
-TRANSIENT_REASONS = {"S3Unreachable"}
+TRANSIENT_REASONS = {"S3Unreachable", "EndpointUnresolvable"}
 
 
 def validate(raw_spec: dict[str, Any], cfg: OperatorConfig, facts: Facts) -> tuple[FineTuneJobSpec | None, list[Problem]]:
@@ -229,6 +295,7 @@ def validate(raw_spec: dict[str, Any], cfg: OperatorConfig, facts: Facts) -> tup
     spec, problems = validate_spec(raw_spec, cfg)
     if spec is None:
         return None, problems
+    problems.extend(check_storage_endpoint(spec, cfg, facts))
     problems.extend(check_secret(spec, facts))
     if not problems:
         problems.extend(check_s3_inputs(spec, facts))

@@ -166,8 +166,8 @@ def test_every_resource_the_operator_touches_is_in_the_cluster_role():
 
 
 @pytest.mark.parametrize("value_set, secret_verbs, namespaced_secret_reads", [
-    ("default", {"get", "create", "patch"}, set()),
-    ("all-features", {"create", "patch"}, {"team-a", "team-b"}),
+    ("default", {"get", "create", "patch", "delete"}, set()),
+    ("all-features", {"create", "patch", "delete"}, {"team-a", "team-b"}),
 ])
 def test_secret_access_is_read_by_name_and_confined_when_namespaces_are_listed(helm_cli, value_set, secret_verbs,
                                                                                namespaced_secret_reads):

@@ -153,6 +153,10 @@ SCHEMA_CASES = [
     ("weight 0", minimal_spec(datasets=[{"uri": "s3://bucket/a.jsonl", "weight": 0}]), False),
     ("too many datasets", minimal_spec(datasets=[{"uri": "s3://bucket/a.jsonl"}] * 33), False),
     ("missing credentials", {k: v for k, v in minimal_spec().items() if k != "credentials"}, False),
+    ("region of a custom S3", minimal_spec(storage={"region": "garage"}), True),
+    ("region blank", minimal_spec(storage={"region": " "}), False),
+    ("region leading dash", minimal_spec(storage={"region": "-1"}), False),
+    ("region with a dot", minimal_spec(storage={"region": "eu.west"}), False),
 ]
 
 
@@ -207,6 +211,7 @@ def test_example_files_apply_into_any_namespace(source, docs):
         secret = secrets[job["spec"]["credentials"]["secretName"]]
         assert secret["stringData"] == {"AWS_ACCESS_KEY_ID": "finetune-local", "AWS_SECRET_ACCESS_KEY": "finetune-local-secret"}
         assert not job["spec"].get("storage", {}).get("endpoint")
-        facts = Facts(secret_found=True, secret_keys=frozenset(secret["stringData"]))
+        assert secret["metadata"]["labels"]["finetune.dev/credentials"] == "true"
+        facts = Facts(secret_found=True, secret_keys=frozenset(secret["stringData"]), secret_opted_in=True)
         _, problems = validate(apply_schema_defaults(job["spec"], SPEC_SCHEMA), cfg, facts)
         assert not problems, problems

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from finetune_operator.builders import JobRef, names, run_objects, sandbox_objects, spec_hash
-from finetune_operator.builders.quantity import multiply
+from finetune_operator.quantity import multiply
 from finetune_operator.config import OperatorConfig
 from finetune_trainer.config import TrainerConfig
 from op_testdata import ROOT, job, minimal_spec
@@ -144,19 +144,28 @@ def test_secret_copies_only_aws_keys():
     assert sorted(secret["data"]) == ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]
 
 
-@pytest.mark.parametrize("tenant,name,expected", [
-    ("team-a", "support-bot", "ftj-team-a-support-bot"),
-    ("team-a", "v1.2", "ftj-team-a-v1-2"),
-    ("t" * 30, "n" * 40, None),
+UID = "6f1c2a9e-1b7d-4e55-9a4e-0c8d2b7f3a11"
+
+
+@pytest.mark.parametrize("tenant,name,readable", [
+    ("team-a", "support-bot", "ftj-team-a-support-bot-"),
+    ("team-a", "v1.2", "ftj-team-a-v1-2-"),
+    ("t" * 30, "n" * 40, "ftj-" + "t" * 30 + "-" + "n" * 17 + "-"),
 ])
-def test_sandbox_namespace_name(tenant, name, expected):
-    got = names.sandbox_namespace("ftj", tenant, name)
+def test_sandbox_namespace_name(tenant, name, readable):
+    got = names.sandbox_namespace("ftj", tenant, name, UID)
     assert len(got) <= 63 and got == names.dns_label(got) and not got.endswith("-")
-    if expected:
-        assert got == expected
-    else:
-        assert got != names.sandbox_namespace("ftj", tenant, name[:-1] + "m")  # the hash keeps them apart
-        assert got == names.sandbox_namespace("ftj", tenant, name)  # and it is stable
+    assert got.startswith(readable) and len(got) == len(readable) + names.SANDBOX_ID_LENGTH
+    assert got == names.sandbox_namespace("ftj", tenant, name, UID)  # stable
+
+
+@pytest.mark.parametrize("a, b", [
+    (("x-b", "c", "uid-1"), ("x", "b-c", "uid-2")),          # tenant and name join to the same string
+    (("team-a", "job", "uid-1"), ("team-a", "job", "uid-2")),  # a job deleted and made again
+    (("t" * 40, "n" * 40 + "a", "uid-1"), ("t" * 40, "n" * 40 + "b", "uid-2")),  # cut to the same prefix
+])
+def test_sandbox_names_are_unique_per_job(a, b):
+    assert names.sandbox_namespace("ftj", *a) != names.sandbox_namespace("ftj", *b)
 
 
 @pytest.mark.parametrize("quantity,factor,expected", [
@@ -198,3 +207,38 @@ def test_queue_label_and_priority_class():
     assert ptj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["priorityClassName"] == "training-low"
     plain = run_objects(JobRef.from_body(job()), CFG)[1]
     assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("cidr, excepted", [
+    ("0.0.0.0/0", ["169.254.0.0/16", "100.100.100.200/32"]),
+    ("::/0", ["fd00:ec2::254/128", "fe80::/10"]),
+    ("100.64.0.0/10", ["100.100.100.200/32"]),
+    ("10.0.0.0/8", None),
+    ("10.244.0.1/32", None),
+])
+def test_s3_egress_excepts_the_metadata_ranges(cidr, excepted):
+    from finetune_operator.builders.sandbox import s3_ip_block
+
+    block = s3_ip_block(cidr)["ipBlock"]
+    assert block["cidr"] == cidr and block.get("except") == excepted
+
+
+@pytest.mark.parametrize("cidr, excepted", [
+    ("0.0.0.0/0", ["169.254.0.0/16", "100.100.100.200/32", "10.244.0.0/16", "10.96.0.0/12"]),
+    ("10.0.0.0/8", ["10.244.0.0/16", "10.96.0.0/12"]),
+    ("10.244.0.0/16", None),      # the platform's in-cluster S3, named on purpose
+    ("10.244.3.7/32", None),
+    ("::/0", ["fd00:ec2::254/128", "fe80::/10"]),
+])
+def test_s3_egress_excepts_the_cluster_ranges_around_it(cidr, excepted):
+    from finetune_operator.builders.sandbox import s3_ip_block
+
+    block = s3_ip_block(cidr, ["10.244.0.0/16", "10.96.0.0/12"])["ipBlock"]
+    assert block.get("except") == excepted
+
+
+def test_sandbox_dns_goes_to_the_cluster_dns_only():
+    allow = sandbox_objects(JobRef.from_body(job()), CFG, SECRET)[2]
+    dns = next(rule for rule in allow["spec"]["egress"] if any(p.get("port") == 53 for p in rule.get("ports", [])))
+    assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                          "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]

@@ -64,9 +64,14 @@ CASES = [
      (SANDBOX_ABSENT, [], [], False, None, False, True)),
     ("S3 unreachable: wait, nothing created", view(B, problems=[Problem("S3Unreachable", "spec.model.uri: x")]),
      (SANDBOX_ABSENT, [], [], False, None, True, False)),
-    ("problem during a run: the run is left alone", view(B, problems=[Problem("SecretNotFound", "x")], namespace=ACTIVE_NS,
-                                                         pytorchjob=existing_run(B)),
+    ("problem during a run: the run is left alone", view(B, problems=[Problem("UnknownNodePool", "x")],
+                                                         namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
      (SANDBOX_ACTIVE, [], [], False, None, False, False)),
+    ("the Secret went during a run: its copy goes, the run stays", view(B, problems=[Problem("SecretNotFound", "x")],
+                                                                        namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
+     (SANDBOX_ACTIVE, [], ["Secret"], False, None, False, False)),
+    ("the Secret lost its opt-in: its copy goes", view(B, problems=[Problem("SecretNotOptedIn", "x")], namespace=ACTIVE_NS),
+     (SANDBOX_ACTIVE, [], ["Secret"], False, None, False, True)),
     ("steady state: idempotent apply", view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
      (SANDBOX_ACTIVE, SANDBOX_KINDS + ["ConfigMap", "PyTorchJob"], [], False, None, False, False)),
     ("spec changed mid-run: reported, not applied", view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B, changed=True)),
@@ -180,10 +185,11 @@ def test_idle_zero_passes_every_tick():
     assert timer_due(observed(SUCCEEDED), 9_999.0, 10_000.0, 0) is True
 
 
-def test_sandbox_conflict_names_the_owner():
+def test_sandbox_conflict_names_no_one_else():
     plan = decide(view(B, namespace=FOREIGN_NS), CFG)
     assert [p.reason for p in plan.problems] == ["SandboxConflict"]
-    assert "team-a-support/bot" in plan.permanent and "ftj-team-a-support-bot" in plan.permanent
+    assert "team-a-support/bot" not in plan.permanent and "was not made for this FineTuneJob" in plan.permanent
+    assert not plan.apply and not plan.delete
 
 
 def test_permanent_message_names_the_field():
@@ -260,8 +266,38 @@ def test_kopf_wiring():
     register(registry, CFG, start_metrics_server=False)
     ids = {str(h.id) for h in registry._changing.get_all_handlers()}
     assert {"create", "update/spec", "resume", "cleanup"} <= ids, ids
-    assert len(list(registry._spawning.get_all_handlers())) == 1  # the timer
+    timers = {str(h.id) for h in registry._spawning.get_all_handlers()}
+    assert timers == {"reconcile", "sweep"}, timers  # the jobs' timer and the sandboxes' sweep
     settings = kopf.OperatorSettings()
     configure_settings(settings)
     assert settings.persistence.finalizer == FINALIZER
     assert settings.posting.enabled is False
+
+
+def _sandbox_ns(name: str, uid: str = "uid-b", managed: bool = True, annotated: bool = True) -> dict:
+    labels = {names.LABEL_JOB_UID: uid}
+    if managed:
+        labels[names.LABEL_MANAGED_BY] = names.MANAGER
+    annotations = {names.ANNOTATION_JOB: "team-a/job-b"} if annotated else {}
+    return {"metadata": {"name": name, "labels": labels, "annotations": annotations}, "status": {"phase": "Active"}}
+
+
+def _job(uid: str = "uid-b") -> dict:
+    return {"metadata": {"namespace": "team-a", "name": "job-b", "uid": uid}}
+
+
+CURRENT = names.sandbox_namespace("ftj", "team-a", "job-b", "uid-b")
+
+
+@pytest.mark.parametrize("namespace, job, verdict", [
+    (_sandbox_ns(CURRENT), _job(), "keep"),
+    (_sandbox_ns(CURRENT), None, "orphaned"),                          # deleted with the finalizer stripped
+    (_sandbox_ns(CURRENT), _job(uid="uid-new"), "orphaned"),           # a new job under the old name
+    (_sandbox_ns("ftj-team-a-job-b"), _job(), "superseded"),           # the name scheme of an older operator
+    (_sandbox_ns(CURRENT, managed=False), None, "not-a-sandbox"),      # someone else's namespace
+    (_sandbox_ns(CURRENT, annotated=False), None, "not-a-sandbox"),
+])
+def test_sweep_verdict(namespace, job, verdict):
+    from finetune_operator.reconcile import sweep_verdict
+
+    assert sweep_verdict(namespace, job, "ftj") == verdict

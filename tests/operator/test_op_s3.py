@@ -76,8 +76,75 @@ def test_check_uris(bucket):
     }
 
 
+@pytest.mark.parametrize("region", [" ", "-1", "a" * 70])
+def test_a_client_that_cannot_be_configured_is_a_message_not_an_exception(region):
+    """Found by the fuzzing test on the cluster: botocore refuses such a region when the client is made."""
+    checks = s3.check_inputs("http://127.0.0.1:9", region, s3.Credentials("a", "b"), {"spec.model.uri": "s3://b/m/"})
+    assert checks["spec.model.uri"].exists is None and "region" in checks["spec.model.uri"].error
+    assert s3.read_documents("http://127.0.0.1:9", region, s3.Credentials("a", "b"), "s3://b/o/", "1") == \
+        s3.RunDocuments()
+
+
 def test_unreachable_endpoint_is_not_a_verdict():
     client = s3.client("http://127.0.0.1:9", "us-east-1", s3.Credentials("a", "b"))
     check = s3.check_uri(client, "s3://bucket/x.jsonl")
     assert check.exists is None and check.error
     assert s3.read_document(client, "s3://bucket/progress.json", Progress) is None
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("content", [
+    DEEP,                                                    # nesting deeper than the parser's recursion
+    '{"step": ' + "9" * 5000 + "}",                          # an integer longer than Python parses
+    '{"step": 1e400}',                                       # a float that is infinite
+    '{"step": 5, "loss": NaN}',                              # not JSON numbers
+    '{"step": 5, "loss": -Infinity}',
+    json.dumps({"step": 1, "stage": "x" * 2_000_000}),      # over the document size limit
+])
+def test_hostile_documents_are_refused_without_an_exception(bucket, content):
+    raw, name, client = bucket
+    uri = progress_uri(f"s3://{name}/out/", "1")
+    raw.put_object(Bucket=name, Key=uri.split("/", 3)[3], Body=content.encode())
+    assert s3.read_document(client, uri, Progress) is None
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    from e2e.localcluster.hostile_s3 import HostileS3
+
+    with HostileS3(drip_interval=0.2) as server:
+        yield server
+
+
+@pytest.mark.parametrize("bucket_name, error", [
+    ("drip", "timeout"), ("drip-head", "timeout"), ("silent", "timeout"),
+    ("huge", "larger than"), ("huge-5xx", "larger than"), ("garbage", ""),
+])
+def test_a_hostile_endpoint_costs_one_deadline_and_bounded_memory(hostile, bucket_name, error):
+    import time
+
+    client = s3.client(hostile.endpoint, "us-east-1", s3.Credentials("a", "b"), s3.BoundedHTTP(deadline=1.0))
+    t0 = time.monotonic()
+    check = s3.check_uri(client, f"s3://{bucket_name}/model/")
+    document = s3.read_document(client, f"s3://{bucket_name}/out/progress.json", Progress)
+    assert time.monotonic() - t0 < 2 * 1.0 + 1.0        # two calls, each within its deadline
+    assert check.exists is None and error.lower() in check.error.lower()
+    assert document is None
+
+
+def test_the_input_check_stops_at_its_budget(hostile):
+    import time
+
+    client = s3.client(hostile.endpoint, "us-east-1", s3.Credentials("a", "b"), s3.BoundedHTTP(deadline=0.5))
+    uris = {f"spec.datasets[{i}].uri": f"s3://silent/data-{i}/" for i in range(200)}
+    t0 = time.monotonic()
+    checks = s3.check_uris(client, uris, budget=2.0)
+    assert time.monotonic() - t0 < 2.0 + 0.5 + 0.5
+    assert all(c.exists is None for c in checks.values())
+    assert sum("not checked" in c.error for c in checks.values()) >= 190
+
+
+def test_blank_credential_values():
+    assert s3.blank(b64("")) and s3.blank(b64("  \n")) and not s3.blank(b64("AKIA"))

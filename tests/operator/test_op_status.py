@@ -165,12 +165,33 @@ def test_a_new_run_id_resets_run_scoped_fields():
     assert condition(rerun, "Succeeded")["status"] == "False"
 
 
-def test_non_finite_numbers_from_the_trainer_are_dropped():
-    wild = Progress.model_validate_json('{"step": 5, "totalSteps": 10, "loss": NaN, "etaSeconds": Infinity, "epoch": NaN}')
-    status = derive_status(job(), obs(pytorchjob=ptj("Created", "Running"), progress=wild,
-                                      evaluation=EvaluationResult(basePerplexity=float("inf"), perplexity=3.0)))
-    assert status["progress"] == {"step": 5, "totalSteps": 10, "epoch": 0.0, "percent": 50.0, "updatedAt": ""}
-    assert status["evaluation"] == {"perplexity": 3.0}
+@pytest.mark.parametrize("document", [
+    '{"step": 5, "totalSteps": 10, "loss": NaN}',
+    '{"step": 5, "etaSeconds": Infinity}',
+    '{"step": 100000000000000000000}',
+    '{"step": -1}',
+    '{"checkpoints": [' + ",".join(['{"step": 1, "uri": "s3://b/k", "time": ""}'] * 1001) + ']}',
+])
+def test_documents_out_of_bounds_are_refused(document):
+    with pytest.raises(ValueError):
+        Progress.model_validate_json(document)
+
+
+def test_long_strings_of_a_document_are_cut():
+    result = RunResult.model_validate({"succeeded": False, "reason": "R" * 10_000, "message": "m" * 100_000,
+                                       "adapterUri": "s3://b/" + "k" * 10_000})
+    assert (len(result.reason), len(result.message), len(result.adapterUri)) == (256, 2048, 2048)
+
+
+@pytest.mark.parametrize("reason, shown", [
+    ("OutOfMemory", "OutOfMemory"), ("not a reason at all", "Failed"), ("R" * 2000, "Failed"), ("", "PyTorchJobFailed"),
+    ("<script>", "Failed"),
+])
+def test_a_failure_reason_from_the_trainer_becomes_a_valid_condition_reason(reason, shown):
+    status = derive_status(job(), obs(pytorchjob=ptj("Created", "Running", "Failed"),
+                                      result=RunResult(succeeded=False, reason=reason, message="boom")))
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == shown
 
 
 def test_progress_is_carried_over_when_not_read():

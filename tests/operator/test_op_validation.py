@@ -9,7 +9,15 @@ from finetune_operator.validation import Facts, S3Check, s3_uris_to_check, valid
 from op_testdata import ROOT, job, minimal_spec
 
 CFG = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml")
-GOOD_SECRET = Facts(secret_found=True, secret_keys=frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}))
+KEYS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
+
+
+def secret_facts(**facts) -> Facts:
+    """A found, opted-in Secret with both keys, and whatever else the case says."""
+    return Facts(**{"secret_found": True, "secret_keys": KEYS, "secret_opted_in": True, **facts})
+
+
+GOOD_SECRET = secret_facts()
 CPU = {"resources": {"gpusPerWorker": 0, "nodePool": "cpu"}}
 
 
@@ -36,19 +44,32 @@ CASES = [
     ("schema violation", spec(resources={"workers": 0, "gpusPerWorker": 0, "nodePool": "cpu"}), GOOD_SECRET,
      [("InvalidSpec", "spec.resources.workers")]),
     ("secret missing", spec(), Facts(secret_found=False), [("SecretNotFound", "spec.credentials.secretName")]),
-    ("secret lacks a key", spec(), Facts(secret_found=True, secret_keys=frozenset({"AWS_ACCESS_KEY_ID"})),
+    ("secret lacks a key", spec(), secret_facts(secret_keys=frozenset({"AWS_ACCESS_KEY_ID"})),
      [("SecretKeysMissing", "spec.credentials.secretName")]),
-    ("model missing in S3", spec(), Facts(secret_found=True, secret_keys=GOOD_SECRET.secret_keys,
-                                          s3={"spec.model.uri": S3Check(False)}),
+    ("secret not opted in", spec(), secret_facts(secret_opted_in=False), [("SecretNotOptedIn", "spec.credentials.secretName")]),
+    ("secret with an empty key", spec(), secret_facts(secret_blank_keys=frozenset({"AWS_SECRET_ACCESS_KEY"})),
+     [("SecretValueEmpty", "spec.credentials.secretName")]),
+    ("an image from anywhere", spec(image="evil.example.com/miner:latest"), GOOD_SECRET,
+     [("ImageNotAllowed", "spec.image")]),
+    ("a priority class of the platform", spec(runPolicy={"priorityClassName": "system-cluster-critical"}), GOOD_SECRET,
+     [("PriorityClassNotAllowed", "spec.runPolicy.priorityClassName")]),
+    ("zero cpu (no limit)", spec(resources={"nodePool": "cpu", "gpusPerWorker": 0, "cpu": "0"}), GOOD_SECRET,
+     [("InvalidSpec", "spec.resources.cpu")]),
+    ("zero memory", spec(resources={"nodePool": "cpu", "gpusPerWorker": 0, "memory": 0}), GOOD_SECRET,
+     [("InvalidSpec", "spec.resources.memory")]),
+    ("shared memory above the limit", spec(resources={"nodePool": "cpu", "gpusPerWorker": 0, "sharedMemory": "65Gi"}),
+     GOOD_SECRET, [("LimitExceeded", "spec.resources.sharedMemory")]),
+    ("an endpoint the platform did not allow", spec(storage={"endpoint": "http://s3.evil.example.com:9000"}),
+     GOOD_SECRET, [("EndpointNotAllowed", "spec.storage.endpoint")]),
+    ("the metadata service as endpoint", spec(storage={"endpoint": "http://169.254.169.254"}), GOOD_SECRET,
+     [("EndpointPortNotAllowed", "spec.storage.endpoint"), ("EndpointNotAllowed", "spec.storage.endpoint")]),
+    ("model missing in S3", spec(), secret_facts(s3={"spec.model.uri": S3Check(False)}),
      [("S3ObjectNotFound", "spec.model.uri")]),
-    ("dataset missing in S3", spec(), Facts(secret_found=True, secret_keys=GOOD_SECRET.secret_keys,
-                                            s3={"spec.model.uri": S3Check(True), "spec.datasets[0].uri": S3Check(False)}),
+    ("dataset missing in S3", spec(), secret_facts(s3={"spec.model.uri": S3Check(True), "spec.datasets[0].uri": S3Check(False)}),
      [("S3ObjectNotFound", "spec.datasets[0].uri")]),
-    ("S3 access denied", spec(), Facts(secret_found=True, secret_keys=GOOD_SECRET.secret_keys,
-                                       s3={"spec.model.uri": S3Check(False, "AccessDenied")}),
+    ("S3 access denied", spec(), secret_facts(s3={"spec.model.uri": S3Check(False, "AccessDenied")}),
      [("S3AccessDenied", "spec.model.uri")]),
-    ("S3 unreachable", spec(), Facts(secret_found=True, secret_keys=GOOD_SECRET.secret_keys,
-                                     s3={"spec.model.uri": S3Check(None, "connection refused")}),
+    ("S3 unreachable", spec(), secret_facts(s3={"spec.model.uri": S3Check(None, "connection refused")}),
      [("S3Unreachable", "spec.model.uri")]),
 ]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 TRAINER_CONFIG_API_VERSION = "finetune.dev/trainer-config/v1"
 
@@ -232,9 +232,15 @@ class Evaluation(ApiModel):
     maxSamples: int = Field(default=256, ge=1, le=1_000_000, description="Validation rows used for perplexity.")
 
 
+REGION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
+
+
 class Storage(ApiModel):
-    endpoint: str = Field(default="", max_length=2048, description="S3-compatible endpoint URL; empty means AWS S3.")
-    region: str = Field(default="us-east-1", max_length=64, description="S3 region.")
+    endpoint: str = Field(default="", max_length=2048,
+                          description="S3-compatible endpoint: an origin (scheme://host[:port]) the operator allows "
+                          "(OperatorConfig s3Endpoint and allowedS3Endpoints); empty means the operator's default.")
+    region: str = Field(default="us-east-1", pattern=REGION_PATTERN, max_length=63,
+                        description="S3 region: letters, digits and inner dashes (a host label), as botocore accepts.")
 
 
 # ---- the TrainerConfig document -------------------------------------------------------------
@@ -330,33 +336,50 @@ def stage_output_uri(output_uri: str, stage_name: str) -> str:
 # ---- documents the trainer writes and the operator reads ----------------------------------------
 
 
-class Document(BaseModel):
-    """Written by the trainer; read leniently by the operator (unknown fields ignored)."""
+def _cut(limit: int):
+    """A string field of a document, cut to `limit` characters (a document is read, never refused, for
+    an overlong message)."""
+    def cut(value: Any) -> Any:
+        return value[:limit] if isinstance(value, str) else value
+    return BeforeValidator(cut)
 
-    model_config = ConfigDict(extra="ignore")
+
+# Bounds of what a document may carry (the operator copies it into the FineTuneJob's status; the
+# documents live in the tenant's own bucket, so their content is the tenant's to choose).
+Count = Annotated[int, Field(ge=0, le=2**53)]
+ShortText = Annotated[str, _cut(256)]
+LongText = Annotated[str, _cut(2048)]
+MAX_CHECKPOINT_RECORDS = 1000
+
+
+class Document(BaseModel):
+    """Written by the trainer; read leniently by the operator (unknown fields ignored), within bounds:
+    counts are non-negative and at most 2^53, numbers finite, strings cut to a length, lists bounded."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class CheckpointRecord(Document):
-    step: int
-    uri: str
-    time: str
+    step: Count
+    uri: LongText
+    time: ShortText
 
 
 class Progress(Document):
     """progress.json, written by rank 0 every few seconds."""
 
-    stage: str = ""
-    step: int = 0
-    totalSteps: int = 0
+    stage: ShortText = ""
+    step: Count = 0
+    totalSteps: Count = 0
     epoch: float = 0.0
     loss: float | None = None
     evalLoss: float | None = None
     learningRate: float | None = None
     tokensPerSecond: float | None = None
     etaSeconds: float | None = None
-    updatedAt: str = ""
-    resumedFromStep: int = 0
-    checkpoints: list[CheckpointRecord] = Field(default_factory=list)
+    updatedAt: ShortText = ""
+    resumedFromStep: Count = 0
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=MAX_CHECKPOINT_RECORDS)
 
 
 class EvaluationResult(Document):
@@ -373,7 +396,7 @@ class RunResult(Document):
     """result.json, written last by rank 0 when the run ends (either way)."""
 
     succeeded: bool
-    reason: str = ""
-    message: str = ""
-    adapterUri: str | None = None
-    mergedUri: str | None = None
+    reason: ShortText = ""
+    message: LongText = ""
+    adapterUri: LongText | None = None
+    mergedUri: LongText | None = None

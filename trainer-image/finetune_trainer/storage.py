@@ -1,5 +1,9 @@
 """S3 access: credentials from the standard AWS_* environment, endpoint and region from the config.
 
+Only the tenant's credentials are used: they are handed to the client explicitly, so the AWS SDK's
+provider chain (instance metadata, web identity, ~/.aws) is never consulted; missing or empty ones
+end the run as a configuration error instead of borrowing the node's identity.
+
 Every call goes through botocore's retrying client; what still fails is raised as StorageError
 (retryable) unless the object simply does not exist, which is the caller's business.
 """
@@ -14,7 +18,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import StorageError
+from .errors import ConfigError, StorageError
+
+
+def tenant_credentials(env: dict[str, str] | None = None) -> dict[str, str | None]:
+    """The tenant's S3 credentials from the environment, as keyword arguments of boto3.client."""
+    env = dict(os.environ) if env is None else env
+    key, secret = (env.get("AWS_ACCESS_KEY_ID") or "").strip(), (env.get("AWS_SECRET_ACCESS_KEY") or "").strip()
+    if not key or not secret:
+        raise ConfigError("no S3 credentials: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set and non-empty "
+                          "(the trainer never falls back to the node's identity)")
+    token = (env.get("AWS_SESSION_TOKEN") or "").strip() or None
+    return {"aws_access_key_id": key, "aws_secret_access_key": secret, "aws_session_token": token}
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
@@ -33,7 +48,8 @@ class NotFound(Exception):
 
 
 class Storage:
-    def __init__(self, endpoint: str = "", region: str = "us-east-1", max_attempts: int = 8):
+    def __init__(self, endpoint: str = "", region: str = "us-east-1", max_attempts: int = 8,
+                 credentials: dict[str, str | None] | None = None):
         import boto3
         from botocore.config import Config
 
@@ -41,6 +57,7 @@ class Storage:
             "s3",
             endpoint_url=endpoint or None,
             region_name=region,
+            **(credentials if credentials is not None else tenant_credentials()),
             config=Config(
                 retries={"max_attempts": max_attempts, "mode": "standard"},
                 s3={"addressing_style": "path"} if endpoint else {},

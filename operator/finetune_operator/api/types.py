@@ -92,8 +92,10 @@ class Resources(ApiModel):
 class Credentials(ApiModel):
     secretName: str = Field(
         max_length=253, pattern=SECRET_NAME_PATTERN,
-        description="Name of a Secret in the FineTuneJob's own namespace with keys AWS_ACCESS_KEY_ID and "
-        "AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN); the operator copies it into the sandbox.",
+        description="Name of a Secret in the FineTuneJob's own namespace with non-empty keys AWS_ACCESS_KEY_ID "
+        "and AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN), labelled finetune.dev/credentials=true by "
+        "its owner (the consent to its use by FineTuneJobs); the operator copies it into the sandbox and keeps the "
+        "copy in step with it.",
     )
 
 
@@ -120,7 +122,9 @@ class RunPolicy(ApiModel):
         default="", max_length=63,
         description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name on the PyTorchJob); empty means none.",
     )
-    priorityClassName: str = Field(default="", max_length=253, description="PriorityClass of the training pods.")
+    priorityClassName: str = Field(default="", max_length=253,
+                                   description="PriorityClass of the training pods: one the operator allows "
+                                   "(allowedPriorityClasses); empty means none.")
 
 
 _SPEC_RULES = cel(
@@ -197,7 +201,8 @@ class FineTuneJobSpec(ApiModel):
     )
     image: str = Field(
         default="", max_length=512,
-        description="Trainer image override; empty means the operator's configured trainer image.",
+        description="Trainer image override, from a registry prefix the operator allows (allowedImages); empty "
+        "means the operator's configured trainer image.",
     )
     runPolicy: RunPolicy = Field(**obj_default(RunPolicy), description="Restarts, deadlines, suspension and queueing.")
 

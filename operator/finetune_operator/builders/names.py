@@ -24,6 +24,8 @@ CREDENTIALS_SECRET = "s3-credentials"
 CONFIG_KEY = "trainer-config.json"
 CONFIG_DIR = "/etc/finetune"
 CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# A Secret may be copied into sandboxes only when it carries this label with the value "true".
+CREDENTIALS_OPT_IN_LABEL = "finetune.dev/credentials"
 OPTIONAL_CREDENTIAL_KEYS = ("AWS_SESSION_TOKEN",)
 
 MAX_NAME = 63
@@ -62,13 +64,21 @@ def dns_label(text: str) -> str:
     return re.sub(r"[^a-z0-9-]", "-", text.lower())
 
 
-def sandbox_namespace(prefix: str, tenant: str, name: str) -> str:
-    """`<prefix>-<tenant>-<name>`; past 63 characters: truncated and suffixed with a hash of the full name."""
-    full = dns_label(f"{prefix}-{tenant}-{name}")
-    if len(full) <= MAX_NAME:
-        return full
-    suffix = _short_hash(f"{tenant}/{name}")
-    return f"{full[: MAX_NAME - len(suffix) - 1].rstrip('-')}-{suffix}"
+SANDBOX_ID_LENGTH = 10
+
+
+def sandbox_namespace(prefix: str, tenant: str, name: str, uid: str) -> str:
+    """`<prefix>-<tenant>-<name>-<id>`, the readable part cut to fit 63 characters. The id (40 bits of
+    a hash of the job's uid) makes the name unique per job: two tenants whose names join to the same
+    string, or a job deleted and made again under its name, never share a sandbox."""
+    suffix = _short_hash(uid, SANDBOX_ID_LENGTH)
+    readable = dns_label(f"{prefix}-{tenant}-{name}")[: MAX_NAME - SANDBOX_ID_LENGTH - 1].rstrip("-")
+    return f"{readable}-{suffix}"
+
+
+def sandbox_of(prefix: str, meta: dict[str, Any]) -> str:
+    """The sandbox of the FineTuneJob with this metadata."""
+    return sandbox_namespace(prefix, meta["namespace"], meta["name"], meta.get("uid", ""))
 
 
 def pytorchjob_name(run_id: str) -> str:

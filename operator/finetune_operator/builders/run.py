@@ -63,7 +63,8 @@ def procs_per_pod(job: n.JobRef) -> int:
 def _container(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
     res = job.spec.resources
     _, pool = resolve_pool(job, cfg)
-    resources: dict[str, Any] = {"cpu": str(res.cpu), "memory": str(res.memory)}
+    resources: dict[str, Any] = {"cpu": str(res.cpu), "memory": str(res.memory),
+                                 "ephemeral-storage": cfg.scratchSize}
     if res.gpusPerWorker:
         resources[pool.gpuResource] = str(res.gpusPerWorker)
     return {
@@ -80,6 +81,8 @@ def _container(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
             {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "AWS_DEFAULT_REGION", "value": job.spec.storage.region},
+            # Only the tenant's credentials: never the instance metadata service's.
+            {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
             {"name": "FINETUNE_NPROC_PER_NODE", "value": str(procs_per_pod(job))},
             {"name": "FINETUNE_TRAINER_METRICS_PORT", "value": str(cfg.trainerMetricsPort)},
         ],
@@ -121,7 +124,7 @@ def _pod_template(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
         "volumes": [
             {"name": "trainer-config", "configMap": {"name": n.configmap_name(job.spec.runId)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(job.spec.resources.sharedMemory)}},
-            {"name": "scratch", "emptyDir": {}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": cfg.scratchSize}},
         ],
     }
     if pool.nodeSelector:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-from urllib.parse import urlparse
+import ipaddress
+from typing import Any, Sequence
 
+from finetune_operator import endpoints
 from finetune_operator.builders import names as n
-from finetune_operator.builders.quantity import multiply
+from finetune_operator.quantity import multiply
 from finetune_operator.config import NodePool, OperatorConfig
 
 PSS_LEVEL = "restricted"
@@ -20,7 +21,7 @@ def resolve_pool(job: n.JobRef, cfg: OperatorConfig) -> tuple[str, NodePool]:
 
 
 def sandbox_name(job: n.JobRef, cfg: OperatorConfig) -> str:
-    return n.sandbox_namespace(cfg.sandboxPrefix, job.namespace, job.name)
+    return n.sandbox_namespace(cfg.sandboxPrefix, job.namespace, job.name, job.uid)
 
 
 def object_meta(job: n.JobRef, cfg: OperatorConfig, name: str, **extra: Any) -> dict[str, Any]:
@@ -56,19 +57,21 @@ def s3_endpoint(job: n.JobRef, cfg: OperatorConfig) -> str:
     return job.spec.storage.endpoint or cfg.s3Endpoint
 
 
-def _s3_ports(job: n.JobRef, cfg: OperatorConfig) -> list[int]:
-    ports = list(cfg.s3Egress.ports)
-    endpoint = s3_endpoint(job, cfg)
-    if endpoint:
-        parsed = urlparse(endpoint)
-        port = parsed.port or (80 if parsed.scheme == "http" else 443)
-        if port not in ports:
-            ports.append(port)
-    return sorted(ports)
+def s3_ip_block(cidr: str, cluster_networks: Sequence[str] = ()) -> dict[str, Any]:
+    """An ipBlock for S3 egress with every cloud metadata range and every cluster range (pods,
+    Services, nodes: other sandboxes, the API server) inside it excepted. A range that is the block
+    itself or contains it stays: that is an S3 the platform runs in the cluster, named on purpose."""
+    network = ipaddress.ip_network(cidr, strict=False)
+    ranges = [*endpoints.METADATA_NETWORKS, *(ipaddress.ip_network(c, strict=False) for c in cluster_networks)]
+    excepted = list(dict.fromkeys(str(m) for m in ranges if m.version == network.version
+                                  and m.subnet_of(network) and m != network))
+    return {"ipBlock": {"cidr": str(network), **({"except": excepted} if excepted else {})}}
 
 
 def network_policies(job: n.JobRef, cfg: OperatorConfig) -> list[dict[str, Any]]:
-    """Default deny; then DNS, this job's pods among themselves, S3, and metrics scraping."""
+    """Default deny; then DNS (the cluster DNS only), this job's pods among themselves, S3 (the
+    configured ranges without the metadata ranges, the configured ports only) and metrics scraping
+    from the monitoring namespace."""
     deny = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -79,6 +82,8 @@ def network_policies(job: n.JobRef, cfg: OperatorConfig) -> list[dict[str, Any]]
     def same_sandbox() -> list[dict[str, Any]]:
         return [{"podSelector": {}}]
 
+    cluster_dns = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": cfg.clusterDNS.namespace}},
+                   "podSelector": {"matchLabels": dict(cfg.clusterDNS.podLabels)}}
     allow = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -95,10 +100,10 @@ def network_policies(job: n.JobRef, cfg: OperatorConfig) -> list[dict[str, Any]]
             ],
             "egress": [
                 {"to": same_sandbox()},
-                {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                {"to": [cluster_dns], "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
                 {
-                    "to": [{"ipBlock": {"cidr": cidr}} for cidr in cfg.s3Egress.cidrs],
-                    "ports": [{"protocol": "TCP", "port": p} for p in _s3_ports(job, cfg)],
+                    "to": [s3_ip_block(cidr, cfg.clusterNetworks) for cidr in cfg.s3Egress.cidrs],
+                    "ports": [{"protocol": "TCP", "port": p} for p in sorted(cfg.s3Egress.ports)],
                 },
             ],
         },

@@ -15,6 +15,20 @@ def split(quantity: str | int) -> tuple[Decimal, str]:
     return Decimal(match["number"]), match["suffix"] or ""
 
 
+_SCALE = {"": 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": Decimal(10) ** 3,
+          "M": Decimal(10) ** 6, "G": Decimal(10) ** 9, "T": Decimal(10) ** 12, "P": Decimal(10) ** 15,
+          "E": Decimal(10) ** 18, "Ki": Decimal(2) ** 10, "Mi": Decimal(2) ** 20, "Gi": Decimal(2) ** 30,
+          "Ti": Decimal(2) ** 40, "Pi": Decimal(2) ** 50, "Ei": Decimal(2) ** 60}
+
+
+def value(quantity: str | int) -> Decimal:
+    """The quantity in base units (cores, bytes): `value("500m") == Decimal("0.5")`, `value("1Ki") == 1024`."""
+    number, suffix = split(quantity)
+    if suffix[:1] in ("e", "E"):
+        return number * Decimal(10) ** Decimal(suffix[1:])
+    return number * _SCALE[suffix]
+
+
 def multiply(quantity: str | int, factor: int) -> str:
     """`multiply("64Gi", 2) == "128Gi"`, `multiply("500m", 3) == "1500m"`, keeping the suffix."""
     number, suffix = split(quantity)

@@ -1,0 +1,101 @@
+"""The tenant I/O executor: bounded, fair across tenants, every wait with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from finetune_operator.tenant_io import TenantIO, TenantIOTimeout
+
+
+def test_a_tenant_with_slow_storage_does_not_delay_another():
+    async def scenario():
+        io = TenantIO(workers=4, per_tenant=2)
+        release = threading.Event()
+        slow = [asyncio.create_task(io.run("hostile", 0.2, release.wait, 5)) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        answer = await io.run("ordinary", 1.0, lambda: "ok")
+        elapsed = time.monotonic() - t0
+        results = await asyncio.gather(*slow, return_exceptions=True)
+        in_flight = io.in_flight["hostile"]
+        release.set()
+        io.shutdown()
+        return answer, elapsed, results, in_flight
+
+    answer, elapsed, results, in_flight = asyncio.run(scenario())
+    assert answer == "ok" and elapsed < 0.2
+    assert all(isinstance(r, TenantIOTimeout) for r in results)
+    # The hostile tenant never held more than its two threads, even after its callers gave up.
+    assert in_flight == 2
+
+
+def test_a_slot_stays_taken_until_the_thread_is_done():
+    async def scenario():
+        io = TenantIO(workers=4, per_tenant=1)
+        gate = threading.Event()
+        with pytest.raises(TenantIOTimeout):
+            await io.run("t", 0.05, gate.wait, 5)
+        with pytest.raises(TenantIOTimeout, match="no I/O slot"):
+            await io.run("t", 0.05, lambda: None)   # the first call's thread still runs
+        gate.set()
+        await asyncio.sleep(0.05)
+        value = await io.run("t", 1.0, lambda: 42)  # and now its slot is free
+        io.shutdown()
+        return value
+
+    assert asyncio.run(scenario()) == 42
+
+
+def test_exceptions_of_the_call_reach_the_caller():
+    async def scenario():
+        io = TenantIO()
+        try:
+            await io.run("t", 1.0, int, "not a number")
+        finally:
+            io.shutdown()
+
+    with pytest.raises(ValueError):
+        asyncio.run(scenario())
+
+
+def test_threads_go_to_tenants_in_turn_not_to_whoever_queued_first():
+    """Three tenants queue 5 calls each on one thread before an ordinary tenant asks: first come
+    first served would start it 16th; in turn, it starts once each tenant ahead of it had one."""
+    async def scenario():
+        io = TenantIO(workers=1, per_tenant=2)
+        started: list[str] = []
+        calls = [asyncio.create_task(io.run(tenant, 30, started.append, tenant))
+                 for tenant in ("hostile-a", "hostile-b", "hostile-c") for _ in range(5)]
+        calls.append(asyncio.create_task(io.run("ordinary", 30, started.append, "ordinary")))
+        await asyncio.gather(*calls)
+        free, in_flight = io.free, dict(io.in_flight)
+        io.shutdown()
+        return started, free, in_flight
+
+    started, free, in_flight = asyncio.run(scenario())
+    assert started.index("ordinary") <= 4, started
+    assert len(started) == 16 and free == 1 and set(in_flight.values()) == {0}  # every thread and slot came back
+
+
+def test_callers_that_give_up_waiting_leave_no_slot_taken():
+    async def scenario():
+        io = TenantIO(workers=1, per_tenant=1)
+        gate = threading.Event()
+        first = asyncio.create_task(io.run("a", 5, gate.wait, 5))
+        await asyncio.sleep(0.02)
+        gave_up = [asyncio.create_task(io.run(f"t{i}", 0.05, lambda: None)) for i in range(5)]
+        results = await asyncio.gather(*gave_up, return_exceptions=True)
+        gate.set()
+        await first
+        value = await io.run("late", 1.0, lambda: "served")
+        free = io.free
+        io.shutdown()
+        return results, value, free
+
+    results, value, free = asyncio.run(scenario())
+    assert all(isinstance(r, TenantIOTimeout) and "no I/O slot" in str(r) for r in results)
+    assert value == "served" and free == 1
