@@ -230,20 +230,25 @@ def blank(encoded: str) -> bool:
         return True
 
 
+def _tenant_client(endpoint: str, region: str, creds: Credentials) -> tuple[Any, str]:
+    """(client, "") or (None, why not): botocore refuses some regions and endpoints when the client is
+    made; the schema refuses them too, but a storage function never raises."""
+    try:
+        return client(endpoint, region, creds), ""
+    except (BotoCoreError, ValueError) as exc:
+        return None, f"cannot configure an S3 client: {exc}"
+
+
 def check_inputs(endpoint: str, region: str, creds: Credentials, uris: dict[str, str]) -> dict[str, S3Check]:
     """check_uris with a client of its own (for the I/O executor: nothing of it runs on the event loop)."""
-    try:
-        s3 = client(endpoint, region, creds)
-    except (BotoCoreError, ValueError) as exc:  # the schema refuses such regions/endpoints; never raise anyway
-        return {path: S3Check(None, f"cannot configure an S3 client: {exc}") for path in uris}
-    return check_uris(s3, uris)
+    s3, error = _tenant_client(endpoint, region, creds)
+    return check_uris(s3, uris) if s3 is not None else {path: S3Check(None, error) for path in uris}
 
 
 def read_documents(endpoint: str, region: str, creds: Credentials, output_uri: str, run_id: str) -> RunDocuments:
-    try:
-        s3 = client(endpoint, region, creds)
-    except (BotoCoreError, ValueError) as exc:
-        log.warning("cannot configure an S3 client for %s: %s", output_uri, exc)
+    s3, error = _tenant_client(endpoint, region, creds)
+    if s3 is None:
+        log.warning("%s: %s", output_uri, error)
         return RunDocuments()
     return read_run_documents(s3, output_uri, run_id)
 
