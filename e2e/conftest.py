@@ -97,3 +97,26 @@ def namespace(kube, request) -> str:
     )
     yield name
     kube.run("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def suffix() -> str:
+    """A suffix unique to one test, for the names of cluster-scoped objects it makes."""
+    return uuid.uuid4().hex[:6]
+
+
+@pytest.fixture
+def cluster_objects(kube):
+    """Applies cluster-scoped objects (policies, Kueue flavors and queues, PriorityClasses) for one
+    test and deletes them after it (namespaced ones go with the test's namespace)."""
+    made: list[dict] = []
+
+    def apply(*objects: dict) -> None:
+        made.extend(objects)
+        kube.apply(*objects)
+
+    yield apply
+    for obj in reversed(made):
+        group = obj["apiVersion"].rpartition("/")[0]
+        resource = f"{obj['kind'].lower()}" + (f".{group}" if group else "")
+        kube.run("delete", resource, obj["metadata"]["name"], "--wait=false", "--ignore-not-found", check=False)

@@ -1,5 +1,6 @@
 """Pure pieces of the local cluster's real node: its network, containerd, kubelet, kube-proxy and
-kube-router configurations, Prometheus' scrape configuration and the Go builds."""
+kube-router configurations, Prometheus' scrape configuration, Kueue's configuration, webhooks and
+queues, and the Go builds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.localcluster import build, network, node, prometheus, versions
+from e2e.localcluster import build, cluster, kueue, network, node, nodes, procs, prometheus, versions
 from e2e.localcluster.addons import COREFILE, dns_objects, node_rbac
 
 PATHS = node.NodePaths(Path("/checkout/.cluster/node"))
@@ -58,6 +59,12 @@ def test_node_ports_lie_below_the_ephemeral_range_of_the_host_services():
     low, high = map(int, network.NODE_PORT_RANGE.split("-"))
     ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     assert low < high < ephemeral_low
+
+
+def test_free_ports_are_distinct():
+    names = [f"component-{i}" for i in range(64)]
+    ports = procs.free_ports(names)
+    assert list(ports) == names and len(set(ports.values())) == len(names)
 
 
 # ---- containerd, kubelet, kube-proxy, kube-router --------------------------------------------------
@@ -175,3 +182,223 @@ def test_kube_router_dependency_upgrades_are_pinned_versions():
 def test_every_component_is_cached_under_its_version(component):
     assert component.bin_dir.name == f"{component.name}-{component.version}"
     assert component.binaries
+
+
+# ---- Kueue ----------------------------------------------------------------------------------------------
+
+KUEUE_CONFIG = kueue.configuration(webhook_port=9443, cert_dir=Path("/c/kueue/certs"), metrics_port=8443,
+                                   health_port=8081)
+
+
+@pytest.mark.parametrize("path, expected", [
+    (("apiVersion",), "config.kueue.x-k8s.io/v1beta2"),
+    (("kind",), "Configuration"),
+    (("leaderElection", "leaderElect"), False),
+    (("health", "healthProbeBindAddress"), "127.0.0.1:8081"),
+    (("metrics", "bindAddress"), "127.0.0.1:8443"),
+    (("webhook",), {"host": "127.0.0.1", "port": 9443, "certDir": "/c/kueue/certs"}),
+    (("internalCertManagement", "enable"), False),
+    (("manageJobsWithoutQueueName",), False),
+    (("integrations", "frameworks"), ["kubeflow.org/pytorchjob", "batch/job"]),
+    (("featureGates", "VisibilityOnDemand"), False),
+])
+def test_kueue_configuration(path, expected):
+    value = KUEUE_CONFIG
+    for key in path:
+        value = value[key]
+    assert value == expected
+
+
+@pytest.mark.parametrize("absent", ["waitForPodsReady", "fairSharing", "pprofBindAddress"])
+def test_kueue_configuration_leaves_off(absent):
+    assert absent not in KUEUE_CONFIG
+
+
+@pytest.mark.parametrize("framework", ["pod", "deployment", "/job", "batch/"])
+def test_kueue_refuses_frameworks_without_group_and_kind(framework):
+    with pytest.raises(ValueError, match="group/kind"):
+        kueue.configuration(webhook_port=1, cert_dir=Path("/c"), metrics_port=2, health_port=3,
+                            frameworks=(framework,))
+
+
+def _webhook(name: str, group: str, resource: str, path: str) -> dict:
+    return {"name": name, "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"],
+            "clientConfig": {"service": {"name": "webhook-service", "namespace": "system", "path": path}},
+            "rules": [{"apiGroups": [group], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": [resource]}]}
+
+
+UPSTREAM_WEBHOOKS = [{
+    "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+    "metadata": {"name": "mutating-webhook-configuration"},
+    "webhooks": [
+        _webhook("mjob.kb.io", "batch", "jobs", "/mutate-batch-v1-job"),
+        _webhook("mpytorchjob.kb.io", "kubeflow.org", "pytorchjobs", "/mutate-kubeflow-org-v1-pytorchjob"),
+        _webhook("mworkload.kb.io", "kueue.x-k8s.io", "workloads", "/mutate-kueue-x-k8s-io-v1beta2-workload"),
+        _webhook("mpod.kb.io", "", "pods", "/mutate--v1-pod"),
+        _webhook("mtfjob.kb.io", "kubeflow.org", "tfjobs", "/mutate-kubeflow-org-v1-tfjob"),
+        _webhook("mrayjob.kb.io", "ray.io", "rayjobs", "/mutate-ray-io-v1-rayjob"),
+    ],
+}]
+RENDERED_WEBHOOKS = {w["name"]: w for w in kueue.webhook_configurations(UPSTREAM_WEBHOOKS, port=9443,
+                                                                        ca_bundle=b"PEM")[0]["webhooks"]}
+
+
+@pytest.mark.parametrize("name, url", [
+    ("mjob.kb.io", "https://127.0.0.1:9443/mutate-batch-v1-job"),
+    ("mpytorchjob.kb.io", "https://127.0.0.1:9443/mutate-kubeflow-org-v1-pytorchjob"),
+    ("mworkload.kb.io", "https://127.0.0.1:9443/mutate-kueue-x-k8s-io-v1beta2-workload"),
+    ("mpod.kb.io", None),     # not an enabled framework: would intercept every pod
+    ("mtfjob.kb.io", None),   # same group as PyTorchJob, another resource
+    ("mrayjob.kb.io", None),
+])
+def test_kueue_webhooks_call_loopback_for_kueue_objects_and_enabled_frameworks(name, url):
+    if url is None:
+        assert name not in RENDERED_WEBHOOKS
+        return
+    webhook = RENDERED_WEBHOOKS[name]
+    assert webhook["clientConfig"] == {"url": url, "caBundle": "UEVN"}
+    assert webhook["failurePolicy"] == "Fail"
+
+
+def test_kueue_webhook_configurations_get_unique_names_and_leave_upstream_alone():
+    (rendered,) = kueue.webhook_configurations(UPSTREAM_WEBHOOKS, port=1, ca_bundle=b"x")
+    assert rendered["metadata"] == {"name": "kueue-mutating-webhook-configuration"}
+    assert UPSTREAM_WEBHOOKS[0]["metadata"]["name"] == "mutating-webhook-configuration"
+    assert "service" in UPSTREAM_WEBHOOKS[0]["webhooks"][0]["clientConfig"]
+
+
+@pytest.mark.parametrize("patch_path, crd_name", [
+    ("patches/webhook_in_workloads.yaml", "workloads.kueue.x-k8s.io"),
+    ("patches/webhook_in_clusterqueues.yaml", "clusterqueues.kueue.x-k8s.io"),
+    ("patches/cainjection_in_workloads.yaml", None),
+    ("patches/other.yaml", None),
+])
+def test_kueue_crds_convert_through_kueue_where_upstream_patches_them(patch_path, crd_name):
+    names = kueue.conversion_crd_names({"patches": [{"path": patch_path}]})
+    assert names == ({crd_name} if crd_name else set())
+
+
+def test_a_converting_crd_calls_kueue_on_loopback():
+    crd = {"metadata": {"name": "workloads.kueue.x-k8s.io"}, "spec": {"versions": []}}
+    converted = kueue.with_conversion_webhook(crd, port=9443, ca_bundle=b"PEM")
+    assert converted["spec"]["conversion"] == {"strategy": "Webhook", "webhook": {
+        "clientConfig": {"url": "https://127.0.0.1:9443/convert", "caBundle": "UEVN"},
+        "conversionReviewVersions": ["v1"]}}
+    assert "conversion" not in crd["spec"]
+
+
+@pytest.mark.parametrize("flavor, node_labels, tolerations", [
+    (kueue.pool_flavor("a100"), {nodes.POOL_LABEL: "a100"}, [kueue.GPU_TOLERATION]),
+    (kueue.pool_flavor("cpu"), {nodes.POOL_LABEL: "cpu"}, None),
+    (kueue.pool_flavor("a100", name="a100-t1"), {nodes.POOL_LABEL: "a100"}, [kueue.GPU_TOLERATION]),
+    (kueue.local_node_flavor(), {nodes.POOL_LABEL: "local"}, [node.NODE_TOLERATION]),
+])
+def test_flavors_steer_admitted_pods_onto_their_pool(flavor, node_labels, tolerations):
+    assert flavor["apiVersion"] == "kueue.x-k8s.io/v1beta2" and flavor["kind"] == "ResourceFlavor"
+    assert flavor["spec"]["nodeLabels"] == node_labels
+    assert flavor["spec"].get("tolerations") == tolerations
+
+
+def test_gpu_flavor_tolerates_the_taint_of_its_nodes():
+    (node_object,) = [n for n in nodes.SIMULATED_NODES if n["metadata"]["name"] == "a100-0"]
+    flavor = kueue.pool_flavor("a100")
+    assert set(flavor["spec"]["nodeLabels"].items()) <= set(node_object["metadata"]["labels"].items())
+    (taint,) = node_object["spec"]["taints"]
+    assert any(t["key"] == taint["key"] and t["effect"] == taint["effect"] for t in flavor["spec"]["tolerations"])
+
+
+def test_unknown_pool_has_no_flavor():
+    with pytest.raises(ValueError, match="no KWOK pool"):
+        kueue.pool_flavor("h100")
+
+
+@pytest.mark.parametrize("pool, capacity", [
+    ("a100", {"cpu": "192", "memory": "2720Gi", "nvidia.com/gpu": "16"}),
+    ("cpu", {"cpu": "64", "memory": "256Gi"}),
+])
+def test_pool_capacity_sums_its_nodes(pool, capacity):
+    assert kueue.pool_capacity(pool) == capacity
+
+
+@pytest.mark.parametrize("flavors, groups", [
+    ({"a100": {"nvidia.com/gpu": 8}},
+     [{"coveredResources": ["nvidia.com/gpu"],
+       "flavors": [{"name": "a100", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": "8"}]}]}]),
+    ({"a100": {"nvidia.com/gpu": kueue.Quota(8, borrowing_limit=4, lending_limit=2)}},
+     [{"coveredResources": ["nvidia.com/gpu"], "flavors": [{"name": "a100", "resources": [
+         {"name": "nvidia.com/gpu", "nominalQuota": "8", "borrowingLimit": "4", "lendingLimit": "2"}]}]}]),
+    # Flavors sharing a resource share a group; what a flavor lacks gets quota 0.
+    ({"a100": {"cpu": 96, "nvidia.com/gpu": 8}, "local": {"cpu": 2, "memory": "4Gi"}},
+     [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"], "flavors": [
+         {"name": "a100", "resources": [{"name": "cpu", "nominalQuota": "96"}, {"name": "memory", "nominalQuota": "0"},
+                                        {"name": "nvidia.com/gpu", "nominalQuota": "8"}]},
+         {"name": "local", "resources": [{"name": "cpu", "nominalQuota": "2"},
+                                         {"name": "memory", "nominalQuota": "4Gi"},
+                                         {"name": "nvidia.com/gpu", "nominalQuota": "0"}]}]}]),
+    # Disjoint resources, separate groups.
+    ({"a100": {"nvidia.com/gpu": 8}, "local": {"cpu": 2}},
+     [{"coveredResources": ["nvidia.com/gpu"],
+       "flavors": [{"name": "a100", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": "8"}]}]},
+      {"coveredResources": ["cpu"],
+       "flavors": [{"name": "local", "resources": [{"name": "cpu", "nominalQuota": "2"}]}]}]),
+])
+def test_cluster_queue_resource_groups(flavors, groups):
+    assert kueue.cluster_queue("q", flavors)["spec"]["resourceGroups"] == groups
+
+
+@pytest.mark.parametrize("kwargs, spec_subset", [
+    ({}, {"namespaceSelector": {},
+          "preemption": {"reclaimWithinCohort": "Any", "withinClusterQueue": "LowerPriority"}}),
+    ({"cohort": "org"}, {"cohortName": "org"}),
+    ({"reclaim_within_cohort": "Never", "within_cluster_queue": "Never"},
+     {"preemption": {"reclaimWithinCohort": "Never", "withinClusterQueue": "Never"}}),
+    ({"namespace_selector": {"matchLabels": {"team": "a"}}}, {"namespaceSelector": {"matchLabels": {"team": "a"}}}),
+])
+def test_cluster_queue_spec(kwargs, spec_subset):
+    queue = kueue.cluster_queue("q", {"a100": {"nvidia.com/gpu": 8}}, **kwargs)
+    assert queue["kind"] == "ClusterQueue" and queue["metadata"] == {"name": "q"}
+    for key, value in spec_subset.items():
+        assert queue["spec"][key] == value
+    assert ("cohortName" in queue["spec"]) == ("cohort" in kwargs)
+
+
+def test_local_queue_points_at_its_cluster_queue():
+    assert kueue.local_queue("lq", "ns", "cq") == {
+        "apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "LocalQueue",
+        "metadata": {"name": "lq", "namespace": "ns"}, "spec": {"clusterQueue": "cq"}}
+
+
+@pytest.mark.parametrize("owner_kind, owner_name, found", [
+    ("PyTorchJob", "train", "pytorchjob-train-1"),
+    ("Job", "train", "job-train-2"),
+    ("PyTorchJob", "other", None),
+])
+def test_owned_workload(owner_kind, owner_name, found):
+    workloads = [{"metadata": {"name": "pytorchjob-train-1",
+                               "ownerReferences": [{"kind": "PyTorchJob", "name": "train"}]}},
+                 {"metadata": {"name": "job-train-2", "ownerReferences": [{"kind": "Job", "name": "train"}]}},
+                 {"metadata": {"name": "orphan"}}]
+    workload = kueue.owned_workload(workloads, owner_kind, owner_name)
+    assert (workload["metadata"]["name"] if workload else None) == found
+
+
+@pytest.mark.parametrize("conditions, ctype, is_true", [
+    ([{"type": "Admitted", "status": "True"}], "Admitted", True),
+    ([{"type": "Admitted", "status": "False"}], "Admitted", False),
+    ([], "Admitted", False),
+])
+def test_condition_lookup(conditions, ctype, is_true):
+    obj = {"status": {"conditions": conditions}}
+    assert kueue.is_true(obj, ctype) is is_true
+    assert kueue.condition(obj, ctype) == (conditions[0] if conditions else None)
+
+
+def test_kueue_is_in_the_versions_table_and_the_component_order():
+    assert cluster.versions_table()["kueue"] == versions.KUEUE == build.KUEUE.version
+    order = cluster.COMPONENT_ORDER
+    assert order.index("kueue") > order.index("training-operator")
+
+
+def test_kueue_build_stamps_its_version():
+    assert f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={versions.KUEUE}" in build.KUEUE.ldflags
+    assert build.KUEUE.binaries == {"kueue": "sigs.k8s.io/kueue/cmd/kueue"}

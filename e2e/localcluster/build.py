@@ -130,6 +130,16 @@ KWOK = GoComponent(
     binaries={"kwok": "sigs.k8s.io/kwok/cmd/kwok"},
     ldflags=f"-s -w -X sigs.k8s.io/kwok/pkg/consts.Version={versions.KWOK}",
 )
+KUEUE = GoComponent(
+    name="kueue",
+    module="sigs.k8s.io/kueue",
+    version=versions.KUEUE,
+    binaries={"kueue": "sigs.k8s.io/kueue/cmd/kueue"},
+    # Kueue's Makefile stamps the git tag, commit and build date; a module has no git commit.
+    ldflags=" ".join(["-s -w", f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={versions.KUEUE}",
+                      "-X sigs.k8s.io/kueue/pkg/version.GitCommit=module",
+                      f"-X sigs.k8s.io/kueue/pkg/version.BuildDate={versions.KUEUE_RELEASE_DATE}"]),
+)
 
 HELM = GoComponent(
     name="helm",
@@ -198,8 +208,8 @@ PROMETHEUS = GoComponent(
     tags="remove_all_sd,enable_kubernetes_sd",
 )
 
-COMPONENTS = {c.name: c for c in (ETCD, KUBERNETES, TRAINING_OPERATOR, KWOK, HELM, COREDNS, KUBE_ROUTER, CRI_TOOLS,
-                                  PROMETHEUS)}
+COMPONENTS = {c.name: c for c in (ETCD, KUBERNETES, TRAINING_OPERATOR, KUEUE, KWOK, HELM, COREDNS, KUBE_ROUTER,
+                                  CRI_TOOLS, PROMETHEUS)}
 
 
 def _helper_module_text(component: GoComponent) -> str:

@@ -1,5 +1,5 @@
 """Start, stop and inspect the local cluster: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler, the Kubeflow training-operator, KWOK with simulated GPU pools, an S3 server,
+kube-scheduler, the Kubeflow training-operator, Kueue, KWOK with simulated GPU pools, an S3 server,
 Prometheus and the real node `node-0` (containerd, kubelet, kube-proxy, kube-router's NetworkPolicy
 firewall, CoreDNS) -- every one a process of this machine, on free ports, with certificates made
 per run. Control-plane internals listen on loopback; what pods use (the API server, S3, Prometheus,
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from . import addons, build, certs, debian, images, network, nodes, s3, versions
+from . import addons, build, certs, debian, images, kueue, network, nodes, s3, versions
 from .prometheus import prometheus_config
 from .node import NODE_NAME, NodePaths, NodeRuntime
 from . import node as node_config
 from .paths import REPO_ROOT, cache_dir, cluster_dir
-from .procs import free_port, http_ok, port_open, start_logged, wait_until
+from .procs import free_ports, http_ok, port_open, start_logged, wait_until
 
 SERVICE_CLUSTER_IP_RANGE = network.SERVICE_CIDR
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
@@ -42,7 +42,7 @@ TENANT_USER = "tenant-alice"
 TENANT_GROUP = "finetune:tenants"
 COMPONENT_ORDER = [
     "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
-    "kwok", "training-operator", "s3", "prometheus",
+    "kwok", "training-operator", "kueue", "s3", "prometheus",
     "containerd", "kubelet", "kube-proxy", "kube-router",
 ]
 LOCAL_NODES = [NODE_NAME]
@@ -170,11 +170,10 @@ class LocalCluster:
             images.ensure_built(spec, log=log)
         self._claim_node()
         self._reset_dirs()
-        self.state = State(ports={n: free_port() for n in [*COMPONENT_ORDER, "etcd-peer", "kwok-server",
-                                                          "kcm-secure", "scheduler-secure",
-                                                          "training-operator-webhook", "training-operator-probe",
-                                                          "kubelet-healthz", "kube-proxy-metrics",
-                                                          "kube-router-health"]},
+        self.state = State(ports=free_ports([*COMPONENT_ORDER, "etcd-peer", "kwok-server", "kcm-secure",
+                                             "scheduler-secure", "training-operator-webhook", "training-operator-probe",
+                                             "kueue-webhook", "kueue-probe", "kubelet-healthz", "kube-proxy-metrics",
+                                             "kube-router-health"]),
                            started_at=time.time())
         self._link_binaries()
         network.HostNetwork(self.node_paths.cni_conf_dir, self.node_paths.cni_ipam_dir).setup()
@@ -186,6 +185,7 @@ class LocalCluster:
         self._bootstrap_objects()
         self._start_kwok()
         self._start_training_operator()
+        self._start_kueue()
         self._start_s3()
         self._start_prometheus()
         self._start_containerd()
@@ -196,6 +196,7 @@ class LocalCluster:
         self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
                      input=yaml.safe_dump_all(addons.dns_objects(self.image("coredns"))))
         self._wait_nodes_ready()
+        self._register_kueue_webhooks()
         log(f"local cluster up in {time.monotonic() - t0:.1f}s")
         return self
 
@@ -220,7 +221,7 @@ class LocalCluster:
         NODE_OWNER_FILE.write_text(json.dumps({"root": str(self.root)}))
 
     def _reset_dirs(self) -> None:
-        for sub in ("pki", "etcd", "prometheus", "kwok", "training-operator"):
+        for sub in ("pki", "etcd", "prometheus", "kwok", "training-operator", "kueue"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
         for path in self.node_paths.ephemeral():
             node_config.unmount_under(path)
@@ -258,12 +259,15 @@ class LocalCluster:
         ca.issue("kubelet-serving", NODE_NAME, server=True, dns_names=(NODE_NAME,), ips=(network.NODE_IP,))
         ca.issue("apiserver-kubelet-client", addons.APISERVER_KUBELET_CLIENT)
         ca.issue("prometheus", addons.PROMETHEUS_USER)
+        # Kueue's webhook and metrics servers on loopback, where the API server calls them.
+        ca.issue("kueue-serving", "kueue-webhook", server=True, ips=("127.0.0.1",))
         identities = {
             "kubeconfig": ("admin", "finetune-admin", "system:masters"),
             "kube-controller-manager.kubeconfig": ("kcm", "system:kube-controller-manager", None),
             "kube-scheduler.kubeconfig": ("scheduler", "system:kube-scheduler", None),
             "kwok.kubeconfig": ("kwok", "kwok-controller", "system:masters"),
             "training-operator.kubeconfig": ("training-operator", "training-operator", "system:masters"),
+            "kueue.kubeconfig": ("kueue", "kueue-controller", "system:masters"),
             "kubeconfig-tenant": ("tenant", TENANT_USER, TENANT_GROUP),
             # The real node's processes, each as its own identity (Node authorizer, NodeRestriction).
             "kubelet.kubeconfig": ("kubelet", f"system:node:{NODE_NAME}", "system:nodes"),
@@ -360,7 +364,8 @@ class LocalCluster:
         ])
 
     def _bootstrap_objects(self) -> None:
-        """CRDs, the training-operator's namespace and cert Secret, the node pools, tenant RBAC."""
+        """CRDs, the training-operator's and Kueue's namespaces, the training-operator's cert Secret,
+        the node pools, tenant RBAC."""
         wait_until(lambda: self.kubectl("get", "namespace", "default", check=False).returncode == 0, 60,
                    "default namespace")
         pytorchjob_crd = build.TRAINING_OPERATOR.module_dir() / "manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
@@ -368,7 +373,13 @@ class LocalCluster:
         self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
                      input=yaml.safe_dump_all(nodes.bootstrap_objects(TRAINING_OPERATOR_NAMESPACE, TENANT_GROUP)
                                               + addons.node_rbac()))
-        self.kubectl("wait", "--for=condition=Established", "crd/pytorchjobs.kubeflow.org", "--timeout=60s")
+        kueue_crds = kueue.crds(build.KUEUE.module_dir(), port=self.state.ports["kueue-webhook"],
+                                ca_bundle=(self.pki / "ca.crt").read_bytes())
+        self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
+                     input=yaml.safe_dump_all([*kueue_crds, {"apiVersion": "v1", "kind": "Namespace",
+                                                             "metadata": {"name": kueue.NAMESPACE}}]))
+        self.kubectl("wait", "--for=condition=Established", "crd/pytorchjobs.kubeflow.org",
+                     *(f"crd/{crd['metadata']['name']}" for crd in kueue_crds), "--timeout=60s")
 
     def _start_kwok(self) -> None:
         p = self.state.ports
@@ -411,6 +422,35 @@ class LocalCluster:
         TRAINING_OPERATOR_CERT_DIR.mkdir(parents=True, exist_ok=True)
         for key, value in secret_data().items():
             (TRAINING_OPERATOR_CERT_DIR / key).write_bytes(base64.b64decode(value))
+
+    def _start_kueue(self) -> None:
+        p, kueue_dir = self.state.ports, self.root / "kueue"
+        cert_dir = kueue_dir / "certs"
+        for directory in (cert_dir, kueue.METRICS_CERT_DIR):
+            directory.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.pki / "kueue-serving.crt", directory / "tls.crt")
+            shutil.copyfile(self.pki / "kueue-serving.key", directory / "tls.key")
+        config_file = kueue_dir / "config.yaml"
+        config_file.write_text(yaml.safe_dump(kueue.configuration(
+            webhook_port=p["kueue-webhook"], cert_dir=cert_dir, metrics_port=p["kueue"], health_port=p["kueue-probe"])))
+        env = dict(os.environ, KUBECONFIG=str(self.root / "kueue.kubeconfig"))
+        self._start("kueue", [str(self.bin / "kueue"), f"--config={config_file}", "--zap-log-level=2"], env=env)
+
+    def _register_kueue_webhooks(self) -> None:
+        """Kueue's webhooks fail closed (failurePolicy Fail): registered only once Kueue serves them,
+        or every create of a Job or PyTorchJob would be refused meanwhile."""
+        log_file = self.logs / "kueue.log"
+
+        def ready() -> bool:
+            if not _pid_alive(self.state.pids["kueue"]):
+                raise RuntimeError(f"Kueue exited:\n{log_file.read_text(errors='replace')[-3000:]}")
+            return http_ok(f"http://127.0.0.1:{self.state.ports['kueue-probe']}/readyz")
+
+        wait_until(ready, 120, "Kueue ready")
+        configurations = kueue.webhooks(build.KUEUE.module_dir(), port=self.state.ports["kueue-webhook"],
+                                        ca_bundle=(self.pki / "ca.crt").read_bytes())
+        self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
+                     input=yaml.safe_dump_all(configurations))
 
     def _start_s3(self) -> None:
         proc = self._start("s3", [sys.executable, "-m", "moto.server", "-H", network.NODE_IP,
@@ -536,7 +576,7 @@ class LocalCluster:
             self._stop_component(name, log)
         self.state = State()
         self.state_file.unlink(missing_ok=True)
-        for sub in ("etcd", "prometheus", "kwok", "training-operator"):
+        for sub in ("etcd", "prometheus", "kwok", "training-operator", "kueue"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
 
     def status_lines(self) -> list[str]:
@@ -572,6 +612,6 @@ def _terminate_group(pid: int, grace: float = 10) -> None:
 def versions_table() -> dict[str, str]:
     return {
         "kubernetes": versions.KUBERNETES, "etcd": versions.ETCD,
-        "training-operator": versions.TRAINING_OPERATOR, "kwok": versions.KWOK,
+        "training-operator": versions.TRAINING_OPERATOR, "kueue": versions.KUEUE, "kwok": versions.KWOK,
         "cache": str(cache_dir()), "repo": str(REPO_ROOT),
     }

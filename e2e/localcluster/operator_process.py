@@ -16,11 +16,9 @@ from pathlib import Path
 import yaml
 
 from .cluster import LocalCluster, _pid_alive, _terminate_group
-from .operator_release import local_operator_config
+from .operator_release import install_crds, local_operator_config
 from .paths import REPO_ROOT
 from .procs import free_port, http_ok, start_logged, wait_until
-
-CRD = REPO_ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
 
 
 class OperatorProcess:
@@ -41,9 +39,7 @@ class OperatorProcess:
         return f"http://127.0.0.1:{self._state()['metricsPort']}/metrics"
 
     def install_crds(self) -> None:
-        self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=finetune-local",
-                             "-f", str(CRD))
-        self.cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+        install_crds(self.cluster)
 
     def render_config(self, metrics_port: int, liveness_port: int, overrides: dict | None = None) -> Path:
         config = local_operator_config(self.cluster, overrides)

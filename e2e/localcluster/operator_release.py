@@ -24,7 +24,8 @@ from .paths import REPO_ROOT
 from .procs import wait_until
 
 CHART = REPO_ROOT / "charts" / "finetune-operator"
-CRD = REPO_ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
+CRDS = REPO_ROOT / "crds"
+CRD_NAMES = ("crd/finetunejobs.finetune.dev", "crd/tenantpolicies.finetune.dev")
 DEV_CONFIG = REPO_ROOT / "operator" / "config" / "dev.yaml"
 RELEASE = "finetune-operator"
 NAMESPACE = "finetune-system"
@@ -58,6 +59,12 @@ def local_values(cluster: LocalCluster, config: dict, watch_namespaces: list[str
                    "readiness": {"initialDelaySeconds": 2, "periodSeconds": 2, "timeoutSeconds": 5,
                                  "failureThreshold": 3}},
     }
+
+
+def install_crds(cluster: LocalCluster) -> None:
+    """Apply the working tree's CRDs (crds/) and wait until the API server serves them."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=finetune-local", "-f", str(CRDS))
+    cluster.kubectl("wait", "--for=condition=Established", *CRD_NAMES, "--timeout=60s")
 
 
 class OperatorRelease:
@@ -114,11 +121,9 @@ class OperatorRelease:
         return f"http://{pod['status']['podIP']}:{self.config()['livenessPort']}/healthz"
 
     def install_crds(self) -> None:
-        # helm installs a chart's crds/ only once and never upgrades them: the working tree's CRD
-        # is applied first, as an upgrade of a real installation would (docs/operations.md).
-        self.cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=finetune-local",
-                             "-f", str(CRD))
-        self.cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+        # helm installs a chart's crds/ only once and never upgrades them: the working tree's CRDs
+        # are applied first, as an upgrade of a real installation would (docs/operations.md).
+        install_crds(self.cluster)
 
     def up(self, log=print, overrides: dict | None = None, watch_namespaces: list[str] | None = None) -> None:
         """Install (or upgrade) the release and wait until its pod is Ready. The operator image and the

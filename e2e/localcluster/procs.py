@@ -16,6 +16,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(names: list[str]) -> dict[str, int]:
+    """A distinct free port per name: every socket stays bound until all are chosen (ports chosen one
+    after another by free_port may repeat, the kernel hands out a just-released port again)."""
+    sockets = [socket.socket() for _ in names]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return {name: s.getsockname()[1] for name, s in zip(names, sockets)}
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

@@ -7,6 +7,11 @@ KUBERNETES_STAGING = "v0" + KUBERNETES[2:]
 ETCD = "v3.6.16"
 TRAINING_OPERATOR = "v1.9.3"
 KWOK = "v0.8.0"
+# Kueue (job queueing, quota and preemption); v0.17.0 is the newest the Go module proxy serves and
+# builds with go1.26 (its go.mod says go 1.25.0).
+KUEUE = "v0.17.0"
+# The commit date of the release (the Go module proxy's .info Time), stamped as its build date.
+KUEUE_RELEASE_DATE = "2026-03-31T10:20:15Z"
 HELM = "v3.22.0"
 # Kubernetes minor version of the client-go that helm v3.22.0 requires (v0.37.0); helm stamps it
 # as the default Capabilities.KubeVersion for `helm template` and for lint deprecation checks.

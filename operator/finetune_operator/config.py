@@ -83,6 +83,13 @@ class OperatorConfig(ConfigModel):
     allowedPriorityClasses: list[str] = Field(
         default_factory=list,
         description="PriorityClasses a FineTuneJob may name in runPolicy.priorityClassName; empty: none.")
+    allowedClusterQueues: list[str] = Field(
+        default_factory=list,
+        description="Kueue ClusterQueues a FineTuneJob in a namespace without a TenantPolicy may name in "
+        "runPolicy.queueName; empty: none. A TenantPolicy's kueue.clusterQueues replace this list.")
+    requireTenantPolicy: bool = Field(
+        default=False,
+        description="FineTuneJobs in a namespace that no TenantPolicy selects are refused (NoTenantPolicy).")
     maxSharedMemory: str = Field(default="64Gi", description="Upper bound of spec.resources.sharedMemory.")
     scratchSize: str = Field(
         default="100Gi",

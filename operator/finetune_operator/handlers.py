@@ -5,6 +5,10 @@ kopf.TemporaryError(delay=...), a spec that cannot run is a kopf.PermanentError 
 re-validates, so creating a missing Secret later lets the job go on). Deletion goes through the
 finalizer `finetune.dev/cleanup`: the sandbox namespace is deleted and waited for, at most
 OperatorConfig.deletionTimeoutSeconds, then the finalizer is released anyway with a Warning event.
+
+Tenancy: kopf indexes keep the labels of every namespace, every TenantPolicy and a summary of every
+FineTuneJob; each pass gets a snapshot of them (tenancy.Tenancy). A timer per TenantPolicy writes
+its status (jobs, GPUs, GPU-hour usage) and per-tenant metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from finetune_operator import k8s
+from finetune_operator import k8s, tenancy
+from finetune_operator.api import tenant
 from finetune_operator.api import types as t
 from finetune_operator.builders import names as n
 from finetune_operator.config import OperatorConfig
@@ -72,31 +77,61 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
     def probe(memo: kopf.Memo, **_: Any) -> float:
         return memo.reconciler.metrics.reconcile_count()
 
-    async def run(body: Any, memo: kopf.Memo) -> None:
-        outcome = await memo.reconciler.reconcile(plain(body))
+    # What every pass needs to know of tenancy, kept current by kopf's watches (no list per pass).
+    @kopf.index("", "v1", "namespaces", registry=registry, id="namespace_labels")
+    def namespace_labels(name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
+        return {name: dict(labels)}
+
+    @kopf.index(t.GROUP, t.VERSION, tenant.PLURAL, registry=registry, id="tenant_policies")
+    def tenant_policies(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
+        return {name: plain(body)}
+
+    @kopf.index(**resource, id="job_summaries")
+    def job_summaries(namespace: str, body: kopf.Body, **_: Any) -> dict[str, tenancy.JobSummary]:
+        return {namespace: tenancy.job_summary(plain(body))}
+
+    def snapshot(kwargs: dict[str, Any]) -> tenancy.Tenancy:
+        return tenancy.Tenancy(
+            policies=[tenancy.Policy.from_body(b) for store in kwargs["tenant_policies"].values() for b in store],
+            namespace_labels={ns: next(iter(store)) for ns, store in kwargs["namespace_labels"].items() if store},
+            jobs=[job for store in kwargs["job_summaries"].values() for job in store],
+        )
+
+    async def run(body: Any, memo: kopf.Memo, kwargs: dict[str, Any]) -> None:
+        outcome = await memo.reconciler.reconcile(plain(body), snapshot(kwargs))
         if outcome.permanent:
             raise kopf.PermanentError(outcome.permanent)
         if outcome.requeue_after:
             raise kopf.TemporaryError(f"waiting ({outcome.status.get('phase')})", delay=outcome.requeue_after)
 
     @kopf.on.create(**resource, id="create")
-    async def on_create(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await run(body, memo)
+    async def on_create(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        await run(body, memo, kwargs)
 
     @kopf.on.update(**resource, field="spec", id="update")
-    async def on_update(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await run(body, memo)
+    async def on_update(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        await run(body, memo, kwargs)
 
     @kopf.on.resume(**resource, id="resume")
-    async def on_resume(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await run(body, memo)
+    async def on_resume(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        await run(body, memo, kwargs)
 
     @kopf.timer(**resource, id="reconcile", interval=cfg.reconcileIntervalSeconds, initial_delay=cfg.reconcileIntervalSeconds,
                 sharp=False)
-    async def periodic(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async def periodic(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         if body.metadata.get("deletionTimestamp"):
             return
-        await memo.reconciler.on_timer(plain(body))  # a requeue is the next tick
+        await memo.reconciler.on_timer(plain(body), snapshot(kwargs))  # a requeue is the next tick
+
+    policy = dict(group=t.GROUP, version=t.VERSION, plural=tenant.PLURAL, registry=registry)
+
+    # A timer only (it first fires when the policy is seen): no handler state in the policy's
+    # annotations, so a policy synced by Argo CD or Flux shows no drift. (kopf puts its finalizer on
+    # objects with timers, to stop them on deletion.)
+    @kopf.timer(**policy, id="policy-status", interval=cfg.reconcileIntervalSeconds, sharp=False)
+    async def policy_status(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+        if not body.metadata.get("deletionTimestamp"):
+            await memo.reconciler.reconcile_policy(plain(body), snapshot(kwargs))
 
     # Sandboxes whose FineTuneJob went without the finalizer (or moved to another sandbox) are swept.
     @kopf.timer("", "v1", "namespaces", registry=registry, id="sweep", interval=cfg.sweepIntervalSeconds,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from lightkube import ApiError, AsyncClient
-from lightkube.generic_resource import create_namespaced_resource
+from lightkube.generic_resource import create_global_resource, create_namespaced_resource
 from lightkube.resources.core_v1 import (
     ConfigMap,
     Event,
@@ -23,11 +23,16 @@ from lightkube.resources.core_v1 import (
 from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.types import CascadeType, PatchType
 
+from finetune_operator.api import tenant
 from finetune_operator.api import types as t
 from finetune_operator.builders.names import MANAGER
 
 FineTuneJob = create_namespaced_resource(t.GROUP, t.VERSION, t.KIND, t.PLURAL)
 PyTorchJob = create_namespaced_resource("kubeflow.org", "v1", "PyTorchJob", "pytorchjobs")
+TenantPolicy = create_global_resource(t.GROUP, t.VERSION, tenant.KIND, tenant.PLURAL)
+KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
+LocalQueue = create_namespaced_resource("kueue.x-k8s.io", "v1beta2", "LocalQueue", "localqueues")
+Workload = create_namespaced_resource("kueue.x-k8s.io", "v1beta2", "Workload", "workloads")
 
 RESOURCES: dict[tuple[str, str], Any] = {
     ("v1", "Namespace"): Namespace,
@@ -40,7 +45,10 @@ RESOURCES: dict[tuple[str, str], Any] = {
     ("v1", "Event"): Event,
     ("networking.k8s.io/v1", "NetworkPolicy"): NetworkPolicy,
     ("kubeflow.org/v1", "PyTorchJob"): PyTorchJob,
+    (KUEUE_API_VERSION, "LocalQueue"): LocalQueue,
+    (KUEUE_API_VERSION, "Workload"): Workload,
     (t.API_VERSION, t.KIND): FineTuneJob,
+    (t.API_VERSION, tenant.KIND): TenantPolicy,
 }
 
 
@@ -97,10 +105,12 @@ class Kube:
         )
         return as_dict(result)
 
-    async def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        body = {"apiVersion": t.API_VERSION, "kind": t.KIND, "metadata": {"name": name, "namespace": namespace},
-                "status": status}
-        await self.client.patch(FineTuneJob.Status, name, body, namespace=namespace,
+    async def apply_status(self, namespace: str | None, name: str, status: dict[str, Any], kind: str = t.KIND) -> None:
+        """Server-side apply of the status of a FineTuneJob (or, with kind, a cluster-scoped TenantPolicy)."""
+        res = resource_of({"apiVersion": t.API_VERSION, "kind": kind})
+        meta = {"name": name} if namespace is None else {"name": name, "namespace": namespace}
+        body = {"apiVersion": t.API_VERSION, "kind": kind, "metadata": meta, "status": status}
+        await self.client.patch(res.Status, name, body, namespace=namespace,
                                 patch_type=PatchType.APPLY, field_manager=MANAGER, force=True)
 
     async def merge_patch(self, res: Any, name: str, namespace: str | None, patch: dict[str, Any]) -> None:

@@ -40,6 +40,21 @@ class Metrics:
         self.tenant_io_timeouts = Counter(
             "finetune_tenant_io_timeouts_total", "Calls to a tenant's storage that did not answer in time.",
             registry=r)
+        # Per tenant (TenantPolicy name): what its jobs hold and use, against its budget.
+        self.tenant_jobs = Gauge("finetune_tenant_jobs", "FineTuneJobs of a tenant by phase.", ["policy", "phase"],
+                                 registry=r)
+        self.tenant_running = Gauge("finetune_tenant_running_jobs", "Jobs of a tenant whose run exists and has not "
+                                    "finished.", ["policy"], registry=r)
+        self.tenant_gpus = Gauge("finetune_tenant_gpus_in_use", "GPUs requested by a tenant's running jobs.", ["policy"],
+                                 registry=r)
+        self.tenant_gpu_seconds = Counter("finetune_tenant_gpu_seconds", "GPU-seconds used by a tenant's jobs "
+                                          "(counted as the operator sees them).", ["policy"], registry=r)
+        self.tenant_gpu_hours_used = Gauge("finetune_tenant_gpu_hours_used", "GPU-hours a tenant used in the current "
+                                           "budget period.", ["policy"], registry=r)
+        self.tenant_gpu_hours_budget = Gauge("finetune_tenant_gpu_hours_budget", "GPU-hours a tenant may use per "
+                                             "period (absent: no budget).", ["policy"], registry=r)
+        self._per_tenant = (self.tenant_running, self.tenant_gpus, self.tenant_gpu_seconds, self.tenant_gpu_hours_used,
+                            self.tenant_gpu_hours_budget)
         self._per_job = (self.progress, self.step, self.loss, self.tokens, self.eta, self.gpu_seconds, self.restarts)
         self._phases: dict[tuple[str, str], str] = {}
         for phase in Phase:
@@ -70,6 +85,28 @@ class Metrics:
             else:
                 gauge.labels(*key).set(float(value))
 
+    def observe_tenant(self, policy: str, status: dict[str, Any], added_gpu_seconds: float,
+                       budget_gpu_hours: float | None) -> None:
+        for phase, count in (status.get("jobs") or {}).items():
+            self.tenant_jobs.labels(policy, phase).set(count)
+        self.tenant_running.labels(policy).set(status.get("runningJobs") or 0)
+        self.tenant_gpus.labels(policy).set(status.get("gpusInUse") or 0)
+        self.tenant_gpu_seconds.labels(policy).inc(max(0.0, added_gpu_seconds))
+        self.tenant_gpu_hours_used.labels(policy).set((status.get("usage") or {}).get("gpuSeconds", 0.0) / 3600)
+        if budget_gpu_hours is None:
+            self._remove(self.tenant_gpu_hours_budget, (policy,))
+        else:
+            self.tenant_gpu_hours_budget.labels(policy).set(budget_gpu_hours)
+
+    def retain_tenants(self, policies: set[str]) -> None:
+        """Remove the series of tenants whose TenantPolicy is gone."""
+        known = {sample.labels["policy"] for metric in self.tenant_running.collect() for sample in metric.samples}
+        for policy in known - policies:
+            for metric in self._per_tenant:
+                self._remove(metric, (policy,))
+            for phase in Phase:
+                self._remove(self.tenant_jobs, (policy, phase.value))
+
     def forget_job(self, namespace: str, name: str) -> None:
         key = (namespace, name)
         self._phases.pop(key, None)
@@ -78,7 +115,7 @@ class Metrics:
             self._remove(gauge, key)
 
     @staticmethod
-    def _remove(gauge: Gauge, key: tuple[str, str]) -> None:
+    def _remove(gauge: Gauge | Counter, key: tuple[str, ...]) -> None:
         try:
             gauge.remove(*key)
         except KeyError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,11 +25,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
-from finetune_operator import endpoints, k8s, s3
+from lightkube import ApiError
+
+from finetune_operator import endpoints, k8s, kueue, s3, tenancy
+from finetune_operator.api.tenant import KIND as TENANT_POLICY_KIND
 from finetune_operator.api.types import FineTuneJobSpec
 from finetune_operator.builders import events as ev
 from finetune_operator.builders import names as n
-from finetune_operator.builders.run import owns_suspend, run_objects
+from finetune_operator.builders.run import config_map, owns_suspend, run_objects, suspended_for_creation
 from finetune_operator.builders.sandbox import resolve_pool, sandbox_objects
 from finetune_operator.config import OperatorConfig
 from finetune_operator.metrics import Metrics
@@ -60,6 +64,7 @@ from finetune_operator.validation import (
 log = logging.getLogger(__name__)
 
 REQUEUE_SHORT = 5.0
+HOLD_RECHECK = 30.0  # a job waiting for its tenant's budget or a running-job slot looks again this often
 # Waits for a tenant's storage (its slot in the I/O executor included): an input check, a read of the
 # trainer's documents, a DNS lookup of the endpoint's host.
 INPUT_CHECK_TIMEOUT = s3.CHECK_BUDGET_SECONDS + s3.REQUEST_DEADLINE_SECONDS
@@ -88,6 +93,8 @@ class View:
     other_runs: list[dict[str, Any]] = field(default_factory=list)  # PyTorchJobs of other runIds
     other_run_pods: int = 0
     run_pods: list[dict[str, Any]] = field(default_factory=list)  # pods of the current runId
+    policy: tenancy.Policy | None = None  # the TenantPolicy governing the job's namespace
+    hold: Problem | None = None  # why the run may not start yet (budget, running-job limit)
 
 
 @dataclass
@@ -218,7 +225,11 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
         plan.requeue_after = REQUEUE_SHORT
         return plan
 
-    ref = n.JobRef.from_body(body)
+    if view.hold is not None and view.pytorchjob is None and not finished and plan.sandbox_state == SANDBOX_ABSENT:
+        plan.requeue_after = HOLD_RECHECK  # nothing is created while the tenant's policy holds the run
+        return plan
+
+    ref = dataclasses.replace(n.JobRef.from_body(body), spec=spec)  # with the tenant policy's defaults
     plan.apply.extend(sandbox_objects(ref, cfg, view.secret.get("data") or {}))
     plan.sandbox_state = SANDBOX_ACTIVE
 
@@ -234,18 +245,22 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
 
     ptj = view.pytorchjob
     if ptj is None:
-        if not finished:
+        if not finished and view.hold is None:
             plan.apply.extend(run_objects(ref, cfg))
+        elif view.hold is not None:
+            plan.requeue_after = HOLD_RECHECK
         return plan
 
     applied_hash = (ptj["metadata"].get("annotations") or {}).get(n.ANNOTATION_SPEC_HASH)
+    current = bool(((ptj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    if current != spec.runPolicy.suspend and not finished and owns_suspend(ref):
+        plan.suspend_patch = spec.runPolicy.suspend
     if applied_hash != n.spec_hash(raw_spec):
         plan.spec_drift = True
-        current = bool(((ptj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
-        if current != spec.runPolicy.suspend and not finished and owns_suspend(ref):
-            plan.suspend_patch = spec.runPolicy.suspend
     elif not finished:
-        plan.apply.extend(run_objects(ref, cfg))
+        # The run exists: its PyTorchJob is not applied again (Kueue edits its pod templates and
+        # suspension; a changed TenantPolicy applies to runs not yet started); its config is.
+        plan.apply.append(config_map(ref, cfg))
     return plan
 
 
@@ -308,14 +323,15 @@ class Reconciler:
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
 
-    async def on_timer(self, body: dict[str, Any]) -> Outcome | None:
+    async def on_timer(self, body: dict[str, Any], tenants: tenancy.Tenancy | None = None) -> Outcome | None:
         """The timer's pass, or None when the job is idle and was passed recently."""
         if not timer_due(body, self._last_pass.get(body["metadata"].get("uid", "")), time.monotonic(),
                          self.cfg.idleReconcileSeconds):
             return None
-        return await self.reconcile(body)
+        return await self.reconcile(body, tenants)
 
-    async def reconcile(self, body: dict[str, Any]) -> Outcome:
+    async def reconcile(self, body: dict[str, Any], tenants: tenancy.Tenancy | None = None) -> Outcome:
+        """One pass; `tenants`: what the operator knows of tenant policies, namespaces and jobs."""
         body = copy.deepcopy(body)
         started = time.monotonic()
         self._last_pass[body["metadata"].get("uid", "")] = started
@@ -328,7 +344,7 @@ class Reconciler:
                 if fresh is None or fresh["metadata"].get("uid") != meta.get("uid"):
                     self.metrics.reconciles.labels("gone").inc()
                     return Outcome(status=body.get("status") or {})
-                outcome = await self._reconcile(fresh)
+                outcome = await self._reconcile(fresh, tenants or tenancy.Tenancy())
         except Exception:
             self.metrics.reconciles.labels("error").inc()
             raise
@@ -338,17 +354,24 @@ class Reconciler:
                                        "requeue" if outcome.requeue_after else "ok").inc()
         return outcome
 
-    async def _observe(self, body: dict[str, Any], now: datetime) -> View:
+    async def _observe(self, body: dict[str, Any], now: datetime, tenants: tenancy.Tenancy) -> View:
         meta, raw_spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
         uid = meta.get("uid", "")
         sandbox = n.sandbox_of(self.cfg.sandboxPrefix, meta)
-        facts = Facts()
-        spec, problems = validate(raw_spec, self.cfg, facts)
-        view = View(body=body, now=now, spec=spec, problems=problems)
-        if spec is None or problems:
-            view.namespace = await self.kube.get(k8s.Namespace, sandbox)
-            if view.namespace is not None:
-                view.pytorchjob = await self.kube.get(k8s.PyTorchJob, n.pytorchjob_name(spec.runId if spec else "1"), sandbox)
+        policy, policy_problem = tenancy.policy_of(meta["namespace"], tenants, self.cfg.requireTenantPolicy)
+        facts = Facts(policy=policy, policy_problem=policy_problem)
+        view = View(body=body, now=now, spec=None, problems=[], policy=policy)
+        view.namespace = await self.kube.get(k8s.Namespace, sandbox)
+        run_id = run_id_of(raw_spec)
+        if view.namespace is not None:
+            runs = await self.kube.list(k8s.PyTorchJob, sandbox, labels={n.LABEL_JOB_UID: uid})
+            current = n.pytorchjob_name(run_id)
+            view.pytorchjob = next((r for r in runs if r["metadata"]["name"] == current), None)
+            view.other_runs = [r for r in runs if r["metadata"]["name"] != current]
+        started = view.pytorchjob is not None
+        view.spec, view.problems = self._validated(raw_spec, facts, started)
+        spec = view.spec
+        if spec is None or view.problems:
             return view
         view.secret = await self.kube.get(k8s.Secret, spec.credentials.secretName, meta["namespace"])
         facts.secret_found = view.secret is not None
@@ -359,24 +382,32 @@ class Reconciler:
             facts.secret_opted_in = labels.get(n.CREDENTIALS_OPT_IN_LABEL) == "true"
             facts.secret_blank_keys = frozenset(k for k in n.CREDENTIAL_KEYS if k in data and s3.blank(data[k]))
         facts.api_server_addresses = self.api_server
-        host = endpoints.needs_resolution(spec.storage.endpoint, self.cfg)
+        host = endpoints.needs_resolution(spec.storage.endpoint, tenancy.effective_config(self.cfg, policy))
         if host:
             facts.endpoint_addresses = await self._resolve(meta["namespace"], host)
-        view.namespace = await self.kube.get(k8s.Namespace, sandbox)
         if view.namespace is not None:
-            runs = await self.kube.list(k8s.PyTorchJob, sandbox, labels={n.LABEL_JOB_UID: uid})
-            current = n.pytorchjob_name(spec.runId)
-            view.pytorchjob = next((r for r in runs if r["metadata"]["name"] == current), None)
-            view.other_runs = [r for r in runs if r["metadata"]["name"] != current]
             pods = await self.kube.list(k8s.Pod, sandbox, labels={n.LABEL_JOB_UID: uid})
-            view.run_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(n.LABEL_RUN_ID) == spec.runId]
+            view.run_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(n.LABEL_RUN_ID) == run_id]
             view.other_run_pods = len(pods) - len(view.run_pods)
-        needs_inputs = (facts.secret_found and view.pytorchjob is None and not run_finished(status, spec.runId))
+        needs_inputs = (facts.secret_found and not started and not run_finished(status, run_id))
         if needs_inputs and not view.other_runs:
             facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.secret,
                                                 meta["namespace"])
-        view.spec, view.problems = validate(raw_spec, self.cfg, facts)
+        view.spec, view.problems = self._validated(raw_spec, facts, started)
+        if view.spec is not None and not view.problems and not started and not run_finished(status, run_id):
+            view.hold = tenancy.start_hold(tenancy.job_summary(body), policy, tenants)
         return view
+
+    def _validated(self, raw_spec: dict[str, Any], facts: Facts, started: bool) -> tuple[FineTuneJobSpec | None, list[Problem]]:
+        """validate(), except that a run that exists is not judged by the tenant's policy again: a
+        policy applies to runs not yet started."""
+        spec, problems = validate(raw_spec, self.cfg, facts)
+        if started:
+            problems = [p for p in problems if p.reason not in tenancy.TENANCY_REASONS]
+            if spec is None and not problems:
+                spec, problems = validate(raw_spec, self.cfg, dataclasses.replace(facts, policy_problem=None))
+                problems = [p for p in problems if p.reason not in tenancy.TENANCY_REASONS]
+        return spec, problems
 
     async def _resolve(self, tenant: str, host: str) -> tuple[Any, ...] | None:
         """The addresses of a host a tenant's endpoint names (None: no answer in time, so not judged yet)."""
@@ -402,11 +433,11 @@ class Reconciler:
         self._input_checks[uid] = (key, checks)
         return checks
 
-    async def _reconcile(self, body: dict[str, Any]) -> Outcome:
+    async def _reconcile(self, body: dict[str, Any], tenants: tenancy.Tenancy) -> Outcome:
         meta = body["metadata"]
         previous = body.get("status") or {}
         now = self.clock()
-        view = await self._observe(body, now)
+        view = await self._observe(body, now, tenants)
         plan = decide(view, self.cfg)
 
         for obj in plan.delete:
@@ -425,6 +456,8 @@ class Reconciler:
                         plan.sandbox_state, plan.permanent, ptj = SANDBOX_ABSENT, str(plan.problems[-1]), None
                         break
                     continue
+                if obj["kind"] == "PyTorchJob" and view.pytorchjob is None and view.spec.runPolicy.queueName:
+                    await self.kube.create_if_absent(suspended_for_creation(obj))
                 applied = await self.kube.apply(obj)
                 if obj["kind"] == "PyTorchJob":
                     ptj = applied
@@ -438,12 +471,22 @@ class Reconciler:
 
         obs = Observation(now=now, problems=view.problems + plan.problems, sandbox=plan.sandbox, sandbox_state=plan.sandbox_state,
                           applied=bool(plan.apply), pytorchjob=ptj, spec_drift=plan.spec_drift,
-                          replacing_run=plan.replacing_run, stall_after_seconds=self.cfg.progressStallSeconds)
+                          replacing_run=plan.replacing_run, stall_after_seconds=self.cfg.progressStallSeconds,
+                          hold=view.hold, tenant_policy=view.policy.name if view.policy else "")
+        workload = None
         if view.spec is not None:
             try:
-                obs.gpu_resource = resolve_pool(n.JobRef.from_body(body), self.cfg)[1].gpuResource
+                obs.gpu_resource = resolve_pool(dataclasses.replace(n.JobRef.from_body(body), spec=view.spec),
+                                                self.cfg)[1].gpuResource
             except ValueError:
                 pass
+            if ptj is not None and view.spec.runPolicy.queueName and plan.sandbox_state == SANDBOX_ACTIVE:
+                workload = await self._workload(plan.sandbox, ptj)
+                if workload is not None:
+                    obs.queue = kueue.queue_state(workload, view.spec.runPolicy.queueName)
+                    activation = kueue.activation_patch(workload, active=not view.spec.runPolicy.suspend)
+                    if activation is not None:  # the user's suspend of a queued run: Kueue's way
+                        await self.kube.merge_patch(k8s.Workload, workload["metadata"]["name"], plan.sandbox, activation)
         if ptj is not None and plan.sandbox_state == SANDBOX_ACTIVE and view.spec is not None:
             # The pods were listed while observing; a pass that only applied objects sees them next time.
             obs.pods = view.run_pods
@@ -457,11 +500,32 @@ class Reconciler:
             await self.kube.apply_status(meta["namespace"], meta["name"], status)
             for event_type, reason, message in ev.transition_events(previous, status):
                 await self._event(body, event_type, reason, message, now)
+        if ptj is not None and plan.sandbox_state == SANDBOX_ACTIVE:
+            await self._publish_freshness(plan.sandbox, status, ptj, workload)
         if plan.sandbox_state == SANDBOX_EXPIRED and namespace_state(view.namespace) == SANDBOX_ACTIVE:
             await self._event(body, ev.NORMAL, "SandboxDeleted",
                               f"deleted namespace {plan.sandbox} after runPolicy.ttlSecondsAfterFinished", now)
         self.metrics.observe_job(meta["namespace"], meta["name"], status)
         return Outcome(status=status, requeue_after=plan.requeue_after, permanent=plan.permanent)
+
+    async def _workload(self, sandbox: str, ptj: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return kueue.workload_of(await self.kube.list(k8s.Workload, sandbox), ptj)
+        except ApiError as exc:  # Kueue not installed (no Workload API): the run shows as queued
+            log.warning("cannot read Kueue workloads in %s: %s", sandbox, exc)
+            return None
+
+    async def _publish_freshness(self, sandbox: str, status: dict[str, Any], ptj: dict[str, Any],
+                                 workload: dict[str, Any] | None) -> None:
+        """Annotate the run's PyTorchJob and Workload with its newest checkpoint (step, time)."""
+        newest = (status.get("checkpoints") or [{}])[-1]
+        for res, obj in ((k8s.PyTorchJob, ptj), (k8s.Workload, workload)):
+            patch = kueue.freshness_patch(obj, newest.get("step"), newest.get("time")) if obj else None
+            if patch is not None:
+                try:
+                    await self.kube.merge_patch(res, obj["metadata"]["name"], sandbox, patch)
+                except ApiError as exc:  # gone meanwhile; the next pass publishes again
+                    log.info("cannot annotate %s/%s: %s", sandbox, obj["metadata"]["name"], exc)
 
     async def _read_documents(self, uid: str, view: View, ptj: dict[str, Any], previous: dict[str, Any],
                               obs: Observation) -> None:
@@ -488,6 +552,24 @@ class Reconciler:
         except Exception as exc:  # an event is best effort; never fail the pass for it
             log.warning("cannot post event %s on %s/%s: %s", reason, body["metadata"]["namespace"],
                         body["metadata"]["name"], exc)
+
+    # ---- tenant policies -------------------------------------------------------------------------
+
+    async def reconcile_policy(self, body: dict[str, Any], tenants: tenancy.Tenancy) -> dict[str, Any] | None:
+        """Write a TenantPolicy's status (what it governs, its GPU-hour usage) and its metrics. The
+        stored object is read first: its usage ledger is the truth the pass adds to."""
+        name = body["metadata"]["name"]
+        fresh = await self.kube.get(k8s.TenantPolicy, name)
+        if fresh is None or fresh["metadata"].get("uid") != body["metadata"].get("uid"):
+            return None
+        policy = tenancy.Policy.from_body(fresh)
+        status, added = tenancy.policy_status(policy, tenants, self.clock())
+        if changed(policy.status, status):
+            await self.kube.apply_status(None, name, status, kind=TENANT_POLICY_KIND)
+        budget = policy.spec.budget.gpuHours if policy.spec and policy.spec.budget else None
+        self.metrics.observe_tenant(name, status, added, budget)
+        self.metrics.retain_tenants({p.name for p in tenants.policies} | {name})  # deleted policies' series go
+        return status
 
     # ---- deletion --------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from finetune_operator.api.types import ConditionType as C
 from finetune_operator.api.types import FineTuneJobStatus, Phase
+from finetune_operator.kueue import QueueState
 from finetune_operator.validation import TRANSIENT_REASONS, Problem
 from finetune_trainer.config import EvaluationResult, Progress, RunResult
 
@@ -25,7 +26,9 @@ SANDBOX_TERMINATING = "terminating"
 SANDBOX_EXPIRED = "expired"  # deleted after ttlSecondsAfterFinished
 
 RUN_SCOPED = ("startTime", "completionTime", "restarts", "gpuSeconds", "progress", "checkpoints",
-              "latestCheckpoint", "resumedFromStep", "evaluation", "output", "pytorchJob")
+              "latestCheckpoint", "resumedFromStep", "evaluation", "output", "pytorchJob", "preemptions", "queue")
+# Running=False reasons of a job that waits to start (its phase is Queued).
+WAITING_REASONS = ("BudgetExhausted", "RunningJobLimit", "Queued", "Preempted")
 
 
 @dataclass
@@ -49,6 +52,9 @@ class Observation:
     spec_drift: bool = False  # the spec changed after the run was created (needs a new runId)
     replacing_run: str = ""  # an older runId whose objects are being deleted first
     stall_after_seconds: float = 0.0  # Running with progress older than this is reported (0: never)
+    queue: QueueState | None = None  # what Kueue's Workload of the run says
+    hold: Problem | None = None  # why the run may not start yet (the tenant's budget or running-job limit)
+    tenant_policy: str = ""  # the TenantPolicy governing the job's namespace
 
 
 def rfc3339(moment: datetime) -> str:
@@ -255,6 +261,8 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         put(C.SandboxReady, False, "Deleted", "the run has finished and its sandbox namespace no longer exists")
     elif obs.sandbox_state == SANDBOX_TERMINATING:
         put(C.SandboxReady, False, "Terminating", f"namespace {obs.sandbox} is being deleted")
+    elif obs.sandbox_state == SANDBOX_ABSENT and obs.hold is not None:
+        put(C.SandboxReady, False, "Waiting", f"created when the run may start ({obs.hold.reason})")
     elif obs.sandbox_state == SANDBOX_ACTIVE and (obs.applied or not problems):
         put(C.SandboxReady, True, "Ready", f"namespace {obs.sandbox} and its policies are in place")
     elif problems:
@@ -285,6 +293,16 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         output = {k: v for k, v in {"adapterUri": result.adapterUri, "mergedUri": result.mergedUri}.items() if v}
         if output:
             status["output"] = output
+
+    if obs.tenant_policy:
+        status["tenantPolicy"] = obs.tenant_policy
+    else:
+        status.pop("tenantPolicy", None)
+    queue = obs.queue
+    if queue is not None:
+        status["queue"] = {"clusterQueue": queue.cluster_queue, "workload": queue.workload, "admitted": queue.admitted,
+                           "reason": queue.reason, "message": queue.message[:4096]}
+        status["preemptions"] = max(int(status.get("preemptions") or 0), queue.preemptions)
 
     if ptj and obs.pods:
         status["restarts"] = max(int(status.get("restarts") or 0), pod_restarts(obs.pods),
@@ -333,12 +351,21 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
                     f"step {p.get('step', 0)}/{p.get('totalSteps', 0)}" if p else "training; no progress reported yet")
         elif restarting_c:
             put(C.Running, False, "Restarting", restarting_c.get("message") or "pods are restarting; the trainer resumes from the latest checkpoint")
+        elif ptj and ptj_suspended and queue is not None and queue.evicted_by_preemption:
+            resume = status.get("checkpoints", [{}])[-1].get("step") if status.get("checkpoints") else 0
+            put(C.Running, False, "Preempted", f"preempted by Kueue in ClusterQueue {queue.cluster_queue} "
+                f"({queue.message}); resumes from checkpoint step {resume} when admitted again")
+        elif ptj and ptj_suspended and queue is not None:
+            put(C.Running, False, "Queued", f"waiting in Kueue ClusterQueue {queue.cluster_queue} ({queue.reason}): "
+                f"{queue.message}")
         elif ptj and ptj_suspended:
             put(C.Running, False, "Queued", "waiting for admission (the PyTorchJob is suspended by its queue)")
         elif obs.replacing_run:
             put(C.Running, False, "ReplacingRun", f"deleting the objects of run {obs.replacing_run} first")
         elif ptj:
             put(C.Running, False, "Starting", "waiting for the training pods to start")
+        elif obs.hold is not None:
+            put(C.Running, False, obs.hold.reason, obs.hold.message)
         else:
             put(C.Running, False, "NotStarted", "the run has not been created")
 
@@ -369,6 +396,8 @@ def phase(conditions: list[dict[str, Any]], run_exists: bool) -> Phase:
         return Phase.Suspended
     if is_true(state, C.Running.value):
         return Phase.Running
+    if (condition(state, C.Running.value) or {}).get("reason") in WAITING_REASONS and validated.get("status") == "True":
+        return Phase.Queued
     if validated.get("status") == "Unknown":
         return Phase.Validating
     if validated.get("status") == "False":

@@ -8,26 +8,16 @@ FineTuneJob stored before a CRD upgrade (or without CEL support) is still refuse
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from pydantic import ValidationError
 
-from finetune_operator import endpoints
+from finetune_operator import endpoints, quantity, tenancy
 from finetune_operator.api.types import FineTuneJobSpec, parse_spec
-from finetune_operator import quantity
+from finetune_operator.problems import DIGEST, Problem
 from finetune_operator.builders.names import CREDENTIAL_KEYS, CREDENTIALS_OPT_IN_LABEL
 from finetune_operator.config import OperatorConfig
-
-
-@dataclass(frozen=True)
-class Problem:
-    reason: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.reason}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -50,6 +40,8 @@ class Facts:
     s3: dict[str, S3Check] = field(default_factory=dict)  # spec field path -> check
     endpoint_addresses: tuple[Any, ...] | None = None  # what spec.storage.endpoint's host resolved to
     api_server_addresses: tuple[Any, ...] = ()
+    policy: tenancy.Policy | None = None  # the TenantPolicy governing the job's namespace
+    policy_problem: Problem | None = None  # no policy where one is required, or more than one
 
 
 # ---- spec ----------------------------------------------------------------------------------------
@@ -197,9 +189,18 @@ def check_resource_bounds(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Pr
 
 
 def check_storage_endpoint(spec: FineTuneJobSpec, cfg: OperatorConfig, facts: Facts) -> list[Problem]:
-    return [Problem(p.reason, f"spec.storage.endpoint: {p.message}")
-            for p in endpoints.check_endpoint(spec.storage.endpoint, cfg, facts.endpoint_addresses,
-                                              facts.api_server_addresses)]
+    """The endpoint against the allowed ones (the policy's, when it names some) and the forbidden
+    destinations; an endpoint the tenant's policy does not allow is a PolicyViolation."""
+    policy = facts.policy
+    out = []
+    for p in endpoints.check_endpoint(spec.storage.endpoint, tenancy.effective_config(cfg, policy),
+                                      facts.endpoint_addresses, facts.api_server_addresses):
+        if policy is not None and p.reason == "EndpointNotAllowed":
+            out.append(Problem(tenancy.POLICY_VIOLATION, f"spec.storage.endpoint: {p.message} "
+                                                         f"(TenantPolicy {policy.name}: storage.endpoints)"))
+        else:
+            out.append(Problem(p.reason, f"spec.storage.endpoint: {p.message}"))
+    return out
 
 
 SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]] = [
@@ -216,16 +217,28 @@ SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]
     check_priority_class_allowed,
     check_resource_bounds,
 ]
-DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 
 
-def validate_spec(raw_spec: dict[str, Any], cfg: OperatorConfig) -> tuple[FineTuneJobSpec | None, list[Problem]]:
-    """Problems of the spec alone (no cluster facts). Returns the parsed spec when it parses."""
+# Checks of operator-wide allow-lists that a TenantPolicy's own lists replace.
+REPLACED_BY_POLICY = (check_image_allowed, check_priority_class_allowed)
+
+
+def validate_spec(raw_spec: dict[str, Any], cfg: OperatorConfig,
+                  policy: tenancy.Policy | None = None) -> tuple[FineTuneJobSpec | None, list[Problem]]:
+    """Problems of the spec alone (no cluster facts) under the tenant's policy, if any. Returns the
+    parsed spec with the policy's defaults filled in (what the run is built from) when it parses."""
     spec, problems = parse_or_problems(raw_spec)
     if spec is None:
         return None, problems
+    spec = tenancy.with_policy_defaults(spec, policy, cfg)
+    effective = tenancy.effective_config(cfg, policy)
     for validator in SPEC_VALIDATORS:
-        problems.extend(validator(spec, cfg))
+        if policy is None or validator not in REPLACED_BY_POLICY:
+            problems.extend(validator(spec, effective))
+    if policy is not None:
+        problems.extend(tenancy.check_policy(spec, policy))
+    else:
+        problems.extend(tenancy.check_queue_without_policy(spec, cfg))
     return spec, problems
 
 
@@ -291,8 +304,12 @@ TRANSIENT_REASONS = {"S3Unreachable", "EndpointUnresolvable"}
 
 
 def validate(raw_spec: dict[str, Any], cfg: OperatorConfig, facts: Facts) -> tuple[FineTuneJobSpec | None, list[Problem]]:
-    """All problems: the spec's, then the Secret's, then the S3 inputs' (only when the rest is fine)."""
-    spec, problems = validate_spec(raw_spec, cfg)
+    """All problems: the tenant's policy, the spec's, then the Secret's, then the S3 inputs' (only when
+    the rest is fine)."""
+    if facts.policy_problem is not None:
+        spec, problems = parse_or_problems(raw_spec)
+        return spec, [facts.policy_problem, *problems]
+    spec, problems = validate_spec(raw_spec, cfg, facts.policy)
     if spec is None:
         return None, problems
     problems.extend(check_storage_endpoint(spec, cfg, facts))

@@ -148,6 +148,10 @@ EXPECTED_CLUSTER_VERBS = [
     ("kubeflow.org", "pytorchjobs", {"get", "list", "create", "patch", "delete"}),
     ("", "pods", {"list"}),
     ("", "events", {"create", "list"}),
+    ("finetune.dev", "tenantpolicies", {"get", "list", "watch", "patch"}),
+    ("finetune.dev", "tenantpolicies/status", {"get", "patch"}),
+    ("kueue.x-k8s.io", "localqueues", {"create", "patch"}),
+    ("kueue.x-k8s.io", "workloads", {"list", "patch"}),
 ]
 
 
@@ -160,7 +164,8 @@ def test_cluster_role_grants_exactly_what_the_operator_uses(rendered, api_group,
 def test_every_resource_the_operator_touches_is_in_the_cluster_role():
     plural = {"Namespace": "namespaces", "ConfigMap": "configmaps", "Secret": "secrets", "ServiceAccount": "serviceaccounts",
               "ResourceQuota": "resourcequotas", "LimitRange": "limitranges", "Pod": "pods", "Event": "events",
-              "NetworkPolicy": "networkpolicies", "PyTorchJob": "pytorchjobs", "FineTuneJob": "finetunejobs"}
+              "NetworkPolicy": "networkpolicies", "PyTorchJob": "pytorchjobs", "FineTuneJob": "finetunejobs",
+              "LocalQueue": "localqueues", "Workload": "workloads", "TenantPolicy": "tenantpolicies"}
     expected = {r for _, r, _ in EXPECTED_CLUSTER_VERBS} | {"secrets"}
     assert {plural[kind] for _, kind in k8s.RESOURCES} <= expected
 
@@ -208,6 +213,7 @@ def exposed_metric_names() -> set[str]:
     operator = OperatorMetrics()
     operator.observe_job("team-a", "job", {"phase": "Running", "gpuSeconds": 1, "restarts": 0, "progress": {
         "percent": 1, "step": 1, "loss": 1, "tokensPerSecond": 1, "etaSeconds": 1}})
+    operator.observe_tenant("team-a", {"jobs": {"Running": 1}}, added_gpu_seconds=1, budget_gpu_hours=1)
     operator.reconciles.labels("ok").inc()
     operator.reconcile_seconds.observe(0.1)
     trainer = TrainerMetrics(port=0)
@@ -219,11 +225,12 @@ def metric_names_in(expr: str) -> set[str]:
     return set(re.findall(r"\bfinetune_[a-z_]+", expr))
 
 
-def test_alerts_cover_failure_stall_checkpoint_and_reconcile_errors(helm_cli):
+def test_alerts_cover_failure_stall_checkpoint_reconcile_errors_and_tenant_budgets(helm_cli):
     rule = one(helm_cli.render("--values", str(ALL_FEATURES)), "PrometheusRule")
     alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
     assert set(alerts) == {"FineTuneJobFailed", "FineTuneJobProgressStalled", "FineTuneJobCheckpointStale",
-                           "FineTuneOperatorReconcileErrors"}
+                           "FineTuneOperatorReconcileErrors", "FineTuneTenantBudgetNearlyUsed",
+                           "FineTuneTenantBudgetExhausted"}
     names = exposed_metric_names()
     for alert in alerts.values():
         used = metric_names_in(alert["expr"])
@@ -235,7 +242,7 @@ def test_dashboard_shows_jobs_and_reconciles_with_real_metric_names(helm_cli):
     dashboard_map = named(helm_cli.render("--values", str(ALL_FEATURES)), "ConfigMap", "-dashboard")
     assert dashboard_map["metadata"]["namespace"] == "monitoring"
     dashboard = json.loads(dashboard_map["data"]["finetune-operator.json"])
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
     used = set().union(*(metric_names_in(e) for e in exprs))
     assert used <= exposed_metric_names()
     for needed in ("finetune_job_progress_percent", "finetune_job_loss", "finetune_job_tokens_per_second",

@@ -29,8 +29,28 @@ def walk(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, 
 # ---- the committed CRD --------------------------------------------------------------------------
 
 
-def test_committed_crd_matches_the_models():
-    assert CRD_PATH.read_text() == crd.render_crd_yaml(), "crds/ is stale: run `make crds`"
+@pytest.mark.parametrize("kind", crd.KINDS, ids=lambda k: k.kind)
+def test_committed_crds_match_the_models(kind):
+    path = ROOT / "crds" / kind.file
+    assert path.read_text() == crd.render_crd_yaml(kind), "crds/ is stale: run `make crds`"
+    chart_copy = ROOT / "charts" / "finetune-operator" / "crds" / kind.file
+    assert chart_copy.read_text() == path.read_text(), "the chart's CRDs are stale: run `make chart-crds`"
+
+
+def test_tenant_policy_crd_is_cluster_scoped_with_structural_maps_and_lists():
+    doc = crd.build_crd(crd.TENANT_POLICY)
+    assert doc["metadata"]["name"] == "tenantpolicies.finetune.dev" and doc["spec"]["scope"] == "Cluster"
+    schema = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    selector = schema["properties"]["namespaceSelector"]
+    # a map keeps its value schema (else the API server would prune every label)
+    assert selector["properties"]["matchLabels"]["additionalProperties"] == {"type": "string"}
+    for name, node in walk(schema):
+        if node.get("type") == "array":
+            assert node["items"].get("type"), f"{name}: list items need a type in a structural schema"
+    paths = {p for p, _ in walk(crd.openapi_schema(crd.TENANT_POLICY.model, crd.TENANT_POLICY.kind, ""))}
+    for column in crd.TENANT_POLICY_PRINTER_COLUMNS:
+        if column["jsonPath"] != ".metadata.creationTimestamp":
+            assert column["jsonPath"] in paths, column
 
 
 def test_api_reference_matches_the_models():

@@ -193,11 +193,24 @@ def test_spec_hash_ignores_only_live_fields(change, same_run):
     ({}, False),
     ({"suspend": True}, True),
     ({"queueName": "q"}, None),  # left to Kueue, which suspends until admission
-    ({"queueName": "q", "suspend": True}, True),
+    ({"queueName": "q", "suspend": True}, None),  # the user's suspend deactivates the Workload instead
 ])
 def test_suspend_ownership(run_policy, expected):
     ptj = run_objects(JobRef.from_body(job(minimal_spec(runPolicy=run_policy))), CFG)[1]
     assert ptj["spec"]["runPolicy"].get("suspend") == expected
+
+
+def test_a_queued_run_is_created_suspended_and_its_pods_get_the_grace_period():
+    from finetune_operator.builders.run import suspended_for_creation
+
+    ref = JobRef.from_body(job(minimal_spec(runPolicy={"queueName": "q"},
+                                            checkpoint={"everySteps": 5, "preemptionGraceSeconds": 300})))
+    ptj = run_objects(ref, CFG)[1]
+    created = suspended_for_creation(ptj)
+    assert created["spec"]["runPolicy"]["suspend"] is True and "suspend" not in ptj["spec"]["runPolicy"]
+    pod = ptj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert pod["terminationGracePeriodSeconds"] == 300 and env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "295"
 
 
 def test_queue_label_and_priority_class():

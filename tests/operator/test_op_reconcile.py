@@ -18,7 +18,7 @@ from finetune_operator.status import SANDBOX_ABSENT, SANDBOX_ACTIVE, SANDBOX_EXP
 from finetune_operator.validation import Facts, Problem, validate
 from op_testdata import ROOT, job, minimal_spec
 
-CFG = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml")
+CFG = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml").model_copy(update={"allowedClusterQueues": ["q"]})
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 CPU = {"gpusPerWorker": 0, "nodePool": "cpu"}
 SECRET = {"data": {"AWS_ACCESS_KEY_ID": "eA==", "AWS_SECRET_ACCESS_KEY": "eQ=="}}
@@ -72,8 +72,30 @@ CASES = [
      (SANDBOX_ACTIVE, [], ["Secret"], False, None, False, False)),
     ("the Secret lost its opt-in: its copy goes", view(B, problems=[Problem("SecretNotOptedIn", "x")], namespace=ACTIVE_NS),
      (SANDBOX_ACTIVE, [], ["Secret"], False, None, False, True)),
-    ("steady state: idempotent apply", view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
-     (SANDBOX_ACTIVE, SANDBOX_KINDS + ["ConfigMap", "PyTorchJob"], [], False, None, False, False)),
+    ("steady state: the sandbox and config again, the run left to its controllers",
+     view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS + ["ConfigMap"], [], False, None, False, False)),
+    ("suspend toggled alone: patched",
+     view(body(runPolicy={"suspend": True}), namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS + ["ConfigMap"], [], False, True, False, False)),
+    ("resumed by the user: patched",
+     view(B, namespace=ACTIVE_NS, pytorchjob={**existing_run(B), "spec": {"runPolicy": {"suspend": True}}}),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS + ["ConfigMap"], [], False, False, False, False)),
+    ("queued run suspended by the user: left to Kueue (its Workload is deactivated)",
+     view(body(runPolicy={"queueName": "q", "suspend": True}), namespace=ACTIVE_NS,
+          pytorchjob=existing_run(body(runPolicy={"queueName": "q"}))),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS + ["LocalQueue", "ConfigMap"], [], False, None, False, False)),
+    ("queued run held by Kueue: suspend left to Kueue",
+     view(body(runPolicy={"queueName": "q"}), namespace=ACTIVE_NS,
+          pytorchjob={**existing_run(body(runPolicy={"queueName": "q"})), "spec": {"runPolicy": {"suspend": True}}}),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS + ["LocalQueue", "ConfigMap"], [], False, None, False, False)),
+    ("new queued job: a LocalQueue in the sandbox", view(body(runPolicy={"queueName": "q"})),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS + ["LocalQueue", "ConfigMap", "PyTorchJob"], [], False, None, False, False)),
+    ("held by the tenant's budget: nothing created, look again later",
+     view(B, hold=Problem("BudgetExhausted", "x")), (SANDBOX_ABSENT, [], [], False, None, True, False)),
+    ("held, with a sandbox from an earlier run: the sandbox kept, no run",
+     view(B, hold=Problem("RunningJobLimit", "x"), namespace=ACTIVE_NS),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS, [], False, None, True, False)),
     ("spec changed mid-run: reported, not applied", view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B, changed=True)),
      (SANDBOX_ACTIVE, SANDBOX_KINDS, [], True, None, False, False)),
     ("suspend toggled with another change: suspend still applied",
@@ -83,7 +105,7 @@ CASES = [
      view(body(runPolicy={"queueName": "q"}), namespace=ACTIVE_NS,
           pytorchjob={**existing_run(body(runPolicy={"queueName": "q"}), changed=True),
                       "spec": {"runPolicy": {"suspend": True}}}),
-     (SANDBOX_ACTIVE, SANDBOX_KINDS, [], True, None, False, False)),
+     (SANDBOX_ACTIVE, SANDBOX_KINDS + ["LocalQueue"], [], True, None, False, False)),
     ("new runId: old run deleted first", view(body(runId="2"), namespace=ACTIVE_NS, other_runs=[existing_run(B)]),
      (SANDBOX_ACTIVE, SANDBOX_KINDS, ["PyTorchJob", "ConfigMap"], False, None, True, False)),
     ("new runId: old pods still going", view(body(runId="2"), namespace=ACTIVE_NS, other_run_pods=2),
@@ -267,7 +289,10 @@ def test_kopf_wiring():
     ids = {str(h.id) for h in registry._changing.get_all_handlers()}
     assert {"create", "update/spec", "resume", "cleanup"} <= ids, ids
     timers = {str(h.id) for h in registry._spawning.get_all_handlers()}
-    assert timers == {"reconcile", "sweep"}, timers  # the jobs' timer and the sandboxes' sweep
+    # the jobs' timer, the sandboxes' sweep and the tenant policies' status
+    assert timers == {"reconcile", "sweep", "policy-status"}, timers
+    indexes = {str(h.id) for h in registry._indexing.get_all_handlers()}
+    assert indexes == {"namespace_labels", "tenant_policies", "job_summaries"}, indexes
     settings = kopf.OperatorSettings()
     configure_settings(settings)
     assert settings.persistence.finalizer == FINALIZER

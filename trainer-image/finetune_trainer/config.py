@@ -214,6 +214,10 @@ class Checkpoint(ApiModel):
     uri: S3Uri | None = Field(default=None, description="S3 prefix for checkpoints; output.uri + 'checkpoints/' when not set.")
     everySteps: int = Field(default=200, ge=1, le=10_000_000, description="Save a checkpoint every N optimizer steps.")
     keep: int = Field(default=3, ge=1, le=100, description="Keep the newest N complete checkpoints.")
+    preemptionGraceSeconds: int = Field(
+        default=120, ge=10, le=3600,
+        description="On preemption or eviction (SIGTERM) the trainer finishes its current step, saves a checkpoint "
+        "and exits; the pods' terminationGracePeriodSeconds. Allow one step plus one checkpoint save.")
 
 
 class Output(ApiModel):

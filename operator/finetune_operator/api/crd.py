@@ -1,9 +1,10 @@
-"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+"""Generate the CustomResourceDefinitions (FineTuneJob, TenantPolicy) from the pydantic models.
 
 pydantic emits JSON Schema (draft 2020-12); Kubernetes wants a *structural* OpenAPI v3 schema.
 The conversion:
 * `$ref`s are inlined (siblings of a `$ref`, such as a field's description or default, win);
-* `title` and `additionalProperties: false` are dropped (unknown fields are pruned by the server);
+* `title` and `additionalProperties: false` are dropped (unknown fields are pruned by the server); a
+  map's `additionalProperties: {schema}` stays;
 * `anyOf: [X, {type: null}]` becomes X, optional (not nullable: a null the user writes is pruned,
   so `has()` in CEL rules sees it as absent);
 * `anyOf: [{type: integer}, {type: string, ...}]` becomes `x-kubernetes-int-or-string` with the
@@ -11,23 +12,28 @@ The conversion:
 * draft-2020 numeric `exclusiveMinimum: n` becomes `minimum: n, exclusiveMinimum: true`;
 * `default: null` is dropped; model-level `x-kubernetes-validations` stay where they are.
 
-`python -m finetune_operator.api.crd [path]` writes the YAML (`make crds`).
+`python -m finetune_operator.api.crd [folder]` writes one YAML file per kind (`make crds`).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pydantic import BaseModel
+
+from finetune_operator.api import tenant
 from finetune_operator.api import types as t
 
 CRD_FILE = f"{t.GROUP}_{t.PLURAL}.yaml"
+TENANT_POLICY_CRD_FILE = f"{t.GROUP}_{tenant.PLURAL}.yaml"
 
-_DROP = {"title", "additionalProperties", "$defs", "discriminator"}
+_DROP = {"title", "$defs", "discriminator"}
 
 
 class SchemaError(ValueError):
@@ -63,13 +69,13 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             node = _int_or_string(node, [_convert(o, defs) for o in options])
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in _DROP:
+        if key in _DROP or (key == "additionalProperties" and not isinstance(value, dict)):
             continue
         if key == "default" and value is None:
             continue
         if key == "properties":
             out[key] = {name: _convert(prop, defs) for name, prop in value.items()}
-        elif key == "items":
+        elif key in ("items", "additionalProperties"):
             out[key] = _convert(value, defs)
         elif key == "exclusiveMinimum" and not isinstance(value, bool):
             out["minimum"] = value
@@ -105,9 +111,11 @@ def _int_or_string(node: dict[str, Any], options: list[dict[str, Any]]) -> dict[
     }
 
 
-def openapi_schema() -> dict[str, Any]:
-    """The structural OpenAPI v3 schema of a FineTuneJob."""
-    raw = t.FineTuneJob.model_json_schema(mode="validation")
+def openapi_schema(model: type[BaseModel] = t.FineTuneJob, kind: str = t.KIND,
+                   description: str = "FineTuneJob is one declarative, sandboxed, distributed LLM fine-tuning run.",
+                   ) -> dict[str, Any]:
+    """The structural OpenAPI v3 schema of a kind (its model has `spec` and `status`)."""
+    raw = model.model_json_schema(mode="validation")
     defs = raw.get("$defs", {})
     body = _convert(raw, defs)
     body.pop("description", None)
@@ -116,11 +124,11 @@ def openapi_schema() -> dict[str, Any]:
     status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
     return {
         "type": "object",
-        "description": "FineTuneJob is one declarative, sandboxed, distributed LLM fine-tuning run.",
+        "description": description,
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string", "description": "APIVersion of the object (finetune.dev/v1alpha1)."},
-            "kind": {"type": "string", "description": "Kind of the object (FineTuneJob)."},
+            "apiVersion": {"type": "string", "description": f"APIVersion of the object ({t.API_VERSION})."},
+            "kind": {"type": "string", "description": f"Kind of the object ({kind})."},
             "metadata": {"type": "object"},
             "spec": body["properties"]["spec"],
             "status": status,
@@ -150,26 +158,67 @@ PRINTER_COLUMNS = [
     {"name": "GPUs", "type": "integer", "jsonPath": ".spec.resources.gpusPerWorker", "priority": 1, "description": "GPUs per pod."},
     {"name": "Pool", "type": "string", "jsonPath": ".spec.resources.nodePool", "priority": 1, "description": "Node pool."},
     {"name": "Sandbox", "type": "string", "jsonPath": ".status.sandboxNamespace", "priority": 1, "description": "Sandbox namespace."},
+    {"name": "Policy", "type": "string", "jsonPath": ".status.tenantPolicy", "priority": 1, "description": "Governing TenantPolicy."},
+    {"name": "Queue", "type": "string", "jsonPath": ".status.queue.clusterQueue", "priority": 1, "description": "Kueue ClusterQueue."},
+    {"name": "Kueue", "type": "string", "jsonPath": ".status.queue.reason", "priority": 1, "description": "Kueue's state of the run."},
+    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions", "priority": 1, "description": "Times Kueue preempted the run."},
 ]
 
 
-def build_crd() -> dict[str, Any]:
+TENANT_POLICY_PRINTER_COLUMNS = [
+    {"name": "Namespaces", "type": "string", "jsonPath": ".status.namespaces", "description": "Tenant namespaces governed."},
+    {"name": "Running", "type": "integer", "jsonPath": ".status.runningJobs", "description": "Jobs with a run that has not finished."},
+    {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpusInUse", "description": "GPUs requested by running jobs."},
+    {"name": "GPU-Hours", "type": "number", "jsonPath": ".status.usage.gpuHours", "description": "GPU-hours used this period."},
+    {"name": "Budget", "type": "number", "jsonPath": ".spec.budget.gpuHours", "description": "GPU-hours per period."},
+    {"name": "Exhausted", "type": "boolean", "jsonPath": ".status.usage.budgetExhausted", "description": "New runs wait."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Queues", "type": "string", "jsonPath": ".spec.kueue.clusterQueues", "priority": 1, "description": "Kueue ClusterQueues."},
+    {"name": "Period", "type": "string", "jsonPath": ".spec.budget.period", "priority": 1, "description": "Budget period."},
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    scope: str
+    model: type[BaseModel]
+    description: str
+    printer_columns: list[dict[str, Any]]
+    file: str
+
+
+FINETUNE_JOB = Kind(t.KIND, t.PLURAL, t.SINGULAR, tuple(t.SHORT_NAMES), "Namespaced", t.FineTuneJob,
+                    "FineTuneJob is one declarative, sandboxed, distributed LLM fine-tuning run.", PRINTER_COLUMNS,
+                    CRD_FILE)
+TENANT_POLICY = Kind(tenant.KIND, tenant.PLURAL, tenant.SINGULAR, tuple(tenant.SHORT_NAMES), "Cluster",
+                     tenant.TenantPolicy,
+                     "TenantPolicy is what a platform team allows the FineTuneJobs of the tenant namespaces it "
+                     "selects: pools, images, priorities, storage, ceilings, queues and a GPU-hour budget.",
+                     TENANT_POLICY_PRINTER_COLUMNS, TENANT_POLICY_CRD_FILE)
+KINDS = (FINETUNE_JOB, TENANT_POLICY)
+
+
+def build_crd(kind: Kind = FINETUNE_JOB) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{t.PLURAL}.{t.GROUP}",
+            "name": f"{kind.plural}.{t.GROUP}",
             "labels": {"app.kubernetes.io/name": "finetune-operator", "app.kubernetes.io/part-of": "finetune-operator"},
         },
         "spec": {
             "group": t.GROUP,
-            "scope": "Namespaced",
+            "scope": kind.scope,
             "names": {
-                "kind": t.KIND,
-                "listKind": f"{t.KIND}List",
-                "plural": t.PLURAL,
-                "singular": t.SINGULAR,
-                "shortNames": list(t.SHORT_NAMES),
+                "kind": kind.kind,
+                "listKind": f"{kind.kind}List",
+                "plural": kind.plural,
+                "singular": kind.singular,
+                "shortNames": list(kind.short_names),
                 "categories": list(t.CATEGORIES),
             },
             "versions": [
@@ -178,8 +227,8 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "additionalPrinterColumns": kind.printer_columns,
+                    "schema": {"openAPIV3Schema": openapi_schema(kind.model, kind.kind, kind.description)},
                 }
             ],
         },
@@ -189,15 +238,16 @@ def build_crd() -> dict[str, Any]:
 HEADER = "# Generated by `make crds` from finetune_operator.api.types -- do not edit by hand.\n"
 
 
-def render_crd_yaml() -> str:
-    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+def render_crd_yaml(kind: Kind = FINETUNE_JOB) -> str:
+    return HEADER + yaml.safe_dump(build_crd(kind), sort_keys=False, width=120)
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[1]) if len(argv) > 1 else Path("crds") / CRD_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_crd_yaml())
-    print(f"wrote {out}")
+    folder = Path(argv[1]) if len(argv) > 1 else Path("crds")
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind in KINDS:
+        (folder / kind.file).write_text(render_crd_yaml(kind))
+        print(f"wrote {folder / kind.file}")
     return 0
 
 

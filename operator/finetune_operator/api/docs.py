@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.api.crd import openapi_schema
+from finetune_operator.api.crd import TENANT_POLICY, openapi_schema
 
 BEGIN = "<!-- BEGIN GENERATED FIELD REFERENCE (make crds) -->"
 END = "<!-- END GENERATED FIELD REFERENCE -->"
@@ -44,7 +44,7 @@ def _tables(node: dict[str, Any], path: str, out: list[str]) -> None:
         return
     required = set(node.get("required") or [])
     out.append(f"### `{path}`\n")
-    if node.get("description") and path not in (".spec", ".status"):
+    if node.get("description") and not path.endswith((".spec", ".status")):
         out.append(_cell(node["description"]) + "\n")
     out.append("| field | type | default | description |")
     out.append("| --- | --- | --- | --- |")
@@ -69,6 +69,11 @@ def field_reference() -> str:
     out: list[str] = []
     _tables(schema["properties"]["spec"], ".spec", out)
     _tables(schema["properties"]["status"], ".status", out)
+    policy = openapi_schema(TENANT_POLICY.model, TENANT_POLICY.kind, TENANT_POLICY.description)
+    out.append(f"## {TENANT_POLICY.kind} (cluster-scoped)\n")
+    out.append(TENANT_POLICY.description + " Written by platform admins; see docs/operations.md, \"Tenants\".\n")
+    _tables(policy["properties"]["spec"], "TenantPolicy .spec", out)
+    _tables(policy["properties"]["status"], "TenantPolicy .status", out)
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -120,7 +120,9 @@ class RunPolicy(ApiModel):
     )
     queueName: str = Field(
         default="", max_length=63,
-        description="Kueue LocalQueue name (label kueue.x-k8s.io/queue-name on the PyTorchJob); empty means none.",
+        description="Kueue ClusterQueue of the run: one the tenant's TenantPolicy lists (kueue.clusterQueues; "
+        "empty: its first) or, without a policy, one of the operator's allowedClusterQueues (empty: none). The "
+        "operator creates a LocalQueue of that name in the sandbox.",
     )
     priorityClassName: str = Field(default="", max_length=253,
                                    description="PriorityClass of the training pods: one the operator allows "
@@ -274,6 +276,14 @@ class OutputStatus(StatusModel):
     mergedUri: str | None = Field(default=None, description="S3 prefix of the merged model (output.merge).")
 
 
+class QueueStatus(StatusModel):
+    clusterQueue: str = Field(default="", description="Kueue ClusterQueue the run queues in.")
+    workload: str = Field(default="", description="Kueue Workload of the run (in the sandbox namespace).")
+    admitted: bool = Field(default=False, description="Kueue admitted the run (it may have pods).")
+    reason: str = Field(default="", description="Kueue's reason for the run's state (Pending, Admitted, Preempted, ...).")
+    message: str = Field(default="", max_length=4096, description="Kueue's message, such as which quota is short.")
+
+
 class FineTuneJobStatus(StatusModel):
     """Observed state; the conditions are the truth, phase is a summary for humans."""
 
@@ -291,6 +301,9 @@ class FineTuneJobStatus(StatusModel):
     checkpoints: list[CheckpointStatus] = Field(default_factory=list, max_length=100, description="Complete checkpoints, oldest first.")
     latestCheckpoint: str | None = Field(default=None, description="S3 prefix of the newest complete checkpoint.")
     resumedFromStep: int | None = Field(default=None, description="Step the run resumed from after a restart (0: fresh start).")
+    preemptions: int = Field(default=0, description="Times Kueue preempted the run (it resumed from its latest checkpoint).")
+    queue: QueueStatus | None = Field(default=None, description="What Kueue says about the run (runs with a queue).")
+    tenantPolicy: str | None = Field(default=None, description="The TenantPolicy governing the job's namespace.")
     evaluation: EvaluationStatus | None = Field(default=None, description="Perplexity of the base and the tuned model.")
     output: OutputStatus | None = Field(default=None, description="Where the results were written.")
 

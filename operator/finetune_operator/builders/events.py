@@ -23,6 +23,9 @@ NOTABLE = {
 
 
 WARNING_REASONS = {"ProgressStalled"}  # a notable transition that is bad news despite its condition
+# Running=False reasons worth an event of their own: the run waits (its tenant's budget or running-job
+# limit, Kueue) or was preempted.
+NOTABLE_WAITS = {"BudgetExhausted": WARNING, "RunningJobLimit": NORMAL, "Queued": NORMAL, "Preempted": WARNING}
 
 
 def transition_events(old_status: dict[str, Any], new_status: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -31,6 +34,8 @@ def transition_events(old_status: dict[str, Any], new_status: dict[str, Any]) ->
     out = []
     for c in new_status.get("conditions") or []:
         notable = NOTABLE.get((c["type"], c["status"]))
+        if notable is None and c["type"] == "Running" and c.get("reason") in NOTABLE_WAITS:
+            notable = (NOTABLE_WAITS[c["reason"]], c["reason"])
         if notable and before.get(c["type"]) != (c["status"], c.get("reason")):
             event_type, default_reason = notable
             if c.get("reason") in WARNING_REASONS:

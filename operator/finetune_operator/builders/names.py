@@ -18,6 +18,11 @@ LABEL_JOB_UID = "finetune.dev/job-uid"
 LABEL_RUN_ID = "finetune.dev/run-id"
 ANNOTATION_SPEC_HASH = "finetune.dev/spec-hash"
 ANNOTATION_JOB = "finetune.dev/job"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# The freshness of a run's newest checkpoint, on its PyTorchJob and Kueue Workload: what a queueing
+# system (or an admin) reads to prefer, among preemption victims, the runs that lose the least work.
+ANNOTATION_CHECKPOINT_STEP = "finetune.dev/checkpoint-step"
+ANNOTATION_CHECKPOINT_TIME = "finetune.dev/checkpoint-time"
 
 SERVICE_ACCOUNT = "trainer"
 CREDENTIALS_SECRET = "s3-credentials"

@@ -16,6 +16,7 @@ from finetune_operator.config import OperatorConfig
 from finetune_trainer.config import JobIdentity, Runtime, Storage, TrainerConfig
 
 MASTER_PORT = 23456
+SHUTDOWN_MARGIN_SECONDS = 5
 CONTAINER_NAME = "pytorch"  # the name the training-operator looks for
 
 
@@ -85,6 +86,10 @@ def _container(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
             {"name": "AWS_EC2_METADATA_DISABLED", "value": "true"},
             {"name": "FINETUNE_NPROC_PER_NODE", "value": str(procs_per_pod(job))},
             {"name": "FINETUNE_TRAINER_METRICS_PORT", "value": str(cfg.trainerMetricsPort)},
+            # torchrun gives the ranks 30 s after SIGTERM, then SIGKILL: a checkpoint on preemption
+            # gets the pod's grace period instead, less a margin for torchrun and the launcher to exit.
+            {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+             "value": str(max(job.spec.checkpoint.preemptionGraceSeconds - SHUTDOWN_MARGIN_SECONDS, 1))},
         ],
         "envFrom": [{"secretRef": {"name": n.CREDENTIALS_SECRET}}],
         "ports": [
@@ -110,6 +115,8 @@ def _container(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
 def _pod_template(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
     _, pool = resolve_pool(job, cfg)
     pod: dict[str, Any] = {
+        # On preemption or eviction the trainer finishes its step and saves a checkpoint in this time.
+        "terminationGracePeriodSeconds": job.spec.checkpoint.preemptionGraceSeconds,
         "serviceAccountName": n.SERVICE_ACCOUNT,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -141,17 +148,25 @@ def _replica(job: n.JobRef, cfg: OperatorConfig, replicas: int) -> dict[str, Any
 
 
 def owns_suspend(job: n.JobRef) -> bool:
-    """Whether the operator sets runPolicy.suspend. With a Kueue queue, Kueue suspends the job until
-    it is admitted and then resumes it: the operator only asks for suspension (the user's
-    runPolicy.suspend: true) and otherwise leaves the field to Kueue."""
-    return job.spec.runPolicy.suspend or not job.spec.runPolicy.queueName
+    """Whether the operator sets runPolicy.suspend. With a Kueue queue the field is Kueue's: it
+    suspends the job until admitted, to preempt it, and resumes it; the user's runPolicy.suspend
+    deactivates the run's Workload instead (kueue.activation_patch)."""
+    return not job.spec.runPolicy.queueName
+
+
+def suspended_for_creation(ptj: dict[str, Any]) -> dict[str, Any]:
+    """A queued PyTorchJob as first created: suspended, so that no pod starts before Kueue admits it.
+    It is created (not applied) this way: the suspend field then belongs to no apply of the operator,
+    and Kueue takes it over when it admits, evicts or preempts the run."""
+    run_policy = {**ptj["spec"]["runPolicy"], "suspend": True}
+    return {**ptj, "spec": {**ptj["spec"], "runPolicy": run_policy}}
 
 
 def pytorch_job(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
     spec = job.spec
     meta = _run_meta(job, cfg, n.pytorchjob_name(spec.runId))
     if spec.runPolicy.queueName:
-        meta["labels"]["kueue.x-k8s.io/queue-name"] = spec.runPolicy.queueName
+        meta["labels"][n.LABEL_KUEUE_QUEUE] = spec.runPolicy.queueName
     run_policy: dict[str, Any] = {
         "backoffLimit": spec.runPolicy.backoffLimit,
         "cleanPodPolicy": "None",  # keep finished pods for their logs; the sandbox goes as a whole

@@ -170,6 +170,18 @@ def credentials_secret(job: n.JobRef, cfg: OperatorConfig, tenant_secret_data: d
     }
 
 
+def local_queue(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+    """The Kueue LocalQueue of the sandbox: named after the ClusterQueue it feeds (the tenant's, resolved
+    against its TenantPolicy), so the PyTorchJob's queue-name label says where the run queues."""
+    queue = job.spec.runPolicy.queueName
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "LocalQueue",
+        "metadata": object_meta(job, cfg, queue),
+        "spec": {"clusterQueue": queue},
+    }
+
+
 def sandbox_objects(job: n.JobRef, cfg: OperatorConfig, tenant_secret_data: dict[str, str]) -> list[dict[str, Any]]:
     """Everything of the sandbox except the run, in apply order (the namespace first)."""
     return [
@@ -179,4 +191,5 @@ def sandbox_objects(job: n.JobRef, cfg: OperatorConfig, tenant_secret_data: dict
         limit_range(job, cfg),
         service_account(job, cfg),
         credentials_secret(job, cfg, tenant_secret_data),
+        *([local_queue(job, cfg)] if job.spec.runPolicy.queueName else []),
     ]
