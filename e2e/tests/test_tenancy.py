@@ -9,6 +9,7 @@ unique to the test run and are deleted at the end of each test.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
@@ -154,8 +155,17 @@ def test_a_gpu_hour_budget_counts_usage_holds_new_runs_and_survives_deletion(kub
     spent = wait_phase(kube, namespace, "spender", "Succeeded", timeout=120)
     assert spent["gpuSeconds"] >= 8 * 14, spent
 
-    usage = wait_policy(kube, name, lambda s: s["usage"].get("budgetExhausted"), "budget exhausted")["usage"]
-    assert usage["gpuSeconds"] >= 8 * 14 and usage["gpuHours"] >= 0.02
+    usage = wait_policy(kube, name, lambda s: s["usage"].get("gpuSeconds", 0) >= spent["gpuSeconds"],
+                        "the job's GPU-seconds counted")["usage"]
+    assert usage["budgetExhausted"] and usage["gpuHours"] >= 0.02
+
+    # An operator restart neither loses nor counts again what was used (the ledger is in the status).
+    time.sleep(2 * cfg.reconcileIntervalSeconds)  # the finished job's last GPU-seconds are counted
+    before = policy_status(kube, name)["usage"]["gpuSeconds"]
+    operator.kill()
+    operator.up()
+    time.sleep(3 * cfg.reconcileIntervalSeconds)  # passes of the restarted operator over the policy
+    assert policy_status(kube, name)["usage"]["gpuSeconds"] == before
     kube.apply(gpu_job("waiting"), namespace=namespace)
     held = wait_status(kube, namespace, "waiting", lambda s: running_reason(s) == "BudgetExhausted", "held")
     assert held["phase"] == "Queued" and "GPU-hours this day" in conditions(held)["Running"]["message"]
@@ -197,7 +207,8 @@ def test_two_tenants_share_gpus_through_kueue_borrow_and_reclaim(kube, operator,
                     policy(f"b-{suffix}", f"b-{suffix}", nodePools=["a100"], kueue={"clusterQueues": [cq_b]}))
 
     kube.apply(credentials(), gpu_job("a1"), gpu_job("a2"), gpu_job("a3"), namespace=ns_a)
-    for job, seconds in (("a1", "40s"), ("a2", "40s"), ("a3", "10s")):
+    # a1 and a2 run long enough for a3's wait (and a preemption) to be seen through the operator's passes.
+    for job, seconds in (("a1", "90s"), ("a2", "90s"), ("a3", "10s")):
         sandbox = sandbox_of(kube, cfg, ns_a, job)
         ptj = _wait_for(lambda: get_or_none(kube, "pytorchjob", n.pytorchjob_name("1"), sandbox), 60, f"{job}'s run")
         assert ptj["spec"]["runPolicy"]["suspend"] is True  # created suspended, left to Kueue
@@ -210,13 +221,20 @@ def test_two_tenants_share_gpus_through_kueue_borrow_and_reclaim(kube, operator,
 
     held_a["spec"]["stopPolicy"] = "None"
     kube.apply(held_a)
-    running = {job: wait_phase(kube, ns_a, job, "Running", timeout=60) for job in ("a1", "a2")}
-    assert all(s["queue"]["admitted"] for s in running.values())
     # Kueue's own words: the cohort's 16 GPUs are in use ("insufficient unused quota for ... in flavor ...")
-    waiting = wait_status(kube, ns_a, "a3", lambda s: "insufficient" in s.get("queue", {}).get("message", ""),
-                          "Kueue's reason")
+    def a3_waits():
+        s = status_of(kube, ns_a, "a3")
+        return s if s.get("queue", {}).get("reason") == "Pending" and "quota" in s["queue"].get("message", "") else None
+
+    try:
+        waiting = _wait_for(a3_waits, 90, "a3 waiting with Kueue's reason")
+    except AssertionError as exc:
+        states = {j: (status_of(kube, ns_a, j).get("phase"), status_of(kube, ns_a, j).get("queue")) for j in ("a1", "a2", "a3")}
+        raise AssertionError(f"{exc}; the jobs: {states}") from None
     assert waiting["phase"] == "Queued" and running_reason(waiting) == "Queued"
     assert f"quota for {GPU} in flavor {flavor}" in conditions(waiting)["Running"]["message"], waiting
+    running = {job: wait_phase(kube, ns_a, job, "Running", timeout=60) for job in ("a1", "a2")}
+    assert all(s["queue"]["admitted"] for s in running.values())
     cohort_usage = kube.get("clusterqueue", cq_a)["status"]["flavorsUsage"][0]["resources"]
     assert {r["name"]: r.get("borrowed") for r in cohort_usage}[GPU] == "8"  # A borrows B's idle GPUs
 
