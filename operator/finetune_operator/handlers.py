@@ -83,8 +83,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
         return {name: dict(labels)}
 
     @kopf.index(t.GROUP, t.VERSION, tenant.PLURAL, registry=registry, id="tenant_policies")
-    def tenant_policies(name: str, body: kopf.Body, **_: Any) -> dict[str, dict[str, Any]]:
-        return {name: plain(body)}
+    def tenant_policies(name: str, body: kopf.Body, **_: Any) -> dict[str, tenancy.Policy]:
+        return {name: tenancy.Policy.from_body(plain(body))}  # parsed once per change, not once per pass
 
     @kopf.index(**resource, id="job_summaries")
     def job_summaries(namespace: str, body: kopf.Body, **_: Any) -> dict[str, tenancy.JobSummary]:
@@ -92,7 +92,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
 
     def snapshot(kwargs: dict[str, Any]) -> tenancy.Tenancy:
         return tenancy.Tenancy(
-            policies=[tenancy.Policy.from_body(b) for store in kwargs["tenant_policies"].values() for b in store],
+            policies=[policy for store in kwargs["tenant_policies"].values() for policy in store],
             namespace_labels={ns: next(iter(store)) for ns, store in kwargs["namespace_labels"].items() if store},
             jobs=[job for store in kwargs["job_summaries"].values() for job in store],
         )

@@ -43,7 +43,7 @@ def test_tenant_policy_crd_is_cluster_scoped_with_structural_maps_and_lists():
     schema = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     selector = schema["properties"]["namespaceSelector"]
     # a map keeps its value schema (else the API server would prune every label)
-    assert selector["properties"]["matchLabels"]["additionalProperties"] == {"type": "string"}
+    assert selector["properties"]["matchLabels"]["additionalProperties"] == {"type": "string", "maxLength": 63}
     for name, node in walk(schema):
         if node.get("type") == "array":
             assert node["items"].get("type"), f"{name}: list items need a type in a structural schema"

@@ -27,6 +27,7 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 # An s3:// location pattern: `*` matches any run of characters but `/` (s3://team-a-*/models/*).
 URI_PATTERN_PATTERN = r"^s3://[a-z0-9*][-a-z0-9.*]*(/[^\s]*)?$"
 Name = Annotated[str, Field(max_length=253)]
+LabelValue = Annotated[str, Field(max_length=63)]
 PoolName = Annotated[str, Field(max_length=63)]
 Origin = Annotated[str, Field(max_length=512)]
 UriPattern = Annotated[str, Field(max_length=1024, pattern=URI_PATTERN_PATTERN)]
@@ -37,7 +38,7 @@ class LabelSelectorRequirement(ApiModel):
     key: str = Field(max_length=317, description="The label key the requirement applies to.")
     operator: str = Field(description="In, NotIn, Exists or DoesNotExist.",
                           json_schema_extra={"enum": ["In", "NotIn", "Exists", "DoesNotExist"]})
-    values: list[str] = Field(default_factory=list, max_length=MAX_LIST,
+    values: list[LabelValue] = Field(default_factory=list, max_length=MAX_LIST,
                               description="Values for In and NotIn; empty for Exists and DoesNotExist.")
 
 
@@ -50,7 +51,7 @@ class LabelSelector(ApiModel):
          "namespaceSelector: set matchLabels or matchExpressions (an empty selector would select every namespace)"),
     ))
 
-    matchLabels: dict[str, str] = Field(default_factory=dict, max_length=MAX_LIST,
+    matchLabels: dict[str, LabelValue] = Field(default_factory=dict, max_length=MAX_LIST,
                                         description="Labels a namespace must carry with these values.")
     matchExpressions: list[LabelSelectorRequirement] = Field(
         default_factory=list, max_length=MAX_LIST, description="Set-based requirements on namespace labels.")
