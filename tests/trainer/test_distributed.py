@@ -52,3 +52,22 @@ def test_two_processes_train_checkpoint_and_finish(name, distributed, storage, m
     assert result["succeeded"] is True and result["mergedUri"]
     prefix = cfg.checkpoint_prefix(None, config.output.uri, "1")
     assert [step for step, _ in complete_checkpoints(storage, prefix)] == [4, 8]
+
+
+@pytest.mark.slow
+def test_zero3_carries_the_model_from_one_stage_to_the_next(storage, model_bucket, bucket, s3_endpoint, tmp_path):
+    """DeepSpeed is initialised once per stage on the module the previous stage trained (ZeRO-3
+    partitions it): the second stage must start from the first one's weights and finish."""
+    sft = upload_dataset(storage, bucket, "chat", "chat", 24)
+    prefs = upload_dataset(storage, bucket, "preference", "preference", 24)
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [], distributed={"engine": "deepspeed", "zeroStage": 3},
+                         stages=[{"name": "sft", "datasets": [sft], "objective": "sft"},
+                                 {"name": "dpo", "datasets": [prefs], "objective": "dpo"}],
+                         hyperparameters={"maxSteps": 3, "batchSize": 2, "learningRate": 1e-2})
+    done = torchrun(config, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    steps = [json.loads(l) for l in done.stdout.splitlines() if l.startswith('{"event": "step"')]
+    assert [(s["stage"], s["stageStep"]) for s in steps] == [("sft", 1), ("sft", 2), ("sft", 3), ("dpo", 1), ("dpo", 2), ("dpo", 3)]
+    assert all(set(s["metrics"]) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
+               for s in steps if s["stage"] == "dpo")
+    assert storage.get_json(cfg.result_uri(config.output.uri, "1"))["succeeded"] is True

@@ -13,6 +13,7 @@ from finetune_trainer import config as cfg
 from finetune_trainer import exit_codes
 from finetune_trainer.checkpoint import complete_checkpoints
 from finetune_trainer.run import execute
+from finetune_trainer.testing import tiny
 
 
 def test_run_writes_report_progress_evaluation_outputs_and_result_last(storage, model_bucket, bucket, s3_endpoint,
@@ -179,12 +180,33 @@ def test_a_finished_run_is_not_run_again(storage, model_bucket, bucket, s3_endpo
     assert again.exit_code == 0 and again.losses == {} and again.result.succeeded
 
 
+def held_out_rows(n: int, leaked: list[dict]) -> list[dict]:
+    """n instruction rows unlike the training rows, then the leaked ones (copies with a sentence added)."""
+    rows = [{"instruction": f"Summarise note {i} about {topic}.", "output": f"Note {i} says the {topic} is fine today."}
+            for i, topic in zip(range(n), ["disk", "queue", "cache", "proxy", "kernel", "index"] * n)]
+    return rows + [{**row, "output": row["output"] + " Indeed."} for row in leaked]
+
+
 def test_result_json_is_a_run_result(storage, model_bucket, bucket, s3_endpoint, tmp_path):
     ds = upload_dataset(storage, bucket, "instruction", "instruction", 20)
-    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], validation={"uri": ds["uri"]},
+    training_rows = tiny.sample_rows("instruction", 20)
+    validation = tiny.upload_rows(storage, f"{bucket}data/held-out.jsonl", held_out_rows(6, training_rows[:3]))
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], validation={"uri": validation},
                          hyperparameters={"maxSteps": 2})
     assert execute(config, tmp_path).exit_code == 0
     document = json.loads(storage.get_bytes(cfg.result_uri(config.output.uri, "1")))
     assert set(document) == set(cfg.RunResult.model_fields)
     report = storage.get_json(cfg.data_report_uri(config.output.uri, "1"))["stages"]["main"]
-    assert report["validation"]["rowsKept"] == 20 and report["validationSequences"] == 20
+    assert report["validation"]["rowsKept"] == 6 and report["validationSequences"] == 6
+    assert report["validation"]["overlap"] | {"largestSharedFraction": None} == {
+        "rowsChecked": 9, "rowsOverlapping": 3, "rowsDropped": 3, "largestSharedFraction": None, "dropFraction": 0.5,
+        "gramWords": 8, "sampling": 1}
+
+
+def test_a_held_out_set_that_is_the_training_set_is_refused(storage, model_bucket, bucket, s3_endpoint, tmp_path):
+    ds = upload_dataset(storage, bucket, "instruction", "instruction", 20)
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], validation={"uri": ds["uri"]},
+                         hyperparameters={"maxSteps": 2})
+    summary = execute(config, tmp_path)
+    assert summary.exit_code == exit_codes.INVALID_DATA
+    assert "all 20 validation rows share at least 50% of their word 8-grams with training rows" in summary.result.message

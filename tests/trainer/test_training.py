@@ -83,10 +83,13 @@ def test_dpo_loss_starts_at_log_two():
 
     from finetune_trainer.data.tokenize import PreferencePair
 
-    items = [PreferencePair([1, 2], [3, 4], [5], reference=(2 * -math.log(7), -math.log(7)))]
+    items = [PreferencePair([1, 2], [3, 4], [5], reference=(2 * -math.log(7), -math.log(7)))] * 3
     batch = dpo.collate(items, pad_id=0)
-    loss = dpo.loss(Constant(), batch, cfg.Hyperparameters())
-    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    loss, metrics = dpo.loss(Constant(), batch, cfg.Hyperparameters())
+    assert dpo.pairs(batch) == 3
+    assert loss.item() / 3 == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics == pytest.approx({"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/accuracies": 0.0,
+                                     "rewards/margins": 0.0}, abs=1e-6)
 
 
 def test_second_architecture_qwen2_trains(storage, model_bucket, bucket, s3_endpoint, tmp_path):

@@ -1,8 +1,10 @@
 """Training engines: torch DDP or DeepSpeed ZeRO, behind one small interface.
 
 The training loop calls, per micro-batch: `accumulating(boundary)`, `backward(loss)`, and at a
-boundary `step()`. `save(dir)` / `load(dir)` write and read model (trainable part), optimizer
-and scheduler state in the engine's own format; both are collective.
+boundary `step()`. The loss it hands to `backward` is already normalised for the whole optimizer
+step (over its micro-batches and ranks, see train.py), so neither engine scales it by the
+accumulation steps. `save(dir)` / `load(dir)` write and read model (trainable part), optimizer,
+scheduler (and fp16 loss-scaler) state in the engine's own format; both are collective.
 """
 
 from __future__ import annotations
@@ -21,9 +23,27 @@ def trainable_state(module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
 
 
+def no_decay_names(module) -> set[str]:
+    """Biases and the weights of normalisation layers: like the Hugging Face Trainer, no weight decay on them."""
+    names = set()
+    for module_name, child in module.named_modules():
+        is_norm = isinstance(child, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or "norm" in type(child).__name__.lower()
+        for name, _ in child.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            if is_norm or name == "bias" or name.endswith("_bias"):
+                names.add(full)
+    return names
+
+
 def make_optimizer(module, hyperparameters):
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    return torch.optim.AdamW(parameters, lr=hyperparameters.learningRate, weight_decay=hyperparameters.weightDecay)
+    excluded = no_decay_names(module)
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if name in excluded else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": hyperparameters.weightDecay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=hyperparameters.learningRate)
 
 
 def make_scheduler(optimizer, hyperparameters, total_steps: int):
@@ -40,7 +60,6 @@ class DDPEngine:
         self.module = module.to(ctx.device)
         self.ctx = ctx
         self.max_grad_norm = hyperparameters.maxGradNorm
-        self.accumulation = hyperparameters.gradientAccumulationSteps
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         if ctx.world_size > 1:
@@ -64,7 +83,6 @@ class DDPEngine:
         return self.model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.accumulation
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def after_backward(self, boundary: bool) -> None:
@@ -76,12 +94,16 @@ class DDPEngine:
             self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
+        stepped = True
         if self.scaler:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # a lowered scale means inf/nan gradients: step skipped
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        if stepped:  # as the Hugging Face Trainer: the schedule does not advance on a skipped step
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def learning_rate(self) -> float:
@@ -90,7 +112,8 @@ class DDPEngine:
     def save(self, directory: Path) -> None:
         if self.ctx.is_main:
             torch.save({"model": trainable_state(self.module), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict()}, directory / STATE_FILE)
+                        "scheduler": self.scheduler.state_dict(),
+                        "scaler": self.scaler.state_dict() if self.scaler else None}, directory / STATE_FILE)
 
     def load(self, directory: Path) -> None:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
@@ -100,6 +123,8 @@ class DDPEngine:
         self.module.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     @contextlib.contextmanager
     def full_parameters(self):
@@ -150,7 +175,7 @@ class DeepSpeedEngine:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.model.backward(loss)
+        self.model.backward(loss, scale_wrt_gas=False)  # the loop normalised it over the whole step
 
     def after_backward(self, boundary: bool) -> None:
         self.model.step()  # DeepSpeed counts micro-batches and steps the optimizer at boundaries itself

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 
 import torch
 
@@ -16,10 +17,11 @@ def batches_to_device(batch: dict, device: torch.device) -> dict:
 
 def perplexity(model, items: list, eval_collate, pad_id: int, batch_size: int, ctx: DistContext,
                max_samples: int, autocast=contextlib.nullcontext) -> float | None:
-    """exp(mean token NLL) over the first max_samples validation items; None when there are none."""
+    """exp(mean token NLL) over max_samples validation items; None when there are none. The items
+    are a seeded shuffle of the validation set, so with several datasets each is represented."""
     from .objectives.common import token_nll
 
-    items = items[:max_samples]
+    items = sample(items, max_samples)
     if not items:
         return None
     indices = shard(len(items), ctx.rank, ctx.world_size)
@@ -41,6 +43,15 @@ def perplexity(model, items: list, eval_collate, pad_id: int, batch_size: int, c
     if token_count == 0:
         return None
     return math.exp(min(nll_sum / token_count, 700.0))
+
+
+def sample(items: list, max_samples: int, seed: int = 0) -> list:
+    """max_samples items drawn without replacement in a fixed order (every rank and restart agrees)."""
+    if len(items) <= max_samples:
+        return list(items)
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in sorted(order[:max_samples])]
 
 
 def gate(base: float | None, tuned: float | None, max_ratio: float | None) -> tuple[float | None, bool]:

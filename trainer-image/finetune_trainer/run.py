@@ -149,6 +149,7 @@ class Run:
         resume_state = self.storage.get_json(join(latest[1], TRAINER_STATE)) if latest else None
         resumed_from = latest[0] if latest else 0
         if latest:
+            check_same_world_size(self.storage, latest[1], ctx.world_size)
             events.emit("resume", checkpoint=latest[1], step=latest[0])
         base_perplexity = resume_state.get("basePerplexity") if resume_state else None
         losses: dict[str, list[float]] = dict(resume_state.get("losses", {})) if resume_state else {}
@@ -159,6 +160,8 @@ class Run:
             if resume_state and index < resume_state["stage"]:
                 continue
             objective = objectives.get(plan.objective)
+            if objective.needs_reference:
+                disable_dropout(model if engine is None else engine.module)
             engine = engines.create(model if engine is None else engine.module, plan.hyperparameters, plan.total_steps,
                                     ctx, config.distributed)
             resuming_here = bool(resume_state) and index == resume_state["stage"]
@@ -167,7 +170,7 @@ class Run:
                 checkpoints.restore(latest[1], engine)
                 start_step = resume_state["stageStep"]
                 if resume_state.get("reference") is not None:
-                    for item, ref in zip(plan.data.train, resume_state["reference"]):
+                    for item, ref in zip(plan.data.rows(), resume_state["reference"]):
                         item.reference = tuple(ref)
             else:
                 if index == 0 and config.evaluation.compareToBase and base_perplexity is None:
@@ -177,8 +180,12 @@ class Run:
                 if objective.needs_reference:
                     from .objectives.dpo import pair_log_probs
 
-                    attach_reference_log_probs(engine.module, plan.data.train, objective.collate, pair_log_probs, pad_id,
-                                               plan.hyperparameters.batchSize, ctx)
+                    # Virtual tokens start random: before any training the reference is the base model (as TRL's
+                    # disabled adapter), not the base with random virtual tokens.
+                    untrained_virtual_tokens = index == 0 and config.method.type in ("prefix", "prompt")
+                    with engine.module.disable_adapter() if untrained_virtual_tokens else _nothing():
+                        attach_reference_log_probs(engine.module, plan.data.rows(), objective.collate, pair_log_probs,
+                                                   pad_id, plan.hyperparameters.batchSize, ctx, engine.autocast)
             stage_losses = losses.setdefault(plan.name, [])
             throughput = Throughput()
             self.reporter.update(stage=plan.name, totalSteps=grand_total, resumedFromStep=resumed_from,
@@ -187,7 +194,7 @@ class Run:
                                                  plan.hyperparameters.gradientAccumulationSteps)
 
             def trainer_state(stage_step: int) -> dict:
-                reference = [list(i.reference) for i in plan.data.train] if objective.needs_reference else None
+                reference = [list(i.reference) for i in plan.data.rows()] if objective.needs_reference else None
                 return {"stage": index, "stageName": plan.name, "stageStep": stage_step,
                         "globalStep": plan.first_global_step + stage_step, "basePerplexity": base_perplexity,
                         "losses": losses, "reference": reference}
@@ -199,7 +206,8 @@ class Run:
                 rate = throughput.rate()
                 seconds_per_step = report.tokens / rate if rate else None
                 events.emit("step", stage=plan.name, step=global_step, stageStep=report.step, loss=report.loss,
-                            learningRate=report.learning_rate, tokens=report.tokens, seconds=round(report.seconds, 4))
+                            learningRate=report.learning_rate, tokens=report.tokens, seconds=round(report.seconds, 4),
+                            **({"metrics": report.metrics} if report.metrics else {}))
                 self.reporter.update(step=global_step, epoch=report.step / per_epoch, loss=report.loss,
                                      learningRate=report.learning_rate, tokensPerSecond=rate,
                                      etaSeconds=eta_seconds(global_step, grand_total, seconds_per_step))
@@ -210,7 +218,7 @@ class Run:
                     events.emit("checkpoint", step=global_step, blockingSeconds=round(time.perf_counter() - started, 4))
                 self.reporter.update(checkpoints=checkpoints.records)
 
-            loop = run_loop(engine, objective, plan.data.train, plan.hyperparameters, ctx, pad_id, start_step,
+            loop = run_loop(engine, objective, plan.data, plan.hyperparameters, ctx, pad_id, start_step,
                             plan.total_steps, plan.hyperparameters.seed, self.preemption.requested.is_set, after_step)
             if loop.stopped_at is not None:
                 checkpoints.save(plan.first_global_step + loop.stopped_at, engine, trainer_state(loop.stopped_at),
@@ -303,6 +311,25 @@ class Run:
                                mergedUri=merged_uri)
         self.write_result(result)
         return RunSummary(SUCCEEDED, result, losses, result_eval, resumed_from)
+
+
+def disable_dropout(model) -> None:
+    """DPO trains with dropout off (TRL's default): the policy's log-probs must be comparable with the reference's."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def check_same_world_size(storage: Storage, checkpoint_uri: str, world_size: int) -> None:
+    """Each rank's data shard and optimizer partition depend on the number of processes: a checkpoint
+    resumes only with the world size that wrote it."""
+    from .checkpoint import MANIFEST
+
+    written_by = (storage.get_json(join(checkpoint_uri, MANIFEST)) or {}).get("worldSize")
+    if written_by is not None and written_by != world_size:
+        raise ConfigError(f"checkpoint {checkpoint_uri} was written by {written_by} processes, this run has {world_size}: "
+                          f"a run resumes only with the same workers and GPUs per worker (set a new spec.runId to "
+                          f"start over)")
 
 
 class _nothing:

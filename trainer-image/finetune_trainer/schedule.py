@@ -20,14 +20,19 @@ def total_steps(n_items: int, world_size: int, hyperparameters) -> int:
 
 
 def epoch_micro_batches(n_items: int, epoch: int, seed: int, rank: int, world_size: int, batch_size: int,
-                        accumulation: int) -> list[list[int]]:
+                        accumulation: int, planned_items: int | None = None) -> list[list[int]]:
     """This rank's micro-batches of one epoch: steps_per_epoch * accumulation lists of item indices.
-    The epoch's permutation is shared by all ranks; each rank takes every world_size-th item,
-    cycling when the last micro-batches need more items than there are."""
+    The epoch's permutation is shared by all ranks; each rank takes every world_size-th item. Where the
+    epoch's last step needs more items than there are, the lists are filled up with padding indices
+    (>= n_items): the loop skips them, so every row is seen exactly once per epoch and weighs what any
+    other row weighs, while every rank still runs the same number of micro-batches. planned_items (the
+    first epoch's count, when a later epoch's mixture packs into a few more or fewer rows) fixes the
+    number of steps; items beyond the planned slots wait for the next epoch's draw."""
     order = list(range(n_items))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    mine = order[rank::world_size] or order
-    count = steps_per_epoch(n_items, world_size, batch_size, accumulation) * accumulation
+    mine = order[rank::world_size]
+    count = steps_per_epoch(planned_items or n_items, world_size, batch_size, accumulation) * accumulation
     needed = count * batch_size
-    cycled = [mine[i % len(mine)] for i in range(needed)]
-    return [cycled[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+    mine = mine[:needed]
+    filled = mine + list(range(n_items, n_items + needed - len(mine)))
+    return [filled[i * batch_size:(i + 1) * batch_size] for i in range(count)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -11,15 +12,17 @@ import torch
 
 from . import distributed, schedule
 from .evaluation import batches_to_device
+from .objectives.common import IGNORE, real_tokens
 
 
 @dataclass
 class StepReport:
     step: int            # optimizer steps done in this stage
-    loss: float          # mean over micro-batches and ranks
-    tokens: int          # tokens processed by all ranks in this step
+    loss: float          # mean over every unit (target token, pair) of all micro-batches and ranks
+    tokens: int          # real (non-pad) input tokens processed by all ranks in this step
     learning_rate: float
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's own, averaged like the loss
 
 
 @dataclass
@@ -32,9 +35,10 @@ def move(batch: dict, device) -> dict:
     return batches_to_device(batch, device)
 
 
-def attach_reference_log_probs(model, items, collate, log_probs_fn, pad_id: int, batch_size: int, ctx) -> None:
-    """DPO: the policy's log-probs of chosen and rejected answers as the stage starts, computed once
-    (sharded over ranks, then summed) and stored on the items."""
+def attach_reference_log_probs(model, items, collate, log_probs_fn, pad_id: int, batch_size: int, ctx,
+                               autocast=contextlib.nullcontext) -> None:
+    """DPO: the reference's log-probs of chosen and rejected answers, computed once as the stage
+    starts (sharded over ranks, then summed) under the same autocast as training, stored on the items."""
     n = len(items)
     indices = distributed.shard(n, ctx.rank, ctx.world_size)
     values = torch.zeros(n, 2, dtype=torch.float64)
@@ -45,7 +49,8 @@ def attach_reference_log_probs(model, items, collate, log_probs_fn, pad_id: int,
             chunk = indices[start:start + batch_size]
             batch = move(collate([items[i % n] for i in chunk], pad_id), ctx.device)
             batch.pop("reference_log_probs", None)
-            chosen, rejected = log_probs_fn(model, batch)
+            with autocast():
+                chosen, rejected = log_probs_fn(model, batch)
             for j, i in enumerate(chunk):
                 if i < n:
                     values[i, 0], values[i, 1] = float(chosen[j]), float(rejected[j])
@@ -55,12 +60,33 @@ def attach_reference_log_probs(model, items, collate, log_probs_fn, pad_id: int,
         item.reference = (summed[2 * i], summed[2 * i + 1])
 
 
-def run_loop(engine, objective, items, hyperparameters, ctx, pad_id: int, start_step: int, total_steps: int,
+def micro_batch(objective, items, indices: list[int], pad_id: int) -> dict:
+    """The items of a micro-batch; padding indices (past the end of the epoch) are left out. A rank
+    whose micro-batch is all padding runs one row with no targets, so the ranks stay in step."""
+    real = [items[i] for i in indices if i < len(items)]
+    if real:
+        return objective.collate(real, pad_id)
+    batch = objective.collate([items[indices[0] % len(items)]], pad_id)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+    return batch
+
+
+def run_loop(engine, objective, data, hyperparameters, ctx, pad_id: int, start_step: int, total_steps: int,
              seed: int, stop_requested: Callable[[], bool], after_step: Callable[[StepReport], None]) -> LoopResult:
-    """Optimizer steps start_step+1 .. total_steps. Each step ends with one all-reduce that averages
-    the loss and agrees on stopping, so every rank stops at the same step."""
+    """Optimizer steps start_step+1 .. total_steps.
+
+    Every unit of a step (target token, preference pair) weighs the same, wherever it is: before the
+    first backward of a step the ranks all-reduce how many units the step's micro-batches hold, and
+    each micro-batch's summed loss is divided by that count (times world_size, since DDP and DeepSpeed
+    average gradients over ranks). So the step's gradient is that of one big batch of the same units,
+    as in the Hugging Face Trainer since transformers 4.46. A second all-reduce per step sums the
+    loss, the objective's metrics and the stop flag, so every rank stops at the same step.
+
+    data is the list of training items, or anything with `train` (the first epoch's) and `epoch(e)`."""
     accumulation, batch_size = hyperparameters.gradientAccumulationSteps, hyperparameters.batchSize
-    per_epoch = schedule.steps_per_epoch(len(items), ctx.world_size, batch_size, accumulation)
+    epoch_items = data.epoch if hasattr(data, "epoch") else (lambda _: data)
+    planned = len(data.train) if hasattr(data, "train") else len(data)
+    per_epoch = schedule.steps_per_epoch(planned, ctx.world_size, batch_size, accumulation)
     result = LoopResult()
     epoch_batches: dict[int, list[list[int]]] = {}
     engine.model.train()
@@ -69,28 +95,37 @@ def run_loop(engine, objective, items, hyperparameters, ctx, pad_id: int, start_
         started = time.perf_counter()
         epoch, in_epoch = divmod(step, per_epoch)
         if epoch not in epoch_batches:
+            items = epoch_items(epoch)
             epoch_batches = {epoch: schedule.epoch_micro_batches(len(items), epoch, seed, ctx.rank, ctx.world_size,
-                                                                 batch_size, accumulation)}
-        loss_sum, tokens = 0.0, 0
-        for k in range(accumulation):
-            indices = epoch_batches[epoch][in_epoch * accumulation + k]
-            batch = move(objective.collate([items[i] for i in indices], pad_id), ctx.device)
+                                                                 batch_size, accumulation, planned)}
+        batches = [micro_batch(objective, items, epoch_batches[epoch][in_epoch * accumulation + k], pad_id)
+                   for k in range(accumulation)]
+        units = distributed.sum_all([float(sum(objective.units(b) for b in batches))], ctx.device)[0]
+        scale = ctx.world_size / max(units, 1.0)
+        loss_sum, tokens, metric_sums = 0.0, 0, {}
+        for k, batch in enumerate(batches):
+            tokens += real_tokens(batch)
+            batch = move(batch, ctx.device)
             boundary = k == accumulation - 1
             with engine.accumulating(boundary), engine.autocast():
-                loss = objective.loss(engine.model, batch, hyperparameters)
-            engine.backward(loss)
+                loss, metrics = objective.loss(engine.model, batch, hyperparameters)
+            engine.backward(loss * scale)
             engine.after_backward(boundary)
             loss_sum += float(loss.detach())
-            tokens += int(batch["attention_mask"].sum())
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value
         step += 1
-        loss_total, micro_total, tokens_total, stop = distributed.sum_all(
-            [loss_sum, float(accumulation), float(tokens), 1.0 if stop_requested() else 0.0], ctx.device)
-        mean_loss = loss_total / micro_total
+        names = sorted(metric_sums)
+        totals = distributed.sum_all([loss_sum, float(tokens), 1.0 if stop_requested() else 0.0,
+                                      *(metric_sums[n] for n in names)], ctx.device)
+        mean_loss = totals[0] / max(units, 1.0)
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"training loss is {mean_loss} at step {step}")
         result.losses.append(mean_loss)
-        after_step(StepReport(step, mean_loss, int(tokens_total), engine.learning_rate(), time.perf_counter() - started))
-        if stop > 0:
+        metrics = {n: v / max(units, 1.0) for n, v in zip(names, totals[3:])}
+        after_step(StepReport(step, mean_loss, int(totals[1]), engine.learning_rate(), time.perf_counter() - started,
+                              metrics))
+        if totals[2] > 0:
             result.stopped_at = step
             break
     return result

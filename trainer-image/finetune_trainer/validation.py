@@ -29,6 +29,8 @@ def problems(config: TrainerConfig) -> list[str]:
         found.append("stages: names must be unique")
     if config.output.merge and method.type in ("prefix", "prompt"):
         found.append(f"output.merge is impossible with method {method.type} (virtual tokens cannot be folded into weights)")
+    if config.preprocessing.packing and method.type in ("prefix", "prompt"):
+        found.append(f"preprocessing.packing is not allowed with method {method.type} (virtual tokens belong to one row)")
     if config.evaluation.maxPerplexityRatio is not None and not config.evaluation.compareToBase:
         found.append("evaluation.maxPerplexityRatio needs evaluation.compareToBase")
     return found

@@ -1,14 +1,21 @@
-"""Exact and normalised de-duplication of rows."""
+"""Exact and normalised de-duplication of rows.
+
+The normalised key folds only what does not change a row's meaning: Unicode compatibility forms
+(NFKC: full width, ligatures, '…' -> '...'), case (casefold), whitespace runs, and punctuation
+(general categories P*: , . ; : ! ? quotes, brackets, Unicode dashes) which all become one space. Kept as
+they are: letters, digits, marks (M*: Devanagari vowel signs, Thai tone marks, accents), symbols
+(S*: + < = > $ € ≤ ^ | ~), and the ASCII characters Unicode calls punctuation but code uses as
+operators or in names: - * / \\ % & # @ _. So `return x+1`, `x-1`, `x * 1` and `x / 1` stay four rows,
+while `Hello,  World!` and `hello world` are duplicates."""
 
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 
 from .formats import Example
 
-_PUNCTUATION_OR_SPACE = re.compile(r"[\W_]+", re.UNICODE)
+OPERATORS = frozenset("-*/\\%&#@_")
 
 
 def exact_key(example: Example) -> bytes:
@@ -18,7 +25,8 @@ def exact_key(example: Example) -> bytes:
 def normalise(text: str) -> str:
     """Case, whitespace and punctuation folded away: 'Hello,  World!' and 'hello world' match."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    return _PUNCTUATION_OR_SPACE.sub(" ", text).strip()
+    folded = "".join(" " if unicodedata.category(ch)[0] == "P" and ch not in OPERATORS else ch for ch in text)
+    return " ".join(folded.split())
 
 
 def normalised_key(example: Example) -> bytes:

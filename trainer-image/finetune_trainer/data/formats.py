@@ -13,24 +13,30 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass(frozen=True)
 class Example:
-    """One row. kind: text | completion (prompt + completion) | chat | preference."""
+    """One row, kept as written: how it is rendered (chat template or not) is decided in tokenize.encode,
+    where the tokenizer is known. kind: text | instruction (prompt: the instruction, context: the
+    optional input, completion: the output) | completion (prompt + completion) | chat | preference."""
 
     kind: str
     text: str = ""
     prompt: str = ""
+    context: str = ""
     completion: str = ""
     messages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     chosen: str = ""
     rejected: str = ""
 
     def strings(self) -> list[str]:
-        return [self.text, self.prompt, self.completion, *(c for _, c in self.messages), self.chosen, self.rejected]
+        """Every string of the row (PII redaction, de-duplication and the leak check read these)."""
+        return [self.text, self.prompt, self.context, self.completion, *(c for _, c in self.messages), self.chosen,
+                self.rejected]
 
     def map_strings(self, fn: Callable[[str], str]) -> "Example":
         return replace(
             self,
             text=fn(self.text),
             prompt=fn(self.prompt),
+            context=fn(self.context),
             completion=fn(self.completion),
             messages=tuple((role, fn(content)) for role, content in self.messages),
             chosen=fn(self.chosen),
@@ -39,10 +45,16 @@ class Example:
 
 
 def instruction_prompt(instruction: str, context: str) -> str:
+    """The Alpaca prompt, for tokenizers without a chat template."""
     prompt = f"### Instruction:\n{instruction}\n"
     if context:
         prompt += f"\n### Input:\n{context}\n"
     return prompt + "\n### Response:\n"
+
+
+def instruction_message(instruction: str, context: str) -> str:
+    """The user turn of an instruction row, for tokenizers with a chat template."""
+    return f"{instruction}\n\n{context}" if context else instruction
 
 
 def _string(row: dict, key: str, required: bool = True) -> str:
@@ -68,7 +80,7 @@ def _parse_instruction(row: dict) -> Example:
     output = _string(row, "output")
     if not output.strip():
         raise ValueError("field 'output' is empty")
-    return Example(kind="completion", prompt=instruction_prompt(instruction, _string(row, "input", required=False)),
+    return Example(kind="instruction", prompt=instruction, context=_string(row, "input", required=False),
                    completion=output)
 
 

@@ -29,10 +29,16 @@ def take(rows: list[T], count: int, rng: random.Random) -> list[T]:
     return rows * repeats + rng.sample(rows, remainder)
 
 
-def mix(datasets: list[list[T]], weights: list[float], seed: int) -> list[T]:
+def down_samples(sizes: list[int], weights: list[float]) -> bool:
+    """Whether some dataset contributes fewer rows than it has."""
+    return len(sizes) > 1 and any(c < n for c, n in zip(mixture_counts(sizes, weights), sizes))
+
+
+def mix(datasets: list[list[T]], weights: list[float], seed: int, epoch: int = 0) -> list[T]:
+    """The mixture of one epoch: the subsets of down-sampled datasets are drawn afresh per epoch."""
     if len(datasets) == 1:
         return list(datasets[0])
-    rng = random.Random(seed)
+    rng = random.Random(seed if epoch == 0 else f"{seed}/{epoch}")
     counts = mixture_counts([len(d) for d in datasets], weights)
     mixed = [row for rows, count in zip(datasets, counts) for row in take(rows, count, rng)]
     rng.shuffle(mixed)

@@ -1,9 +1,30 @@
-"""PII redaction: emails, phone numbers, IP addresses, card numbers and secret keys become placeholders."""
+"""PII redaction: emails, phone numbers, IP addresses, card numbers and secret keys become placeholders.
+
+Candidates found by a regex are validated before they are replaced, so code and ordinary numbers survive:
+
+* Phone numbers need a real phone shape: NANP 3-3-4 (optional +1 or 1, area code in parentheses or
+  not, separated by space, '.' or '-'; ten bare digits only as [2-9]XX[2-9]XXXXXX); international
+  '+' country code and further digit groups, 8 to 15 digits in all (E.164); national numbers with a
+  trunk 0 (`020 7946 0958`, `030 12345678`, `01 23 45 67 89`), separated groups, 10 or 11 digits.
+  The number must stand alone: not glued to a word, '.', '+', '-' or '/' in front, and not followed
+  by a word character or by another digit group (`555-123-4567-8901`, 4-4-4 runs, dates and
+  times are not phones). A full stop or other punctuation after it is fine.
+* IPv4: a dotted quad that `ipaddress` accepts, unless it is part of a longer dotted number run
+  (`3.11.7.2.1`), glued to a word (`v3.11.7.2`), or preceded by a version word (`version`,
+  `release`, `ver`, `v`, optionally with '.' or ':').
+* IPv6: a colon group run that `ipaddress` accepts as an IPv6Address, holding a decimal digit, not
+  mixing upper- and lower-case letters, and having a hex letter or at least three groups. So
+  `2001:db8::1` and `fe80::1ff:fe23:4567:890a` are addresses, while `a[1::2]`, `Face::Add`, `a::b`,
+  `::` and `::1` (loopback) are not.
+* Cards: 13-19 digits passing the Luhn check. Keys and emails: by their known shapes.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections import Counter
+from typing import Callable
 
 PRIVATE_KEY_BLOCK = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S)
 SECRET_KEYS = re.compile(
@@ -11,14 +32,26 @@ SECRET_KEYS = re.compile(
     r"|\bsk-[A-Za-z0-9_-]{16,}"                     # API keys of the sk-... family
     r"|\bgh[pousr]_[A-Za-z0-9]{30,}\b"              # GitHub tokens
     r"|\bxox[abpr]-[A-Za-z0-9-]{10,}"               # Slack tokens
-    r"|\b(?=[A-Za-z0-9+/]*[0-9])(?=[A-Za-z0-9+/]*[A-Z])(?=[A-Za-z0-9+/]*[a-z])[A-Za-z0-9+/]{40}\b"  # AWS secret keys
+    r"|(?<![A-Za-z0-9+/])(?=[A-Za-z0-9+/]{40}\b)(?=[A-Za-z0-9+/]{0,39}[0-9])(?=[A-Za-z0-9+/]{0,39}[A-Z])"
+    r"(?=[A-Za-z0-9+/]{0,39}[a-z])[A-Za-z0-9+/]{40}\b"  # AWS secret keys (bounded look-aheads: linear time)
 )
-EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# Starts only where a run of local-part characters starts, so long runs without an @ cost linear time.
+EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 CARD_CANDIDATE = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
-IPV4 = re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")
-IPV6 = re.compile(r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b|\b(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:?){1,6}\b")
-# Not part of a longer run of digit groups (a failed card number is not a phone number).
-PHONE = re.compile(r"(?<![\w.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}(?![\w.]|[ .-]\d)")
+
+IPV4 = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)")
+VERSION_CONTEXT = re.compile(r"\b(?:version|release|ver|v)[.:]?\s*$", re.I)
+IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)")
+
+_SEP = r"[ .-]"
+PHONE = re.compile(
+    r"(?<![\w.+/-])(?:"
+    rf"(?P<intl>\+[1-9]\d{{0,2}}(?:{_SEP}?(?:\(\d{{1,4}}\)|\d{{1,5}})){{1,6}})"                      # +44 20 7946 0958
+    rf"|(?P<nanp>(?:\+?1{_SEP}?)?(?:\([2-9]\d\d\){_SEP}?|[2-9]\d\d{_SEP})\d{{3}}{_SEP}\d{{4}})"       # (415) 555-0132
+    r"|(?P<bare>[2-9]\d\d[2-9]\d{6})"                                                                  # 4155550132
+    rf"|(?P<national>(?:\(0[1-9]\d{{0,3}}\)|0[1-9]\d{{0,3}})(?:{_SEP}\d{{2,8}}){{1,4}})"              # 020 7946 0958
+    rf")(?!\w|{_SEP}?\d)"
+)
 
 
 def luhn_valid(digits: str) -> bool:
@@ -31,32 +64,65 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _redact_cards(text: str, counts: Counter) -> str:
-    def replace(match: re.Match) -> str:
-        digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and luhn_valid(digits):
-            counts["card"] += 1
-            return "[CARD]"
-        return match.group()
-
-    return CARD_CANDIDATE.sub(replace, text)
+def _digits(s: str) -> str:
+    return re.sub(r"\D", "", s)
 
 
-def _sub(pattern: re.Pattern, placeholder: str, kind: str, text: str, counts: Counter) -> str:
-    text, n = pattern.subn(placeholder, text)
-    counts[kind] += n
-    return text
+def _is_card(m: re.Match) -> bool:
+    digits = _digits(m.group())
+    return 13 <= len(digits) <= 19 and luhn_valid(digits)
+
+
+def _is_ipv4(m: re.Match) -> bool:
+    try:
+        ipaddress.IPv4Address(m.group())
+    except ValueError:
+        return False
+    return not VERSION_CONTEXT.search(m.string[max(0, m.start() - 12):m.start()])
+
+
+def _is_ipv6(m: re.Match) -> bool:
+    s = m.group()
+    try:
+        ipaddress.IPv6Address(s)
+    except ValueError:
+        return False
+    groups = [g for g in re.split(r"[:.]", s) if g]
+    mixed_case = any(c.isupper() for c in s) and any(c.islower() for c in s)
+    hex_letter = any(c in "abcdefABCDEF" for c in s)
+    return any(c.isdigit() for c in s) and not mixed_case and (hex_letter or len(groups) >= 3)
+
+
+def _is_phone(m: re.Match) -> bool:
+    n = len(_digits(m.group()))
+    if m.group("intl"):
+        return 8 <= n <= 15
+    if m.group("national"):
+        return 10 <= n <= 11
+    return True
+
+
+def _sub(pattern: re.Pattern, placeholder: str, kind: str, text: str, counts: Counter,
+         valid: Callable[[re.Match], bool] = lambda m: True) -> str:
+    def replace(m: re.Match) -> str:
+        if not valid(m):
+            return m.group()
+        counts[kind] += 1
+        return placeholder
+
+    return pattern.sub(replace, text)
 
 
 def redact(text: str, counts: Counter | None = None) -> str:
     """Replace PII in text; counts (if given) is incremented per kind. Order matters: keys and
-    cards before phone numbers, which would otherwise swallow their digits."""
+    cards before phone numbers, which would otherwise swallow their digits; IPv6 before IPv4 so an
+    IPv4-mapped address is replaced whole; addresses before phone numbers."""
     counts = counts if counts is not None else Counter()
     text = _sub(PRIVATE_KEY_BLOCK, "[KEY]", "key", text, counts)
     text = _sub(SECRET_KEYS, "[KEY]", "key", text, counts)
     text = _sub(EMAIL, "[EMAIL]", "email", text, counts)
-    text = _redact_cards(text, counts)
-    text = _sub(IPV4, "[IP]", "ip", text, counts)
-    text = _sub(IPV6, "[IP]", "ip", text, counts)
-    text = _sub(PHONE, "[PHONE]", "phone", text, counts)
+    text = _sub(CARD_CANDIDATE, "[CARD]", "card", text, counts, _is_card)
+    text = _sub(IPV6, "[IP]", "ip", text, counts, _is_ipv6)
+    text = _sub(IPV4, "[IP]", "ip", text, counts, _is_ipv4)
+    text = _sub(PHONE, "[PHONE]", "phone", text, counts, _is_phone)
     return text

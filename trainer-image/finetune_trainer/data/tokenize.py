@@ -1,16 +1,27 @@
 """Examples to token ids, with a loss mask: 1 where the model is trained to predict the token.
 
-For chat rows only the assistant turns are trained on. The assistant spans are found by rendering
-the tokenizer's own chat template on growing prefixes of the conversation, so any template whose
-rendering of a prefix is a prefix of the rendering of the whole works (every common one does).
+As TRL's SFTTrainer and DPOTrainer:
+- Plain strings are tokenized with the tokenizer's own special tokens (add_special_tokens=True: a BOS
+  where the model family expects one, Llama yes, Qwen no; never a second one when the text already
+  starts with it), and end with EOS (appended unless already last).
+- A prompt and its completion are tokenized once, jointly, so the tokens at their boundary are the
+  ones the model sees at inference; the loss covers every token whose characters end inside the
+  completion (the offsets say which), plus the EOS.
+- With a chat template, instruction rows become a [user, assistant] conversation and preference
+  prompts a [user] turn with the generation prompt, so chat SFT and DPO train on one format. A
+  rendered conversation is tokenized without added special tokens: the template writes its own BOS.
+- For chat rows only the assistant turns are trained on. The assistant spans are found by rendering
+  the tokenizer's own chat template on growing prefixes of the conversation, so any template whose
+  rendering of a prefix is a prefix of the rendering of the whole works (every common one does).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..errors import DataError
-from .formats import Example
+from .formats import Example, instruction_message, instruction_prompt
 
 
 @dataclass
@@ -33,23 +44,40 @@ class PreferencePair:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+def _tokenize(tokenizer, text: str, special: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets; special: add the tokenizer's special tokens (BOS), at most one BOS."""
+    encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos] and offsets[0] == (0, 0):  # the text starts with BOS already
+        ids, offsets = ids[:1] + ids[2:], offsets[:1] + offsets[2:]
+    return ids, offsets
 
 
-def _eos(tokenizer) -> list[int]:
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def _ending_in_eos(tokenizer, ids: list[int], mask: list[int]) -> Sequence:
+    """The sequence with a trained EOS last (appended unless already there)."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids and ids[-1] == eos:
+        mask = mask[:-1] + [1]
+    elif eos is not None:
+        ids, mask = ids + [eos], mask + [1]
+    return Sequence(ids, mask)
 
 
-def encode_text(tokenizer, text: str) -> Sequence:
-    ids = _ids(tokenizer, text) + _eos(tokenizer)
-    return Sequence(ids, [1] * len(ids))
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def encode_completion(tokenizer, prompt: str, completion: str) -> Sequence:
-    prompt_ids = _ids(tokenizer, prompt)
-    completion_ids = _ids(tokenizer, completion) + _eos(tokenizer)
-    return Sequence(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids))
+    """prompt + completion tokenized once; trained: the tokens ending after the prompt, and EOS (an
+    added BOS has the offsets (0, 0), so it is never trained)."""
+    ids, offsets = _tokenize(tokenizer, prompt + completion)
+    return _ending_in_eos(tokenizer, ids, [int(end > len(prompt)) for _, end in offsets])
+
+
+def encode_text(tokenizer, text: str) -> Sequence:
+    """Every token trained but an added BOS."""
+    return encode_completion(tokenizer, "", text)
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool = False) -> str:
@@ -74,7 +102,7 @@ def assistant_spans(tokenizer, messages: tuple[tuple[str, str], ...]) -> tuple[s
 
 
 def encode_chat(tokenizer, messages: tuple[tuple[str, str], ...]) -> Sequence:
-    if not getattr(tokenizer, "chat_template", None):
+    if not _has_chat_template(tokenizer):
         raise DataError("format chat needs a tokenizer with a chat template (tokenizer_config.json chat_template)")
     text, spans = assistant_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -82,14 +110,44 @@ def encode_chat(tokenizer, messages: tuple[tuple[str, str], ...]) -> Sequence:
     return Sequence(list(encoded["input_ids"]), mask)
 
 
+def encode_instruction(tokenizer, instruction: str, context: str, output: str) -> Sequence:
+    """The chat template's [user, assistant] conversation when there is one, else the Alpaca prompt."""
+    if _has_chat_template(tokenizer):
+        return encode_chat(tokenizer, (("user", instruction_message(instruction, context)), ("assistant", output)))
+    return encode_completion(tokenizer, instruction_prompt(instruction, context), output)
+
+
 def encode_preference(tokenizer, prompt: str, chosen: str, rejected: str) -> PreferencePair:
-    return PreferencePair(_ids(tokenizer, prompt), _ids(tokenizer, chosen) + _eos(tokenizer),
-                          _ids(tokenizer, rejected) + _eos(tokenizer))
+    """As TRL's DPOTrainer. With a chat template the prompt is the [user] turn with the generation
+    prompt and each answer the rest of the rendered [user, assistant] conversation (its end of turn
+    included, no EOS); without one the prompt is the raw string and each answer ends with EOS.
+    An answer's ids are the joint prompt+answer tokenization after the prompt's ids; when the joint
+    one does not start with them (a token across the boundary), the answer is tokenized alone, so
+    that no character is lost or doubled (TRL would slice the joint ids anyway)."""
+    if _has_chat_template(tokenizer):
+        full = [_render(tokenizer, (("user", prompt), ("assistant", a))) for a in (chosen, rejected)]
+        # the prompt as rendered in both conversations (TRL: some templates render the generation prompt otherwise)
+        prompt = os.path.commonprefix([_render(tokenizer, (("user", prompt),), add_generation_prompt=True), *full])
+        answers, special = [f[len(prompt):] for f in full], False
+    else:
+        eos = tokenizer.eos_token or ""
+        answers, special = [a if a.endswith(eos) else a + eos for a in (chosen, rejected)], True
+    prompt_ids, _ = _tokenize(tokenizer, prompt, special)
+
+    def continuation(answer: str) -> list[int]:
+        joint, _ = _tokenize(tokenizer, prompt + answer, special)
+        if joint[: len(prompt_ids)] == prompt_ids:
+            return joint[len(prompt_ids):]
+        return _tokenize(tokenizer, answer, special=False)[0]
+
+    return PreferencePair(prompt_ids, continuation(answers[0]), continuation(answers[1]))
 
 
 def encode(tokenizer, example: Example) -> Sequence | PreferencePair:
     if example.kind == "text":
         return encode_text(tokenizer, example.text)
+    if example.kind == "instruction":
+        return encode_instruction(tokenizer, example.prompt, example.context, example.completion)
     if example.kind == "completion":
         return encode_completion(tokenizer, example.prompt, example.completion)
     if example.kind == "chat":
@@ -100,13 +158,20 @@ def encode(tokenizer, example: Example) -> Sequence | PreferencePair:
 
 
 def truncate(item: Sequence | PreferencePair, max_length: int) -> tuple[Sequence | PreferencePair, bool]:
-    """Cut to max_length tokens (a preference pair keeps its prompt's end); returns (item, was_cut)."""
+    """Cut to max_length tokens; returns (item, was_cut).
+
+    A sequence loses its end (no EOS is re-added, as in TRL). A preference pair whose prompt plus
+    longer answer is too long first loses the start of its prompt, down to what the longer answer
+    leaves, but never below max_length // 2 tokens (so long answers cannot crowd the prompt out);
+    then both answers are cut to what the prompt leaves. The result fits, and a non-empty prompt
+    stays non-empty.
+    """
     if len(item) <= max_length:
         return item, False
     if isinstance(item, Sequence):
         return Sequence(item.input_ids[:max_length], item.loss_mask[:max_length]), True
-    answer_budget = max(1, max_length // 2)
-    chosen, rejected = item.chosen_ids[:answer_budget], item.rejected_ids[:answer_budget]
-    prompt_budget = max_length - max(len(chosen), len(rejected))
-    prompt = item.prompt_ids[-prompt_budget:] if prompt_budget > 0 else []
-    return PreferencePair(prompt, chosen, rejected), True
+    longest = max(len(item.chosen_ids), len(item.rejected_ids))
+    keep = max(max_length - longest, max_length // 2, 1)
+    prompt = item.prompt_ids[-keep:]
+    budget = max_length - len(prompt)
+    return PreferencePair(prompt, item.chosen_ids[:budget], item.rejected_ids[:budget], item.reference), True

@@ -1,7 +1,9 @@
 """The registry of training objectives: one small module each, registered by name.
 
-An objective turns a list of tokenized items into a batch (collate) and a batch into a loss.
-Every objective can also measure validation negative log-likelihood (for perplexity).
+An objective turns a list of tokenized items into a batch (collate) and a batch into a summed loss
+with metrics (loss); `units` counts what the loss is normalised by (target tokens, pairs), which the
+training loop sums over every micro-batch and rank of an optimizer step. Every objective can also
+measure validation negative log-likelihood (for perplexity).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from ..errors import ConfigError
 class ObjectiveSpec:
     name: str
     collate: Callable[[list, int], dict]           # (items, pad_id) -> batch of tensors
-    loss: Callable[..., Any]                       # (model, batch, hyperparameters) -> scalar loss
+    loss: Callable[..., Any]                       # (model, batch, hyperparameters) -> (summed loss, metric sums)
     eval_collate: Callable[[list, int], dict]      # (items, pad_id) -> batch for token_nll
+    units: Callable[[dict], int]                   # batch -> how many units the summed loss covers
     needs_reference: bool = False                  # loss needs reference log-probs in the batch
 
 

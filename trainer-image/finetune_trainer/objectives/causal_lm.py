@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from . import ObjectiveSpec, register
-from .common import language_model_batch, mean_nll_loss
+from .common import lm_collate, nll_sum_loss, padding_free_batch, target_count
 
 
 def collate(items, pad_id: int) -> dict:
-    return language_model_batch([i.input_ids for i in items], [[1] * len(i.input_ids) for i in items], pad_id)
+    if items and hasattr(items[0], "documents"):
+        return padding_free_batch([(ids, [1] * len(ids)) for item in items for ids, _ in item.documents()])
+    return lm_collate(items, pad_id, loss_masks=lambda rows: [[1] * len(r.input_ids) for r in rows])
 
 
-SPEC = register(ObjectiveSpec("causal-lm", collate, mean_nll_loss, eval_collate=collate))
+SPEC = register(ObjectiveSpec("causal-lm", collate, nll_sum_loss, eval_collate=collate, units=target_count))

@@ -1,4 +1,15 @@
-"""Batching and token log-likelihoods shared by the objectives."""
+"""Batching and token log-likelihoods shared by the objectives.
+
+Two batch shapes:
+- padded: right-padded rows with an attention_mask (one document per row);
+- padding-free: every document of the micro-batch laid end to end in one row, with their own
+  position_ids and no attention_mask; transformers then builds a block-diagonal causal mask (SDPA,
+  eager) or runs varlen flash-attention, so no document attends to another. The first token of each
+  document is never a target (it would be predicted from the previous document's end).
+
+Losses are sums with a count of the units they are normalised by (target tokens, pairs), so that
+the training loop can weight every unit of an optimizer step equally across micro-batches and ranks.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +24,13 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
+def masked_labels(input_ids: list[int], loss_mask: list[int]) -> list[int]:
+    return [t if m else IGNORE for t, m in zip(input_ids, loss_mask)]
+
+
 def language_model_batch(input_ids: list[list[int]], label_masks: list[list[int]], pad_id: int) -> dict:
     """Right-padded input_ids, attention_mask and labels (IGNORE where the mask is 0 or padding)."""
-    labels = [[t if m else IGNORE for t, m in zip(ids, mask)] for ids, mask in zip(input_ids, label_masks)]
+    labels = [masked_labels(ids, mask) for ids, mask in zip(input_ids, label_masks)]
     return {
         "input_ids": pad(input_ids, pad_id),
         "attention_mask": pad([[1] * len(r) for r in input_ids], 0),
@@ -23,10 +38,48 @@ def language_model_batch(input_ids: list[list[int]], label_masks: list[list[int]
     }
 
 
+def padding_free_batch(documents: list[tuple[list[int], list[int]]]) -> dict:
+    """(input_ids, loss_mask) documents laid end to end in one row, positions restarting per document."""
+    input_ids, labels, positions = [], [], []
+    for ids, mask in documents:
+        document_labels = masked_labels(ids, mask)
+        if document_labels:
+            document_labels[0] = IGNORE
+        input_ids += ids
+        labels += document_labels
+        positions += range(len(ids))
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+    }
+
+
+def documents_of(item) -> list[tuple[list[int], list[int]]]:
+    """A packed row's documents, or the item itself as one document."""
+    return item.documents() if hasattr(item, "documents") else [(item.input_ids, item.loss_mask)]
+
+
+def real_tokens(batch: dict) -> int:
+    """Input tokens that are not padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
 def next_token_logits(model, batch: dict) -> torch.Tensor:
-    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "position_ids" in inputs:
+        # transformers builds the block-diagonal mask from position_ids only without a KV cache; a
+        # cache (the default even in training) would let packed documents attend to each other.
+        inputs["use_cache"] = False
+    output = model(**inputs)
     # Prompt tuning prepends virtual tokens to the outputs: keep the positions of the real tokens.
     return output.logits[:, -batch["input_ids"].shape[1]:, :]
+
+
+def target_count(batch: dict) -> int:
+    """The number of predicted (labelled) tokens in a batch: the unit the language-model loss is normalised by."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
 def token_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +99,15 @@ def sequence_log_probs(model, batch: dict) -> torch.Tensor:
     return (log_probs * mask).sum(-1)
 
 
-def mean_nll_loss(model, batch: dict, hyperparameters=None) -> torch.Tensor:
-    nll, count = token_nll(model, batch)
-    return nll / count.clamp(min=1)
+def nll_sum_loss(model, batch: dict, hyperparameters=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The summed token NLL (normalised by the loop over the whole optimizer step) and no extra metrics."""
+    nll, _ = token_nll(model, batch)
+    return nll, {}
+
+
+def lm_collate(items, pad_id: int, loss_masks=None) -> dict:
+    """Padding-free when the items are packed rows, padded otherwise."""
+    if items and hasattr(items[0], "documents"):
+        return padding_free_batch([d for item in items for d in item.documents()])
+    masks = loss_masks(items) if loss_masks else [i.loss_mask for i in items]
+    return language_model_batch([i.input_ids for i in items], masks, pad_id)

@@ -1,7 +1,10 @@
 """dpo: direct preference optimisation against the model as it was when the stage started.
 
 The reference log-probabilities are computed once per stage, before its first step (so no
-second copy of the model is kept, whatever the method), and travel in the batch.
+second copy of the model is kept, whatever the method), and travel in the batch. Like TRL's
+DPOTrainer the loss is a mean over pairs, dropout is off while the stage trains (run.py), and
+the reward metrics are reported: rewards/chosen, rewards/rejected, rewards/accuracies,
+rewards/margins (beta times the log-ratio to the reference).
 """
 
 from __future__ import annotations
@@ -44,12 +47,31 @@ def pair_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return log_probs[:half], log_probs[half:]
 
 
-def loss(model, batch: dict, hyperparameters) -> torch.Tensor:
+def loss(model, batch: dict, hyperparameters) -> tuple[torch.Tensor, dict[str, float]]:
+    """The summed sigmoid DPO loss over the batch's pairs, and the sums of TRL's reward metrics."""
     chosen, rejected = pair_log_probs(model, batch)
     reference = batch["reference_log_probs"].to(chosen.device)
     half = reference.shape[0] // 2
+    beta = hyperparameters.dpoBeta
+    valid = real_pairs(batch).to(chosen.device).float()
+    chosen_rewards = beta * (chosen - reference[:half]).detach()
+    rejected_rewards = beta * (rejected - reference[half:]).detach()
     margin = (chosen - reference[:half]) - (rejected - reference[half:])
-    return -F.logsigmoid(hyperparameters.dpoBeta * margin).mean()
+    metrics = {"rewards/chosen": float((chosen_rewards * valid).sum()),
+               "rewards/rejected": float((rejected_rewards * valid).sum()),
+               "rewards/accuracies": float(((chosen_rewards > rejected_rewards).float() * valid).sum()),
+               "rewards/margins": float(((chosen_rewards - rejected_rewards) * valid).sum())}
+    return -(F.logsigmoid(beta * margin) * valid).sum(), metrics
+
+
+def real_pairs(batch: dict) -> torch.Tensor:
+    """Per pair: whether it has targets (a filler row that keeps the ranks in step has none)."""
+    half = batch["labels"].shape[0] // 2
+    return (batch["labels"][:half, 1:] != -100).any(-1)
+
+
+def pairs(batch: dict) -> int:
+    return int(real_pairs(batch).sum())
 
 
 def eval_collate(items, pad_id: int) -> dict:
@@ -57,4 +79,4 @@ def eval_collate(items, pad_id: int) -> dict:
     return _answer_batch(items, pad_id, "chosen_ids")
 
 
-SPEC = register(ObjectiveSpec("dpo", collate, loss, eval_collate=eval_collate, needs_reference=True))
+SPEC = register(ObjectiveSpec("dpo", collate, loss, eval_collate=eval_collate, units=pairs, needs_reference=True))

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 from . import ObjectiveSpec, register
-from .common import language_model_batch, mean_nll_loss
+from .common import lm_collate, nll_sum_loss, target_count
 
-
-def collate(items, pad_id: int) -> dict:
-    return language_model_batch([i.input_ids for i in items], [i.loss_mask for i in items], pad_id)
-
-
-SPEC = register(ObjectiveSpec("sft", collate, mean_nll_loss, eval_collate=collate))
+SPEC = register(ObjectiveSpec("sft", lm_collate, nll_sum_loss, eval_collate=lm_collate, units=target_count))

@@ -95,6 +95,20 @@ def train_tokenizer(vocab_size: int = 600):
     return wrapped
 
 
+def train_bos_tokenizer(vocab_size: int = 600):
+    """Like train_tokenizer, but Llama-like: a separate BOS "<s>" that the post-processor prepends
+    (add_special_tokens=True) and that the chat template renders first. For tokenization tests only:
+    its vocabulary has one token more than train_tokenizer's."""
+    from tokenizers import processors
+
+    tokenizer = train_tokenizer(vocab_size)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    tokenizer.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    return tokenizer
+
+
 def build_model(tokenizer, arch: str = "llama", hidden_size: int = 64, layers: int = 2, seed: int = 0):
     """A randomly initialised causal LM: arch is llama or qwen2."""
     import torch

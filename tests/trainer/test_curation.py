@@ -1,0 +1,170 @@
+"""Data curation on known inputs: what PII redaction must replace and must leave alone, and which rows
+de-duplication treats as the same."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from finetune_trainer.data import dedup, pii
+from finetune_trainer.data.formats import Example
+
+
+def _redact(text: str) -> tuple[str, dict[str, int]]:
+    counts = Counter()
+    redacted = pii.redact(text, counts)
+    return redacted, {k: v for k, v in counts.items() if v}
+
+
+# (text, redacted text, replacements by kind)
+PII_CASES = [
+    ("mail me at jane.doe+work@example.co.uk today", "mail me at [EMAIL] today", {"email": 1}),
+    ("call +1 415-555-0132 now", "call [PHONE] now", {"phone": 1}),
+    ("call (415) 555-0132", "call [PHONE]", {"phone": 1}),
+    ("office 020 7946 0958", "office [PHONE]", {"phone": 1}),
+    ("server 10.0.12.7 is down", "server [IP] is down", {"ip": 1}),
+    ("v6 2001:0db8:85a3:0000:0000:8a2e:0370:7334 up", "v6 [IP] up", {"ip": 1}),
+    ("card 4111 1111 1111 1111 expires", "card [CARD] expires", {"card": 1}),
+    ("key AKIAIOSFODNN7EXAMPLE leaked", "key [KEY] leaked", {"key": 1}),
+    ("token sk-proj_abcdefghijklmnop1234 here", "token [KEY] here", {"key": 1}),
+    ("secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY ok", "secret [KEY] ok", {"key": 1}),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY----- done", "[KEY] done", {"key": 1}),
+    ("a@b.io and 192.168.1.1", "[EMAIL] and [IP]", {"email": 1, "ip": 1}),
+]
+
+PHONE_CASES = [
+    # finding 3: a full stop (or other sentence end) after the number
+    ("Call me at 555-123-4567.", "Call me at [PHONE].", {"phone": 1}),
+    ("call (415) 555-0132.", "call [PHONE].", {"phone": 1}),
+    ("London: +44 20 7946 0958.", "London: [PHONE].", {"phone": 1}),
+    ("is it 555-123-4567?", "is it [PHONE]?", {"phone": 1}),
+    ("ring 555.123.4567, then leave", "ring [PHONE], then leave", {"phone": 1}),
+    # ten bare digits
+    ("call 4155550132", "call [PHONE]", {"phone": 1}),
+    ("phone 4155550132.", "phone [PHONE].", {"phone": 1}),
+    ("tel: 4155550132", "tel: [PHONE]", {"phone": 1}),
+    ("4155550132", "[PHONE]", {"phone": 1}),
+    # NANP variants
+    ("+1 (415) 555-0132 works", "[PHONE] works", {"phone": 1}),
+    ("toll free 1-800-555-0199.", "toll free [PHONE].", {"phone": 1}),
+    ("phone:555-123-4567", "phone:[PHONE]", {"phone": 1}),
+    ("(415)555-0132", "[PHONE]", {"phone": 1}),
+    # international
+    ("Berlin +49 30 12345678", "Berlin [PHONE]", {"phone": 1}),
+    ("Paris +33 1 23 45 67 89.", "Paris [PHONE].", {"phone": 1}),
+    ("+14155550132", "[PHONE]", {"phone": 1}),
+    ("UK +44 (0)20 7946 0958 ok", "UK [PHONE] ok", {"phone": 1}),
+    ("tel:+1-415-555-0132", "tel:[PHONE]", {"phone": 1}),
+    # national numbers with a trunk 0
+    ("(020) 7946 0958", "[PHONE]", {"phone": 1}),
+    ("Berlin 030 12345678.", "Berlin [PHONE].", {"phone": 1}),
+    ("Paris 01 23 45 67 89", "Paris [PHONE]", {"phone": 1}),
+    ("both 555-123-4567 and 020 7946 0958.", "both [PHONE] and [PHONE].", {"phone": 2}),
+]
+
+IP_CASES = [
+    ("ping 2001:db8::1 now", "ping [IP] now", {"ip": 1}),
+    ("link fe80::1ff:fe23:4567:890a.", "link [IP].", {"ip": 1}),
+    ("mapped ::ffff:192.0.2.1 here", "mapped [IP] here", {"ip": 1}),
+    ("upper 2001:DB8::8A2E:370:7334", "upper [IP]", {"ip": 1}),
+    ("Server at 192.168.0.1.", "Server at [IP].", {"ip": 1}),
+    ("host 10.0.0.1:8080", "host [IP]:8080", {"ip": 1}),
+    # a valid dotted quad without version context is an address, whatever it looks like
+    ("the host at 3.11.7.2 is down", "the host at [IP] is down", {"ip": 1}),
+    ("(10.1.2.3)", "([IP])", {"ip": 1}),
+]
+
+# Neither PII nor changed: code, versions, dates, times, order and card-like numbers.
+NOT_PII = [
+    # finding 4
+    "a[1::2]",
+    "Face::Add",
+    "version 3.11.7.2",
+    "order 2023 4567 8901",
+    # C++ / Rust paths and slices
+    "std::vec",
+    "use std::vec::Vec;",
+    "a::b",
+    "x = y[::-1]",
+    "x[10::3]",
+    "Face::Add2(x)",
+    "dead::beef",
+    "::",
+    "loopback ::1",
+    # versions and longer dotted runs
+    "release 3.11.7.2",
+    "Version: 1.2.3.4",
+    "v3.11.7.2",
+    "3.11.7.2.1",
+    "see 1.2.3.4.5",
+    "version 1.2.3 and 42 apples in 2024",
+    "not an address 256.1.1.1",
+    # digit groups that are not phones
+    "card 4111-1111-1111-1112 is not a card",
+    "order 0123 4567 8901",
+    "ref 555-123-4567-8901",
+    "date 2024-01-15",
+    "on 2024-01-15T10:30:00Z",
+    "dates 01-15-2024 and 01.02.2024",
+    "at 10:30:45",
+    "12:30",
+    "MAC 00:1a:2b:3c:4d:5e",
+    "id_4155550132",
+    "x4155550132",
+    "0x4155550132",
+    "epoch 1700000000 seconds",
+    "pi 3.1415926535",
+    "count = 1,234,567,890",
+    "ISBN 978-3-16-148410-0",
+    "UTC+1 2024-01-15",
+    "sum(+12345)",
+    "build 20240115",
+    "SKU-415-555-0132",
+]
+
+
+@pytest.mark.parametrize("text,expected,kinds", PII_CASES + PHONE_CASES + IP_CASES)
+def test_pii_is_redacted(text, expected, kinds):
+    assert _redact(text) == (expected, kinds)
+
+
+@pytest.mark.parametrize("text", NOT_PII)
+def test_not_pii_is_left_alone(text):
+    assert _redact(text) == (text, {})
+
+
+DEDUP_CASES = [
+    # (rows as texts, expected reasons per row)
+    (["Hello world", "Hello world"], [None, "duplicate-exact"]),
+    (["Hello world", "hello,   WORLD!"], [None, "duplicate-normalised"]),
+    (["Hello world", "Hello there world"], [None, None]),
+    # '-' is kept (it is an operator in code), so A-B-C is no longer a duplicate of a b c
+    (["a b c", "A-B-C", "a b c", "abc"], [None, None, "duplicate-exact", None]),
+    (["a b c", "A, B; C."], [None, "duplicate-normalised"]),
+    # finding 5: operators are not punctuation
+    (["return x+1", "return x-1", "return x * 1", "return x / 1"], [None, None, None, None]),
+    (["x = a % b", "x = a & b", "x = a # b", "x = a @ b", "x = a b"], [None] * 5),
+    (["x ≤ 1", "x < 1", "x = 1"], [None, None, None]),
+    (["price $5", "price €5"], [None, None]),
+    (["foo_bar", "foo bar"], [None, None]),
+    # prose punctuation, case, width and whitespace fold away
+    (["Hello,  World!", "hello world"], [None, "duplicate-normalised"]),
+    (["“Quoted” text…", '"quoted" text...'], [None, "duplicate-normalised"]),
+    (["«Bonjour», dit-il", "“bonjour”, dit-il"], [None, "duplicate-normalised"]),
+    (["Straße", "STRASSE"], [None, "duplicate-normalised"]),
+    (["ｆｕｌｌ ｗｉｄｔｈ", "full width"], [None, "duplicate-normalised"]),
+    (["tab\tand\nnewline", "tab and  newline"], [None, "duplicate-normalised"]),
+    # finding 5: combining marks (vowel signs, tone marks) are letters of the word
+    (["किताब", "कताब", "कीताब"], [None, None, None]),
+    (["दिन", "दीन"], [None, None]),
+    (["ขาว", "ข่าว", "ข้าว"], [None, None, None]),
+    (["café", "cafe"], [None, None]),
+    (["café", "CAFÉ!"], [None, "duplicate-normalised"]),
+]
+
+
+@pytest.mark.parametrize("texts,reasons", DEDUP_CASES)
+def test_deduplication(texts, reasons):
+    d = dedup.Deduplicator()
+    assert [d.duplicate_reason(Example(kind="text", text=t)) for t in texts] == reasons
