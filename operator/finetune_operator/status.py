@@ -1,7 +1,7 @@
 """Status derivation: (FineTuneJob, what one reconcile pass observed) -> the new status, in memory.
 
 Pure functions only. The conditions are the truth; `phase` is a one-word summary of them.
-A condition's lastTransitionTime changes only when its status flips. Run-scoped fields (progress,
+A condition's lastTransitionTime changes only when its status flips. Run-scoped fields (progress, data,
 checkpoints, evaluation, output, times) are reset when spec.runId changes, and carried over from
 the previous status when this pass did not read the trainer's documents (rate limit, S3 error).
 """
@@ -15,10 +15,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from finetune_operator.api.types import ConditionType as C
-from finetune_operator.api.types import FineTuneJobStatus, Phase
+from finetune_operator.api.types import MAX_DATASETS, MAX_STAGES, MAX_STATUS_URI, FineTuneJobStatus, Phase
 from finetune_operator.kueue import QueueState
 from finetune_operator.validation import TRANSIENT_REASONS, Problem
-from finetune_trainer.config import EvaluationResult, Progress, RunResult
+from finetune_trainer.config import DataSummary, EvaluationResult, Progress, RunResult
 
 SANDBOX_ABSENT = "absent"
 SANDBOX_ACTIVE = "active"
@@ -26,7 +26,7 @@ SANDBOX_TERMINATING = "terminating"
 SANDBOX_EXPIRED = "expired"  # deleted after ttlSecondsAfterFinished
 
 RUN_SCOPED = ("startTime", "completionTime", "restarts", "gpuSeconds", "progress", "checkpoints",
-              "latestCheckpoint", "resumedFromStep", "evaluation", "output", "pytorchJob", "preemptions", "queue")
+              "latestCheckpoint", "resumedFromStep", "data", "evaluation", "output", "pytorchJob", "preemptions", "queue")
 # Running=False reasons of a job that waits to start (its phase is Queued).
 WAITING_REASONS = ("BudgetExhausted", "RunningJobLimit", "Queued", "Preempted")
 
@@ -220,6 +220,40 @@ def _progress_status(progress: Progress, succeeded: bool) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+MAX_COUNT = 2**53
+
+
+def _count(value: Any) -> int:
+    """A count from the trainer's document, within [0, 2^53] (the model bounds it already; this holds
+    for a document built without validation too)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return 0
+    return min(max(value, 0), MAX_COUNT)
+
+
+def _counts(model: Any, names: tuple[str, ...]) -> dict[str, int]:
+    return {name: _count(getattr(model, name, 0)) for name in names}
+
+
+_STAGE_TOTALS = ("rowsRead", "rowsDropped", "trainSequences", "validationSequences", "trainTokens", "targetTokens")
+_DATASET_COUNTS = ("rowsRead", "rowsKept", "droppedTooShort", "truncated", "duplicatesExact", "duplicatesNormalised",
+                   "validationRows", "validationOverlapDropped", "trainTokens", "targetTokens")
+_PII_KINDS = ("email", "phone", "ip", "card", "key")
+_OVERLAP_COUNTS = ("rowsChecked", "rowsOverlapping", "rowsDropped")
+
+
+def _data_status(data: DataSummary) -> dict[str, Any]:
+    """status.data from the trainer's summary of its data report: counts clamped, strings and lists cut."""
+    stages = []
+    for stage in data.stages[:MAX_STAGES]:
+        datasets = [{"uri": str(d.uri)[:MAX_STATUS_URI], **_counts(d, _DATASET_COUNTS),
+                     "piiReplaced": _counts(d.piiReplaced, _PII_KINDS)} for d in stage.datasets[:MAX_DATASETS]]
+        stages.append({"stage": str(stage.stage)[:63], **_counts(stage, _STAGE_TOTALS),
+                       "validationOverlap": _counts(stage.validationOverlap, _OVERLAP_COUNTS),
+                       "packed": stage.packed is True, "datasets": datasets})
+    return {"stages": stages}
+
+
 def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: list[int] | None = None) -> dict[str, Any]:
     """The new status of a FineTuneJob (a JSON-ready dict without nulls)."""
     meta, spec = body["metadata"], body.get("spec") or {}
@@ -286,6 +320,8 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         if obs.progress.checkpoints:
             status["latestCheckpoint"] = obs.progress.checkpoints[-1].uri
         status["resumedFromStep"] = obs.progress.resumedFromStep
+        if obs.progress.data is not None:
+            status["data"] = _data_status(obs.progress.data)
     if obs.evaluation is not None:
         status["evaluation"] = {k: v for k, v in {"basePerplexity": _rounded(obs.evaluation.basePerplexity, 4),
                                                   "perplexity": _rounded(obs.evaluation.perplexity, 4)}.items() if v is not None}

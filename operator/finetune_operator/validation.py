@@ -147,6 +147,9 @@ def check_other_cross_field_rules(spec: FineTuneJobSpec, cfg: OperatorConfig) ->
     out = []
     if spec.objective == "dpo" and spec.preprocessing.packing:
         out.append(Problem("InvalidSpec", "spec.preprocessing.packing: not allowed with objective dpo"))
+    if spec.method.type in ("prefix", "prompt") and spec.preprocessing.packing:
+        out.append(Problem("InvalidSpec", f"spec.preprocessing.packing: not allowed with method {spec.method.type} "
+                                          "(virtual tokens belong to one row)"))
     if spec.evaluation.maxPerplexityRatio is not None and not spec.evaluation.compareToBase:
         out.append(Problem("InvalidSpec", "spec.evaluation.maxPerplexityRatio: needs evaluation.compareToBase true"))
     if spec.validation.uri and spec.validation.splitRatio:

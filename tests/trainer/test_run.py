@@ -201,6 +201,9 @@ def test_result_json_is_a_run_result(storage, model_bucket, bucket, s3_endpoint,
     assert report["validation"]["overlap"] | {"largestSharedFraction": None} == {
         "rowsChecked": 9, "rowsOverlapping": 3, "rowsDropped": 3, "largestSharedFraction": None, "dropFraction": 0.5,
         "gramWords": 8, "sampling": 1}
+    summary = storage.get_json(cfg.progress_uri(config.output.uri, "1"))["data"]["stages"][0]
+    assert summary["validationOverlap"] == {"rowsChecked": 9, "rowsOverlapping": 3, "rowsDropped": 3}
+    assert summary["datasets"][0]["rowsRead"] == 20 and summary["targetTokens"] > 0
 
 
 def test_a_held_out_set_that_is_the_training_set_is_refused(storage, model_bucket, bucket, s3_endpoint, tmp_path):

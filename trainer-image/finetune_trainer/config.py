@@ -12,6 +12,7 @@ that never went through an API server (a TrainerConfig file given to the trainer
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Annotated, Any, Literal
 
@@ -133,7 +134,7 @@ class Validation(ApiModel):
 class Preprocessing(ApiModel):
     maxSeqLength: int = Field(default=2048, ge=16, le=131072, description="Longest tokenized sequence; longer rows are truncated.")
     minTokens: int = Field(default=2, ge=1, le=131072, description="Rows with fewer tokens than this are dropped (length filter).")
-    packing: bool = Field(default=False, description="Pack several short rows into one sequence of maxSeqLength (not for dpo).")
+    packing: bool = Field(default=False, description="Padding-free packing: rows placed best-fit into sequences of at most maxSeqLength tokens, each keeping its own positions (no attention across rows); not with objective dpo or method prefix/prompt; validation is never packed.")
     deduplicate: bool = Field(default=True, description="Drop exact and normalised (case, whitespace, punctuation) duplicate rows.")
     redactPII: bool = Field(default=False, description="Replace emails, phone numbers, IP addresses, card numbers and keys with placeholders.")
 
@@ -369,6 +370,139 @@ class CheckpointRecord(Document):
     time: ShortText
 
 
+MAX_DATA_STAGES = 16     # as many as a FineTuneJob has stages
+MAX_DATA_DATASETS = 32   # as many as a stage (or a job) has datasets
+DataUri = Annotated[str, _cut(1024)]
+
+
+def _count(value: Any) -> int:
+    """A count of the data report as a Count: missing, non-numeric or non-finite is 0, clamped to [0, 2^53]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return min(max(int(value), 0), 2**53)
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+class PiiCounts(Document):
+    """Replacements made by PII redaction (preprocessing.redactPII), by kind."""
+
+    email: Count = Field(default=0, description="E-mail addresses replaced by [EMAIL].")
+    phone: Count = Field(default=0, description="Phone numbers replaced by [PHONE].")
+    ip: Count = Field(default=0, description="IPv4 and IPv6 addresses replaced by [IP].")
+    card: Count = Field(default=0, description="Payment card numbers (Luhn-valid) replaced by [CARD].")
+    key: Count = Field(default=0, description="Secret keys, tokens and private key blocks replaced by [KEY].")
+
+
+class DatasetSummary(Document):
+    """What preprocessing did to one dataset of a stage (a source of the data report)."""
+
+    uri: DataUri = Field(default="", description="The dataset's S3 URI (cut to 1024 characters).")
+    rowsRead: Count = Field(default=0, description="Non-empty rows read from the dataset's files.")
+    rowsKept: Count = Field(default=0, description="Rows kept for training or validation after every filter.")
+    droppedTooShort: Count = Field(
+        default=0, description="Rows dropped by the length filter: fewer tokens than preprocessing.minTokens, or "
+        "no trainable (target) tokens left after truncation.")
+    truncated: Count = Field(default=0, description="Kept rows cut to preprocessing.maxSeqLength tokens.")
+    duplicatesExact: Count = Field(default=0, description="Rows dropped as exact duplicates of an earlier row.")
+    duplicatesNormalised: Count = Field(
+        default=0, description="Rows dropped as duplicates after normalisation (case, whitespace, punctuation).")
+    piiReplaced: PiiCounts = Field(default_factory=PiiCounts, description="PII replacements in the dataset's rows, by kind.")
+    validationRows: Count = Field(default=0, description="Kept rows held out for validation (split off by splitRatio).")
+    validationOverlapDropped: Count = Field(
+        default=0, description="Held-out rows dropped because they share most of their word 8-grams with training rows.")
+    trainTokens: Count = Field(default=0, description="Tokens of the dataset's training rows (before mixing and packing).")
+    targetTokens: Count = Field(default=0, description="Training tokens the model learns to predict (the loss is taken on).")
+
+    @classmethod
+    def from_source(cls, source: dict) -> "DatasetSummary":
+        """From one entry of the data report's `sources` (pipeline.SourceReport.to_dict); missing keys are 0."""
+        dropped, pii_counts = _mapping(source.get("dropped")), _mapping(source.get("piiRedacted"))
+        uri = source.get("uri")
+        return cls(
+            uri=uri if isinstance(uri, str) else "",
+            rowsRead=_count(source.get("rowsRead")),
+            rowsKept=_count(source.get("rowsKept")),
+            droppedTooShort=min(_count(dropped.get("too-short")) + _count(dropped.get("no-trainable-tokens")), 2**53),
+            truncated=_count(source.get("truncated")),
+            duplicatesExact=_count(dropped.get("duplicate-exact")),
+            duplicatesNormalised=_count(dropped.get("duplicate-normalised")),
+            piiReplaced=PiiCounts(**{kind: _count(pii_counts.get(kind)) for kind in PiiCounts.model_fields}),
+            validationRows=_count(source.get("validationRows")),
+            validationOverlapDropped=_count(dropped.get("validation-overlap")),
+            trainTokens=_count(source.get("trainTokens")),
+            targetTokens=_count(source.get("targetTokens")),
+        )
+
+
+class OverlapSummary(Document):
+    """Validation rows checked for leakage from training (word 8-grams shared with the training rows)."""
+
+    rowsChecked: Count = Field(default=0, description="Validation rows compared with the training rows.")
+    rowsOverlapping: Count = Field(default=0, description="Validation rows sharing at least one word 8-gram with training.")
+    rowsDropped: Count = Field(default=0, description="Validation rows dropped for sharing at least half of their 8-grams.")
+
+
+class StageDataSummary(Document):
+    """The data of one stage (a job without stages has one, named main): totals and datasets."""
+
+    stage: ShortText = Field(default="", description="Name of the stage.")
+    rowsRead: Count = Field(default=0, description="Rows read from the stage's datasets.")
+    rowsDropped: Count = Field(
+        default=0, description="Rows dropped: too short, no trainable tokens, duplicates, validation overlap.")
+    trainSequences: Count = Field(default=0, description="Training sequences after mixing (and packing).")
+    validationSequences: Count = Field(default=0, description="Validation sequences (after the overlap check).")
+    trainTokens: Count = Field(default=0, description="Tokens of the training sequences: the tokens trained on per epoch.")
+    targetTokens: Count = Field(default=0, description="Training tokens the loss is taken on (before mixing).")
+    validationOverlap: OverlapSummary = Field(default_factory=OverlapSummary,
+                                              description="Validation rows that leak from training.")
+    packed: bool = Field(default=False, description="Training rows were packed into sequences of maxSeqLength.")
+    datasets: list[DatasetSummary] = Field(default_factory=list, max_length=MAX_DATA_DATASETS,
+                                           description="Per dataset, in the order of the spec.")
+
+    @classmethod
+    def from_report(cls, stage_name: str, report: dict) -> "StageDataSummary":
+        """From one stage's data report (pipeline.prepare's PreparedData.report); tolerant of missing keys."""
+        report = _mapping(report)
+        overlap = _mapping(_mapping(report.get("validation")).get("overlap"))
+        sources = report.get("sources") if isinstance(report.get("sources"), list) else []
+        return cls(
+            stage=str(stage_name),
+            rowsRead=_count(report.get("rowsRead")),
+            rowsDropped=_count(report.get("rowsDropped")),
+            trainSequences=_count(report.get("trainSequences")),
+            validationSequences=_count(report.get("validationSequences")),
+            trainTokens=_count(report.get("trainTokens")),
+            targetTokens=_count(report.get("targetTokens")),
+            validationOverlap=OverlapSummary(**{k: _count(overlap.get(k)) for k in OverlapSummary.model_fields}),
+            packed=report.get("packed") is True,
+            datasets=[DatasetSummary.from_source(_mapping(s)) for s in sources[:MAX_DATA_DATASETS]],
+        )
+
+
+class DataSummary(Document):
+    """A summary of the data report (data-report.json), one entry per stage; rank 0 puts it in progress.json
+    once the data of every stage is prepared."""
+
+    stages: list[StageDataSummary] = Field(default_factory=list, max_length=MAX_DATA_STAGES,
+                                           description="Per stage, in training order.")
+
+    @classmethod
+    def from_reports(cls, reports: dict[str, dict]) -> "DataSummary":
+        """From {stageName: report} (the `stages` of data-report.json), in order; at most 16 stages."""
+        items = list(_mapping(reports).items())[:MAX_DATA_STAGES]
+        return cls(stages=[StageDataSummary.from_report(name, report) for name, report in items])
+
+    @classmethod
+    def from_report(cls, stage_name: str, report: dict) -> "DataSummary":
+        """From one stage's report (a job without stages)."""
+        return cls.from_reports({stage_name: report})
+
+
 class Progress(Document):
     """progress.json, written by rank 0 every few seconds."""
 
@@ -384,6 +518,7 @@ class Progress(Document):
     updatedAt: ShortText = ""
     resumedFromStep: Count = 0
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=MAX_CHECKPOINT_RECORDS)
+    data: DataSummary | None = Field(default=None, description="What preprocessing did to the data, per stage and dataset.")
 
 
 class EvaluationResult(Document):

@@ -247,6 +247,7 @@ class Run:
             reports[plan.name] = {**plan.data.report, "totalSteps": plan.total_steps}
         if ctx.is_main:
             self.storage.put_json(cfg.data_report_uri(self.out, self.run_id), {"stages": reports})
+            self.reporter.update(data=cfg.DataSummary.from_reports(reports))
         events.emit("data-report", stages={k: {"trainSequences": v["trainSequences"], "rowsDropped": v["rowsDropped"]}
                                            for k, v in reports.items()})
         self.data_reports = reports

@@ -159,6 +159,11 @@ _SPEC_RULES = cel(
         "spec.preprocessing.packing is not allowed with objective dpo",
     ),
     (
+        "!has(self.method) || !has(self.method.type) || !(self.method.type in ['prefix', 'prompt']) || "
+        "!has(self.preprocessing) || !has(self.preprocessing.packing) || !self.preprocessing.packing",
+        "spec.preprocessing.packing is not allowed with method prefix or prompt (virtual tokens belong to one row)",
+    ),
+    (
         "!has(self.evaluation) || !has(self.evaluation.maxPerplexityRatio) || "
         "!has(self.evaluation.compareToBase) || self.evaluation.compareToBase",
         "spec.evaluation.maxPerplexityRatio needs spec.evaluation.compareToBase true",
@@ -260,6 +265,62 @@ class ProgressStatus(StatusModel):
     updatedAt: str = Field(default="", description="When the trainer wrote the progress document (RFC 3339).")
 
 
+MAX_STATUS_URI = 256  # a dataset's URI in the status (the data report in S3 has it whole)
+
+
+class PiiStatus(StatusModel):
+    email: int = Field(default=0, ge=0, description="E-mail addresses replaced by [EMAIL].")
+    phone: int = Field(default=0, ge=0, description="Phone numbers replaced by [PHONE].")
+    ip: int = Field(default=0, ge=0, description="IPv4 and IPv6 addresses replaced by [IP].")
+    card: int = Field(default=0, ge=0, description="Payment card numbers replaced by [CARD].")
+    key: int = Field(default=0, ge=0, description="Secret keys, tokens and private key blocks replaced by [KEY].")
+
+
+class DatasetDataStatus(StatusModel):
+    uri: str = Field(default="", max_length=MAX_STATUS_URI,
+                     description=f"The dataset's S3 URI (cut to {MAX_STATUS_URI} characters).")
+    rowsRead: int = Field(default=0, ge=0, description="Non-empty rows read.")
+    rowsKept: int = Field(default=0, ge=0, description="Rows kept for training or validation after every filter.")
+    droppedTooShort: int = Field(default=0, ge=0, description="Rows dropped by the length filter: fewer tokens than "
+                                 "preprocessing.minTokens, or no trainable tokens left after truncation.")
+    truncated: int = Field(default=0, ge=0, description="Kept rows cut to preprocessing.maxSeqLength tokens.")
+    duplicatesExact: int = Field(default=0, ge=0, description="Rows dropped as exact duplicates.")
+    duplicatesNormalised: int = Field(default=0, ge=0,
+                                      description="Rows dropped as duplicates after normalising case, whitespace and punctuation.")
+    piiReplaced: PiiStatus = Field(default_factory=PiiStatus, description="PII replacements by kind (preprocessing.redactPII).")
+    validationRows: int = Field(default=0, ge=0, description="Kept rows held out for validation.")
+    validationOverlapDropped: int = Field(default=0, ge=0,
+                                          description="Held-out rows dropped for sharing most of their word 8-grams with training rows.")
+    trainTokens: int = Field(default=0, ge=0, description="Tokens of the dataset's training rows (before mixing).")
+    targetTokens: int = Field(default=0, ge=0, description="Training tokens the loss is taken on.")
+
+
+class OverlapStatus(StatusModel):
+    rowsChecked: int = Field(default=0, ge=0, description="Validation rows compared with the training rows.")
+    rowsOverlapping: int = Field(default=0, ge=0, description="Validation rows sharing at least one word 8-gram with training.")
+    rowsDropped: int = Field(default=0, ge=0, description="Validation rows dropped for sharing at least half of their 8-grams.")
+
+
+class StageDataStatus(StatusModel):
+    stage: str = Field(default="", max_length=63, description="Name of the stage (main for a job without stages).")
+    rowsRead: int = Field(default=0, ge=0, description="Rows read from the stage's datasets.")
+    rowsDropped: int = Field(default=0, ge=0,
+                             description="Rows dropped: too short, no trainable tokens, duplicates, validation overlap.")
+    trainSequences: int = Field(default=0, ge=0, description="Training sequences after mixing (and packing).")
+    validationSequences: int = Field(default=0, ge=0, description="Validation sequences after the overlap check.")
+    trainTokens: int = Field(default=0, ge=0, description="Tokens of the training sequences: trained on once per epoch.")
+    targetTokens: int = Field(default=0, ge=0, description="Training tokens the loss is taken on.")
+    validationOverlap: OverlapStatus = Field(default_factory=OverlapStatus, description="Validation rows that leak from training.")
+    packed: bool = Field(default=False, description="Training rows were packed into sequences of maxSeqLength.")
+    datasets: list[DatasetDataStatus] = Field(default_factory=list, max_length=MAX_DATASETS,
+                                              description="Per dataset, in the order of the spec.")
+
+
+class DataStatus(StatusModel):
+    stages: list[StageDataStatus] = Field(default_factory=list, max_length=MAX_STAGES,
+                                          description="Per stage, in training order (one for a job without stages).")
+
+
 class CheckpointStatus(StatusModel):
     step: int = Field(description="Optimizer step of the checkpoint.")
     uri: str = Field(description="S3 prefix of the checkpoint.")
@@ -298,6 +359,9 @@ class FineTuneJobStatus(StatusModel):
     restarts: int = Field(default=0, description="Container restarts of the run's pods.")
     gpuSeconds: float = Field(default=0.0, description="GPU time used by the run's pods (running time x GPUs).")
     progress: ProgressStatus | None = Field(default=None, description="Training progress (from progress.json).")
+    data: DataStatus | None = Field(
+        default=None, description="What preprocessing did to the training data: rows read, dropped, de-duplicated, "
+        "redacted and held out, and tokens trained on, per stage and dataset (a summary of the run's data-report.json).")
     checkpoints: list[CheckpointStatus] = Field(default_factory=list, max_length=100, description="Complete checkpoints, oldest first.")
     latestCheckpoint: str | None = Field(default=None, description="S3 prefix of the newest complete checkpoint.")
     resumedFromStep: int | None = Field(default=None, description="Step the run resumed from after a restart (0: fresh start).")
