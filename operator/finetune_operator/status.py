@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from finetune_operator.api.types import ConditionType as C
-from finetune_operator.api.types import MAX_DATASETS, MAX_STAGES, MAX_STATUS_URI, FineTuneJobStatus, Phase
+from finetune_operator.api.types import (MAX_COUNT, MAX_DATASETS, MAX_STAGES, MAX_STATUS_URI, DatasetDataStatus,
+                                         FineTuneJobStatus, OverlapStatus, Phase, PiiStatus, StageDataStatus)
 from finetune_operator.kueue import QueueState
 from finetune_operator.validation import TRANSIENT_REASONS, Problem
 from finetune_trainer.config import DataSummary, EvaluationResult, Progress, RunResult
@@ -220,9 +221,6 @@ def _progress_status(progress: Progress, succeeded: bool) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-MAX_COUNT = 2**53
-
-
 def _count(value: Any) -> int:
     """A count from the trainer's document, within [0, 2^53] (the model bounds it already; this holds
     for a document built without validation too)."""
@@ -231,25 +229,20 @@ def _count(value: Any) -> int:
     return min(max(value, 0), MAX_COUNT)
 
 
-def _counts(model: Any, names: tuple[str, ...]) -> dict[str, int]:
-    return {name: _count(getattr(model, name, 0)) for name in names}
-
-
-_STAGE_TOTALS = ("rowsRead", "rowsDropped", "trainSequences", "validationSequences", "trainTokens", "targetTokens")
-_DATASET_COUNTS = ("rowsRead", "rowsKept", "droppedTooShort", "truncated", "duplicatesExact", "duplicatesNormalised",
-                   "validationRows", "validationOverlapDropped", "trainTokens", "targetTokens")
-_PII_KINDS = ("email", "phone", "ip", "card", "key")
-_OVERLAP_COUNTS = ("rowsChecked", "rowsOverlapping", "rowsDropped")
+def _counts(source: Any, status_model: type) -> dict[str, int]:
+    """The count fields of a status model, read from the trainer's summary of the same shape."""
+    return {name: _count(getattr(source, name, 0)) for name, field in status_model.model_fields.items()
+            if field.annotation is int}
 
 
 def _data_status(data: DataSummary) -> dict[str, Any]:
     """status.data from the trainer's summary of its data report: counts clamped, strings and lists cut."""
     stages = []
     for stage in data.stages[:MAX_STAGES]:
-        datasets = [{"uri": str(d.uri)[:MAX_STATUS_URI], **_counts(d, _DATASET_COUNTS),
-                     "piiReplaced": _counts(d.piiReplaced, _PII_KINDS)} for d in stage.datasets[:MAX_DATASETS]]
-        stages.append({"stage": str(stage.stage)[:63], **_counts(stage, _STAGE_TOTALS),
-                       "validationOverlap": _counts(stage.validationOverlap, _OVERLAP_COUNTS),
+        datasets = [{"uri": str(d.uri)[:MAX_STATUS_URI], **_counts(d, DatasetDataStatus),
+                     "piiReplaced": _counts(d.piiReplaced, PiiStatus)} for d in stage.datasets[:MAX_DATASETS]]
+        stages.append({"stage": str(stage.stage)[:63], **_counts(stage, StageDataStatus),
+                       "validationOverlap": _counts(stage.validationOverlap, OverlapStatus),
                        "packed": stage.packed is True, "datasets": datasets})
     return {"stages": stages}
 

@@ -266,50 +266,52 @@ class ProgressStatus(StatusModel):
 
 
 MAX_STATUS_URI = 256  # a dataset's URI in the status (the data report in S3 has it whole)
+MAX_COUNT = 2**53       # counts from the trainer's documents, clamped to what JSON numbers hold exactly
+StatusCount = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class PiiStatus(StatusModel):
-    email: int = Field(default=0, ge=0, description="E-mail addresses replaced by [EMAIL].")
-    phone: int = Field(default=0, ge=0, description="Phone numbers replaced by [PHONE].")
-    ip: int = Field(default=0, ge=0, description="IPv4 and IPv6 addresses replaced by [IP].")
-    card: int = Field(default=0, ge=0, description="Payment card numbers replaced by [CARD].")
-    key: int = Field(default=0, ge=0, description="Secret keys, tokens and private key blocks replaced by [KEY].")
+    email: StatusCount = Field(default=0, description="E-mail addresses replaced by [EMAIL].")
+    phone: StatusCount = Field(default=0, description="Phone numbers replaced by [PHONE].")
+    ip: StatusCount = Field(default=0, description="IPv4 and IPv6 addresses replaced by [IP].")
+    card: StatusCount = Field(default=0, description="Payment card numbers replaced by [CARD].")
+    key: StatusCount = Field(default=0, description="Secret keys, tokens and private key blocks replaced by [KEY].")
 
 
 class DatasetDataStatus(StatusModel):
     uri: str = Field(default="", max_length=MAX_STATUS_URI,
                      description=f"The dataset's S3 URI (cut to {MAX_STATUS_URI} characters).")
-    rowsRead: int = Field(default=0, ge=0, description="Non-empty rows read.")
-    rowsKept: int = Field(default=0, ge=0, description="Rows kept for training or validation after every filter.")
-    droppedTooShort: int = Field(default=0, ge=0, description="Rows dropped by the length filter: fewer tokens than "
+    rowsRead: StatusCount = Field(default=0, description="Non-empty rows read.")
+    rowsKept: StatusCount = Field(default=0, description="Rows kept for training or validation after every filter.")
+    droppedTooShort: StatusCount = Field(default=0, description="Rows dropped by the length filter: fewer tokens than "
                                  "preprocessing.minTokens, or no trainable tokens left after truncation.")
-    truncated: int = Field(default=0, ge=0, description="Kept rows cut to preprocessing.maxSeqLength tokens.")
-    duplicatesExact: int = Field(default=0, ge=0, description="Rows dropped as exact duplicates.")
-    duplicatesNormalised: int = Field(default=0, ge=0,
+    truncated: StatusCount = Field(default=0, description="Kept rows cut to preprocessing.maxSeqLength tokens.")
+    duplicatesExact: StatusCount = Field(default=0, description="Rows dropped as exact duplicates.")
+    duplicatesNormalised: StatusCount = Field(default=0,
                                       description="Rows dropped as duplicates after normalising case, whitespace and punctuation.")
     piiReplaced: PiiStatus = Field(default_factory=PiiStatus, description="PII replacements by kind (preprocessing.redactPII).")
-    validationRows: int = Field(default=0, ge=0, description="Kept rows held out for validation.")
-    validationOverlapDropped: int = Field(default=0, ge=0,
+    validationRows: StatusCount = Field(default=0, description="Kept rows held out for validation.")
+    validationOverlapDropped: StatusCount = Field(default=0,
                                           description="Held-out rows dropped for sharing most of their word 8-grams with training rows.")
-    trainTokens: int = Field(default=0, ge=0, description="Tokens of the dataset's training rows (before mixing).")
-    targetTokens: int = Field(default=0, ge=0, description="Training tokens the loss is taken on.")
+    trainTokens: StatusCount = Field(default=0, description="Tokens of the dataset's training rows (before mixing).")
+    targetTokens: StatusCount = Field(default=0, description="Training tokens the loss is taken on.")
 
 
 class OverlapStatus(StatusModel):
-    rowsChecked: int = Field(default=0, ge=0, description="Validation rows compared with the training rows.")
-    rowsOverlapping: int = Field(default=0, ge=0, description="Validation rows sharing at least one word 8-gram with training.")
-    rowsDropped: int = Field(default=0, ge=0, description="Validation rows dropped for sharing at least half of their 8-grams.")
+    rowsChecked: StatusCount = Field(default=0, description="Validation rows compared with the training rows.")
+    rowsOverlapping: StatusCount = Field(default=0, description="Validation rows sharing at least one word 8-gram with training.")
+    rowsDropped: StatusCount = Field(default=0, description="Validation rows dropped for sharing at least half of their 8-grams.")
 
 
 class StageDataStatus(StatusModel):
     stage: str = Field(default="", max_length=63, description="Name of the stage (main for a job without stages).")
-    rowsRead: int = Field(default=0, ge=0, description="Rows read from the stage's datasets.")
-    rowsDropped: int = Field(default=0, ge=0,
+    rowsRead: StatusCount = Field(default=0, description="Rows read from the stage's datasets.")
+    rowsDropped: StatusCount = Field(default=0,
                              description="Rows dropped: too short, no trainable tokens, duplicates, validation overlap.")
-    trainSequences: int = Field(default=0, ge=0, description="Training sequences after mixing (and packing).")
-    validationSequences: int = Field(default=0, ge=0, description="Validation sequences after the overlap check.")
-    trainTokens: int = Field(default=0, ge=0, description="Tokens of the training sequences: trained on once per epoch.")
-    targetTokens: int = Field(default=0, ge=0, description="Training tokens the loss is taken on.")
+    trainSequences: StatusCount = Field(default=0, description="Training sequences after mixing (and packing).")
+    validationSequences: StatusCount = Field(default=0, description="Validation sequences after the overlap check.")
+    trainTokens: StatusCount = Field(default=0, description="Tokens of the training sequences: trained on once per epoch.")
+    targetTokens: StatusCount = Field(default=0, description="Training tokens the loss is taken on.")
     validationOverlap: OverlapStatus = Field(default_factory=OverlapStatus, description="Validation rows that leak from training.")
     packed: bool = Field(default=False, description="Training rows were packed into sequences of maxSeqLength.")
     datasets: list[DatasetDataStatus] = Field(default_factory=list, max_length=MAX_DATASETS,

@@ -22,10 +22,6 @@ class PackedRow:
     def __len__(self) -> int:
         return sum(len(s) for s in self.sequences)
 
-    @property
-    def input_ids(self) -> list[int]:
-        return [t for s in self.sequences for t in s.input_ids]
-
     def documents(self) -> list[tuple[list[int], list[int]]]:
         return [(s.input_ids, s.loss_mask) for s in self.sequences]
 

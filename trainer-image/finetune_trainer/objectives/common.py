@@ -105,9 +105,10 @@ def nll_sum_loss(model, batch: dict, hyperparameters=None) -> tuple[torch.Tensor
     return nll, {}
 
 
-def lm_collate(items, pad_id: int, loss_masks=None) -> dict:
-    """Padding-free when the items are packed rows, padded otherwise."""
+def lm_collate(items, pad_id: int, every_token: bool = False) -> dict:
+    """Padding-free when the items are packed rows, padded otherwise; every_token: targets are every
+    token, not the loss mask's."""
+    documents = [(ids, [1] * len(ids) if every_token else mask) for item in items for ids, mask in documents_of(item)]
     if items and hasattr(items[0], "documents"):
-        return padding_free_batch([d for item in items for d in item.documents()])
-    masks = loss_masks(items) if loss_masks else [i.loss_mask for i in items]
-    return language_model_batch([i.input_ids for i in items], masks, pad_id)
+        return padding_free_batch(documents)
+    return language_model_batch([ids for ids, _ in documents], [mask for _, mask in documents], pad_id)
