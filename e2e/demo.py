@@ -122,7 +122,7 @@ Look around:
   S3 ({cluster.s3_endpoint}, key finetune-local / finetune-local-secret):
     .venv/bin/python -c "import boto3; c=boto3.client('s3', endpoint_url='{cluster.s3_endpoint}', aws_access_key_id='finetune-local', aws_secret_access_key='finetune-local-secret', region_name='us-east-1'); print([o['Key'] for o in c.list_objects_v2(Bucket='team-a', Prefix='models/orbit-helpdesk/')['Contents']])"
   kubectl logs -n {operator.namespace} deploy/{operator.deployment}   # the operator, installed by its chart
-  Prometheus: {cluster.prometheus_url}/graph?g0.expr=finetune_job_progress_percent
+  Prometheus: {cluster.prometheus_url}/graph?g0.expr=finetune_job_progress_ratio
 Stop everything: make cluster-down"""
 
 

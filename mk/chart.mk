@@ -1,6 +1,6 @@
 # The Helm chart (charts/finetune-operator) and the Argo CD health check (argocd/).
 HELM_CHART := charts/finetune-operator
-.PHONY: helm chart-crds chart-lint chart-template chart-test test-helm
+.PHONY: helm chart-crds chart-lint chart-template chart-test argocd-testdata test-helm
 
 helm: venv ## build (or find cached) helm from its Go module into the cache
 	$(PY) -m e2e.localcluster.build helm
@@ -19,6 +19,9 @@ chart-template: helm ## render the chart with default values to stdout
 
 chart-test: venv ## chart and Argo CD health tests that need no cluster (lint, render, schema, RBAC, Lua)
 	$(PY) -m pytest tests/chart
+
+argocd-testdata: venv ## regenerate argocd/'s health test data and argocd-cm patch from the operator's status code
+	$(PY) -m tests.chart.argocd_cases
 
 test-helm: venv ## helm install/uninstall on the local cluster (starts it if needed)
 	$(PY) -m pytest e2e/tests/test_helm.py -m cluster

@@ -140,25 +140,17 @@ def test_node_components_get_read_only_cluster_roles():
 
 # ---- Prometheus ---------------------------------------------------------------------------------------
 
-def _scrape_jobs():
-    config = prometheus.prometheus_config(api_server="https://10.244.0.1:6443", pki=Path("/pki"), own_port=1,
-                                          training_operator_port=2, targets_dir=Path("/targets"))
+def _scrape_jobs(monitor_jobs=()):
+    config = prometheus.prometheus_config(own_port=1, training_operator_port=2, targets_dir=Path("/targets"),
+                                          monitor_jobs=list(monitor_jobs))
     return {job["job_name"]: job for job in config["scrape_configs"]}
 
 
-def test_only_the_operator_pods_keep_the_labels_they_export():
-    jobs = _scrape_jobs()
-    assert jobs["finetune-operator"]["honor_labels"] is True
-    assert jobs["pods"]["honor_labels"] is False
-    actions = {r.get("action") for r in jobs["pods"]["relabel_configs"]
-               if r.get("source_labels") == ["__meta_kubernetes_pod_label_app_kubernetes_io_name"]}
-    assert actions == {"drop"}
-
-
-def test_pod_targets_are_the_ports_named_metrics_of_running_pods():
-    relabel = _scrape_jobs()["pods"]["relabel_configs"]
-    assert {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics", "action": "keep"} in relabel
-    assert {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"} in relabel
+def test_prometheus_scrapes_itself_where_it_listens_and_the_monitors_jobs():
+    jobs = _scrape_jobs([{"job_name": "serviceMonitor/finetune-system/finetune-operator/0"}])
+    assert jobs["prometheus"]["static_configs"] == [{"targets": [f"{network.NODE_IP}:1"]}]
+    assert set(jobs) == {"prometheus", "training-operator", "serviceMonitor/finetune-system/finetune-operator/0",
+                         "finetune"}
 
 
 # ---- Go builds ----------------------------------------------------------------------------------------
@@ -180,8 +172,23 @@ def test_kube_router_dependency_upgrades_are_pinned_versions():
 
 @pytest.mark.parametrize("component", list(build.COMPONENTS.values()), ids=list(build.COMPONENTS))
 def test_every_component_is_cached_under_its_version(component):
-    assert component.bin_dir.name == f"{component.name}-{component.version}"
+    """Our own harnesses (e2e/runtimes/) are keyed by their source too, so an edited one is rebuilt."""
+    if component.main_go_file is None:
+        assert component.bin_dir.name == f"{component.name}-{component.version}"
+    else:
+        assert component.bin_dir.name.startswith(f"{component.name}-{component.version}-")
+        assert component.main_go_file.is_file()
     assert component.binaries
+
+
+def test_an_edited_harness_gets_a_new_cache_key(tmp_path):
+    main_go = tmp_path / "main.go"
+    main_go.write_text("package main\n\nfunc main() {}\n")
+    harness = build.GoComponent(name="probe", module="example.com/probe", version="v1.0.0", binaries={"probe": "."},
+                                main_go_file=main_go)
+    before = harness.cache_key
+    main_go.write_text("package main\n\nfunc main() { println() }\n")
+    assert harness.cache_key != before and harness.cache_key.startswith("v1.0.0-")
 
 
 # ---- Kueue ----------------------------------------------------------------------------------------------

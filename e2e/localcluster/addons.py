@@ -57,7 +57,16 @@ def node_rbac() -> list[dict]:
             _read(["discovery.k8s.io"], ["endpointslices"]),
         ]),
         _bind_user(KUBE_ROUTER_USER, KUBE_ROUTER_USER, KUBE_ROUTER_USER),
-        _cluster_role(PROMETHEUS_USER, [_read([""], ["pods", "services", "endpoints", "nodes"])]),
+        *prometheus_rbac(),
+    ]
+
+
+def prometheus_rbac() -> list[dict]:
+    """What Kubernetes discovery reads for the Prometheus Operator's scrape jobs (roles pod,
+    endpoints and endpointslice, the latter two with their Services)."""
+    return [
+        _cluster_role(PROMETHEUS_USER, [_read([""], ["pods", "services", "endpoints", "nodes"]),
+                                        _read(["discovery.k8s.io"], ["endpointslices"])]),
         _bind_user(PROMETHEUS_USER, PROMETHEUS_USER, PROMETHEUS_USER),
     ]
 

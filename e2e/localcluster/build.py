@@ -10,8 +10,10 @@ A finished binary is never rebuilt: the cache folder is keyed by component and v
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -37,10 +39,23 @@ class GoComponent:
     # only some of upstream's packages linked in.
     main_go: str = ""
     tags: str = ""
+    # Our own main package kept in the repository (e2e/runtimes/<name>/main.go): the cache key then
+    # includes a hash of its source, so an edited harness is rebuilt.
+    main_go_file: Path | None = None
+
+    @property
+    def main_source(self) -> str:
+        return self.main_go_file.read_text() if self.main_go_file else self.main_go
+
+    @property
+    def cache_key(self) -> str:
+        if self.main_go_file is None:
+            return self.version
+        return f"{self.version}-{hashlib.sha256(self.main_source.encode()).hexdigest()[:12]}"
 
     @property
     def bin_dir(self) -> Path:
-        return cache_dir() / "bin" / f"{self.name}-{self.version}"
+        return cache_dir() / "bin" / f"{self.name}-{self.cache_key}"
 
     def binary(self, binary_name: str) -> Path:
         return self.bin_dir / binary_name
@@ -208,8 +223,22 @@ PROMETHEUS = GoComponent(
     tags="remove_all_sd,enable_kubernetes_sd",
 )
 
+# The runtimes our integrations meet, as small harnesses of our own (e2e/runtimes/): Argo CD's Lua VM
+# (gopher-lua with the libraries Argo CD opens) and kstatus (sigs.k8s.io/cli-utils), used by the tests.
+RUNTIMES = Path(__file__).resolve().parents[1] / "runtimes"
+
+
+def _harness(name: str, module: str, version: str) -> GoComponent:
+    """A harness of ours: e2e/runtimes/<name>/main.go built against the upstream module."""
+    return GoComponent(name=name, module=module, version=version, binaries={name: "."}, ldflags="-s -w",
+                       main_go_file=RUNTIMES / name / "main.go")
+
+
+ARGOCD_LUA = _harness("argocd-lua", "github.com/yuin/gopher-lua", versions.GOPHER_LUA)
+KSTATUS = _harness("kstatus", "sigs.k8s.io/cli-utils", versions.CLI_UTILS)
+
 COMPONENTS = {c.name: c for c in (ETCD, KUBERNETES, TRAINING_OPERATOR, KUEUE, KWOK, HELM, COREDNS, KUBE_ROUTER,
-                                  CRI_TOOLS, PROMETHEUS)}
+                                  CRI_TOOLS, PROMETHEUS, ARGOCD_LUA, KSTATUS)}
 
 
 def _helper_module_text(component: GoComponent) -> str:
@@ -234,11 +263,11 @@ def build(component: GoComponent, log=print) -> None:
     if not missing:
         log(f"{component.name} {component.version}: cached in {component.bin_dir}")
         return
-    work = cache_dir() / "src" / f"{component.name}-{component.version}"
+    work = cache_dir() / "src" / f"{component.name}-{component.cache_key}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "go.mod").write_text(_helper_module_text(component))
-    if component.main_go:
-        (work / "main.go").write_text(component.main_go)
+    if component.main_source:
+        (work / "main.go").write_text(component.main_source)
     env = _go_env()
     # `go get` of every package records the whole dependency graph in go.mod/go.sum.
     packages = [p for p in component.binaries.values() if p != "."] or [component.module]
@@ -259,6 +288,10 @@ def build(component: GoComponent, log=print) -> None:
         )
         partial.rename(component.binary(binary_name))
     log(f"{component.name} {component.version}: built into {component.bin_dir}")
+    if component.main_go_file is not None:  # builds of earlier versions of our harness are dead weight
+        for stale in (cache_dir() / "bin").glob(f"{component.name}-{component.version}-*"):
+            if stale != component.bin_dir:
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def main(argv: list[str]) -> int:

@@ -20,6 +20,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import addons, build, certs, debian, images, kueue, network, nodes, s3, versions
-from .prometheus import prometheus_config
+from . import prometheus
 from .node import NODE_NAME, NodePaths, NodeRuntime
 from . import node as node_config
 from .paths import REPO_ROOT, cache_dir, cluster_dir
@@ -158,6 +159,7 @@ class LocalCluster:
     def up(self, log=print) -> "LocalCluster":
         if self.is_running():
             log(f"local cluster already running ({self.server})")
+            self.configure_prometheus(log)
             return self
         if self.state.pids:
             self.down(log=lambda *_: None)
@@ -462,16 +464,57 @@ class LocalCluster:
             subprocess.run([sys.executable, "-m", "e2e.localcluster.seed", f"--endpoint={self.s3_endpoint}"],
                            cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, check=True)
 
+    @property
+    def prometheus_config_file(self) -> Path:
+        return self.root / "prometheus" / "prometheus.yml"
+
+    def prometheus_scrape_configs(self) -> list[dict]:
+        """The scrape jobs of the chart's ServiceMonitor and PodMonitor for the release the tests
+        install (operator_release.RELEASE in NAMESPACE), as the Prometheus Operator writes them."""
+        from .operator_release import CHART, NAMESPACE, RELEASE  # operator_release imports this module
+
+        build.build(build.HELM, log=lambda *_: None)
+        monitors = prometheus.chart_monitors(build.HELM.binary("helm"), CHART, RELEASE, NAMESPACE)
+        return prometheus.monitor_scrape_configs(monitors, api_server=self.server, pki=self.pki)
+
+    def configure_prometheus(self, log=print) -> bool:
+        """Write Prometheus' configuration from this tree's chart; a running Prometheus reloads it
+        when it changed. Returns whether it changed."""
+        p = self.state.ports
+        text = yaml.safe_dump(prometheus.prometheus_config(
+            own_port=p["prometheus"], training_operator_port=p["training-operator"],
+            targets_dir=self.prometheus_targets_dir, monitor_jobs=self.prometheus_scrape_configs()), sort_keys=False)
+        path = self.prometheus_config_file
+        if path.exists() and path.read_text() == text:
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A cluster started before discovery needed EndpointSlices gets the read access now.
+        self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
+                     input=yaml.safe_dump_all(addons.prometheus_rbac()))
+        path.write_text(text)
+        if self.state.pids.get("prometheus") and _pid_alive(self.state.pids["prometheus"]):
+            self.reload_prometheus()
+            log("Prometheus reloaded its configuration (the chart's monitors changed)")
+        return True
+
+    def reload_prometheus(self) -> None:
+        """POST /-/reload (--web.enable-lifecycle); Prometheus answers once the new configuration
+        is applied, or with an error when it rejected it (it keeps the old one then)."""
+        request = urllib.request.Request(f"{self.prometheus_url}/-/reload", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30):
+                pass
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"Prometheus rejected {self.prometheus_config_file}: {exc.read().decode()}") from exc
+
     def _start_prometheus(self) -> None:
         p = self.state.ports
         prom_dir = self.root / "prometheus"
         self.prometheus_targets_dir.mkdir(parents=True, exist_ok=True)
-        (prom_dir / "prometheus.yml").write_text(yaml.safe_dump(prometheus_config(
-            api_server=self.server, pki=self.pki, own_port=p["prometheus"],
-            training_operator_port=p["training-operator"], targets_dir=self.prometheus_targets_dir)))
+        self.configure_prometheus()
         proc = self._start("prometheus", [
             str(self.bin / "prometheus"),
-            f"--config.file={prom_dir / 'prometheus.yml'}",
+            f"--config.file={self.prometheus_config_file}",
             f"--storage.tsdb.path={prom_dir / 'data'}",
             f"--web.listen-address={network.NODE_IP}:{p['prometheus']}",
             "--web.enable-lifecycle", "--storage.tsdb.retention.time=1d",

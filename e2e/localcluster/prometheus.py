@@ -1,58 +1,64 @@
-"""Prometheus' configuration for the local cluster (a pure builder).
+"""Prometheus' configuration for the local cluster.
 
-Pods are discovered through the API server (kubernetes_sd_configs, as the Prometheus Operator's
-PodMonitors do): every declared container port named `metrics` of a running pod is a target,
-labelled with its namespace, pod and the pod's labels. The operator's own pods keep the labels
-they export (`namespace` is the FineTuneJob's namespace there); every other pod's metrics get the
-pod's namespace, whatever the pod exports, so no tenant's trainer can pose as another tenant.
+The operator and the trainers are scraped the way a cluster with the Prometheus Operator scrapes
+them: the chart's ServiceMonitor and PodMonitor, rendered for the release the tests install, are
+turned into scrape_configs by prometheus_operator.py (the operator's config generator, re-stated),
+with Kubernetes discovery through the API server as the `finetune:prometheus` user. Besides those:
+Prometheus itself, the training-operator (a host process) and file_sd targets that host processes
+(the operator run from the working tree, tests) drop into a folder.
 """
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
-OPERATOR_POD_LABEL = ("app.kubernetes.io/name", "finetune-operator")
+import yaml
+
+from . import network, prometheus_operator
+
+MONITOR_KINDS = ("ServiceMonitor", "PodMonitor")
+# The local Prometheus scrapes every 2 s; the monitors ask for the same.
+SCRAPE_INTERVAL = "2s"
+# The Prometheus resource's spec.serviceDiscoveryRole: EndpointSlice (the Endpoints API is
+# deprecated since Kubernetes 1.33).
+SERVICE_DISCOVERY_ROLE = "EndpointSlice"
 
 
-def _label_meta(label: str) -> str:
-    return "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in label)
+def monitoring_values(interval: str = SCRAPE_INTERVAL) -> list[str]:
+    """`helm --set` arguments that render the chart's ServiceMonitor and PodMonitor."""
+    return [f"--set=monitoring.{monitor}.enabled=true" for monitor in ("serviceMonitor", "podMonitor")] + \
+           [f"--set=monitoring.{monitor}.interval={interval}" for monitor in ("serviceMonitor", "podMonitor")]
 
 
-def _pod_job(name: str, api_server: str, pki: Path, *, operator: bool) -> dict:
-    label_meta = _label_meta(OPERATOR_POD_LABEL[0])
+def chart_monitors(helm: Path, chart: Path, release: str, namespace: str, extra_args: tuple[str, ...] = ()) -> list[dict]:
+    """The ServiceMonitor and PodMonitor the chart renders for this release, monitoring enabled."""
+    out = subprocess.run([str(helm), "template", release, str(chart), "--namespace", namespace,
+                          *monitoring_values(), *extra_args], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"helm template {chart} failed:\n{out.stderr}")
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc and doc.get("kind") in MONITOR_KINDS]
+
+
+def monitor_scrape_configs(monitors: list[dict], *, api_server: str, pki: Path) -> list[dict]:
+    """What the Prometheus Operator writes for these monitors, discovering through this API server."""
+    apiserver = {"host": api_server,
+                 "tls_config": {"ca_file": str(pki / "ca.crt"), "cert_file": str(pki / "prometheus.crt"),
+                                "key_file": str(pki / "prometheus.key")}}
+    return prometheus_operator.scrape_configs(monitors, service_discovery_role=SERVICE_DISCOVERY_ROLE,
+                                              apiserver=apiserver)
+
+
+def prometheus_config(*, own_port: int, training_operator_port: int, targets_dir: Path,
+                      monitor_jobs: list[dict] = ()) -> dict:
     return {
-        "job_name": name,
-        "honor_labels": operator,
-        # Exporters that send no (or an odd) Content-Type are read as the text format.
-        "fallback_scrape_protocol": "PrometheusText0.0.4",
-        "kubernetes_sd_configs": [{
-            "role": "pod",
-            "api_server": api_server,
-            "tls_config": {"ca_file": str(pki / "ca.crt"), "cert_file": str(pki / "prometheus.crt"),
-                           "key_file": str(pki / "prometheus.key")},
-        }],
-        "relabel_configs": [
-            {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics", "action": "keep"},
-            {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Running", "action": "keep"},
-            {"source_labels": [label_meta], "regex": OPERATOR_POD_LABEL[1],
-             "action": "keep" if operator else "drop"},
-            {"action": "labelmap", "regex": "__meta_kubernetes_pod_label_(.+)"},
-            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-        ],
-    }
-
-
-def prometheus_config(*, api_server: str, pki: Path, own_port: int, training_operator_port: int,
-                      targets_dir: Path) -> dict:
-    return {
-        "global": {"scrape_interval": "2s", "evaluation_interval": "5s"},
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": "5s"},
         "scrape_configs": [
-            {"job_name": "prometheus", "static_configs": [{"targets": [f"localhost:{own_port}"]}]},
+            # Where it listens: the node's bridge address (not localhost).
+            {"job_name": "prometheus", "static_configs": [{"targets": [f"{network.NODE_IP}:{own_port}"]}]},
             {"job_name": "training-operator",
              "static_configs": [{"targets": [f"127.0.0.1:{training_operator_port}"]}]},
-            _pod_job("finetune-operator", api_server, pki, operator=True),
-            _pod_job("pods", api_server, pki, operator=False),
+            *monitor_jobs,
             # Processes of the host (the operator run from the working tree, tests) drop target files here.
             {"job_name": "finetune", "file_sd_configs": [
                 {"files": [str(targets_dir / "*.json")], "refresh_interval": "2s"}]},

@@ -36,3 +36,6 @@ KUBE_ROUTER_UPGRADES = (
 # module v0.316.0 is Prometheus 3.16.0, built with only the discovery mechanisms the cluster uses.
 PROMETHEUS = "v0.316.0"
 PROMETHEUS_RELEASE = "3.16.0"
+# The runtimes the integrations meet (e2e/runtimes/): Argo CD's Lua VM and kstatus.
+GOPHER_LUA = "v1.1.2"          # the Lua VM inside Argo CD: what argo-cd 3.6 requires (go.mod, util/lua)
+CLI_UTILS = "v0.37.2"          # sigs.k8s.io/cli-utils (pkg/kstatus, as Flux, kpt and Helm 4 use it); the newest served

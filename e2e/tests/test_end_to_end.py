@@ -151,8 +151,8 @@ def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator
         steps_seen.add((status.get("progress") or {}).get("step", 0))
         for sample in _prometheus(local_cluster, f'finetune_job_step{{namespace="{namespace}"}}'):
             prometheus_steps.add(float(sample["value"][1]))
-        # The trainer's own metrics, scraped from rank 0 through the pod's `metrics` port.
-        for sample in _prometheus(local_cluster, f'finetune_trainer_step{{finetune_dev_tenant="{namespace}"}}'):
+        # The trainer's own metrics, scraped from rank 0 through the chart's PodMonitor, labelled like the job's.
+        for sample in _prometheus(local_cluster, f'finetune_trainer_step{{namespace="{namespace}", name="{name}"}}'):
             trainer_steps.add(float(sample["value"][1]))
         if status.get("phase") in ("Succeeded", "Failed"):
             break
@@ -161,8 +161,9 @@ def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator
     assert len(steps_seen - {0}) >= 2, f"progress did not advance in status: {steps_seen}"
     assert len(prometheus_steps - {0.0}) >= 1, f"no progress in Prometheus: {prometheus_steps}"
     assert len(trainer_steps - {0.0}) >= 2, f"the trainer's metrics did not advance in Prometheus: {trainer_steps}"
-    wait = kube.run("wait", "-n", namespace, "--for=condition=Succeeded", f"finetunejob/{name}", "--timeout=10s")
-    assert "condition met" in wait.stdout
+    for condition in ("Succeeded", "Ready"):
+        wait = kube.run("wait", "-n", namespace, f"--for=condition={condition}", f"finetunejob/{name}", "--timeout=10s")
+        assert "condition met" in wait.stdout
 
     progress = status["progress"]
     assert progress["step"] == progress["totalSteps"] == job["spec"]["hyperparameters"]["maxSteps"]

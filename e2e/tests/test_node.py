@@ -144,23 +144,44 @@ def test_pods_resolve_cluster_dns_and_reach_the_api_server_through_the_kubernete
             f'cannot list resource "configmaps"') in out, out
 
 
-def test_a_pods_metrics_port_is_discovered_and_scraped_by_prometheus(kube, local_cluster, namespace):
+EXPORTER = """
+import http.server
+class Metrics(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"# TYPE e2e_node_probe gauge\\ne2e_node_probe 7\\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.end_headers()
+        self.wfile.write(body)
+http.server.HTTPServer(("", 9100), Metrics).serve_forever()
+"""
+
+
+def test_a_trainer_pods_metrics_port_is_discovered_and_scraped_through_the_pod_monitor(kube, local_cluster, suffix):
+    """A pod on the real node shaped like a run's master (in a sandbox-prefixed namespace, with the run's
+    labels): Prometheus finds it through the chart's PodMonitor job and labels it as that job's."""
     from e2e.tests.test_end_to_end import _prometheus
 
-    kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "exposition"},
-                "data": {"metrics": "# TYPE e2e_node_probe gauge\ne2e_node_probe 7\n"}}, namespace=namespace)
-    pod = _pod(local_cluster, "exporter", "import runpy, sys; sys.argv = ['http.server', '--directory', '/srv', '9100'];"
-               " runpy.run_module('http.server', run_name='__main__')",
-               ports=[{"name": "metrics", "containerPort": 9100}],
-               volumeMounts=[{"name": "exposition", "mountPath": "/srv"}])
-    pod["metadata"]["labels"]["finetune.dev/tenant"] = "probe"
-    pod["spec"]["volumes"] = [{"name": "exposition", "configMap": {"name": "exposition"}}]
-    kube.apply(pod, namespace=namespace)
-    result = _wait_for(lambda: _prometheus(local_cluster, f'e2e_node_probe{{namespace="{namespace}"}}'), 120,
-                       "Prometheus to discover and scrape the pod")
-    metric = result[0]["metric"]
-    assert float(result[0]["value"][1]) == 7.0
-    assert metric["pod"] == "exporter" and metric["job"] == "pods" and metric["finetune_dev_tenant"] == "probe"
+    sandbox = f"ftj-probe-{suffix}"
+    kube.apply({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": sandbox, "labels": {"finetune.dev/test": "true"}}})
+    try:
+        # An exporter as the trainer's prometheus_client is one: the text format with its Content-Type
+        # (Prometheus 3 refuses a scrape without one).
+        pod = _pod(local_cluster, "exporter", EXPORTER, ports=[{"name": "metrics", "containerPort": 9100}])
+        pod["metadata"]["labels"].update({
+            "app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/tenant": "probe",
+            "finetune.dev/job-name": "probe-job", "finetune.dev/job-uid": "0000", "training.kubeflow.org/replica-type": "master"})
+        pod["metadata"]["annotations"] = {"finetune.dev/job-name": "probe.job"}
+        kube.apply(pod, namespace=sandbox)
+        result = _wait_for(lambda: _prometheus(local_cluster, f'e2e_node_probe{{sandbox="{sandbox}"}}'), 120,
+                           "Prometheus to discover and scrape the pod")
+        metric = result[0]["metric"]
+        assert float(result[0]["value"][1]) == 7.0
+        assert (metric["job"], metric["namespace"], metric["name"], metric["pod"]) == (
+            "finetune-system/finetune-operator-trainers", "probe", "probe.job", "exporter")
+    finally:
+        kube.run("delete", "namespace", sandbox, "--wait=false", check=False)
 
 
 ALLREDUCE = """

@@ -1,39 +1,141 @@
 """Prometheus metrics of the operator (served on OperatorConfig.operatorMetricsPort at /metrics).
 
-Per-job gauges carry (namespace, name) labels and are removed when the FineTuneJob goes away, so a
-deleted job does not linger in dashboards.
+Per-job series carry the FineTuneJob's own `namespace` and `name` labels and are built at scrape time
+from the latest status the operator wrote for each job: a deleted job (forget_job) drops out, and a
+job that left phase Running stops exporting throughput and ETA. Values the status accumulates (GPU
+seconds, restarts) are counters whose value is the status value, as kube-state-metrics exports its
+`*_restarts_total`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
+                               ProcessCollector)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from finetune_operator import __version__
 from finetune_operator.api.types import Phase
+from finetune_operator.status import parse_time
 
 JOB_LABELS = ("namespace", "name")
+PHASES = tuple(phase.value for phase in Phase)
+
+
+@dataclass(frozen=True)
+class JobSeries:
+    name: str
+    help: str
+    counter: bool = False
+
+
+PHASE_SERIES = JobSeries("finetune_job_phase", "The FineTuneJob's phase: 1 for the current one, 0 for the others.")
+JOB_SERIES = {series.name: series for series in (
+    JobSeries("finetune_job_progress_ratio", "Share of the training steps done, 0 to 1."),
+    JobSeries("finetune_job_step", "Optimizer steps done."),
+    JobSeries("finetune_job_total_steps", "Optimizer steps planned."),
+    JobSeries("finetune_job_loss", "Latest training loss."),
+    JobSeries("finetune_job_tokens_per_second", "Training throughput (only while the job is Running)."),
+    JobSeries("finetune_job_eta_seconds", "Estimated seconds to the end of training (only while the job is Running)."),
+    JobSeries("finetune_job_gpu_seconds_total", "GPU time used by the run (status.gpuSeconds).", counter=True),
+    JobSeries("finetune_job_restarts_total", "Container restarts of the run's pods (status.restarts).", counter=True),
+    JobSeries("finetune_job_last_progress_timestamp_seconds", "When the trainer last reported progress "
+              "(status.progress.updatedAt, else status.startTime): the heartbeat of the stall condition."),
+    JobSeries("finetune_job_completion_timestamp_seconds", "When the run finished (status.completionTime)."),
+)}
+
+
+@dataclass(frozen=True)
+class JobState:
+    phase: str
+    values: dict[str, float]  # JOB_SERIES name -> value; a series without a value is not exported
+
+
+def timestamp(text: str | None) -> float | None:
+    moment = parse_time(text)
+    return None if moment is None else moment.timestamp()
+
+
+def job_state(status: dict[str, Any]) -> JobState:
+    phase = status.get("phase") or Phase.Pending.value
+    progress = status.get("progress") or {}
+    running = phase == Phase.Running.value
+    percent = progress.get("percent")
+    values = {
+        "finetune_job_progress_ratio": None if percent is None else percent / 100,
+        "finetune_job_step": progress.get("step"),
+        "finetune_job_total_steps": progress.get("totalSteps"),
+        "finetune_job_loss": progress.get("loss"),
+        "finetune_job_tokens_per_second": progress.get("tokensPerSecond") if running else None,
+        "finetune_job_eta_seconds": progress.get("etaSeconds") if running else None,
+        "finetune_job_gpu_seconds_total": status.get("gpuSeconds"),
+        "finetune_job_restarts_total": status.get("restarts"),
+        "finetune_job_last_progress_timestamp_seconds": timestamp(progress.get("updatedAt") or status.get("startTime")),
+        "finetune_job_completion_timestamp_seconds": timestamp(status.get("completionTime")),
+    }
+    return JobState(phase, {name: float(value) for name, value in values.items() if value is not None})
+
+
+def family(series: JobSeries, labels: Iterable[str] = JOB_LABELS) -> Metric:
+    kind = CounterMetricFamily if series.counter else GaugeMetricFamily
+    return kind(series.name, series.help, labels=list(labels))
+
+
+class JobCollector(Collector):
+    """`finetune_jobs{phase}` and the per-job series, from the latest status of each known job."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[tuple[str, str], JobState] = {}
+
+    def observe(self, key: tuple[str, str], state: JobState) -> None:
+        self._jobs[key] = state
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._jobs.pop(key, None)
+
+    def describe(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase.", labels=["phase"])
+        yield family(PHASE_SERIES, (*JOB_LABELS, "phase"))
+        for series in JOB_SERIES.values():
+            yield family(series)
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = self._jobs.copy()  # scrapes run in the HTTP server's thread
+        counts = dict.fromkeys(PHASES, 0)
+        phases = family(PHASE_SERIES, (*JOB_LABELS, "phase"))
+        families = {name: family(series) for name, series in JOB_SERIES.items()}
+        for (namespace, name), state in jobs.items():
+            counts[state.phase] = counts.get(state.phase, 0) + 1
+            for phase in PHASES:
+                phases.add_metric([namespace, name, phase], 1.0 if phase == state.phase else 0.0)
+            for series, value in state.values.items():
+                families[series].add_metric([namespace, name], value)
+        jobs_by_phase = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase.", labels=["phase"])
+        for phase, count in counts.items():
+            jobs_by_phase.add_metric([phase], count)
+        yield jobs_by_phase
+        yield phases
+        yield from families.values()
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.build_info = Info("finetune_operator_build", "Version of the operator.", registry=r)
         self.build_info.info({"version": __version__})
-        self.jobs = Gauge("finetune_jobs", "FineTuneJobs by phase.", ["phase"], registry=r)
+        self.job_series = JobCollector()
+        r.register(self.job_series)
         self.reconciles = Counter("finetune_reconcile_total", "Reconcile passes by outcome.", ["outcome"], registry=r)
         self.reconcile_seconds = Histogram(
             "finetune_reconcile_duration_seconds", "Duration of one reconcile pass.", registry=r,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.progress = Gauge("finetune_job_progress_percent", "Percent of training steps done.", JOB_LABELS, registry=r)
-        self.step = Gauge("finetune_job_step", "Optimizer steps done.", JOB_LABELS, registry=r)
-        self.loss = Gauge("finetune_job_loss", "Latest training loss.", JOB_LABELS, registry=r)
-        self.tokens = Gauge("finetune_job_tokens_per_second", "Training throughput.", JOB_LABELS, registry=r)
-        self.eta = Gauge("finetune_job_eta_seconds", "Estimated seconds to the end of training.", JOB_LABELS, registry=r)
-        self.gpu_seconds = Gauge("finetune_job_gpu_seconds", "GPU time used by the run.", JOB_LABELS, registry=r)
-        self.restarts = Gauge("finetune_job_restarts", "Pod restarts of the run.", JOB_LABELS, registry=r)
         self.sandboxes_swept = Counter(
             "finetune_sandboxes_swept_total", "Sandboxes deleted by the sweep: their FineTuneJob is gone (orphaned) "
             "or has another sandbox (superseded).", ["reason"], registry=r)
@@ -55,10 +157,6 @@ class Metrics:
                                              "period (absent: no budget).", ["policy"], registry=r)
         self._per_tenant = (self.tenant_running, self.tenant_gpus, self.tenant_gpu_seconds, self.tenant_gpu_hours_used,
                             self.tenant_gpu_hours_budget)
-        self._per_job = (self.progress, self.step, self.loss, self.tokens, self.eta, self.gpu_seconds, self.restarts)
-        self._phases: dict[tuple[str, str], str] = {}
-        for phase in Phase:
-            self.jobs.labels(phase.value).set(0)
 
     def reconcile_count(self) -> float:
         """Reconcile passes so far, all outcomes (the liveness probe's answer)."""
@@ -66,24 +164,10 @@ class Metrics:
                    if s.name.endswith("_total"))
 
     def observe_job(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        key = (namespace, name)
-        self._phases[key] = status.get("phase", Phase.Pending.value)
-        self._recount()
-        progress = status.get("progress") or {}
-        values = {
-            self.progress: progress.get("percent"),
-            self.step: progress.get("step"),
-            self.loss: progress.get("loss"),
-            self.tokens: progress.get("tokensPerSecond"),
-            self.eta: progress.get("etaSeconds"),
-            self.gpu_seconds: status.get("gpuSeconds"),
-            self.restarts: status.get("restarts"),
-        }
-        for gauge, value in values.items():
-            if value is None:
-                self._remove(gauge, key)
-            else:
-                gauge.labels(*key).set(float(value))
+        self.job_series.observe((namespace, name), job_state(status))
+
+    def forget_job(self, namespace: str, name: str) -> None:
+        self.job_series.forget((namespace, name))
 
     def observe_tenant(self, policy: str, status: dict[str, Any], added_gpu_seconds: float,
                        budget_gpu_hours: float | None) -> None:
@@ -107,23 +191,9 @@ class Metrics:
             for phase in Phase:
                 self._remove(self.tenant_jobs, (policy, phase.value))
 
-    def forget_job(self, namespace: str, name: str) -> None:
-        key = (namespace, name)
-        self._phases.pop(key, None)
-        self._recount()
-        for gauge in self._per_job:
-            self._remove(gauge, key)
-
     @staticmethod
-    def _remove(gauge: Gauge | Counter, key: tuple[str, ...]) -> None:
+    def _remove(metric: Gauge | Counter, key: tuple[str, ...]) -> None:
         try:
-            gauge.remove(*key)
+            metric.remove(*key)
         except KeyError:
             pass
-
-    def _recount(self) -> None:
-        counts = {phase.value: 0 for phase in Phase}
-        for phase in self._phases.values():
-            counts[phase] = counts.get(phase, 0) + 1
-        for phase, count in counts.items():
-            self.jobs.labels(phase).set(count)

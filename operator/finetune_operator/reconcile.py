@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -319,6 +320,8 @@ class Reconciler:
         self._input_checks: dict[str, tuple[tuple[int, str], dict[str, Any]]] = {}
         self._applied: dict[str, tuple[str, float]] = {}  # uid -> (digest of the objects, monotonic time)
         self._last_pass: dict[str, float] = {}  # uid -> monotonic time of its last pass
+        # Events name the replica that wrote them: in a pod the hostname is the pod's name.
+        self.instance = f"{n.MANAGER}-{socket.gethostname()}"
 
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._locks.setdefault(uid, asyncio.Lock())
@@ -548,7 +551,7 @@ class Reconciler:
 
     async def _event(self, body: dict[str, Any], event_type: str, reason: str, message: str, now: datetime) -> None:
         try:
-            await self.kube.create(ev.event(body, event_type, reason, message, now))
+            await self.kube.create(ev.event(body, event_type, reason, message, now, instance=self.instance))
         except Exception as exc:  # an event is best effort; never fail the pass for it
             log.warning("cannot post event %s on %s/%s: %s", reason, body["metadata"]["namespace"],
                         body["metadata"]["name"], exc)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from finetune_operator.api.types import CONDITION_REASON_PATTERN, MAX_CONDITION_MESSAGE, MAX_CONDITION_REASON
 from finetune_operator.api.types import ConditionType as C
 from finetune_operator.api.types import (MAX_COUNT, MAX_DATASETS, MAX_STAGES, MAX_STATUS_URI, DatasetDataStatus,
                                          FineTuneJobStatus, OverlapStatus, Phase, PiiStatus, StageDataStatus)
@@ -79,15 +80,14 @@ def parse_time(text: str | None) -> datetime | None:
 # ---- conditions ----------------------------------------------------------------------------------
 
 
-# A condition's reason: CamelCase (metav1.Condition's pattern), at most 128 characters (the CRD's
-# bound); the API refuses anything else.
-REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-MAX_REASON = 128
+# A condition's reason: CamelCase (metav1.Condition's pattern), bounded like the CRD; the API refuses
+# anything else.
+REASON = re.compile(CONDITION_REASON_PATTERN)
 
 
 def safe_reason(reason: str, fallback: str = "Failed") -> str:
     """A reason the API accepts: the trainer's result.json is the tenant's to write."""
-    return reason if len(reason) <= MAX_REASON and REASON.match(reason) else fallback
+    return reason if len(reason) <= MAX_CONDITION_REASON and REASON.match(reason) else fallback
 
 
 def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool | None, reason: str, message: str,
@@ -98,7 +98,7 @@ def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool | N
     previous = next((c for c in conditions if c.get("type") == type_), None)
     transition = previous["lastTransitionTime"] if previous and previous.get("status") == value and \
         previous.get("lastTransitionTime") else rfc3339(now)
-    new = {"type": type_, "status": value, "reason": reason, "message": message[:4096],
+    new = {"type": type_, "status": value, "reason": reason, "message": message[:MAX_CONDITION_MESSAGE],
            "observedGeneration": generation, "lastTransitionTime": transition}
     return [c for c in conditions if c.get("type") != type_] + [new]
 
@@ -186,6 +186,15 @@ def failed_exit_code(pods: list[dict[str, Any]]) -> int | None:
             code = ((cs.get("state") or {}).get("terminated") or {}).get("exitCode")
             if code:
                 return int(code)
+    return None
+
+
+def unschedulable_pod(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(pod name, the scheduler's message) of the first pod the scheduler cannot place."""
+    for pod in pods:
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+                return (pod.get("metadata") or {}).get("name", ""), c.get("message") or "no node fits the pod"
     return None
 
 
@@ -354,6 +363,13 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
     elif not finished_before:
         put(C.Succeeded, False, "NotFinished", "")
         put(C.Failed, False, "NotFailed", "")
+    else:
+        # The run's outcome stands (its PyTorchJob may be gone with the sandbox): restated for this
+        # generation, so that tools which ignore stale conditions (kubectl wait, Argo CD) still see it.
+        for outcome in (C.Succeeded, C.Failed):
+            previous = condition({"conditions": conds}, outcome.value) or {}
+            put(outcome, previous.get("status") == "True", previous.get("reason") or "Completed",
+                previous.get("message") or "")
 
     finished = is_true({"conditions": conds}, C.Succeeded.value) or is_true({"conditions": conds}, C.Failed.value)
     user_suspend = bool(run_policy.get("suspend"))
@@ -367,14 +383,23 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         put(C.Running, False, "Suspended", "the run is suspended")
     else:
         put(C.Suspended, False, "NotSuspended", "")
-        if running_c and not ptj_suspended:
+        unschedulable = unschedulable_pod(obs.pods) if ptj and not ptj_suspended else None
+        if unschedulable is not None:
+            # The PyTorchJob says Running once its master runs; a worker the scheduler cannot place
+            # still keeps the run from training.
+            pod_name, scheduler_message = unschedulable
+            put(C.Running, False, "Unschedulable", f"pod {pod_name}: {scheduler_message}")
+        elif running_c and not ptj_suspended:
             status.setdefault("startTime", ptj_status.get("startTime") or rfc3339(now))
             p = status.get("progress")
-            updated = parse_time((p or {}).get("updatedAt"))
-            quiet = (now - updated).total_seconds() if updated else 0.0
+            # The heartbeat: the trainer's latest progress document, or the start of the run before its first.
+            heartbeat = parse_time((p or {}).get("updatedAt")) or parse_time(status.get("startTime"))
+            quiet = (now - heartbeat).total_seconds() if heartbeat else 0.0
             if obs.stall_after_seconds and quiet > obs.stall_after_seconds:
+                last = f"last: step {p.get('step', 0)} at {p.get('updatedAt')}" if p else \
+                    f"none since the run started at {status.get('startTime')}"
                 put(C.Running, True, "ProgressStalled",
-                    f"no progress reported for {int(quiet)}s (last: step {p.get('step', 0)} at {p.get('updatedAt')})")
+                    f"no progress reported for {int(quiet)}s ({last}); threshold {int(obs.stall_after_seconds)}s")
             else:
                 put(C.Running, True, "Training",
                     f"step {p.get('step', 0)}/{p.get('totalSteps', 0)}" if p else "training; no progress reported yet")
@@ -405,12 +430,51 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
     else:
         put(C.UpToDate, True, "Applied", f"run {run_id} uses the current spec")
 
+    for type_, value, reason, message in kstatus_conditions(conds):
+        put(type_, value, reason, message)
     status["conditions"] = sorted(conds, key=lambda c: _ORDER.get(c["type"], 99))
     status["phase"] = phase(status["conditions"], ptj is not None).value
     return FineTuneJobStatus.model_validate(status).model_dump(mode="json", exclude_none=True)
 
 
 _ORDER = {t.value: i for i, t in enumerate(C)}
+
+
+def kstatus_conditions(conditions: list[dict[str, Any]]) -> list[tuple[C, bool, str, str]]:
+    """Ready, Reconciling and Stalled (the conditions kstatus reads) from the other conditions.
+
+    Stalled: the job cannot get anywhere without someone acting (it failed, its spec is invalid, its
+    trainer stopped reporting progress). Reconciling: the operator still works towards an outcome.
+    Ready: the run succeeded. Each carries the reason and message that explain the job's state."""
+    state = {"conditions": conditions}
+    validated = condition(state, C.Validated.value) or {}
+    running = condition(state, C.Running.value) or {}
+    failed = condition(state, C.Failed.value) if is_true(state, C.Failed.value) else None
+    succeeded = condition(state, C.Succeeded.value) if is_true(state, C.Succeeded.value) else None
+    suspended = condition(state, C.Suspended.value) if is_true(state, C.Suspended.value) else None
+
+    stalled: dict[str, Any] | None = None
+    if failed is not None:
+        stalled = failed
+    elif succeeded is None and validated.get("status") == "False":
+        stalled = validated
+    elif running.get("status") == "True" and running.get("reason") == "ProgressStalled":
+        stalled = running
+    explains = stalled or suspended or (validated if validated.get("status") == "Unknown" else running)
+    reason, message = explains.get("reason") or "Unknown", explains.get("message") or ""
+
+    if succeeded is not None:
+        done = succeeded.get("message") or "the run succeeded"
+        return [(C.Ready, True, "Succeeded", done), (C.Reconciling, False, "Finished", done),
+                (C.Stalled, False, "NotStalled", "")]
+    if stalled is not None:
+        return [(C.Ready, False, reason, message), (C.Reconciling, False, "Stalled", message),
+                (C.Stalled, True, reason, message)]
+    if suspended is not None:
+        return [(C.Ready, False, reason, message), (C.Reconciling, False, "Suspended", message),
+                (C.Stalled, False, "NotStalled", "")]
+    return [(C.Ready, False, reason, message), (C.Reconciling, True, reason, message),
+            (C.Stalled, False, "NotStalled", "")]
 
 
 def phase(conditions: list[dict[str, Any]], run_exists: bool) -> Phase:
@@ -423,8 +487,11 @@ def phase(conditions: list[dict[str, Any]], run_exists: bool) -> Phase:
         return Phase.Failed
     if is_true(state, C.Suspended.value):
         return Phase.Suspended
-    if is_true(state, C.Running.value):
-        return Phase.Running
+    running = condition(state, C.Running.value) or {}
+    if running.get("status") == "True":
+        return Phase.Stalled if running.get("reason") == "ProgressStalled" else Phase.Running
+    if running.get("reason") == "Unschedulable":
+        return Phase.Pending
     if (condition(state, C.Running.value) or {}).get("reason") in WAITING_REASONS and validated.get("status") == "True":
         return Phase.Queued
     if validated.get("status") == "Unknown":

@@ -1,9 +1,9 @@
 """The Helm chart without a cluster: lint, render (default and all-features values), the shape of
-every rendered object, security settings, RBAC, and monitoring wired to the real metric names."""
+every rendered object, security settings, RBAC, Helm conventions (alerts and metric names:
+test_alerts.py and test_metrics.py)."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -11,8 +11,6 @@ import yaml
 
 from finetune_operator import k8s
 from finetune_operator.config import OperatorConfig
-from finetune_operator.metrics import Metrics as OperatorMetrics
-from finetune_trainer.progress import Metrics as TrainerMetrics
 from tests.chart.chartkit import ALL_FEATURES, CHART, REPO, RELEASE_NAMESPACE, by_kind, named, one
 
 VALUE_SETS = {"default": (), "all-features": ("--values", str(ALL_FEATURES))}
@@ -209,47 +207,6 @@ def test_admission_guard_matches_only_the_operator_service_account(rendered):
 
 # ---- monitoring ------------------------------------------------------------------------------
 
-def exposed_metric_names() -> set[str]:
-    operator = OperatorMetrics()
-    operator.observe_job("team-a", "job", {"phase": "Running", "gpuSeconds": 1, "restarts": 0, "progress": {
-        "percent": 1, "step": 1, "loss": 1, "tokensPerSecond": 1, "etaSeconds": 1}})
-    operator.observe_tenant("team-a", {"jobs": {"Running": 1}}, added_gpu_seconds=1, budget_gpu_hours=1)
-    operator.reconciles.labels("ok").inc()
-    operator.reconcile_seconds.observe(0.1)
-    trainer = TrainerMetrics(port=0)
-    return {sample.name for metrics in (operator, trainer) for family in metrics.registry.collect()
-            for sample in family.samples}
-
-
-def metric_names_in(expr: str) -> set[str]:
-    return set(re.findall(r"\bfinetune_[a-z_]+", expr))
-
-
-def test_alerts_cover_failure_stall_checkpoint_reconcile_errors_and_tenant_budgets(helm_cli):
-    rule = one(helm_cli.render("--values", str(ALL_FEATURES)), "PrometheusRule")
-    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"]}
-    assert set(alerts) == {"FineTuneJobFailed", "FineTuneJobProgressStalled", "FineTuneJobCheckpointStale",
-                           "FineTuneOperatorReconcileErrors", "FineTuneTenantBudgetNearlyUsed",
-                           "FineTuneTenantBudgetExhausted"}
-    names = exposed_metric_names()
-    for alert in alerts.values():
-        used = metric_names_in(alert["expr"])
-        assert used and used <= names, f"{alert['alert']} uses unknown metrics {used - names}"
-        assert alert["annotations"]["summary"] and alert["labels"]["severity"]
-
-
-def test_dashboard_shows_jobs_and_reconciles_with_real_metric_names(helm_cli):
-    dashboard_map = named(helm_cli.render("--values", str(ALL_FEATURES)), "ConfigMap", "-dashboard")
-    assert dashboard_map["metadata"]["namespace"] == "monitoring"
-    dashboard = json.loads(dashboard_map["data"]["finetune-operator.json"])
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
-    used = set().union(*(metric_names_in(e) for e in exprs))
-    assert used <= exposed_metric_names()
-    for needed in ("finetune_job_progress_percent", "finetune_job_loss", "finetune_job_tokens_per_second",
-                   "finetune_job_eta_seconds", "finetune_jobs", "finetune_reconcile_duration_seconds_bucket"):
-        assert needed in used, needed
-
-
 def test_monitors_scrape_the_named_metrics_ports(helm_cli):
     objects = helm_cli.render("--values", str(ALL_FEATURES))
     assert [e["port"] for e in one(objects, "ServiceMonitor")["spec"]["endpoints"]] == ["metrics"]
@@ -298,3 +255,38 @@ def test_only_the_monitoring_namespace_reaches_the_operator_metrics_port(rendere
     assert rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]
     ports = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert "metrics" in ports
+
+
+# ---- Helm conventions ------------------------------------------------------------------------------------
+
+def test_every_object_carries_the_standard_labels(rendered):
+    _, objects = rendered
+    for obj in objects:
+        labels = obj["metadata"].get("labels") or {}
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm", obj["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/instance") == "ftop", obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("args, base_name, app_name", [
+    ((), "ftop-finetune-operator", "finetune-operator"),
+    (("--set", "nameOverride=tuner"), "ftop-tuner", "tuner"),
+    (("--set", "fullnameOverride=ml-tuning"), "ml-tuning", "finetune-operator"),
+], ids=["default", "nameOverride", "fullnameOverride"])
+def test_name_overrides_name_every_object(helm_cli, args, base_name, app_name):
+    objects = helm_cli.render(*args)
+    deployment = one(objects, "Deployment")
+    assert deployment["metadata"]["name"] == base_name
+    assert deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == app_name
+    for obj in objects:
+        if obj["kind"] not in ("ClusterRole",) or "aggregate" not in str(obj["metadata"].get("labels")):
+            assert obj["metadata"]["name"].startswith(base_name), obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("args, image", [
+    ((), "ghcr.io/finetune-operator/finetune-trainer:{app_version}"),
+    (("--set", "config.trainerImage=registry.example.com/ml/trainer:2.0"), "registry.example.com/ml/trainer:2.0"),
+], ids=["appVersion", "set"])
+def test_the_trainer_image_follows_the_charts_app_version(helm_cli, args, image):
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    config = yaml.safe_load(named(helm_cli.render(*args), "ConfigMap", "-config")["data"]["config.yaml"])
+    assert config["trainerImage"] == image.format(app_version=app_version)

@@ -4,21 +4,16 @@ and the dashboard's Tenants row queries only the per-tenant metrics the operator
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-from pathlib import Path
 
 import pytest
-import yaml
 
-from e2e.localcluster import build
 from finetune_operator.metrics import Metrics as OperatorMetrics
-from tests.chart.chartkit import named, one
+from tests.chart.chartkit import named
+from tests.chart.promkit import MONITORING_ON, metric_names_in, rule_groups, run_promtool_test, runbook_url
 
 TENANT_METRICS = {"finetune_tenant_jobs", "finetune_tenant_running_jobs", "finetune_tenant_gpus_in_use",
                   "finetune_tenant_gpu_seconds_total", "finetune_tenant_gpu_hours_used",
                   "finetune_tenant_gpu_hours_budget"}
-MONITORING_ON = ("--set", "monitoring.prometheusRule.enabled=true", "--set", "monitoring.dashboard.enabled=true")
 
 # GPU-hours used and budget per tenant; team-d has no budget, so no budget gauge.
 TENANT_USAGE = {"team-a": (85, 100), "team-b": (92, 100), "team-c": (100, 100), "team-d": (500, None)}
@@ -26,25 +21,9 @@ BUSY_GPUS = {"team-a": 2, "team-b": 4}
 
 
 @pytest.fixture(scope="module")
-def promtool() -> Path:
-    binary = build.PROMETHEUS.binary("promtool")
-    if not binary.exists():
-        pytest.fail(f"promtool is not built ({binary}): run `make cluster-build`")
-    return binary
-
-
-@pytest.fixture(scope="module")
 def dashboard(helm_cli) -> dict:
     config_map = named(helm_cli.render(*MONITORING_ON), "ConfigMap", "-dashboard")
     return json.loads(config_map["data"]["finetune-operator.json"])
-
-
-def rule_groups(helm_cli, *extra_args: str) -> list[dict]:
-    return one(helm_cli.render(*MONITORING_ON, *extra_args), "PrometheusRule")["spec"]["groups"]
-
-
-def metric_names_in(expr: str) -> set[str]:
-    return set(re.findall(r"\bfinetune_[a-z_]+", expr))
 
 
 def row_panels(dashboard: dict, row_title: str) -> dict[str, dict]:
@@ -86,18 +65,9 @@ def budget_alert(alertname: str, *policies: str) -> dict:
                            "wait with reason BudgetExhausted until the next period or a larger budget; "
                            "running ones go on.")
         expected.append({"exp_labels": {"severity": "warning", "policy": policy},
-                         "exp_annotations": {"summary": summary, "description": description}})
+                         "exp_annotations": {"summary": summary, "description": description,
+                                             "runbook_url": runbook_url(alertname)}})
     return {"eval_time": "10m", "alertname": alertname, "exp_alerts": expected}
-
-
-def run_promtool_test(promtool: Path, directory: Path, groups: list[dict], test: dict) -> None:
-    (directory / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
-    (directory / "tests.yaml").write_text(yaml.safe_dump(
-        {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": [{"interval": "1m", **test}]},
-        sort_keys=False))
-    result = subprocess.run([str(promtool), "test", "rules", "tests.yaml"], cwd=directory, capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, f"promtool test rules failed:\n{result.stdout}\n{result.stderr}"
 
 
 # ---- alerts ----------------------------------------------------------------------------------------

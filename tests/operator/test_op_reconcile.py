@@ -12,7 +12,6 @@ from finetune_operator.builders import JobRef, names, run_objects
 from finetune_operator.builders.events import event, transition_events
 from finetune_operator.config import OperatorConfig
 from finetune_operator.handlers import FINALIZER, configure_settings, register
-from finetune_operator.metrics import Metrics
 from finetune_operator.reconcile import View, decide, needs_apply, objects_digest, should_read_documents, timer_due
 from finetune_operator.status import SANDBOX_ABSENT, SANDBOX_ACTIVE, SANDBOX_EXPIRED, SANDBOX_TERMINATING
 from finetune_operator.validation import Facts, Problem, validate
@@ -268,19 +267,9 @@ def test_event_object():
     assert e["metadata"]["name"] != event(job(), "Warning", "SecretNotFound", "other", NOW)["metadata"]["name"]
 
 
-def test_metrics_per_job_gauges_are_removed_with_the_job():
-    m = Metrics()
-    m.observe_job("team-a", "bot", {"phase": "Running", "progress": {"percent": 25.0, "loss": 1.5, "tokensPerSecond": 900.0,
-                                                                      "etaSeconds": 60}})
-    m.observe_job("team-b", "other", {"phase": "Succeeded"})
-    value = m.registry.get_sample_value
-    assert value("finetune_job_progress_percent", {"namespace": "team-a", "name": "bot"}) == 25.0
-    assert value("finetune_job_eta_seconds", {"namespace": "team-a", "name": "bot"}) == 60
-    assert value("finetune_jobs", {"phase": "Running"}) == 1 and value("finetune_jobs", {"phase": "Succeeded"}) == 1
-    m.forget_job("team-a", "bot")
-    assert value("finetune_job_progress_percent", {"namespace": "team-a", "name": "bot"}) is None
-    assert value("finetune_jobs", {"phase": "Running"}) == 0
-    assert value("finetune_operator_build_info", {"version": "0.1.0"}) == 1
+def test_an_event_names_the_operator_replica_that_reported_it():
+    e = event(job(), "Normal", "Running", "step 1/10", NOW, instance="finetune-operator-7d9f-abcde")
+    assert (e["reportingComponent"], e["reportingInstance"]) == ("finetune-operator", "finetune-operator-7d9f-abcde")
 
 
 def test_kopf_wiring():

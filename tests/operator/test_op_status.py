@@ -32,6 +32,13 @@ def ptj(*true_conditions: str, suspend: bool = False, completion: str | None = N
     return {"metadata": {"name": "train-1"}, "spec": {"runPolicy": {"suspend": suspend}}, "status": status}
 
 
+def unschedulable_pod(name="train-1-worker-0") -> dict:
+    return {"metadata": {"name": name}, "spec": {"containers": [{"name": "pytorch"}]},
+            "status": {"phase": "Pending", "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                 "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}}
+
+
 def pod(phase="Running", gpus=8, start="2026-01-01T11:00:00Z", restarts=0, exit_code=None):
     cs = {"name": "pytorch", "restartCount": restarts, "state": {"running": {}}}
     if exit_code is not None:
@@ -76,7 +83,30 @@ CASES = [
     ("spec changed during the run", obs(pytorchjob=ptj("Created", "Running"), spec_drift=True), {}, "Running",
      {"UpToDate": "False", "Running": "True"}),
     ("replacing an old run", obs(replacing_run="1"), {"runId": "2"}, "Pending", {"Running": "False"}),
+    ("a worker the scheduler cannot place", obs(pytorchjob=ptj("Created", "Running"), pods=[pod(), unschedulable_pod()]),
+     {}, "Pending", {"Running": "False"}),
+    ("progress stalled", obs(pytorchjob=ptj("Created", "Running"), pods=[pod()], stall_after_seconds=60,
+                             progress=PROGRESS.model_copy(update={"updatedAt": "2026-01-01T11:00:00Z"})), {},
+     "Stalled", {"Running": "True"}),
 ]
+
+# The conditions kstatus reads, per case of CASES: (Ready, Reconciling, Stalled, the reason they give).
+KSTATUS = {
+    "invalid spec": ("False", "False", "True", "UnknownNodePool"),
+    "S3 unreachable is not a verdict": ("False", "True", "False", "S3Unreachable"),
+    "sandbox ready, run not yet created": ("False", "True", "False", "NotStarted"),
+    "created, pods not running": ("False", "True", "False", "Starting"),
+    "queued by kueue": ("False", "True", "False", "Queued"),
+    "running": ("False", "True", "False", "Training"),
+    "restarting": ("False", "True", "False", "Restarting"),
+    "suspended by the user": ("False", "False", "False", "SuspendedByUser"),
+    "succeeded": ("True", "False", "False", "Succeeded"),
+    "failed by the evaluation gate": ("False", "False", "True", "EvaluationGateFailed"),
+    "spec changed during the run": ("False", "True", "False", "Training"),
+    "replacing an old run": ("False", "True", "False", "ReplacingRun"),
+    "a worker the scheduler cannot place": ("False", "True", "False", "Unschedulable"),
+    "progress stalled": ("False", "False", "True", "ProgressStalled"),
+}
 
 
 @pytest.mark.parametrize("name,observation,overrides,phase,conditions", CASES, ids=[c[0] for c in CASES])
@@ -87,6 +117,40 @@ def test_derive_status(name, observation, overrides, phase, conditions):
     assert {k: got.get(k) for k in conditions} == conditions
     for c in status["conditions"]:
         assert c["observedGeneration"] == 1 and c["lastTransitionTime"] and c["reason"]
+
+
+def test_every_case_has_its_kstatus_conditions():
+    assert set(KSTATUS) == {c[0] for c in CASES}
+
+
+@pytest.mark.parametrize("name,observation,overrides", [c[:3] for c in CASES], ids=[c[0] for c in CASES])
+def test_kstatus_conditions(name, observation, overrides):
+    status = derive_status(job(minimal_spec(**overrides)), observation, [137])
+    ready, reconciling, stalled, reason = KSTATUS[name]
+    got = {c["type"]: c for c in status["conditions"]}
+    assert (got["Ready"]["status"], got["Reconciling"]["status"], got["Stalled"]["status"]) == (ready, reconciling, stalled)
+    assert got["Ready"]["reason"] == reason
+    # The condition that explains the state carries the same words as Ready.
+    explaining = got["Stalled"] if stalled == "True" else got["Reconciling"] if reconciling == "True" else None
+    if explaining is not None:
+        assert (explaining["reason"], explaining["message"]) == (reason, got["Ready"]["message"])
+    assert [c["type"] for c in status["conditions"]][-3:] == ["Ready", "Reconciling", "Stalled"]
+
+
+def test_an_unschedulable_pod_is_named_with_the_schedulers_message():
+    status = derive_status(job(), CASES[[c[0] for c in CASES].index("a worker the scheduler cannot place")][1])
+    assert condition(status, "Running")["message"] == (
+        "pod train-1-worker-0: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    assert condition(status, "Ready")["message"] == condition(status, "Running")["message"]
+
+
+def test_a_run_that_never_reported_progress_stalls_from_its_start():
+    started = ptj("Created", "Running")
+    started["status"]["startTime"] = "2026-01-01T11:00:00Z"
+    status = derive_status(job(), obs(pytorchjob=started, pods=[pod()], stall_after_seconds=900))
+    assert status["phase"] == "Stalled"
+    assert condition(status, "Stalled")["message"] == (
+        "no progress reported for 3600s (none since the run started at 2026-01-01T11:00:00Z); threshold 900s")
 
 
 def test_no_sandbox_is_named_before_one_exists():
@@ -230,3 +294,15 @@ def test_restarts_are_counted_from_the_training_operators_exit_events(events, ex
     from finetune_operator.status import restarts_from_events
 
     assert restarts_from_events(events, [130, 137, 143]) == expected
+
+
+def test_a_finished_outcome_is_restated_for_a_new_generation():
+    """After the sandbox went away, a spec edit (same runId) must not leave Succeeded at an old generation."""
+    done = job()
+    done["status"] = derive_status(done, CASES[[c[0] for c in CASES].index("succeeded")][1])
+    done["metadata"]["generation"] = 2
+    status = derive_status(done, obs(sandbox_state="absent"))
+    succeeded = condition(status, "Succeeded")
+    assert (succeeded["status"], succeeded["observedGeneration"]) == ("True", 2)
+    assert succeeded["lastTransitionTime"] == condition(done["status"], "Succeeded")["lastTransitionTime"]
+    assert status["phase"] == "Succeeded" and condition(status, "Ready")["status"] == "True"

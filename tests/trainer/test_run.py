@@ -170,6 +170,9 @@ def test_metrics_are_served_while_training(storage, model_bucket, bucket, s3_end
     assert "finetune_trainer_step 4.0" in scraped["text"]
     assert "finetune_trainer_total_steps 4.0" in scraped["text"]
     assert "finetune_trainer_tokens_per_second" in scraped["text"]
+    for name in ("finetune_trainer_checkpoints_total", "finetune_trainer_last_checkpoint_timestamp_seconds",
+                 "process_cpu_seconds_total"):
+        assert f"\n{name} " in scraped["text"], name
 
 
 def test_a_finished_run_is_not_run_again(storage, model_bucket, bucket, s3_endpoint, tmp_path):

@@ -18,12 +18,15 @@ METRICS_PORT_ENV = "FINETUNE_TRAINER_METRICS_PORT"
 
 
 class Metrics:
-    """Prometheus gauges in their own registry (several runs in one test process must not clash)."""
+    """Prometheus metrics in their own registry (several runs in one test process must not clash)."""
 
     def __init__(self, port: int):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+        from prometheus_client import (CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector,
+                                       start_http_server)
 
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         gauge = lambda name, doc: Gauge(f"finetune_trainer_{name}", doc, registry=self.registry)  # noqa: E731
         self.step = gauge("step", "Optimizer steps done in the current stage.")
         self.total_steps = gauge("total_steps", "Optimizer steps of the current stage.")
@@ -32,10 +35,20 @@ class Metrics:
         self.learning_rate = gauge("learning_rate", "Current learning rate.")
         self.tokens_per_second = gauge("tokens_per_second", "Training tokens per second, all ranks together.")
         self.eta_seconds = gauge("eta_seconds", "Estimated seconds until the stage ends.")
-        self.checkpoints = Counter("finetune_trainer_checkpoints", "Checkpoints saved.", registry=self.registry)
+        self.checkpoints = Counter("finetune_trainer_checkpoints", "Checkpoints this process saved.",
+                                   registry=self.registry)
+        # The process start before the first checkpoint: a restarted trainer is not "stale" at once
+        # (the counter starts again at 0, so alerting on its increase would be).
+        self.last_checkpoint = gauge("last_checkpoint_timestamp_seconds", "When this process saved its latest "
+                                     "checkpoint (Unix time), or when it started before its first one.")
+        self.last_checkpoint.set_to_current_time()
         self.server = None
         if port:
             self.server, _ = start_http_server(port, registry=self.registry)
+
+    def checkpoint_saved(self) -> None:
+        self.checkpoints.inc()
+        self.last_checkpoint.set_to_current_time()
 
     def update(self, p: Progress) -> None:
         self.step.set(p.step)
@@ -105,7 +118,7 @@ class ProgressReporter:
 
     def checkpoint_saved(self) -> None:
         if self.metrics:
-            self.metrics.checkpoints.inc()
+            self.metrics.checkpoint_saved()
 
     def flush(self) -> None:
         if self.storage is None:

@@ -1,14 +1,25 @@
-{{/* The release's full name: <release> when it already contains the chart name, else <release>-<chart>. */}}
+{{/* The chart's name, or nameOverride. */}}
+{{- define "finetune-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The release's full name: fullnameOverride; else <release> when it already contains the name,
+     else <release>-<name>. */}}
 {{- define "finetune-operator.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "finetune-operator.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
 {{- define "finetune-operator.selectorLabels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
@@ -16,7 +27,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ include "finetune-operator.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/part-of: finetune-operator
-helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The trainer image: config.trainerImage, or the project's image at the chart's appVersion. */}}
+{{- define "finetune-operator.trainerImage" -}}
+{{- default (printf "ghcr.io/finetune-operator/finetune-trainer:%s" .Chart.AppVersion) .Values.config.trainerImage -}}
 {{- end -}}
 
 {{- define "finetune-operator.serviceAccountName" -}}

@@ -120,6 +120,11 @@ def openapi_schema(model: type[BaseModel] = t.FineTuneJob, kind: str = t.KIND,
     body = _convert(raw, defs)
     body.pop("description", None)
     status = _strip_defaults(body["properties"]["status"])  # the operator writes all of status
+    if "observedGeneration" in status["properties"]:
+        # Until the operator's first status write, the API server serves `status: {observedGeneration: 0}`
+        # (a default applies when the object is read): kstatus, Helm's --wait and Argo CD then see a
+        # status behind metadata.generation (in progress) rather than no status at all (done).
+        status["default"] = {"observedGeneration": 0}
     status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
     status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
     return {
@@ -146,6 +151,8 @@ def _strip_defaults(node: Any) -> Any:
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Summary of the conditions."},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].reason",
+     "description": "Why the job is (not yet) Ready: Queued, Unschedulable, Training, ProgressStalled, a failure's reason."},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.type", "description": "Fine-tuning method."},
     {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "description": "Percent of steps done."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},

@@ -166,6 +166,7 @@ class JobCounts(StatusModel):
     Validating: int = Field(default=0, description="Jobs whose inputs are being checked.")
     Queued: int = Field(default=0, description="Jobs waiting (for Kueue, the budget or the running-job limit).")
     Running: int = Field(default=0, description="Jobs training.")
+    Stalled: int = Field(default=0, description="Jobs whose trainer stopped reporting progress.")
     Suspended: int = Field(default=0, description="Suspended jobs.")
     Succeeded: int = Field(default=0, description="Jobs that succeeded.")
     Failed: int = Field(default=0, description="Jobs that failed.")

@@ -222,6 +222,7 @@ class Phase(str, Enum):
     Validating = "Validating"
     Queued = "Queued"
     Running = "Running"
+    Stalled = "Stalled"
     Succeeded = "Succeeded"
     Failed = "Failed"
     Suspended = "Suspended"
@@ -235,6 +236,11 @@ class ConditionType(str, Enum):
     Failed = "Failed"
     Suspended = "Suspended"
     UpToDate = "UpToDate"
+    # The conditions kstatus reads (sigs.k8s.io/cli-utils: Flux, kpt, Helm 4's --wait) and
+    # `kubectl wait --for=condition=Ready` waits on.
+    Ready = "Ready"
+    Reconciling = "Reconciling"
+    Stalled = "Stalled"
 
 
 class StatusModel(BaseModel):
@@ -243,13 +249,28 @@ class StatusModel(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, use_enum_values=True)
 
 
+# metav1.Condition's validation (k8s.io/apimachinery/pkg/apis/meta/v1/types.go), so that a condition the
+# operator writes is one every Kubernetes tool can read.
+CONDITION_TYPE_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                          r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+MAX_CONDITION_REASON = 128   # metav1 allows 1024; ours are short CamelCase words
+MAX_CONDITION_MESSAGE = 4096  # metav1 allows 32768
+
+
 class Condition(StatusModel):
-    type: str = Field(max_length=64, description="Condition type (Validated, SandboxReady, Running, Succeeded, Failed, Suspended, UpToDate).")
+    """One aspect of the object's state, in the shape and with the validation of metav1.Condition."""
+
+    type: str = Field(max_length=316, pattern=CONDITION_TYPE_PATTERN,
+                      description="Condition type (Validated, SandboxReady, Running, Succeeded, Failed, Suspended, "
+                      "UpToDate, Ready, Reconciling, Stalled).")
     status: str = Field(description="True, False or Unknown.", json_schema_extra={"enum": ["True", "False", "Unknown"]})
-    reason: str = Field(default="", max_length=128, description="CamelCase reason of the last transition or update.")
-    message: str = Field(default="", max_length=4096, description="Human-readable details.")
-    observedGeneration: int = Field(default=0, description="metadata.generation the condition was computed from.")
-    lastTransitionTime: str = Field(default="", description="When status last changed (RFC 3339).")
+    reason: str = Field(min_length=1, max_length=MAX_CONDITION_REASON, pattern=CONDITION_REASON_PATTERN,
+                        description="CamelCase reason of the last transition or update.")
+    message: str = Field(max_length=MAX_CONDITION_MESSAGE, description="Human-readable details (may be empty).")
+    observedGeneration: int = Field(default=0, ge=0, description="metadata.generation the condition was computed from.")
+    lastTransitionTime: str = Field(description="When status last changed (RFC 3339).",
+                                    json_schema_extra={"format": "date-time"})
 
 
 class ProgressStatus(StatusModel):
@@ -351,7 +372,7 @@ class FineTuneJobStatus(StatusModel):
     """Observed state; the conditions are the truth, phase is a summary for humans."""
 
     observedGeneration: int = Field(default=0, description="metadata.generation of the last reconciled spec.")
-    phase: Phase = Field(default=Phase.Pending, description="Summary: Pending|Validating|Queued|Running|Succeeded|Failed|Suspended.")
+    phase: Phase = Field(default=Phase.Pending, description="Summary: Pending|Validating|Queued|Running|Stalled|Succeeded|Failed|Suspended.")
     conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Current conditions, one per type.")
     runId: str = Field(default="", description="The spec.runId this status describes.")
     sandboxNamespace: str | None = Field(default=None, description="Namespace holding the run's objects (once it exists).")

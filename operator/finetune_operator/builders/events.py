@@ -25,7 +25,8 @@ NOTABLE = {
 WARNING_REASONS = {"ProgressStalled"}  # a notable transition that is bad news despite its condition
 # Running=False reasons worth an event of their own: the run waits (its tenant's budget or running-job
 # limit, Kueue) or was preempted.
-NOTABLE_WAITS = {"BudgetExhausted": WARNING, "RunningJobLimit": NORMAL, "Queued": NORMAL, "Preempted": WARNING}
+NOTABLE_WAITS = {"BudgetExhausted": WARNING, "RunningJobLimit": NORMAL, "Queued": NORMAL, "Preempted": WARNING,
+                 "Unschedulable": WARNING}
 
 
 def transition_events(old_status: dict[str, Any], new_status: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -44,8 +45,10 @@ def transition_events(old_status: dict[str, Any], new_status: dict[str, Any]) ->
     return out
 
 
-def event(job: dict[str, Any], event_type: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
-    """A core/v1 Event on the FineTuneJob (kubectl describe ftj shows it)."""
+def event(job: dict[str, Any], event_type: str, reason: str, message: str, now: datetime,
+          instance: str = MANAGER) -> dict[str, Any]:
+    """A core/v1 Event on the FineTuneJob (kubectl describe ftj shows it); `instance` names the operator
+    replica that reported it (its pod)."""
     meta = job["metadata"]
     stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     digest = hashlib.sha256(f"{meta.get('uid')}/{reason}/{message}/{now.isoformat()}".encode()).hexdigest()[:10]
@@ -69,5 +72,5 @@ def event(job: dict[str, Any], event_type: str, reason: str, message: str, now: 
         "count": 1,
         "source": {"component": MANAGER},
         "reportingComponent": MANAGER,
-        "reportingInstance": MANAGER,
+        "reportingInstance": instance[:128],
     }

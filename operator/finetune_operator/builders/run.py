@@ -18,6 +18,9 @@ from finetune_trainer.config import JobIdentity, Runtime, Storage, TrainerConfig
 MASTER_PORT = 23456
 SHUTDOWN_MARGIN_SECONDS = 5
 CONTAINER_NAME = "pytorch"  # the name the training-operator looks for
+# The FineTuneJob's full name on its trainer pods (the label finetune.dev/job-name is cut to 63
+# characters): the PodMonitor's relabelings make it the `name` label of the trainer's series.
+ANNOTATION_JOB_NAME = "finetune.dev/job-name"
 
 
 def trainer_config(job: n.JobRef, cfg: OperatorConfig) -> TrainerConfig:
@@ -61,7 +64,7 @@ def procs_per_pod(job: n.JobRef) -> int:
     return max(job.spec.resources.gpusPerWorker, 1)
 
 
-def _container(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+def _container(job: n.JobRef, cfg: OperatorConfig, *, serves_metrics: bool) -> dict[str, Any]:
     res = job.spec.resources
     _, pool = resolve_pool(job, cfg)
     resources: dict[str, Any] = {"cpu": str(res.cpu), "memory": str(res.memory),
@@ -92,9 +95,11 @@ def _container(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
              "value": str(max(job.spec.checkpoint.preemptionGraceSeconds - SHUTDOWN_MARGIN_SECONDS, 1))},
         ],
         "envFrom": [{"secretRef": {"name": n.CREDENTIALS_SECRET}}],
+        # Only rank 0 serves the trainer's metrics, and rank 0 runs in the Master: a `metrics` port on
+        # the workers would be a scrape target that is always down.
         "ports": [
             {"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": cfg.trainerMetricsPort, "protocol": "TCP"},
+            *([{"name": "metrics", "containerPort": cfg.trainerMetricsPort, "protocol": "TCP"}] if serves_metrics else []),
         ],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "securityContext": {
@@ -112,7 +117,7 @@ def _container(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
     }
 
 
-def _pod_template(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+def _pod_template(job: n.JobRef, cfg: OperatorConfig, *, master: bool) -> dict[str, Any]:
     _, pool = resolve_pool(job, cfg)
     pod: dict[str, Any] = {
         # On preemption or eviction the trainer finishes its step and saves a checkpoint in this time.
@@ -127,7 +132,7 @@ def _pod_template(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
             "fsGroup": cfg.runAsUser,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_container(job, cfg)],
+        "containers": [_container(job, cfg, serves_metrics=master)],
         "volumes": [
             {"name": "trainer-config", "configMap": {"name": n.configmap_name(job.spec.runId)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(job.spec.resources.sharedMemory)}},
@@ -140,11 +145,11 @@ def _pod_template(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
         pod["tolerations"] = [dict(t) for t in pool.tolerations]
     if job.spec.runPolicy.priorityClassName:
         pod["priorityClassName"] = job.spec.runPolicy.priorityClassName
-    return {"metadata": {"labels": n.run_labels(job)}, "spec": pod}
+    return {"metadata": {"labels": n.run_labels(job), "annotations": {ANNOTATION_JOB_NAME: job.name}}, "spec": pod}
 
 
-def _replica(job: n.JobRef, cfg: OperatorConfig, replicas: int) -> dict[str, Any]:
-    return {"replicas": replicas, "restartPolicy": "ExitCode", "template": _pod_template(job, cfg)}
+def _replica(job: n.JobRef, cfg: OperatorConfig, replicas: int, *, master: bool) -> dict[str, Any]:
+    return {"replicas": replicas, "restartPolicy": "ExitCode", "template": _pod_template(job, cfg, master=master)}
 
 
 def owns_suspend(job: n.JobRef) -> bool:
@@ -175,9 +180,9 @@ def pytorch_job(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
         run_policy["suspend"] = spec.runPolicy.suspend
     if spec.runPolicy.activeDeadlineSeconds:
         run_policy["activeDeadlineSeconds"] = spec.runPolicy.activeDeadlineSeconds
-    replicas: dict[str, Any] = {"Master": _replica(job, cfg, 1)}
+    replicas: dict[str, Any] = {"Master": _replica(job, cfg, 1, master=True)}
     if spec.resources.workers > 1:
-        replicas["Worker"] = _replica(job, cfg, spec.resources.workers - 1)
+        replicas["Worker"] = _replica(job, cfg, spec.resources.workers - 1, master=False)
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
