@@ -177,11 +177,7 @@ def service_monitor_config(monitor: dict, endpoint: dict, index: int, *, role: s
     if endpoint.get("filterRunning", True):
         rules.append(_running_filter())
     rules.append({"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job", "replacement": "${1}"})
-    if spec.get("jobLabel"):
-        rules.append({"source_labels": [f"__meta_kubernetes_service_label_{sanitize_label_name(spec['jobLabel'])}"],
-                      "target_label": "job", "regex": "(.+)", "replacement": "${1}"})
-    if endpoint.get("port"):
-        rules.append({"target_label": "endpoint", "replacement": endpoint["port"]})
+    rules += _job_label_and_endpoint(spec, endpoint, "__meta_kubernetes_service_label_")
     return _tail(config, endpoint, rules, shards)
 
 
@@ -204,12 +200,19 @@ def pod_monitor_config(monitor: dict, endpoint: dict, index: int, *, apiserver: 
         {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         {"target_label": "job", "replacement": f"{meta['namespace']}/{meta['name']}"},
     ]
+    rules += _job_label_and_endpoint(spec, endpoint, "__meta_kubernetes_pod_label_")
+    return _tail(config, endpoint, rules, shards)
+
+
+def _job_label_and_endpoint(spec: dict, endpoint: dict, label_meta_prefix: str) -> list[dict]:
+    """The last target labels of either monitor: `job` from the jobLabel's value, and `endpoint`."""
+    rules = []
     if spec.get("jobLabel"):
-        rules.append({"source_labels": [f"__meta_kubernetes_pod_label_{sanitize_label_name(spec['jobLabel'])}"],
+        rules.append({"source_labels": [label_meta_prefix + sanitize_label_name(spec["jobLabel"])],
                       "target_label": "job", "regex": "(.+)", "replacement": "${1}"})
     if endpoint.get("port"):
         rules.append({"target_label": "endpoint", "replacement": endpoint["port"]})
-    return _tail(config, endpoint, rules, shards)
+    return rules
 
 
 def expand_shard(value: Any, shard: int) -> Any:

@@ -492,7 +492,7 @@ def phase(conditions: list[dict[str, Any]], run_exists: bool) -> Phase:
         return Phase.Stalled if running.get("reason") == "ProgressStalled" else Phase.Running
     if running.get("reason") == "Unschedulable":
         return Phase.Pending
-    if (condition(state, C.Running.value) or {}).get("reason") in WAITING_REASONS and validated.get("status") == "True":
+    if running.get("reason") in WAITING_REASONS and validated.get("status") == "True":
         return Phase.Queued
     if validated.get("status") == "Unknown":
         return Phase.Validating

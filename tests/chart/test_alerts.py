@@ -86,14 +86,17 @@ def alert_test(alertname: str, eval_minute: int, series: list[dict], expected: l
 
 # ---- FineTuneJobProgressStalled ----------------------------------------------------------------
 
+def job_alert(alertname: str, job: Job, summary: str, description: str) -> dict:
+    """The alert promtool should see for one FineTuneJob: a warning labelled with its namespace and name."""
+    return {"exp_labels": {"severity": "warning", "namespace": job.namespace, "name": job.name},
+            "exp_annotations": {"summary": summary, "description": description, "runbook_url": runbook_url(alertname)}}
+
+
 def stalled_alert(job: Job, age: int, threshold: int = DEFAULT_STALL_SECONDS) -> dict:
     who = f"{job.namespace}/{job.name}"
-    return {"exp_labels": {"severity": "warning", "namespace": job.namespace, "name": job.name},
-            "exp_annotations": {
-                "summary": f"FineTuneJob {who} makes no progress",
-                "description": f"FineTuneJob {who} reported no training progress for {humanize_duration(age)} "
-                               f"(threshold: config.progressStallSeconds = {threshold} s).",
-                "runbook_url": runbook_url("FineTuneJobProgressStalled")}}
+    return job_alert("FineTuneJobProgressStalled", job, f"FineTuneJob {who} makes no progress",
+                     f"FineTuneJob {who} reported no training progress for {humanize_duration(age)} "
+                     f"(threshold: config.progressStallSeconds = {threshold} s).")
 
 
 @dataclass
@@ -238,12 +241,9 @@ def test_checkpoint_stale_threshold_is_a_chart_value(helm_cli, promtool, tmp_pat
 
 def failed_alert(job: Job, age: int) -> dict:
     who = f"{job.namespace}/{job.name}"
-    return {"exp_labels": {"severity": "warning", "namespace": job.namespace, "name": job.name},
-            "exp_annotations": {
-                "summary": f"FineTuneJob {who} failed",
-                "description": f"FineTuneJob {who} failed {humanize_duration(age)} ago; kubectl -n {job.namespace} "
-                               f"describe ftj {job.name} shows why (condition Failed).",
-                "runbook_url": runbook_url("FineTuneJobFailed")}}
+    return job_alert("FineTuneJobFailed", job, f"FineTuneJob {who} failed",
+                     f"FineTuneJob {who} failed {humanize_duration(age)} ago; kubectl -n {job.namespace} "
+                     f"describe ftj {job.name} shows why (condition Failed).")
 
 
 FAILED_A = Job("team-a", "broken", [(Phase.Running, 0), (Phase.Failed, 5)], heartbeat=0, completed=(300, 5))

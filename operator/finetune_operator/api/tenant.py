@@ -14,7 +14,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finetune_operator.api.types import Condition, Quantity, StatusModel, obj_default
+from finetune_operator.api.types import Condition, Quantity, StatusCount, StatusModel, obj_default
 from finetune_trainer.config import ApiModel, cel
 
 KIND = "TenantPolicy"
@@ -162,14 +162,14 @@ class TenantPolicySpec(ApiModel):
 
 
 class JobCounts(StatusModel):
-    Pending: int = Field(default=0, description="Jobs not yet validated or waiting to start.")
-    Validating: int = Field(default=0, description="Jobs whose inputs are being checked.")
-    Queued: int = Field(default=0, description="Jobs waiting (for Kueue, the budget or the running-job limit).")
-    Running: int = Field(default=0, description="Jobs training.")
-    Stalled: int = Field(default=0, description="Jobs whose trainer stopped reporting progress.")
-    Suspended: int = Field(default=0, description="Suspended jobs.")
-    Succeeded: int = Field(default=0, description="Jobs that succeeded.")
-    Failed: int = Field(default=0, description="Jobs that failed.")
+    Pending: StatusCount = Field(default=0, description="Jobs not yet validated or waiting to start.")
+    Validating: StatusCount = Field(default=0, description="Jobs whose inputs are being checked.")
+    Queued: StatusCount = Field(default=0, description="Jobs waiting (for Kueue, the budget or the running-job limit).")
+    Running: StatusCount = Field(default=0, description="Jobs training.")
+    Stalled: StatusCount = Field(default=0, description="Jobs whose trainer stopped reporting progress.")
+    Suspended: StatusCount = Field(default=0, description="Suspended jobs.")
+    Succeeded: StatusCount = Field(default=0, description="Jobs that succeeded.")
+    Failed: StatusCount = Field(default=0, description="Jobs that failed.")
 
 
 class AccountedRun(StatusModel):

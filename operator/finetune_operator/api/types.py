@@ -256,6 +256,8 @@ CONDITION_TYPE_PATTERN = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MAX_CONDITION_REASON = 128   # metav1 allows 1024; ours are short CamelCase words
 MAX_CONDITION_MESSAGE = 4096  # metav1 allows 32768
+MAX_COUNT = 2**53       # counts in a status (from the trainer's documents too): what JSON numbers hold exactly
+StatusCount = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class Condition(StatusModel):
@@ -268,8 +270,8 @@ class Condition(StatusModel):
     reason: str = Field(min_length=1, max_length=MAX_CONDITION_REASON, pattern=CONDITION_REASON_PATTERN,
                         description="CamelCase reason of the last transition or update.")
     message: str = Field(max_length=MAX_CONDITION_MESSAGE, description="Human-readable details (may be empty).")
-    observedGeneration: int = Field(default=0, ge=0, description="metadata.generation the condition was computed from.")
-    lastTransitionTime: str = Field(description="When status last changed (RFC 3339).",
+    observedGeneration: StatusCount = Field(default=0, description="metadata.generation the condition was computed from.")
+    lastTransitionTime: str = Field(max_length=64, description="When status last changed (RFC 3339).",
                                     json_schema_extra={"format": "date-time"})
 
 
@@ -287,8 +289,6 @@ class ProgressStatus(StatusModel):
 
 
 MAX_STATUS_URI = 256  # a dataset's URI in the status (the data report in S3 has it whole)
-MAX_COUNT = 2**53       # counts from the trainer's documents, clamped to what JSON numbers hold exactly
-StatusCount = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 
 
 class PiiStatus(StatusModel):
