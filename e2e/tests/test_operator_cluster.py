@@ -38,7 +38,7 @@ pytestmark = pytest.mark.cluster
 
 EXAMPLES = REPO_ROOT / "examples"
 # Real training on the `local` pool: covered by test_end_to_end.py, not by the KWOK tier.
-REAL_TRAINING_EXAMPLES = {"finetunejob-demo.yaml"}
+REAL_TRAINING_EXAMPLES = {"finetunejob-demo.yaml", "finetunejob-search.yaml"}
 KWOK_EXAMPLES = sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in REAL_TRAINING_EXAMPLES)
 
 HARNESS = "e2e-harness"  # field manager of what the tests add to operator-made objects

@@ -33,11 +33,13 @@ from finetune_operator.api.tenant import KIND as TENANT_POLICY_KIND
 from finetune_operator.api.types import FineTuneJobSpec
 from finetune_operator.builders import events as ev
 from finetune_operator.builders import names as n
-from finetune_operator.builders.run import config_map, owns_suspend, run_objects, suspended_for_creation
+from finetune_operator.builders.run import Trial, config_map, owns_suspend, run_objects, suspended_for_creation
 from finetune_operator.builders.sandbox import resolve_pool, sandbox_objects
 from finetune_operator.config import OperatorConfig
 from finetune_operator.metrics import Metrics
+from finetune_operator.search import driver, promote, report
 from finetune_operator.status import (
+    pod_gpu_seconds,
     SANDBOX_ABSENT,
     SANDBOX_ACTIVE,
     SANDBOX_EXPIRED,
@@ -52,6 +54,7 @@ from finetune_operator.status import (
     run_id_of,
 )
 from finetune_operator.tenant_io import TenantIO, TenantIOTimeout
+from finetune_trainer.config import run_prefix
 from finetune_operator.validation import (
     SECRET_REASONS,
     TRANSIENT_REASONS,
@@ -65,6 +68,7 @@ from finetune_operator.validation import (
 log = logging.getLogger(__name__)
 
 REQUEUE_SHORT = 5.0
+PROMOTE_TIMEOUT = 600.0  # server-side copies of the best trial's files (a merged model may be large)
 HOLD_RECHECK = 30.0  # a job waiting for its tenant's budget or a running-job slot looks again this often
 # Waits for a tenant's storage (its slot in the I/O executor included): an input check, a read of the
 # trainer's documents, a DNS lookup of the endpoint's host.
@@ -96,6 +100,7 @@ class View:
     run_pods: list[dict[str, Any]] = field(default_factory=list)  # pods of the current runId
     policy: tenancy.Policy | None = None  # the TenantPolicy governing the job's namespace
     hold: Problem | None = None  # why the run may not start yet (budget, running-job limit)
+    trials: dict[int, driver.TrialRun] = field(default_factory=dict)  # a search's trials with a PyTorchJob
 
 
 @dataclass
@@ -110,6 +115,9 @@ class Plan:
     requeue_after: float | None = None
     permanent: str = ""  # why nothing can be done until the spec (or Secret) changes
     problems: list[Problem] = field(default_factory=list)  # found while deciding (sandbox conflicts)
+    search: driver.SearchPlan | None = None  # the trials of a search after this pass
+    trial_suspend: list[str] = field(default_factory=list)  # trial PyTorchJobs whose runPolicy.suspend is patched
+    promote: bool = False  # the search is over: promote its best trial (I/O, after the applies)
 
 
 def owns_namespace(ns: dict[str, Any], uid: str) -> bool:
@@ -237,12 +245,17 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
     if view.other_runs or view.other_run_pods:
         for old in view.other_runs:
             old_id = old["metadata"].get("labels", {}).get(n.LABEL_RUN_ID, "")
+            number = driver.trial_number(old)
             plan.delete.append(_ref("kubeflow.org/v1", "PyTorchJob", old["metadata"]["name"], sandbox))
-            plan.delete.append(_ref("v1", "ConfigMap", n.configmap_name(old_id), sandbox))
+            plan.delete.append(_ref("v1", "ConfigMap", n.configmap_name(old_id) if number is None else
+                                    n.trial_configmap_name(old_id, number), sandbox))
         plan.replacing_run = ", ".join(sorted(o["metadata"].get("labels", {}).get(n.LABEL_RUN_ID, "?")
                                               for o in view.other_runs)) or "(pods)"
         plan.requeue_after = REQUEUE_SHORT
         return plan
+
+    if spec.search is not None:
+        return _decide_search(view, ref, cfg, plan, finished)
 
     ptj = view.pytorchjob
     if ptj is None:
@@ -263,6 +276,39 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
         # suspension; a changed TenantPolicy applies to runs not yet started); its config is.
         plan.apply.append(config_map(ref, cfg))
     return plan
+
+
+def _decide_search(view: View, ref: n.JobRef, cfg: OperatorConfig, plan: Plan, finished: bool) -> Plan:
+    """The trials of a search: start the next ones (up to search.parallelism at once), stop pruned ones,
+    suspend and resume them with the job, and promote the best when every trial is over."""
+    spec, raw_spec, status = ref.spec, view.body.get("spec") or {}, view.body.get("status") or {}
+    trial_jobs = [t.pytorchjob for t in view.trials.values() if t.pytorchjob is not None]
+    plan.spec_drift = view.pytorchjob is not None or any(
+        (p["metadata"].get("annotations") or {}).get(n.ANNOTATION_SPEC_HASH) != n.spec_hash(raw_spec) for p in trial_jobs)
+    may_start = not finished and view.hold is None and not spec.runPolicy.suspend and not plan.spec_drift
+    search = driver.plan_search(spec.search, status.get("search") or {} if status.get("runId") == spec.runId else {},
+                                view.trials, may_start)
+    plan.search = search
+    if finished:
+        return plan
+    if not plan.spec_drift:
+        for number, params in search.start:
+            plan.apply.extend(run_objects(ref, cfg, Trial(number, params)))
+    for number in search.stop:
+        plan.delete.append(_ref("kubeflow.org/v1", "PyTorchJob", n.trial_pytorchjob_name(spec.runId, number),
+                                plan.sandbox))
+    stopped = set(search.stop)
+    if owns_suspend(ref):
+        for number, trial in view.trials.items():
+            ptj = trial.pytorchjob
+            if ptj is None or number in stopped or ptj_condition(ptj, "Succeeded") or ptj_condition(ptj, "Failed"):
+                continue
+            if bool(((ptj.get("spec") or {}).get("runPolicy") or {}).get("suspend")) != spec.runPolicy.suspend:
+                plan.trial_suspend.append(ptj["metadata"]["name"])
+    # Promotion is idempotent (the same copies, the same report): a pass that promoted but could not write its
+    # status promotes again; a finished search returned above.
+    plan.promote = search.finished and search.best is not None
+    return plan  # the timer's passes follow the trials, as they follow a run
 
 
 SWEEP_MESSAGES = {
@@ -370,8 +416,13 @@ class Reconciler:
             runs = await self.kube.list(k8s.PyTorchJob, sandbox, labels={n.LABEL_JOB_UID: uid})
             current = n.pytorchjob_name(run_id)
             view.pytorchjob = next((r for r in runs if r["metadata"]["name"] == current), None)
-            view.other_runs = [r for r in runs if r["metadata"]["name"] != current]
-        started = view.pytorchjob is not None
+            this_run = [r for r in runs if (r["metadata"].get("labels") or {}).get(n.LABEL_RUN_ID) == run_id]
+            for r in this_run:
+                number = driver.trial_number(r)
+                if number is not None and r["metadata"]["name"] == n.trial_pytorchjob_name(run_id, number):
+                    view.trials[number] = driver.TrialRun(pytorchjob=r)
+            view.other_runs = [r for r in runs if r not in this_run]
+        started = view.pytorchjob is not None or bool(view.trials)
         view.spec, view.problems = self._validated(raw_spec, facts, started)
         spec = view.spec
         if spec is None or view.problems:
@@ -392,6 +443,8 @@ class Reconciler:
             pods = await self.kube.list(k8s.Pod, sandbox, labels={n.LABEL_JOB_UID: uid})
             view.run_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(n.LABEL_RUN_ID) == run_id]
             view.other_run_pods = len(pods) - len(view.run_pods)
+            if spec.search is not None and view.trials:
+                await self._observe_trials(view, uid)
         needs_inputs = (facts.secret_found and not started and not run_finished(status, run_id))
         if needs_inputs and not view.other_runs:
             facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.secret,
@@ -400,6 +453,66 @@ class Reconciler:
         if view.spec is not None and not view.problems and not started and not run_finished(status, run_id):
             view.hold = tenancy.start_hold(tenancy.job_summary(body), policy, tenants)
         return view
+
+    async def _observe_trials(self, view: View, uid: str) -> None:
+        """GPU-seconds of each trial's pods, and its documents: while it runs (at most every
+        progressPollSeconds) and once it finished, until its status records the outcome."""
+        spec, meta = view.spec, view.body["metadata"]
+        assert spec is not None
+        recorded = {t["number"]: t.get("phase") for t in ((view.body.get("status") or {}).get("search") or {}).get("trials") or []}
+        gpu_resource = self._gpu_resource(view.body, spec)
+        mono = time.monotonic()
+        creds = s3.Credentials.from_secret_data((view.secret or {}).get("data") or {})
+        for number, trial in sorted(view.trials.items()):
+            ptj = trial.pytorchjob
+            pods = [p for p in view.run_pods if (p["metadata"].get("labels") or {}).get(n.LABEL_TRIAL) == str(number)]
+            trial.gpu_seconds = pod_gpu_seconds(pods, gpu_resource, view.now) if gpu_resource else 0.0
+            if recorded.get(number) in driver.FINAL or view.secret is None:
+                continue
+            key = f"{uid}/t{number}"
+            ended = bool(ptj_condition(ptj, "Succeeded") or ptj_condition(ptj, "Failed"))
+            last = self._last_read.get(key)
+            if not ended and last is not None and mono - last < self.cfg.progressPollSeconds:
+                continue
+            self._last_read[key] = mono
+            try:
+                trial.documents = await self.io.run(
+                    meta["namespace"], DOCUMENTS_TIMEOUT, s3.read_documents, spec.storage.endpoint or self.cfg.s3Endpoint,
+                    spec.storage.region, creds, n.trial_output_uri(spec.output.uri, number), spec.runId)
+            except TenantIOTimeout as exc:
+                log.warning("%s/%s trial %d: %s", meta["namespace"], meta["name"], number, exc)
+
+    def _gpu_resource(self, body: dict[str, Any], spec: FineTuneJobSpec) -> str:
+        try:
+            return resolve_pool(dataclasses.replace(n.JobRef.from_body(body), spec=spec), self.cfg)[1].gpuResource
+        except ValueError:
+            return ""
+
+    async def _promote(self, view: View, plan: Plan) -> driver.Promotion:
+        """Copy the best trial's output to output.uri and write the search report (the tenant's storage,
+        in its slot of the I/O executor); then read the promoted documents."""
+        spec, meta = view.spec, view.body["metadata"]
+        assert spec is not None and spec.search is not None and plan.search is not None and plan.search.best is not None
+        best = plan.search.best
+        creds = s3.Credentials.from_secret_data((view.secret or {}).get("data") or {})
+        endpoint = spec.storage.endpoint or self.cfg.s3Endpoint
+        source = n.trial_output_uri(spec.output.uri, best.number)
+        try:
+            copied = await self.io.run(meta["namespace"], PROMOTE_TIMEOUT, promote.promote, endpoint, spec.storage.region,
+                                       creds, source, spec.output.uri, spec.runId)
+            if copied.error:
+                return driver.Promotion(error=f"promoting trial {best.number} from {source}: {copied.error}")
+            search_status = driver.summary(spec.search, plan.search, {})
+            document = report.report_document(meta["name"], spec.runId, spec.search, search_status, spec.output.uri)
+            written = await self.io.run(meta["namespace"], PROMOTE_TIMEOUT, promote.write_report, endpoint,
+                                        spec.storage.region, creds, run_prefix(spec.output.uri, spec.runId), document)
+            if written.error:
+                return driver.Promotion(error=f"writing the search report: {written.error}")
+            docs = await self.io.run(meta["namespace"], DOCUMENTS_TIMEOUT, s3.read_documents, endpoint,
+                                     spec.storage.region, creds, spec.output.uri, spec.runId)
+        except TenantIOTimeout as exc:
+            return driver.Promotion(error=str(exc))
+        return driver.Promotion(promoted=True, report_uri=written.uri, documents=docs)
 
     def _validated(self, raw_spec: dict[str, Any], facts: Facts, started: bool) -> tuple[FineTuneJobSpec | None, list[Problem]]:
         """validate(), except that a run that exists is not judged by the tenant's policy again: a
@@ -469,6 +582,12 @@ class Reconciler:
         if plan.suspend_patch is not None and ptj is not None:
             await self.kube.merge_patch(k8s.PyTorchJob, ptj["metadata"]["name"], plan.sandbox,
                                         {"spec": {"runPolicy": {"suspend": plan.suspend_patch}}})
+        for name in plan.trial_suspend:
+            await self.kube.merge_patch(k8s.PyTorchJob, name, plan.sandbox,
+                                        {"spec": {"runPolicy": {"suspend": view.spec.runPolicy.suspend}}})
+        if plan.search is not None and view.spec.runPolicy.queueName and plan.sandbox_state == SANDBOX_ACTIVE:
+            await self._activate_trials(plan.sandbox, view)
+        promotion = await self._promote(view, plan) if plan.promote else None
         if plan.sandbox_state == SANDBOX_EXPIRED:
             ptj = None
 
@@ -476,6 +595,10 @@ class Reconciler:
                           applied=bool(plan.apply), pytorchjob=ptj, spec_drift=plan.spec_drift,
                           replacing_run=plan.replacing_run, stall_after_seconds=self.cfg.progressStallSeconds,
                           hold=view.hold, tenant_policy=view.policy.name if view.policy else "")
+        if plan.search is not None and view.spec is not None and view.spec.search is not None:
+            obs.search = driver.observe(view.spec, plan.search, previous, promotion)
+            if promotion is not None and promotion.documents is not None:
+                obs.evaluation, obs.result = promotion.documents.evaluation, promotion.documents.result
         workload = None
         if view.spec is not None:
             try:
@@ -501,7 +624,7 @@ class Reconciler:
         status = derive_status(body, obs, self.cfg.retryableExitCodes)
         if changed(previous, status):
             await self.kube.apply_status(meta["namespace"], meta["name"], status)
-            for event_type, reason, message in ev.transition_events(previous, status):
+            for event_type, reason, message in ev.transition_events(previous, status) + ev.search_events(previous, status):
                 await self._event(body, event_type, reason, message, now)
         if ptj is not None and plan.sandbox_state == SANDBOX_ACTIVE:
             await self._publish_freshness(plan.sandbox, status, ptj, workload)
@@ -517,6 +640,25 @@ class Reconciler:
         except ApiError as exc:  # Kueue not installed (no Workload API): the run shows as queued
             log.warning("cannot read Kueue workloads in %s: %s", sandbox, exc)
             return None
+
+    async def _activate_trials(self, sandbox: str, view: View) -> None:
+        """A queued search suspended by its user: its trials' Workloads are deactivated (Kueue's way, as
+        for a run), and activated again when it resumes."""
+        active = not view.spec.runPolicy.suspend
+        trials = [t.pytorchjob for t in view.trials.values() if t.pytorchjob is not None and not
+                  (ptj_condition(t.pytorchjob, "Succeeded") or ptj_condition(t.pytorchjob, "Failed"))]
+        if not trials:
+            return
+        try:
+            workloads = await self.kube.list(k8s.Workload, sandbox)
+        except ApiError as exc:
+            log.warning("cannot read Kueue workloads in %s: %s", sandbox, exc)
+            return
+        for ptj in trials:
+            workload = kueue.workload_of(workloads, ptj)
+            patch = kueue.activation_patch(workload, active=active) if workload else None
+            if patch is not None:
+                await self.kube.merge_patch(k8s.Workload, workload["metadata"]["name"], sandbox, patch)
 
     async def _publish_freshness(self, sandbox: str, status: dict[str, Any], ptj: dict[str, Any],
                                  workload: dict[str, Any] | None) -> None:

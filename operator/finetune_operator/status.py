@@ -27,7 +27,7 @@ SANDBOX_ACTIVE = "active"
 SANDBOX_TERMINATING = "terminating"
 SANDBOX_EXPIRED = "expired"  # deleted after ttlSecondsAfterFinished
 
-RUN_SCOPED = ("startTime", "completionTime", "restarts", "gpuSeconds", "progress", "checkpoints",
+RUN_SCOPED = ("search", "startTime", "completionTime", "restarts", "gpuSeconds", "progress", "checkpoints",
               "latestCheckpoint", "resumedFromStep", "data", "evaluation", "output", "pytorchJob", "preemptions", "queue")
 # Running=False reasons of a job that waits to start (its phase is Queued).
 WAITING_REASONS = ("BudgetExhausted", "RunningJobLimit", "Queued", "Preempted")
@@ -57,6 +57,7 @@ class Observation:
     queue: QueueState | None = None  # what Kueue's Workload of the run says
     hold: Problem | None = None  # why the run may not start yet (the tenant's budget or running-job limit)
     tenant_policy: str = ""  # the TenantPolicy governing the job's namespace
+    search: Any = None  # search.driver.SearchObservation of a job with spec.search
 
 
 def rfc3339(moment: datetime) -> str:
@@ -342,13 +343,29 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
                            "reason": queue.reason, "message": queue.message[:4096]}
         status["preemptions"] = max(int(status.get("preemptions") or 0), queue.preemptions)
 
+    search = obs.search
+    if search is not None:
+        status["search"] = search.status
+        trial_gpu_seconds = sum(float(t.get("gpuSeconds") or 0.0) for t in search.status.get("trials") or [])
+        status["gpuSeconds"] = round(max(float(status.get("gpuSeconds") or 0.0), trial_gpu_seconds), 1)
+        if search.status.get("trials"):
+            status.setdefault("startTime", rfc3339(now))
+
     if ptj and obs.pods:
         status["restarts"] = max(int(status.get("restarts") or 0), pod_restarts(obs.pods),
                                  restarts_from_events(obs.exit_events, retryable_exit_codes))
         status["gpuSeconds"] = round(max(float(status.get("gpuSeconds") or 0.0),
                                          pod_gpu_seconds(obs.pods, obs.gpu_resource, now)), 1)
 
-    if succeeded_c:
+    if search is not None and search.outcome is not None:
+        outcome, reason, message = search.outcome
+        put(C.Succeeded, outcome == "Succeeded", "Completed" if outcome == "Succeeded" else "Failed",
+            message if outcome == "Succeeded" else "")
+        if outcome == "Succeeded":
+            put(C.Failed, False, "Completed", "")
+        else:
+            put(C.Failed, True, reason, message)
+    elif succeeded_c:
         put(C.Succeeded, True, "Completed", (result.message if result and result.message else "training finished"))
         put(C.Failed, False, "Completed", "")
     elif failed_c:
@@ -383,8 +400,10 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         put(C.Running, False, "Suspended", "the run is suspended")
     else:
         put(C.Suspended, False, "NotSuspended", "")
-        unschedulable = unschedulable_pod(obs.pods) if ptj and not ptj_suspended else None
-        if unschedulable is not None:
+        unschedulable = unschedulable_pod(obs.pods) if (ptj and not ptj_suspended) or search is not None else None
+        if search is not None and unschedulable is None:
+            put(C.Running, *_search_running(search))
+        elif unschedulable is not None:
             # The PyTorchJob says Running once its master runs; a worker the scheduler cannot place
             # still keeps the run from training.
             pod_name, scheduler_message = unschedulable
@@ -433,11 +452,24 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
     for type_, value, reason, message in kstatus_conditions(conds):
         put(type_, value, reason, message)
     status["conditions"] = sorted(conds, key=lambda c: _ORDER.get(c["type"], 99))
-    status["phase"] = phase(status["conditions"], ptj is not None).value
+    status["phase"] = phase(status["conditions"], ptj is not None or bool(search and search.status.get("trials"))).value
     return FineTuneJobStatus.model_validate(status).model_dump(mode="json", exclude_none=True)
 
 
 _ORDER = {t.value: i for i, t in enumerate(C)}
+
+
+def _search_running(search: Any) -> tuple[bool, str, str]:
+    """The Running condition of a search that has not finished: (status, reason, message)."""
+    s = search.status
+    best = s.get("best")
+    about = f"trials {s.get('progress')} finished ({s.get('running', 0)} active, {s.get('pruned', 0)} pruned, " \
+            f"{s.get('failed', 0)} failed)" + (f"; best t{best['number']} {s.get('metric')} {best['value']:.4g}" if best else "")
+    if search.active:  # between trials too: a search runs while any trial is to finish
+        return True, "Searching", about if search.running else f"{about}; the next trials' pods are starting"
+    if search.waiting:
+        return False, "Promoting", f"{search.waiting}; {about}"
+    return False, "NotStarted", "no trial has been created yet"
 
 
 def kstatus_conditions(conditions: list[dict[str, Any]]) -> list[tuple[C, bool, str, str]]:

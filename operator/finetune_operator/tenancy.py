@@ -86,10 +86,11 @@ def job_summary(body: dict[str, Any]) -> JobSummary:
     return JobSummary(
         namespace=meta.get("namespace", ""), name=meta.get("name", ""), uid=meta.get("uid", ""),
         created=meta.get("creationTimestamp", ""), phase=status.get("phase") or Phase.Pending.value, run_id=run_id,
-        started=same_run and bool(status.get("pytorchJob")),
+        started=same_run and (bool(status.get("pytorchJob")) or bool((status.get("search") or {}).get("trials"))),
         finished=same_run and (_condition_true(status, "Succeeded") or _condition_true(status, "Failed")),
         validated=_condition_true(status, "Validated"),
-        gpus=int(resources.get("workers") or 1) * int(resources.get("gpusPerWorker", 1) or 0),
+        gpus=int(resources.get("workers") or 1) * int(resources.get("gpusPerWorker", 1) or 0)
+        * int((spec.get("search") or {}).get("parallelism") or 1),  # a search runs that many trials at once
         gpu_seconds=float(status.get("gpuSeconds") or 0.0) if same_run else 0.0,
     )
 

@@ -206,7 +206,14 @@ def check_storage_endpoint(spec: FineTuneJobSpec, cfg: OperatorConfig, facts: Fa
     return out
 
 
+def check_search(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    from finetune_operator.search import space
+
+    return space.problems(spec) if spec.search is not None else []
+
+
 SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]] = [
+    check_search,
     check_method_settings,
     check_distributed_settings,
     check_other_cross_field_rules,

@@ -11,6 +11,14 @@ from op_testdata import minimal_spec
 
 BKT = "s3://bkt"
 PREF = [{"uri": f"{BKT}/p.jsonl", "format": "preference"}]
+SEARCH_FIELDS = ("trials", "parallelism")
+
+
+def search(prune: bool = False, **fields) -> dict:
+    """spec.search varying the given parameters; pruning (the default median rule, which needs
+    evaluation.everySteps) only when asked."""
+    out = {k: fields.pop(k) for k in SEARCH_FIELDS if k in fields}
+    return {"parameters": fields, **out, **({} if prune else {"pruning": {"rule": "none"}})}
 
 CEL_CASES = [
     ("valid minimal", minimal_spec(), True),
@@ -41,4 +49,21 @@ CEL_CASES = [
     ("validation both", minimal_spec(validation={"uri": f"{BKT}/v.jsonl", "splitRatio": 0.1}), False),
     ("bad quantity", minimal_spec(resources={"memory": "64 GB"}), False),
     ("int quantity", minimal_spec(resources={"cpu": 8, "memory": "1Gi"}), True),
+    ("search values", minimal_spec(search=search(learningRate={"values": [1e-4, 3e-4]})), True),
+    ("search log range", minimal_spec(search=search(learningRate={"min": 1e-5, "max": 1e-3, "scale": "log"})), True),
+    ("search pruning without everySteps", minimal_spec(search=search(prune=True, loraRank={"values": [4, 8]})), False),
+    ("search pruning with everySteps", minimal_spec(search=search(prune=True, loraRank={"values": [4, 8]}),
+                                                    evaluation={"everySteps": 10}), True),
+    ("search with stages", minimal_spec(datasets=[], stages=[{"name": "a", "datasets": [{"uri": f"{BKT}/a.jsonl"}]}],
+                                        search=search(learningRate={"values": [1e-4]})), False),
+    ("search values and range", minimal_spec(search=search(batchSize={"values": [8], "min": 4, "max": 16})), False),
+    ("search min only", minimal_spec(search=search(batchSize={"min": 4})), False),
+    ("search min above max", minimal_spec(search=search(warmupRatio={"min": 0.1, "max": 0.05})), False),
+    ("search log from 0", minimal_spec(search=search(weightDecay={"min": 0.0, "max": 0.1, "scale": "log"})), False),
+    ("search scale of values", minimal_spec(search=search(weightDecay={"values": [0.0, 0.1], "scale": "log"})), False),
+    ("search epochs and maxSteps", minimal_spec(search=search(epochs={"values": [1, 2]}, maxSteps={"values": [10]})),
+     False),
+    ("search no parameters", minimal_spec(search=search()), False),
+    ("search parallelism above trials", minimal_spec(search=search(trials=2, parallelism=3,
+                                                                   learningRate={"values": [1e-4]})), False),
 ]

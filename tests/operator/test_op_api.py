@@ -24,6 +24,8 @@ def walk(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, 
         yield from walk(prop, f"{path}.{name}")
     if "items" in node:
         yield from walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):  # a map: its values' schema
+        yield from walk(node["additionalProperties"], f"{path}{{}}")
 
 
 # ---- the committed CRD --------------------------------------------------------------------------
@@ -71,7 +73,8 @@ def test_crd_names_and_subresources():
     assert version["name"] == "v1alpha1" and version["storage"] and version["served"]
     assert version["subresources"] == {"status": {}}
     columns = {c["name"]: c.get("priority", 0) for c in version["additionalPrinterColumns"]}
-    assert [n for n, p in columns.items() if p == 0] == ["Phase", "Reason", "Method", "Progress", "Loss", "Age"]
+    assert [n for n, p in columns.items() if p == 0] == ["Phase", "Reason", "Method", "Progress", "Loss", "Trials", "Best",
+                                                         "Age"]
     assert {"Step", "ETA", "Sandbox", "Objective"} <= {n for n, p in columns.items() if p == 1}
 
 
@@ -90,7 +93,9 @@ def test_printer_column_paths_exist_in_schema():
 
 @pytest.mark.parametrize("path,node", list(walk(SCHEMA)), ids=lambda v: v if isinstance(v, str) else "")
 def test_schema_node_is_structural(path, node):
-    assert not {"$ref", "title", "$defs", "additionalProperties", "nullable", "allOf", "oneOf"} & node.keys()
+    assert not {"$ref", "title", "$defs", "nullable", "allOf", "oneOf"} & node.keys()
+    if "additionalProperties" in node:  # only a map of typed values, never next to declared properties
+        assert isinstance(node["additionalProperties"], dict) and "properties" not in node, path
     if node.get("x-kubernetes-int-or-string"):
         assert "type" not in node and node["anyOf"] == [{"type": "integer"}, {"type": "string"}]
     else:
@@ -98,7 +103,7 @@ def test_schema_node_is_structural(path, node):
         assert "anyOf" not in node
 
 
-@pytest.mark.parametrize("path,node", [(p, n) for p, n in walk(SCHEMA) if p.startswith((".spec", ".status")) and not p.endswith("[]")],
+@pytest.mark.parametrize("path,node", [(p, n) for p, n in walk(SCHEMA) if p.startswith((".spec", ".status")) and not p.endswith(("[]", "{}"))],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_every_field_has_a_description(path, node):
     assert node.get("description"), f"{path} has no description"

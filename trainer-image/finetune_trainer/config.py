@@ -235,6 +235,10 @@ class Evaluation(ApiModel):
         description="Gate: fail the run when tuned perplexity / base perplexity is above this (needs compareToBase).",
     )
     maxSamples: int = Field(default=256, ge=1, le=1_000_000, description="Validation rows used for perplexity.")
+    everySteps: int = Field(
+        default=0, ge=0, le=10_000_000,
+        description="Also measure the validation loss every N optimizer steps (0: only at the end); progress.json "
+        "keeps the history, which a search prunes on.")
 
 
 REGION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
@@ -503,6 +507,14 @@ class DataSummary(Document):
         return cls.from_reports({stage_name: report})
 
 
+MAX_EVAL_HISTORY = 1000
+
+
+class EvalPoint(Document):
+    step: Count
+    evalLoss: float
+
+
 class Progress(Document):
     """progress.json, written by rank 0 every few seconds."""
 
@@ -518,6 +530,8 @@ class Progress(Document):
     updatedAt: ShortText = ""
     resumedFromStep: Count = 0
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=MAX_CHECKPOINT_RECORDS)
+    evalHistory: list[EvalPoint] = Field(default_factory=list, max_length=MAX_EVAL_HISTORY,
+                                         description="Validation loss at every evaluation.everySteps step, oldest first.")
     data: DataSummary | None = Field(default=None, description="What preprocessing did to the data, per stage and dataset.")
 
 

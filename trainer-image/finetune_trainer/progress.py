@@ -9,7 +9,7 @@ import time
 from collections import deque
 
 from .checkpoint import now
-from .config import CheckpointRecord, Progress
+from .config import MAX_EVAL_HISTORY, CheckpointRecord, EvalPoint, Progress
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,27 @@ def eta_seconds(step: int, total: int, seconds_per_step: float | None) -> float 
     if seconds_per_step is None:
         return None
     return max(0, total - step) * seconds_per_step
+
+
+def evaluation_due(global_step: int, every_steps: int, last_step: int) -> bool:
+    """Evaluate after this optimizer step? Not after the last one: the final evaluation covers it."""
+    return every_steps > 0 and global_step % every_steps == 0 and global_step < last_step
+
+
+def with_eval_point(history: list[EvalPoint], point: EvalPoint) -> list[EvalPoint]:
+    """The history with the point last, at most the latest MAX_EVAL_HISTORY. Points at or after its step go:
+    a run resumed from an earlier checkpoint measures those steps again, on the model it trains now."""
+    return ([p for p in history if p.step < point.step] + [point])[-MAX_EVAL_HISTORY:]
+
+
+def eval_history_state(history: list[EvalPoint]) -> list[dict]:
+    """The history as the checkpoint's trainer state keeps it."""
+    return [p.model_dump(mode="json") for p in history]
+
+
+def eval_history_from_state(state: dict | None) -> list[EvalPoint]:
+    """The history a checkpoint's trainer state kept (none in checkpoints written before it was kept)."""
+    return [EvalPoint.model_validate(p) for p in (state or {}).get("evalHistory", [])][-MAX_EVAL_HISTORY:]
 
 
 class ProgressReporter:

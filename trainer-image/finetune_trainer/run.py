@@ -24,7 +24,8 @@ from .checkpoint import TRAINER_STATE, CheckpointManager
 from .data.pipeline import PreparedData, prepare
 from .errors import ConfigError, DataError, EvaluationGateFailed, Preempted, TrainerError
 from .exit_codes import SUCCEEDED
-from .progress import ProgressReporter, Throughput, eta_seconds, metrics_port
+from .progress import (ProgressReporter, Throughput, eta_seconds, eval_history_from_state, eval_history_state,
+                       evaluation_due, metrics_port, with_eval_point)
 from .storage import Storage, from_config, join
 from .train import StepReport, attach_reference_log_probs, run_loop
 
@@ -153,8 +154,12 @@ class Run:
             events.emit("resume", checkpoint=latest[1], step=latest[0])
         base_perplexity = resume_state.get("basePerplexity") if resume_state else None
         losses: dict[str, list[float]] = dict(resume_state.get("losses", {})) if resume_state else {}
+        self.eval_history = eval_history_from_state(resume_state)
         pad_id = tokenizer.pad_token_id
         grand_total = plans[-1].first_global_step + plans[-1].total_steps
+        # Periodic evaluations measure what the final one does (the last stage's validation set), so the
+        # history is one curve that ends with the final value.
+        eval_plan, eval_objective = plans[-1], objectives.get(plans[-1].objective)
         engine = None
         for index, plan in enumerate(plans):
             if resume_state and index < resume_state["stage"]:
@@ -174,7 +179,7 @@ class Run:
                         item.reference = tuple(ref)
             else:
                 if index == 0 and config.evaluation.compareToBase and base_perplexity is None:
-                    base_perplexity = self._evaluate(engine, plans[-1], objectives.get(plans[-1].objective), base=True,
+                    base_perplexity = self._evaluate(engine, eval_plan, eval_objective, base=True,
                                                      uses_adapter=method_spec.uses_adapter)
                     events.emit("base-evaluation", perplexity=base_perplexity)
                 if objective.needs_reference:
@@ -197,7 +202,8 @@ class Run:
                 reference = [list(i.reference) for i in plan.data.rows()] if objective.needs_reference else None
                 return {"stage": index, "stageName": plan.name, "stageStep": stage_step,
                         "globalStep": plan.first_global_step + stage_step, "basePerplexity": base_perplexity,
-                        "losses": losses, "reference": reference}
+                        "losses": losses, "reference": reference,
+                        "evalHistory": eval_history_state(self.eval_history)}
 
             def after_step(report: StepReport) -> None:
                 stage_losses.append(report.loss)
@@ -211,6 +217,8 @@ class Run:
                 self.reporter.update(step=global_step, epoch=report.step / per_epoch, loss=report.loss,
                                      learningRate=report.learning_rate, tokensPerSecond=rate,
                                      etaSeconds=eta_seconds(global_step, grand_total, seconds_per_step))
+                if evaluation_due(global_step, config.evaluation.everySteps, grand_total):
+                    self._record_evaluation(global_step, self._evaluate(engine, eval_plan, eval_objective))
                 if report.step % config.checkpoint.everySteps == 0 and report.step < plan.total_steps:
                     started = time.perf_counter()
                     checkpoints.save(global_step, engine, trainer_state(report.step))
@@ -261,6 +269,17 @@ class Run:
                                          plan.hyperparameters.batchSize, self.ctx, self.config.evaluation.maxSamples,
                                          engine.autocast)
 
+    def _record_evaluation(self, global_step: int, perplexity: float | None) -> None:
+        """Every rank keeps the history (it goes into the checkpoint's trainer state); rank 0 writes progress.json
+        at once, since a search decides on it whether to prune this trial."""
+        if perplexity is None:
+            return
+        point = cfg.EvalPoint(step=global_step, evalLoss=math.log(perplexity))
+        self.eval_history = with_eval_point(self.eval_history, point)
+        events.emit("eval", step=global_step, evalLoss=point.evalLoss)
+        self.reporter.update(evalLoss=point.evalLoss, evalHistory=self.eval_history)
+        self.reporter.flush()
+
     def _save_outputs(self, engine, method_spec, output_uri: str, merge: bool) -> tuple[str | None, str | None]:
         """Adapter (or the full model) and, if asked, the merged model; collective, rank 0 uploads."""
         local = self.work_dir / "outputs" / output_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -300,8 +319,7 @@ class Run:
         if self.ctx.is_main:
             self.storage.put_json(cfg.evaluation_uri(self.out, self.run_id), result_eval.model_dump(mode="json"))
         events.emit("evaluation", **self.evaluation_document)
-        if perplexity is not None:
-            self.reporter.update(evalLoss=math.log(perplexity))
+        self._record_evaluation(last.first_global_step + last.total_steps, perplexity)
         if not passed:
             raise EvaluationGateFailed(
                 f"tuned perplexity {perplexity:.4g} is {ratio:.3g}x the base perplexity {base_perplexity:.4g}, "

@@ -19,6 +19,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune_operator.api.search import Search
 from finetune_trainer.config import (
     DNS_LABEL_PATTERN,
     ApiModel,
@@ -168,6 +169,18 @@ _SPEC_RULES = cel(
         "!has(self.evaluation.compareToBase) || self.evaluation.compareToBase",
         "spec.evaluation.maxPerplexityRatio needs spec.evaluation.compareToBase true",
     ),
+    (
+        "!has(self.search) || !has(self.stages) || size(self.stages) == 0",
+        "spec.search cannot be combined with spec.stages: a search tunes one training run (search a stage as a "
+        "job of its own)",
+    ),
+    (
+        "!has(self.search) || !has(self.search.pruning) || !has(self.search.pruning.rule) || "
+        "self.search.pruning.rule == 'none' || "
+        "(has(self.evaluation) && has(self.evaluation.everySteps) && self.evaluation.everySteps > 0)",
+        "spec.search.pruning needs spec.evaluation.everySteps > 0 (the validation loss it prunes on), or "
+        "pruning.rule none",
+    ),
 )
 
 
@@ -212,6 +225,10 @@ class FineTuneJobSpec(ApiModel):
         "means the operator's configured trainer image.",
     )
     runPolicy: RunPolicy = Field(**obj_default(RunPolicy), description="Restarts, deadlines, suspension and queueing.")
+    search: Search | None = Field(
+        default=None,
+        description="Hyperparameter search: run trials with other values of some hyperparameters (each its own "
+        "PyTorchJob train-<runId>-t<N>), prune bad ones, promote the best trial's output to output.uri.")
 
 
 # ---- status ------------------------------------------------------------------------------------
@@ -288,7 +305,8 @@ class ProgressStatus(StatusModel):
     updatedAt: str = Field(default="", description="When the trainer wrote the progress document (RFC 3339).")
 
 
-MAX_STATUS_URI = 256  # a dataset's URI in the status (the data report in S3 has it whole)
+MAX_STATUS_URI = 256
+MAX_TRIALS_IN_STATUS = 100  # a dataset's URI in the status (the data report in S3 has it whole)
 
 
 class PiiStatus(StatusModel):
@@ -368,6 +386,57 @@ class QueueStatus(StatusModel):
     message: str = Field(default="", max_length=4096, description="Kueue's message, such as which quota is short.")
 
 
+class TrialPhase(str, Enum):
+    Pending = "Pending"
+    Running = "Running"
+    Succeeded = "Succeeded"
+    Pruned = "Pruned"
+    Failed = "Failed"
+
+
+MAX_TRIAL_HISTORY = 32  # validation points kept per trial in the status (the trial's progress.json has them all)
+
+
+class TrialPoint(StatusModel):
+    step: StatusCount = Field(description="Optimizer step of the evaluation.")
+    value: float = Field(description="The search metric at that step.")
+
+
+class TrialStatus(StatusModel):
+    number: StatusCount = Field(description="Trial number (0, 1, ...): its PyTorchJob is train-<runId>-t<number>.")
+    parameters: dict[str, float] = Field(default_factory=dict, description="The hyperparameters of this trial.")
+    phase: TrialPhase = Field(default=TrialPhase.Pending, description="Pending|Running|Succeeded|Pruned|Failed.")
+    value: float | None = Field(default=None, description="The trial's result: the metric of its final evaluation.")
+    bestValue: float | None = Field(default=None, description="The best metric value the trial reported so far.")
+    step: StatusCount = Field(default=0, description="The latest step the trial reported a validation value for.")
+    pruned: bool = Field(default=False, description="Stopped early by the pruning rule.")
+    history: list[TrialPoint] = Field(default_factory=list, max_length=MAX_TRIAL_HISTORY,
+                                      description="The metric at evaluation steps (the latest ones).")
+    gpuSeconds: float = Field(default=0.0, description="GPU time of the trial's pods.")
+    message: str = Field(default="", max_length=1024, description="Why the trial was pruned or failed.")
+
+
+class BestTrialStatus(StatusModel):
+    number: StatusCount = Field(description="The best trial so far.")
+    value: float = Field(description="Its metric value.")
+    parameters: dict[str, float] = Field(default_factory=dict, description="Its hyperparameters.")
+
+
+class SearchStatus(StatusModel):
+    metric: str = Field(default="", description="The metric the search optimises (evalLoss or perplexity).")
+    progress: str = Field(default="", max_length=64, description="Finished trials / planned trials, for kubectl get.")
+    planned: StatusCount = Field(default=0, description="Trials the search will run.")
+    running: StatusCount = Field(default=0, description="Trials with a PyTorchJob that has not finished.")
+    succeeded: StatusCount = Field(default=0, description="Trials that ran to their end.")
+    pruned: StatusCount = Field(default=0, description="Trials stopped early by the pruning rule.")
+    failed: StatusCount = Field(default=0, description="Trials that failed.")
+    trials: list[TrialStatus] = Field(default_factory=list, max_length=MAX_TRIALS_IN_STATUS,
+                                      description="Every trial, by number.")
+    best: BestTrialStatus | None = Field(default=None, description="The best finished trial so far.")
+    promoted: bool = Field(default=False, description="The best trial's output was copied to output.uri.")
+    reportUri: str | None = Field(default=None, description="The search report (Markdown; JSON and the plot next to it).")
+
+
 class FineTuneJobStatus(StatusModel):
     """Observed state; the conditions are the truth, phase is a summary for humans."""
 
@@ -393,6 +462,8 @@ class FineTuneJobStatus(StatusModel):
     tenantPolicy: str | None = Field(default=None, description="The TenantPolicy governing the job's namespace.")
     evaluation: EvaluationStatus | None = Field(default=None, description="Perplexity of the base and the tuned model.")
     output: OutputStatus | None = Field(default=None, description="Where the results were written.")
+    search: SearchStatus | None = Field(default=None, description="The hyperparameter search (spec.search): its trials "
+                                        "and the best one.")
 
 
 class FineTuneJob(BaseModel):

@@ -45,6 +45,34 @@ def transition_events(old_status: dict[str, Any], new_status: dict[str, Any]) ->
     return out
 
 
+def search_events(old_status: dict[str, Any], new_status: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Events of a search's trials: started, pruned, finished or failed; the best trial promoted."""
+    if old_status.get("runId") != new_status.get("runId"):
+        old_status = {}
+    old_search, new_search = old_status.get("search") or {}, new_status.get("search") or {}
+    before = {t["number"]: t.get("phase") for t in old_search.get("trials") or []}
+    metric = new_search.get("metric", "")
+    out = []
+    for trial in new_search.get("trials") or []:
+        number, phase = trial["number"], trial.get("phase")
+        params = ", ".join(f"{k}={v:g}" for k, v in sorted((trial.get("parameters") or {}).items()))
+        if number not in before:
+            out.append((NORMAL, "TrialStarted", f"trial t{number} started: {params}"))
+        if phase == before.get(number) or phase in ("Pending", "Running"):
+            continue
+        if phase == "Pruned":
+            out.append((NORMAL, "TrialPruned", f"trial t{number}: {trial.get('message', '')}"))
+        elif phase == "Succeeded":
+            out.append((NORMAL, "TrialSucceeded", f"trial t{number} finished: {metric} {trial.get('value', 0):.4g} ({params})"))
+        elif phase == "Failed":
+            out.append((WARNING, "TrialFailed", f"trial t{number} failed: {trial.get('message', '')}"))
+    if new_search.get("promoted") and not old_search.get("promoted") and new_search.get("best"):
+        best = new_search["best"]
+        out.append((NORMAL, "BestTrialPromoted", f"trial t{best['number']} ({metric} {best['value']:.4g}) promoted; "
+                                                 f"report: {new_search.get('reportUri', '')}"))
+    return out
+
+
 def event(job: dict[str, Any], event_type: str, reason: str, message: str, now: datetime,
           instance: str = MANAGER) -> dict[str, Any]:
     """A core/v1 Event on the FineTuneJob (kubectl describe ftj shows it); `instance` names the operator

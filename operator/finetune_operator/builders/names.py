@@ -16,6 +16,8 @@ LABEL_TENANT = "finetune.dev/tenant"
 LABEL_JOB_NAME = "finetune.dev/job-name"
 LABEL_JOB_UID = "finetune.dev/job-uid"
 LABEL_RUN_ID = "finetune.dev/run-id"
+LABEL_TRIAL = "finetune.dev/trial"  # the trial number of a search's run
+ANNOTATION_TRIAL_PARAMETERS = "finetune.dev/trial-parameters"  # JSON: the trial's hyperparameters
 ANNOTATION_SPEC_HASH = "finetune.dev/spec-hash"
 ANNOTATION_JOB = "finetune.dev/job"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
@@ -92,6 +94,27 @@ def pytorchjob_name(run_id: str) -> str:
 
 def configmap_name(run_id: str) -> str:
     return f"trainer-config-{run_id}"
+
+
+def trial_suffix(number: int) -> str:
+    return f"t{number}"
+
+
+def trial_pytorchjob_name(run_id: str, number: int) -> str:
+    return f"{pytorchjob_name(run_id)}-{trial_suffix(number)}"
+
+
+def trial_configmap_name(run_id: str, number: int) -> str:
+    return f"{configmap_name(run_id)}-{trial_suffix(number)}"
+
+
+def trial_output_uri(output_uri: str, number: int) -> str:
+    """Where a trial writes its outputs, documents and (without checkpoint.uri) checkpoints."""
+    return f"{output_uri.rstrip('/')}/trials/{trial_suffix(number)}/"
+
+
+def trial_checkpoint_uri(checkpoint_uri: str | None, number: int) -> str | None:
+    return f"{checkpoint_uri.rstrip('/')}/trials/{trial_suffix(number)}/" if checkpoint_uri else None
 
 
 def job_labels(job: JobRef) -> dict[str, str]:

@@ -8,6 +8,8 @@ complete checkpoint after a restart. runPolicy.backoffLimit bounds the restarts.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any
 
 from finetune_operator.builders import names as n
@@ -44,19 +46,63 @@ def trainer_config(job: n.JobRef, cfg: OperatorConfig) -> TrainerConfig:
     )
 
 
-def _run_meta(job: n.JobRef, cfg: OperatorConfig, name: str) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One trial of a search: its number and hyperparameters."""
+
+    number: int
+    parameters: dict[str, float | int]
+
+
+def _labels(job: n.JobRef, trial: Trial | None) -> dict[str, str]:
+    labels = n.run_labels(job)
+    if trial is not None:
+        labels[n.LABEL_TRIAL] = str(trial.number)
+    return labels
+
+
+def _run_meta(job: n.JobRef, cfg: OperatorConfig, name: str, trial: Trial | None = None) -> dict[str, Any]:
     meta = object_meta(job, cfg, name)
-    meta["labels"] = n.run_labels(job)
+    meta["labels"] = _labels(job, trial)
     meta["annotations"] = {**meta["annotations"], n.ANNOTATION_SPEC_HASH: n.spec_hash(job.raw_spec)}
+    if trial is not None:
+        meta["annotations"][n.ANNOTATION_TRIAL_PARAMETERS] = json.dumps(trial.parameters, sort_keys=True)
     return meta
 
 
-def config_map(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+def _configmap_name(job: n.JobRef, trial: Trial | None) -> str:
+    run_id = job.spec.runId
+    return n.configmap_name(run_id) if trial is None else n.trial_configmap_name(run_id, trial.number)
+
+
+def _pytorchjob_name(job: n.JobRef, trial: Trial | None) -> str:
+    run_id = job.spec.runId
+    return n.pytorchjob_name(run_id) if trial is None else n.trial_pytorchjob_name(run_id, trial.number)
+
+
+def trial_job(job: n.JobRef, trial: Trial) -> n.JobRef:
+    """The job as one trial runs it: the trial's hyperparameters, its own output and checkpoint prefixes,
+    no gate of its own (the search gates the promoted best trial), no search."""
+    from finetune_operator.search import space
+
+    spec = space.trial_spec(job.spec, trial.parameters)
+    spec = spec.model_copy(update={
+        "output": spec.output.model_copy(update={"uri": n.trial_output_uri(spec.output.uri, trial.number)}),
+        "checkpoint": spec.checkpoint.model_copy(
+            update={"uri": n.trial_checkpoint_uri(spec.checkpoint.uri, trial.number)}),
+        "evaluation": spec.evaluation.model_copy(update={"maxPerplexityRatio": None}),
+        "search": None,
+    })
+    return dataclasses.replace(job, spec=spec)
+
+
+def config_map(job: n.JobRef, cfg: OperatorConfig, trial: Trial | None = None) -> dict[str, Any]:
+    rendered = trial_job(job, trial) if trial is not None else job
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _run_meta(job, cfg, n.configmap_name(job.spec.runId)),
-        "data": {n.CONFIG_KEY: trainer_config(job, cfg).to_json()},
+        "metadata": _run_meta(job, cfg, _configmap_name(job, trial), trial),
+        "data": {n.CONFIG_KEY: trainer_config(rendered, cfg).to_json()},
     }
 
 
@@ -117,7 +163,7 @@ def _container(job: n.JobRef, cfg: OperatorConfig, *, serves_metrics: bool) -> d
     }
 
 
-def _pod_template(job: n.JobRef, cfg: OperatorConfig, *, master: bool) -> dict[str, Any]:
+def _pod_template(job: n.JobRef, cfg: OperatorConfig, *, master: bool, trial: Trial | None) -> dict[str, Any]:
     _, pool = resolve_pool(job, cfg)
     pod: dict[str, Any] = {
         # On preemption or eviction the trainer finishes its step and saves a checkpoint in this time.
@@ -134,7 +180,7 @@ def _pod_template(job: n.JobRef, cfg: OperatorConfig, *, master: bool) -> dict[s
         },
         "containers": [_container(job, cfg, serves_metrics=master)],
         "volumes": [
-            {"name": "trainer-config", "configMap": {"name": n.configmap_name(job.spec.runId)}},
+            {"name": "trainer-config", "configMap": {"name": _configmap_name(job, trial)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": str(job.spec.resources.sharedMemory)}},
             {"name": "scratch", "emptyDir": {"sizeLimit": cfg.scratchSize}},
         ],
@@ -145,11 +191,12 @@ def _pod_template(job: n.JobRef, cfg: OperatorConfig, *, master: bool) -> dict[s
         pod["tolerations"] = [dict(t) for t in pool.tolerations]
     if job.spec.runPolicy.priorityClassName:
         pod["priorityClassName"] = job.spec.runPolicy.priorityClassName
-    return {"metadata": {"labels": n.run_labels(job), "annotations": {ANNOTATION_JOB_NAME: job.name}}, "spec": pod}
+    return {"metadata": {"labels": _labels(job, trial), "annotations": {ANNOTATION_JOB_NAME: job.name}}, "spec": pod}
 
 
-def _replica(job: n.JobRef, cfg: OperatorConfig, replicas: int, *, master: bool) -> dict[str, Any]:
-    return {"replicas": replicas, "restartPolicy": "ExitCode", "template": _pod_template(job, cfg, master=master)}
+def _replica(job: n.JobRef, cfg: OperatorConfig, replicas: int, *, master: bool, trial: Trial | None) -> dict[str, Any]:
+    return {"replicas": replicas, "restartPolicy": "ExitCode",
+            "template": _pod_template(job, cfg, master=master, trial=trial)}
 
 
 def owns_suspend(job: n.JobRef) -> bool:
@@ -167,9 +214,9 @@ def suspended_for_creation(ptj: dict[str, Any]) -> dict[str, Any]:
     return {**ptj, "spec": {**ptj["spec"], "runPolicy": run_policy}}
 
 
-def pytorch_job(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
+def pytorch_job(job: n.JobRef, cfg: OperatorConfig, trial: Trial | None = None) -> dict[str, Any]:
     spec = job.spec
-    meta = _run_meta(job, cfg, n.pytorchjob_name(spec.runId))
+    meta = _run_meta(job, cfg, _pytorchjob_name(job, trial), trial)
     if spec.runPolicy.queueName:
         meta["labels"][n.LABEL_KUEUE_QUEUE] = spec.runPolicy.queueName
     run_policy: dict[str, Any] = {
@@ -180,9 +227,9 @@ def pytorch_job(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
         run_policy["suspend"] = spec.runPolicy.suspend
     if spec.runPolicy.activeDeadlineSeconds:
         run_policy["activeDeadlineSeconds"] = spec.runPolicy.activeDeadlineSeconds
-    replicas: dict[str, Any] = {"Master": _replica(job, cfg, 1, master=True)}
+    replicas: dict[str, Any] = {"Master": _replica(job, cfg, 1, master=True, trial=trial)}
     if spec.resources.workers > 1:
-        replicas["Worker"] = _replica(job, cfg, spec.resources.workers - 1, master=False)
+        replicas["Worker"] = _replica(job, cfg, spec.resources.workers - 1, master=False, trial=trial)
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
@@ -195,9 +242,9 @@ def pytorch_job(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
     }
 
 
-def run_objects(job: n.JobRef, cfg: OperatorConfig) -> list[dict[str, Any]]:
-    """The run, in apply order: its config, then the PyTorchJob that mounts it."""
-    return [config_map(job, cfg), pytorch_job(job, cfg)]
+def run_objects(job: n.JobRef, cfg: OperatorConfig, trial: Trial | None = None) -> list[dict[str, Any]]:
+    """The run (or one trial of a search), in apply order: its config, then the PyTorchJob that mounts it."""
+    return [config_map(job, cfg, trial), pytorch_job(job, cfg, trial)]
 
 
 __all__ = ["config_map", "pytorch_job", "run_objects", "sandbox_name", "trainer_config"]

@@ -112,16 +112,18 @@ def network_policies(job: n.JobRef, cfg: OperatorConfig) -> list[dict[str, Any]]
 
 
 def resource_quota(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
-    """Room for exactly this job: workers pods (twice, for restarts that overlap) and their resources."""
+    """Room for exactly this job: workers pods (twice, for restarts that overlap) and their resources, for
+    one run, or for search.parallelism trials at once."""
     res = job.spec.resources
     _, pool = resolve_pool(job, cfg)
+    pods = res.workers * (job.spec.search.parallelism if job.spec.search else 1)
     hard = {
-        "pods": str(res.workers * 2),
-        "requests.cpu": multiply(res.cpu, res.workers),
-        "limits.cpu": multiply(res.cpu, res.workers),
-        "requests.memory": multiply(res.memory, res.workers),
-        "limits.memory": multiply(res.memory, res.workers),
-        f"requests.{pool.gpuResource}": str(res.gpusPerWorker * res.workers),
+        "pods": str(pods * 2),
+        "requests.cpu": multiply(res.cpu, pods),
+        "limits.cpu": multiply(res.cpu, pods),
+        "requests.memory": multiply(res.memory, pods),
+        "limits.memory": multiply(res.memory, pods),
+        f"requests.{pool.gpuResource}": str(res.gpusPerWorker * pods),
     }
     return {
         "apiVersion": "v1",

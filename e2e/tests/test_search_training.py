@@ -1,0 +1,95 @@
+"""A hyperparameter search with real training on the local node: examples/finetunejob-search.yaml,
+four learning rates of the demo's LoRA SFT, one of which (3e-3) is clearly best. The best trial is
+picked, a bad trial is pruned before its last step, and the promoted adapter loads and measures the
+best trial's perplexity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e.localcluster.paths import REPO_ROOT
+from e2e.tests.test_end_to_end import _download, _explain_failure, _keys, _s3, _status
+from finetune_operator.builders import names as n
+from finetune_trainer.config import progress_uri
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+EXAMPLE = REPO_ROOT / "examples" / "finetunejob-search.yaml"
+BEST_RATE = 3.0e-3
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()
+            if p.suffix in (".safetensors", ".json")}
+
+
+def _read_json(local_cluster, uri: str) -> dict:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return json.loads(_s3(local_cluster).get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def test_a_learning_rate_search_prunes_a_bad_trial_and_promotes_the_best(kube, local_cluster, operator, namespace):
+    secret, job = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
+    name, spec = job["metadata"]["name"], job["spec"]
+    output = spec["output"]["uri"] = f"s3://team-a/e2e/lr-search-{uuid.uuid4().hex[:8]}/"
+    kube.apply(secret, job, namespace=namespace)
+
+    deadline, status = time.monotonic() + 1200, {}
+    while time.monotonic() < deadline:
+        status = _status(kube, namespace, name)
+        if status.get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(3)
+    assert status.get("phase") == "Succeeded", _explain_failure(local_cluster, status) + json.dumps(status.get("search"))
+
+    search = status["search"]
+    trials = {t["number"]: t for t in search["trials"]}
+    assert sorted(t["parameters"]["learningRate"] for t in trials.values()) == \
+        sorted(spec["search"]["parameters"]["learningRate"]["values"])
+    best = search["best"]
+    assert best["parameters"]["learningRate"] == pytest.approx(BEST_RATE), search
+    finished = [t for t in trials.values() if t["phase"] == "Succeeded"]
+    assert min(finished, key=lambda t: t["value"])["number"] == best["number"]
+
+    max_steps = spec["hyperparameters"]["maxSteps"]
+    pruned = [t for t in trials.values() if t["phase"] == "Pruned"]
+    assert pruned, f"no trial was pruned: {search}"
+    for trial in pruned:
+        assert trial["parameters"]["learningRate"] < BEST_RATE
+        # Stopped before its last step: its trainer never got there.
+        progress = _read_json(local_cluster, progress_uri(n.trial_output_uri(output, trial["number"]), "1"))
+        assert progress["step"] < max_steps, (trial, progress["step"])
+        assert not _keys(local_cluster, n.trial_output_uri(output, trial["number"]) + "adapter/")
+    assert search["promoted"] and search["reportUri"].startswith(output)
+    report = _keys(local_cluster, search["reportUri"].rsplit("/", 1)[0] + "/")
+    assert any(k.endswith("search-validation.png") for k in report) and any(k.endswith("search-report.json")
+                                                                             for k in report), report
+
+    # The promoted adapter is the best trial's; it loads and measures the best trial's perplexity.
+    assert status["evaluation"]["perplexity"] == pytest.approx(
+        _read_json(local_cluster, n.trial_output_uri(output, best["number"]) + "runs/1/evaluation.json")["perplexity"],
+        rel=1e-4)  # the status rounds to 4 decimals
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = _download(local_cluster, spec["model"]["uri"], Path(tmp, "base"))
+        promoted = _download(local_cluster, status["output"]["adapterUri"], Path(tmp, "promoted"))
+        best_adapter = _download(local_cluster, n.trial_output_uri(output, best["number"]) + "adapter/", Path(tmp, "best"))
+        assert _digests(promoted) == _digests(best_adapter) and _digests(promoted)
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), promoted)
+        tokenizer = AutoTokenizer.from_pretrained(promoted)
+        import torch
+
+        ids = tokenizer("Bucket acme-logs-1 returns error 404. Why?", return_tensors="pt").input_ids
+        with torch.no_grad():
+            loss = tuned(ids, labels=ids).loss
+        assert torch.isfinite(loss)

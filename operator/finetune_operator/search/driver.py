@@ -1,0 +1,264 @@
+"""The search's trials from what one pass observed (a pure function): their status, which to start,
+which to stop, whether the search is over.
+
+The status holds every trial the operator started (number, parameters, phase, metric history); a
+trial's PyTorchJob carries its number and parameters too, so a trial created just before an
+operator restart (its status not yet written) is adopted, never started twice. The Optuna study is
+rebuilt from these records on every pass (`study.build_study`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_operator.api.search import Metric, Search
+from finetune_operator.api.types import MAX_TRIAL_HISTORY, TrialPhase
+from finetune_operator.builders import names as n
+from finetune_operator.s3 import RunDocuments
+from finetune_operator.search import space, study
+from finetune_operator.status import ptj_condition
+
+FINAL = (TrialPhase.Succeeded.value, TrialPhase.Pruned.value, TrialPhase.Failed.value)
+ACTIVE = (TrialPhase.Pending.value, TrialPhase.Running.value)
+STATES = {TrialPhase.Pending.value: "running", TrialPhase.Running.value: "running",
+          TrialPhase.Succeeded.value: "complete", TrialPhase.Pruned.value: "pruned", TrialPhase.Failed.value: "failed"}
+
+
+@dataclass
+class TrialRun:
+    """What a pass observed of one trial: its PyTorchJob, the documents read (None: not read this
+    pass) and the GPU-seconds of its pods."""
+
+    pytorchjob: dict[str, Any] | None = None
+    documents: RunDocuments | None = None
+    gpu_seconds: float = 0.0
+
+
+@dataclass
+class SearchPlan:
+    trials: list[dict[str, Any]]  # TrialStatus documents, by number
+    start: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # (number, parameters) to apply
+    stop: list[int] = field(default_factory=list)  # trials whose PyTorchJob goes (pruned)
+    planned: int = 0
+    finished: bool = False  # every planned trial is final
+    best: study.TrialRecord | None = None
+
+
+def trial_number(ptj: dict[str, Any]) -> int | None:
+    label = (ptj["metadata"].get("labels") or {}).get(n.LABEL_TRIAL, "")
+    return int(label) if label.isdigit() else None
+
+
+def trial_parameters(ptj: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a trial's PyTorchJob was made with (the operator's own annotation)."""
+    try:
+        params = json.loads((ptj["metadata"].get("annotations") or {}).get(n.ANNOTATION_TRIAL_PARAMETERS, "{}"))
+    except ValueError:
+        return {}
+    return {k: v for k, v in params.items() if k in space.PARAMETERS and isinstance(v, (int, float))} \
+        if isinstance(params, dict) else {}
+
+
+def metric_value(metric: str, eval_loss: float | None) -> float | None:
+    """The search metric from a validation loss (the trainer reports losses)."""
+    if eval_loss is None or not math.isfinite(eval_loss):
+        return None
+    if metric == Metric.perplexity.value:
+        return math.exp(min(eval_loss, 700.0))
+    return eval_loss
+
+
+def _history(search: Search, documents: RunDocuments) -> list[dict[str, Any]]:
+    """The trial's validation metric by step: the first MAX_TRIAL_HISTORY evaluations (pruning compares
+    trials at the same step, so the early steps are the ones kept)."""
+    points: dict[int, float] = {}
+    for point in (documents.progress.evalHistory if documents.progress else []):
+        value = metric_value(search.metric, point.evalLoss)
+        if value is not None:
+            points[point.step] = value
+    return [{"step": step, "value": round(value, 6)} for step, value in sorted(points.items())][:MAX_TRIAL_HISTORY]
+
+
+def _final_value(search: Search, documents: RunDocuments | None, trial: dict[str, Any]) -> float | None:
+    evaluation = documents.evaluation if documents else None
+    if evaluation is not None and evaluation.perplexity:
+        return metric_value(search.metric, math.log(evaluation.perplexity))
+    history = trial.get("history") or []
+    return history[-1]["value"] if history else None
+
+
+def records(trials: list[dict[str, Any]]) -> list[study.TrialRecord]:
+    return [study.TrialRecord(number=t["number"], params=dict(t.get("parameters") or {}),
+                              state=STATES[t.get("phase", TrialPhase.Pending.value)], value=t.get("value"),
+                              history=[(p["step"], p["value"]) for p in t.get("history") or []])
+            for t in trials]
+
+
+def _observe_trial(search: Search, trial: dict[str, Any], run: TrialRun | None) -> dict[str, Any]:
+    """A trial that has not finished, brought up to date with what was observed."""
+    trial = dict(trial)
+    documents = run.documents if run else None
+    if documents is not None and documents.progress is not None:
+        history = _history(search, documents)
+        if history:
+            trial["history"] = history
+            trial["step"] = history[-1]["step"]
+            pick = min if search.direction == "minimize" else max
+            trial["bestValue"] = pick(p["value"] for p in history)
+    if run is not None:
+        trial["gpuSeconds"] = round(max(float(trial.get("gpuSeconds") or 0.0), run.gpu_seconds), 1)
+    ptj = run.pytorchjob if run else None
+    if ptj is None:
+        return trial
+    if ptj_condition(ptj, "Succeeded"):
+        value = _final_value(search, documents, trial)
+        if value is None and documents is None:
+            return trial  # its documents are read on a later pass
+        if value is None:
+            trial.update(phase=TrialPhase.Failed.value, message="finished without a validation value")
+        else:
+            trial.update(phase=TrialPhase.Succeeded.value, value=round(value, 6))
+    elif failed := ptj_condition(ptj, "Failed"):
+        result = documents.result if documents else None
+        message = (result.message if result and result.message else failed.get("message") or "the trial failed")
+        trial.update(phase=TrialPhase.Failed.value, message=message[:1024])
+    elif ptj_condition(ptj, "Running") or ptj_condition(ptj, "Restarting"):
+        trial["phase"] = TrialPhase.Running.value
+    return trial
+
+
+def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, TrialRun], may_start: bool) -> SearchPlan:
+    """The trials after this pass. `previous`: status.search; `observed`: trial number -> what was seen
+    (a number absent: no PyTorchJob); `may_start`: new trials may be started (not suspended, the spec
+    unchanged, the tenant's policy allows it)."""
+    trials = {t["number"]: dict(t) for t in previous.get("trials") or []}
+    for number, run in observed.items():  # made before a restart, its status never written: adopted
+        if number not in trials and run.pytorchjob is not None:
+            trials[number] = {"number": number, "parameters": trial_parameters(run.pytorchjob),
+                              "phase": TrialPhase.Pending.value}
+    for number in range(max(trials, default=-1)):  # numbers are dense: a trial lost unrecorded is a failed one
+        trials.setdefault(number, {"number": number, "parameters": {}, "phase": TrialPhase.Failed.value,
+                                   "message": "its PyTorchJob was deleted before its status was recorded"})
+    for number, trial in trials.items():
+        if trial.get("phase") not in FINAL:
+            trials[number] = _observe_trial(search, trial, observed.get(number))
+
+    plan = SearchPlan(trials=[], planned=space.planned_trials(search))
+    for number, trial in sorted(trials.items()):
+        if trial.get("phase") != TrialPhase.Running.value or not trial.get("history"):
+            continue
+        if study.should_prune(search, records(sorted(trials.values(), key=lambda t: t["number"])), number):
+            last = trial["history"][-1]
+            trial.update(phase=TrialPhase.Pruned.value, pruned=True,
+                         message=f"pruned at step {last['step']} ({search.metric} {last['value']:.4g}) by the "
+                                 f"{search.pruning.rule} rule")
+            plan.stop.append(number)
+
+    for number, trial in sorted(trials.items()):
+        if trial.get("phase") in ACTIVE and (observed.get(number) is None or observed[number].pytorchjob is None):
+            plan.start.append((number, trial["parameters"]))  # not made yet, or deleted: (re-)made, it resumes
+    active = sum(1 for t in trials.values() if t.get("phase") in ACTIVE)
+    while may_start and active < search.parallelism and len(trials) < plan.planned:
+        number = len(trials)
+        params = study.ask(search, records(sorted(trials.values(), key=lambda t: t["number"])), number)
+        trials[number] = {"number": number, "parameters": params, "phase": TrialPhase.Pending.value}
+        plan.start.append((number, params))
+        active += 1
+
+    plan.trials = [trials[k] for k in sorted(trials)]
+    plan.finished = len(trials) >= plan.planned and all(t.get("phase") in FINAL for t in trials.values())
+    plan.best = study.best(search, records(plan.trials))
+    return plan
+
+
+def summary(search: Search, plan: SearchPlan, previous: dict[str, Any]) -> dict[str, Any]:
+    """status.search from the plan (promotion and report fields carried over from `previous`)."""
+    count = lambda phase: sum(1 for t in plan.trials if t.get("phase") == phase)  # noqa: E731
+    done = sum(1 for t in plan.trials if t.get("phase") in FINAL)
+    out: dict[str, Any] = {
+        "metric": search.metric,
+        "progress": f"{done}/{plan.planned}",
+        "planned": plan.planned,
+        "running": count(TrialPhase.Running.value) + count(TrialPhase.Pending.value),
+        "succeeded": count(TrialPhase.Succeeded.value),
+        "pruned": count(TrialPhase.Pruned.value),
+        "failed": count(TrialPhase.Failed.value),
+        "trials": plan.trials,
+        "promoted": bool(previous.get("promoted")),
+    }
+    if plan.best is not None and plan.best.value is not None:
+        out["best"] = {"number": plan.best.number, "value": plan.best.value, "parameters": plan.best.params}
+    if previous.get("reportUri"):
+        out["reportUri"] = previous["reportUri"]
+    return out
+
+
+def describe(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+@dataclass
+class Promotion:
+    """What promoting the best trial did: copied and reported, or why not (tried again next pass)."""
+
+    promoted: bool = False
+    report_uri: str = ""
+    documents: RunDocuments | None = None
+    error: str = ""
+
+
+@dataclass
+class SearchObservation:
+    """The search as derive_status needs it."""
+
+    status: dict[str, Any]
+    running: bool = False  # a trial's pods train
+    active: bool = False  # a trial has not finished
+    outcome: tuple[str, str, str] | None = None  # (Succeeded|Failed, reason, message) once the search is over
+    waiting: str = ""  # why the search has not finished although no trial is active
+
+
+def gate(spec, documents: RunDocuments | None) -> tuple[bool, str]:
+    """evaluation.maxPerplexityRatio on the promoted trial's evaluation: (passed, message)."""
+    limit = spec.evaluation.maxPerplexityRatio
+    evaluation = documents.evaluation if documents else None
+    if limit is None or evaluation is None or not evaluation.basePerplexity or evaluation.perplexity is None:
+        return True, ""
+    ratio = evaluation.perplexity / evaluation.basePerplexity
+    if ratio <= limit:
+        return True, ""
+    return False, (f"tuned perplexity {evaluation.perplexity:.4g} is {ratio:.3g}x the base perplexity "
+                   f"{evaluation.basePerplexity:.4g}, above evaluation.maxPerplexityRatio {limit}")
+
+
+def observe(spec, plan: SearchPlan, previous_status: dict[str, Any], promotion: Promotion | None) -> SearchObservation:
+    search = spec.search
+    previous = previous_status.get("search") or {} if previous_status.get("runId") == spec.runId else {}
+    status = summary(search, plan, previous)
+    if promotion is not None and promotion.promoted:
+        status["promoted"] = True
+        status["reportUri"] = promotion.report_uri
+    obs = SearchObservation(status=status,
+                            running=any(t.get("phase") == TrialPhase.Running.value for t in plan.trials),
+                            active=any(t.get("phase") in ACTIVE for t in plan.trials))
+    if not plan.finished:
+        return obs
+    counts = f"{status['succeeded']} succeeded, {status['pruned']} pruned, {status['failed']} failed"
+    best = plan.best
+    if best is None:
+        obs.outcome = ("Failed", "SearchFailed", f"no trial finished with a {search.metric} ({counts})")
+        return obs
+    if promotion is not None and promotion.error:
+        obs.waiting = promotion.error
+        return obs
+    if not status.get("promoted"):
+        obs.waiting = f"promoting trial {best.number}"
+        return obs
+    about = (f"best trial t{best.number} ({describe(best.params)}) {search.metric} {best.value:.4g} of "
+             f"{len(plan.trials)} trials ({counts}), promoted to {spec.output.uri}")
+    if promotion is not None:  # the promoting pass: the gate on the promoted evaluation
+        passed, why = gate(spec, promotion.documents)
+        obs.outcome = ("Succeeded", "Completed", about) if passed else ("Failed", "EvaluationGateFailed", f"{why}; {about}")
+    return obs
