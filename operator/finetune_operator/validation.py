@@ -92,6 +92,24 @@ def check_dpo_datasets(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Probl
     return out
 
 
+def _kto_dataset_problems(path: str, objective: str, datasets) -> list[Problem]:
+    """Objective kto and format feedback go together, both ways."""
+    out = []
+    for i, d in enumerate(datasets):
+        if objective == "kto" and d.format != "feedback":
+            out.append(Problem("InvalidSpec", f"{path}[{i}].format: objective kto needs feedback, got {d.format}"))
+        elif objective != "kto" and d.format == "feedback":
+            out.append(Problem("InvalidSpec", f"{path}[{i}].format: feedback needs objective kto, got {objective}"))
+    return out
+
+
+def check_kto_datasets(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    out = _kto_dataset_problems("spec.datasets", spec.objective, spec.datasets)
+    for s, stage in enumerate(spec.stages):
+        out += _kto_dataset_problems(f"spec.stages[{s}].datasets", stage.objective, stage.datasets)
+    return out
+
+
 def check_node_pool(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
     name = spec.resources.nodePool or cfg.defaultNodePool
     if name not in cfg.nodePools:
@@ -145,8 +163,8 @@ def check_distributed_settings(spec: FineTuneJobSpec, cfg: OperatorConfig) -> li
 
 def check_other_cross_field_rules(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
     out = []
-    if spec.objective == "dpo" and spec.preprocessing.packing:
-        out.append(Problem("InvalidSpec", "spec.preprocessing.packing: not allowed with objective dpo"))
+    if spec.objective in ("dpo", "kto") and spec.preprocessing.packing:
+        out.append(Problem("InvalidSpec", f"spec.preprocessing.packing: not allowed with objective {spec.objective}"))
     if spec.method.type in ("prefix", "prompt") and spec.preprocessing.packing:
         out.append(Problem("InvalidSpec", f"spec.preprocessing.packing: not allowed with method {spec.method.type} "
                                           "(virtual tokens belong to one row)"))
@@ -155,6 +173,10 @@ def check_other_cross_field_rules(spec: FineTuneJobSpec, cfg: OperatorConfig) ->
     if spec.validation.uri and spec.validation.splitRatio:
         out.append(Problem("InvalidSpec", "spec.validation: set either uri or splitRatio, not both"))
     return out
+
+
+def check_content_filters(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    return [Problem("InvalidSpec", f"spec.preprocessing.{p}") for p in spec.preprocessing.content_filter_problems()]
 
 
 def check_image_allowed(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
@@ -217,9 +239,11 @@ SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]
     check_method_settings,
     check_distributed_settings,
     check_other_cross_field_rules,
+    check_content_filters,
     check_datasets_or_stages,
     check_unique_stage_names,
     check_dpo_datasets,
+    check_kto_datasets,
     check_qlora_needs_gpus,
     check_node_pool,
     check_gpus_fit_pool,
@@ -292,6 +316,10 @@ def s3_uris_to_check(spec: FineTuneJobSpec) -> dict[str, str]:
     for s, stage in enumerate(spec.stages):
         for i, d in enumerate(stage.datasets):
             uris[f"spec.stages[{s}].datasets[{i}].uri"] = d.uri
+    for i, f in enumerate(spec.preprocessing.contentFilters):
+        for name in ("termsUri", "modelUri"):
+            if getattr(f, name):
+                uris[f"spec.preprocessing.contentFilters[{i}].{name}"] = getattr(f, name)
     return uris
 
 

@@ -11,6 +11,7 @@ from op_testdata import minimal_spec
 
 BKT = "s3://bkt"
 PREF = [{"uri": f"{BKT}/p.jsonl", "format": "preference"}]
+FEEDBACK = [{"uri": f"{BKT}/f.jsonl", "format": "feedback"}]
 SEARCH_FIELDS = ("trials", "parallelism")
 
 
@@ -19,6 +20,12 @@ def search(prune: bool = False, **fields) -> dict:
     evaluation.everySteps) only when asked."""
     out = {k: fields.pop(k) for k in SEARCH_FIELDS if k in fields}
     return {"parameters": fields, **out, **({} if prune else {"pruning": {"rule": "none"}})}
+
+
+def filters(*specs: dict, name: str = "") -> dict:
+    """spec.preprocessing with content filters, named f0, f1, ... (or all `name`)."""
+    return {"contentFilters": [{"name": name or f"f{i}", **spec} for i, spec in enumerate(specs)]}
+
 
 CEL_CASES = [
     ("valid minimal", minimal_spec(), True),
@@ -45,6 +52,19 @@ CEL_CASES = [
     ("lora packing", minimal_spec(method={"type": "lora"}, preprocessing={"packing": True}), True),
     ("stage dpo chat", minimal_spec(datasets=[], stages=[{"name": "a", "objective": "dpo",
                                                           "datasets": [{"uri": f"{BKT}/a.jsonl", "format": "chat"}]}]), False),
+    ("kto chat", minimal_spec(objective="kto"), False),
+    ("kto feedback", minimal_spec(objective="kto", datasets=FEEDBACK), True),
+    ("kto feedback and chat", minimal_spec(objective="kto", datasets=FEEDBACK + [{"uri": f"{BKT}/c.jsonl",
+                                                                                "format": "chat"}]), False),
+    ("feedback with sft", minimal_spec(datasets=FEEDBACK), False),
+    ("feedback with dpo", minimal_spec(objective="dpo", datasets=FEEDBACK), False),
+    ("kto packing", minimal_spec(objective="kto", datasets=FEEDBACK, preprocessing={"packing": True}), False),
+    ("stage kto chat", minimal_spec(datasets=[], stages=[{"name": "a", "objective": "kto",
+                                                          "datasets": [{"uri": f"{BKT}/a.jsonl", "format": "chat"}]}]), False),
+    ("stage feedback sft", minimal_spec(datasets=[], stages=[{"name": "a", "datasets": FEEDBACK}]), False),
+    ("stages sft then kto", minimal_spec(datasets=[], stages=[
+        {"name": "a", "datasets": [{"uri": f"{BKT}/a.jsonl", "format": "chat"}]},
+        {"name": "b", "objective": "kto", "datasets": FEEDBACK}]), True),
     ("ratio without compare", minimal_spec(evaluation={"compareToBase": False, "maxPerplexityRatio": 1.0}), False),
     ("validation both", minimal_spec(validation={"uri": f"{BKT}/v.jsonl", "splitRatio": 0.1}), False),
     ("bad quantity", minimal_spec(resources={"memory": "64 GB"}), False),
@@ -64,6 +84,22 @@ CEL_CASES = [
     ("search epochs and maxSteps", minimal_spec(search=search(epochs={"values": [1, 2]}, maxSteps={"values": [10]})),
      False),
     ("search no parameters", minimal_spec(search=search()), False),
+    ("filter terms", minimal_spec(preprocessing=filters({"type": "terms", "terms": ["bad word"]})), True),
+    ("filter terms file", minimal_spec(preprocessing=filters({"type": "terms", "termsUri": f"{BKT}/terms.txt",
+                                                              "action": "flag", "fields": "prompt"})), True),
+    ("filter terms without terms", minimal_spec(preprocessing=filters({"type": "terms"})), False),
+    ("filter regex", minimal_spec(preprocessing=filters({"type": "regex", "patterns": ["[0-9]{3}-[0-9]{4}"]})), True),
+    ("filter regex without patterns", minimal_spec(preprocessing=filters({"type": "regex"})), False),
+    ("filter regex with terms", minimal_spec(preprocessing=filters({"type": "regex", "patterns": ["x"],
+                                                                    "terms": ["y"]})), False),
+    ("filter classifier", minimal_spec(preprocessing=filters({"type": "classifier", "modelUri": f"{BKT}/tox/",
+                                                              "label": "toxic", "threshold": 0.8})), True),
+    ("filter classifier without label", minimal_spec(preprocessing=filters({"type": "classifier",
+                                                                            "modelUri": f"{BKT}/tox/"})), False),
+    ("filter threshold with terms", minimal_spec(preprocessing=filters({"type": "terms", "terms": ["x"],
+                                                                        "threshold": 0.5})), False),
+    ("filter names repeat", minimal_spec(preprocessing=filters({"type": "terms", "terms": ["x"]},
+                                                               {"type": "regex", "patterns": ["y"]}, name="same")), False),
     ("search parallelism above trials", minimal_spec(search=search(trials=2, parallelism=3,
                                                                    learningRate={"values": [1e-4]})), False),
 ]

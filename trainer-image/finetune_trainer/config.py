@@ -13,10 +13,11 @@ that never went through an API server (a TrainerConfig file given to the trainer
 from __future__ import annotations
 
 import math
+import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 TRAINER_CONFIG_API_VERSION = "finetune.dev/trainer-config/v1"
 
@@ -44,6 +45,7 @@ class DatasetFormat(str, Enum):
     instruction = "instruction"
     chat = "chat"
     preference = "preference"
+    feedback = "feedback"
 
 
 class MethodType(str, Enum):
@@ -60,6 +62,7 @@ class Objective(str, Enum):
     causal_lm = "causal-lm"
     sft = "sft"
     dpo = "dpo"
+    kto = "kto"
 
 
 class Scheduler(str, Enum):
@@ -104,7 +107,8 @@ class Dataset(ApiModel):
     format: DatasetFormat = Field(
         default=DatasetFormat.text,
         description="Row format. text: {text}; instruction: {instruction, input?, output}; "
-        "chat: {messages: [{role, content}]}; preference: {prompt, chosen, rejected}.",
+        "chat: {messages: [{role, content}]}; preference: {prompt, chosen, rejected}; feedback: {prompt, "
+        "completion, label: true (desirable, thumbs up) | false (undesirable, thumbs down)}, for objective kto.",
     )
     weight: float = Field(
         default=1.0,
@@ -131,12 +135,178 @@ class Validation(ApiModel):
     uri: S3Uri | None = Field(default=None, description="S3 URI of a separate validation file, same format as the first dataset.")
 
 
+class ContentFilterType(str, Enum):
+    terms = "terms"
+    regex = "regex"
+    classifier = "classifier"
+
+
+class ContentFilterFields(str, Enum):
+    prompt = "prompt"
+    answer = "answer"
+    both = "both"
+
+
+class ContentFilterAction(str, Enum):
+    drop = "drop"
+    flag = "flag"
+
+
+MAX_CONTENT_FILTERS = 16
+# Fields allowed only with one filter type (the CEL rules and ContentFilter.problems read this).
+CONTENT_FILTER_FIELDS_OF_TYPE = {"terms": "terms", "termsUri": "terms", "patterns": "regex", "modelUri": "classifier",
+                                 "label": "classifier", "threshold": "classifier"}
+
+
+class ContentFilter(ApiModel):
+    """One filter of preprocessing.contentFilters: rows whose prompt or answer matches it are dropped or
+    flagged before training."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("self.type != 'terms' || has(self.terms) || has(self.termsUri)",
+             "contentFilters[]: type terms needs terms or termsUri"),
+            ("self.type != 'regex' || has(self.patterns)", "contentFilters[]: type regex needs patterns"),
+            ("self.type != 'classifier' || (has(self.modelUri) && has(self.label))",
+             "contentFilters[]: type classifier needs modelUri and label"),
+            *((f"!has(self.{name}) || self.type == '{kind}'",
+               f"contentFilters[].{name} is only allowed with type {kind}")
+              for name, kind in CONTENT_FILTER_FIELDS_OF_TYPE.items()),
+        )
+    )
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=40,
+                      description="Filter name (a DNS label), unique in the list; the data report counts rows by it.")
+    type: ContentFilterType = Field(
+        description="terms: a list of terms; regex: regular expressions; classifier: a Hugging Face "
+        "text-classification model.")
+    terms: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None, min_length=1, max_length=1000,
+        description="Terms or phrases (terms only), matched word by word: ignoring case, whole words only, "
+        "punctuation and spacing between the words ignored.")
+    termsUri: S3Uri | None = Field(
+        default=None,
+        description="S3 URI of a UTF-8 text file of more terms, one per line; blank lines and lines starting "
+        "with # are skipped (terms only; at most 16 MiB).")
+    patterns: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(
+        default=None, min_length=1, max_length=32,
+        description="Python regular expressions (re syntax; regex only), searched anywhere in the text; a text "
+        "matches when any pattern does. Refused when one does not compile or nests unbounded repetitions, as in "
+        "(a+)+ (catastrophic backtracking: use a possessive a++ or an atomic group (?>...)). A long text is "
+        "searched in windows of 10000 characters that overlap by 500, which bounds the cost of one search.")
+    modelUri: S3Uri | None = Field(
+        default=None,
+        description="S3 prefix of a Hugging Face sequence-classification model: config.json, tokenizer and "
+        "weights (classifier only). Every process scores every row, batched, on its GPU (or CPU), before training.")
+    label: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="The model's label (its config.id2label) whose probability is compared with threshold "
+        "(classifier only, required).")
+    threshold: float | None = Field(
+        default=None, ge=0, le=1,
+        description="A text matches when the probability of label is at least this (classifier only; the "
+        "trainer defaults to 0.5). A softmax over the labels, or a sigmoid per label for a multi-label model.")
+    fields: ContentFilterFields = Field(
+        default=ContentFilterFields.both,
+        description="What is examined. prompt: instruction and input, system, user and tool turns, the prompt of "
+        "a preference row; answer: output, assistant turns, completion, the chosen answer; both. A text row is "
+        "examined whole whatever this says; the rejected answer of a preference row never is (it is the "
+        "behaviour trained away from).")
+    action: ContentFilterAction = Field(
+        default=ContentFilterAction.drop,
+        description="drop: remove the row; flag: keep it. Either way the data report counts the rows per filter, "
+        "with up to 3 examples (PII redacted, cut to 200 characters).")
+
+    @field_validator("terms")
+    @classmethod
+    def terms_have_words(cls, terms: list[str] | None) -> list[str] | None:
+        for i, term in enumerate(terms or []):
+            if not re.search(r"\w", term):
+                raise ValueError(f"terms[{i}]: {term!r} has no letter or digit (terms are matched word by word)")
+        return terms
+
+    @field_validator("patterns")
+    @classmethod
+    def patterns_compile_and_cannot_backtrack_catastrophically(cls, patterns: list[str] | None) -> list[str] | None:
+        for i, pattern in enumerate(patterns or []):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"patterns[{i}]: {pattern!r} is not a valid regular expression: {e}") from None
+            if cls.nests_unbounded_repeats(pattern):
+                raise ValueError(f"patterns[{i}]: {pattern!r} nests unbounded repetitions (as in (a+)+), whose "
+                                 "backtracking can take exponential time; use a possessive quantifier (a++) or an "
+                                 "atomic group (?>...)")
+        return patterns
+
+    @staticmethod
+    def nests_unbounded_repeats(pattern: str) -> bool:
+        """An unbounded repeat (*, +, {n,}) inside another: the shape of catastrophic backtracking. Possessive
+        repeats and atomic groups never backtrack into themselves, so their bodies start afresh."""
+        from re import _constants as c, _parser
+
+        def walk(sub, inside: bool) -> bool:
+            for op, av in sub:
+                if op in (c.MAX_REPEAT, c.MIN_REPEAT):
+                    unbounded = av[1] == c.MAXREPEAT
+                    if (unbounded and inside) or walk(av[2], inside or unbounded):
+                        return True
+                elif op == c.POSSESSIVE_REPEAT and walk(av[2], False):
+                    return True
+                elif op == c.ATOMIC_GROUP and walk(av, False):
+                    return True
+                elif op == c.SUBPATTERN and walk(av[-1], inside):
+                    return True
+                elif op == c.BRANCH and any(walk(branch, inside) for branch in av[1]):
+                    return True
+                elif op in (c.ASSERT, c.ASSERT_NOT) and walk(av[1], inside):
+                    return True
+                elif op == c.GROUPREF_EXISTS and any(b is not None and walk(b, inside) for b in av[1:]):
+                    return True
+            return False
+
+        return walk(_parser.parse(pattern), False)
+
+    def problems(self) -> list[str]:
+        """The CEL rules above, in Python (for documents that never went through an API server)."""
+        out = []
+        if self.type == "terms" and self.terms is None and self.termsUri is None:
+            out.append("type terms needs terms or termsUri")
+        if self.type == "regex" and self.patterns is None:
+            out.append("type regex needs patterns")
+        if self.type == "classifier" and (self.modelUri is None or self.label is None):
+            out.append("type classifier needs modelUri and label")
+        for name, kind in CONTENT_FILTER_FIELDS_OF_TYPE.items():
+            if getattr(self, name) is not None and self.type != kind:
+                out.append(f"{name} is only allowed with type {kind}, not {self.type}")
+        return out
+
+
 class Preprocessing(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("!has(self.contentFilters) || self.contentFilters.all(f, self.contentFilters.exists_one(g, g.name == f.name))",
+             "preprocessing.contentFilters: filter names must be unique"),
+        )
+    )
     maxSeqLength: int = Field(default=2048, ge=16, le=131072, description="Longest tokenized sequence; longer rows are truncated.")
     minTokens: int = Field(default=2, ge=1, le=131072, description="Rows with fewer tokens than this are dropped (length filter).")
-    packing: bool = Field(default=False, description="Padding-free packing: rows placed best-fit into sequences of at most maxSeqLength tokens, each keeping its own positions (no attention across rows); not with objective dpo or method prefix/prompt; validation is never packed.")
+    packing: bool = Field(default=False, description="Padding-free packing: rows placed best-fit into sequences of at most maxSeqLength tokens, each keeping its own positions (no attention across rows); not with objective dpo or kto or method prefix/prompt; validation is never packed.")
     deduplicate: bool = Field(default=True, description="Drop exact and normalised (case, whitespace, punctuation) duplicate rows.")
     redactPII: bool = Field(default=False, description="Replace emails, phone numbers, IP addresses, card numbers and keys with placeholders.")
+    contentFilters: list[ContentFilter] = Field(
+        default_factory=list, max_length=MAX_CONTENT_FILTERS,
+        description="Content filters, applied in order to every row of every dataset (and of validation.uri) "
+        "before PII redaction, de-duplication and tokenization; a row dropped by one filter is not seen by the next. "
+        "The data report counts what each filter dropped or flagged.")
+
+    def content_filter_problems(self) -> list[str]:
+        """The rules of contentFilters (each filter's and unique names), as `contentFilters[i]...: message`."""
+        out, names = [], [f.name for f in self.contentFilters]
+        for i, content_filter in enumerate(self.contentFilters):
+            out += [f"contentFilters[{i}]: {p}" for p in content_filter.problems()]
+            if names.index(content_filter.name) != i:
+                out.append(f"contentFilters[{i}].name: {content_filter.name!r} is already used by an earlier filter")
+        return out
 
 
 class LoraSettings(ApiModel):
@@ -184,6 +354,13 @@ class Hyperparameters(ApiModel):
     maxSteps: int = Field(default=0, ge=0, le=10_000_000, description="Stop after this many optimizer steps; 0 means run the epochs.")
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed for initialisation, shuffling and dropout.")
     dpoBeta: float = Field(default=0.1, gt=0, le=10, description="DPO temperature beta (dpo objective only).")
+    ktoBeta: float = Field(default=0.1, gt=0, le=10, description="KTO temperature beta (kto objective only).")
+    desirableWeight: float = Field(
+        default=1.0, gt=0, le=100,
+        description="KTO weight of the desirable (label true) rows' losses (kto objective only); with unbalanced "
+        "feedback keep desirableWeight x desirable rows / (undesirableWeight x undesirable rows) within 1 to 4/3.")
+    undesirableWeight: float = Field(default=1.0, gt=0, le=100,
+                                     description="KTO weight of the undesirable (label false) rows' losses (kto objective only).")
 
 
 class Stage(ApiModel):

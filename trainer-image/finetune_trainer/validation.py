@@ -33,6 +33,7 @@ def problems(config: TrainerConfig) -> list[str]:
         found.append(f"preprocessing.packing is not allowed with method {method.type} (virtual tokens belong to one row)")
     if config.evaluation.maxPerplexityRatio is not None and not config.evaluation.compareToBase:
         found.append("evaluation.maxPerplexityRatio needs evaluation.compareToBase")
+    found += [f"preprocessing.{p}" for p in config.preprocessing.content_filter_problems()]
     return found
 
 

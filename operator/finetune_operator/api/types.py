@@ -160,6 +160,31 @@ _SPEC_RULES = cel(
         "spec.preprocessing.packing is not allowed with objective dpo",
     ),
     (
+        "!has(self.objective) || self.objective != 'kto' || !has(self.datasets) || "
+        "self.datasets.all(d, has(d.format) && d.format == 'feedback')",
+        "spec.objective kto needs every spec.datasets[].format to be feedback",
+    ),
+    (
+        "!has(self.datasets) || !self.datasets.exists(d, has(d.format) && d.format == 'feedback') || "
+        "(has(self.objective) && self.objective == 'kto')",
+        "spec.datasets[].format feedback needs spec.objective kto",
+    ),
+    (
+        "!has(self.stages) || self.stages.all(s, !has(s.objective) || s.objective != 'kto' || "
+        "s.datasets.all(d, has(d.format) && d.format == 'feedback'))",
+        "spec.stages[]: a stage with objective kto needs feedback datasets",
+    ),
+    (
+        "!has(self.stages) || self.stages.all(s, (has(s.objective) && s.objective == 'kto') || "
+        "!s.datasets.exists(d, has(d.format) && d.format == 'feedback'))",
+        "spec.stages[]: a stage with feedback datasets needs objective kto",
+    ),
+    (
+        "!has(self.objective) || self.objective != 'kto' || !has(self.preprocessing) || "
+        "!has(self.preprocessing.packing) || !self.preprocessing.packing",
+        "spec.preprocessing.packing is not allowed with objective kto",
+    ),
+    (
         "!has(self.method) || !has(self.method.type) || !(self.method.type in ['prefix', 'prompt']) || "
         "!has(self.preprocessing) || !has(self.preprocessing.packing) || !self.preprocessing.packing",
         "spec.preprocessing.packing is not allowed with method prefix or prompt (virtual tokens belong to one row)",
@@ -202,7 +227,7 @@ class FineTuneJobSpec(ApiModel):
     validation: Validation = Field(**obj_default(Validation), description="How the validation set is made.")
     preprocessing: Preprocessing = Field(**obj_default(Preprocessing), description="Tokenization and data cleaning.")
     method: Method = Field(**obj_default(Method), description="Fine-tuning method and its settings.")
-    objective: Objective = Field(default=Objective.sft, description="Training objective: causal-lm|sft|dpo.")
+    objective: Objective = Field(default=Objective.sft, description="Training objective: causal-lm|sft|dpo|kto.")
     hyperparameters: Hyperparameters = Field(**obj_default(Hyperparameters), description="Optimizer and schedule.")
     stages: list[Stage] = Field(
         default_factory=list, max_length=MAX_STAGES, json_schema_extra={"default": []},

@@ -15,7 +15,8 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 class Example:
     """One row, kept as written: how it is rendered (chat template or not) is decided in tokenize.encode,
     where the tokenizer is known. kind: text | instruction (prompt: the instruction, context: the
-    optional input, completion: the output) | completion (prompt + completion) | chat | preference."""
+    optional input, completion: the output) | completion (prompt + completion) | chat | preference |
+    feedback (prompt + completion, label: True desirable / False undesirable)."""
 
     kind: str
     text: str = ""
@@ -25,6 +26,7 @@ class Example:
     messages: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     chosen: str = ""
     rejected: str = ""
+    label: bool | None = None
 
     def strings(self) -> list[str]:
         """Every string of the row (PII redaction, de-duplication and the leak check read these)."""
@@ -111,11 +113,24 @@ def _parse_preference(row: dict) -> Example:
     return example
 
 
+def _parse_feedback(row: dict) -> Example:
+    label = row.get("label", None)
+    if label is None:
+        raise ValueError("missing field 'label'")
+    if not isinstance(label, bool):
+        raise ValueError(f"field 'label' must be true (desirable) or false (undesirable), got {label!r}")
+    example = Example(kind="feedback", prompt=_string(row, "prompt"), completion=_string(row, "completion"), label=label)
+    if not example.completion.strip():
+        raise ValueError("field 'completion' is empty")
+    return example
+
+
 PARSERS: dict[str, Callable[[dict], Example]] = {
     "text": _parse_text,
     "instruction": _parse_instruction,
     "chat": _parse_chat,
     "preference": _parse_preference,
+    "feedback": _parse_feedback,
 }
 
 

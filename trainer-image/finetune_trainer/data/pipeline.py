@@ -1,22 +1,25 @@
-"""From S3 JSON Lines to token sequences: read (streamed), redact, de-duplicate, tokenize,
+"""From S3 JSON Lines to token sequences: read (streamed), content filters, redact, de-duplicate, tokenize,
 length-filter, split off validation, drop validation rows that leak from training, mix by weight,
 pack (training only). Every drop is counted in the data report."""
 
 from __future__ import annotations
 
 import hashlib
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ..errors import ConfigError, DataError
 from ..storage import NotFound, Storage
-from . import dedup, mixing, overlap, packing, pii
+from . import dedup, filters, mixing, overlap, packing, pii
 from .formats import Example, parse_line
-from .tokenize import PreferencePair, Sequence, encode, truncate
+from .tokenize import FeedbackItem, PreferencePair, Sequence, encode, truncate
 
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".gz")
 DEFAULT_SPLIT_RATIO = 0.05
+# Objectives whose datasets must all be of one format, and that format's only objective.
+OBJECTIVE_FORMATS = {"dpo": "preference", "kto": "feedback"}
 
 
 @dataclass
@@ -34,6 +37,7 @@ class SourceReport:
     targetTokens: int = 0
     dropped: Counter = field(default_factory=Counter)
     piiRedacted: Counter = field(default_factory=Counter)
+    contentFilters: dict = field(default_factory=dict)  # per filter: rows dropped / flagged, examples (filters.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "dropped": dict(self.dropped), "piiRedacted": dict(self.piiRedacted)}
@@ -41,8 +45,8 @@ class SourceReport:
 
 @dataclass
 class PreparedData:
-    train: list[Sequence | PreferencePair]           # the first epoch's training items
-    validation: list[Sequence | PreferencePair]
+    train: list[Sequence | PreferencePair | FeedbackItem]           # the first epoch's training items
+    validation: list[Sequence | PreferencePair | FeedbackItem]
     report: dict[str, Any]
     sources: list[list] = field(default_factory=list)  # every kept training row, per dataset
     weights: list[float] = field(default_factory=list)
@@ -59,7 +63,7 @@ class PreparedData:
         return packing.pack(rows, self.pack_length) if self.pack_length else rows
 
     def rows(self) -> list:
-        """Every distinct training row (the DPO reference log-probs are computed for each)."""
+        """Every distinct training row (the DPO and KTO reference log-probs are computed for each)."""
         return [row for source in self.sources for row in source]
 
 
@@ -93,8 +97,12 @@ def is_validation_row(example: Example, ratio: float) -> bool:
     return int.from_bytes(digest, "big") % 1_000_000 < ratio * 1_000_000
 
 
-def preprocess(examples, tokenizer, preprocessing, report: SourceReport, deduplicator: dedup.Deduplicator | None):
-    """Yields (example, tokenized) for the rows that survive redaction, de-duplication and length filters."""
+def preprocess(examples, tokenizer, preprocessing, report: SourceReport, deduplicator: dedup.Deduplicator | None,
+               content_filters: filters.ContentFilters | None = None):
+    """Yields (example, tokenized) for the rows that survive content filters, redaction, de-duplication and
+    length filters. Content filters see the rows as written (a pattern may look for what redaction replaces)."""
+    if content_filters is not None:
+        examples = content_filters.apply(examples, report)
     for example in examples:
         if preprocessing.redactPII:
             example = example.map_strings(lambda s: pii.redact(s, report.piiRedacted))
@@ -119,6 +127,8 @@ def target_tokens(item) -> int:
     """The tokens the model is trained to predict (a preference pair: its two answers)."""
     if isinstance(item, PreferencePair):
         return len(item.chosen_ids) + len(item.rejected_ids)
+    if isinstance(item, FeedbackItem):
+        return len(item.completion_ids)
     return sum(item.loss_mask)
 
 
@@ -150,13 +160,42 @@ def drop_leaks(held_out, leaks: overlap.OverlapChecker, sources: list[SourceRepo
 
 def check_formats(datasets, objective: str) -> None:
     formats = {d.format for d in datasets}
-    if objective == "dpo" and formats != {"preference"}:
-        raise ConfigError(f"objective dpo needs datasets of format preference, got {sorted(formats)}")
-    if objective != "dpo" and "preference" in formats:
-        raise ConfigError(f"format preference needs objective dpo, got objective {objective}")
+    needed = OBJECTIVE_FORMATS.get(objective)
+    if needed is not None and formats != {needed}:
+        raise ConfigError(f"objective {objective} needs datasets of format {needed}, got {sorted(formats)}")
+    for paired_objective, fmt in OBJECTIVE_FORMATS.items():
+        if objective != paired_objective and fmt in formats:
+            raise ConfigError(f"format {fmt} needs objective {paired_objective}, got objective {objective}")
+
+
+def pair_for_kl(rows: list[FeedbackItem], seed: int, max_length: int) -> None:
+    """KTO's KL reference point: every training row also gets another row's completion (cut to what
+    its prompt leaves of max_length), chosen once per stage by a seeded cycle through all rows, so a
+    row's mismatched pair, and so its reference log-prob, is the same on every rank and restart."""
+    if len(rows) < 2:
+        raise DataError(f"objective kto needs at least 2 training rows, got {len(rows)}: the KL reference point "
+                        f"pairs each prompt with another row's completion")
+    order = list(range(len(rows)))
+    random.Random(f"kto-kl/{seed}").shuffle(order)
+    for position, index in enumerate(order):
+        row, other = rows[index], rows[order[(position + 1) % len(order)]]
+        row.kl_completion_ids = other.completion_ids[:max(max_length - len(row.prompt_ids), 1)]
+
+
+def feedback_counts(rows: list[FeedbackItem]) -> dict[str, int]:
+    desirable = sum(row.desirable for row in rows)
+    return {"desirable": desirable, "undesirable": len(rows) - desirable}
 
 
 def prepare(storage: Storage, tokenizer, datasets, validation, preprocessing, objective: str, seed: int) -> PreparedData:
+    if not preprocessing.contentFilters:
+        return _prepare(storage, tokenizer, datasets, validation, preprocessing, objective, seed, None)
+    with filters.ContentFilters(preprocessing.contentFilters, storage) as content_filters:
+        return _prepare(storage, tokenizer, datasets, validation, preprocessing, objective, seed, content_filters)
+
+
+def _prepare(storage: Storage, tokenizer, datasets, validation, preprocessing, objective: str, seed: int,
+             content_filters: filters.ContentFilters | None) -> PreparedData:
     check_formats(datasets, objective)
     deduplicator = dedup.Deduplicator() if preprocessing.deduplicate else None
     split_ratio = 0.0 if validation.uri else (validation.splitRatio if validation.splitRatio is not None else DEFAULT_SPLIT_RATIO)
@@ -166,7 +205,7 @@ def prepare(storage: Storage, tokenizer, datasets, validation, preprocessing, ob
         report = SourceReport(dataset.uri, dataset.format, dataset.weight)
         kept = []
         for example, item in preprocess(read_examples(storage, dataset.uri, dataset.format, report), tokenizer,
-                                        preprocessing, report, deduplicator):
+                                        preprocessing, report, deduplicator, content_filters):
             report.tokens += len(item)
             if split_ratio and is_validation_row(example, split_ratio):
                 held_out.append((example, item, index))
@@ -189,7 +228,7 @@ def prepare(storage: Storage, tokenizer, datasets, validation, preprocessing, ob
         eval_preprocessing = preprocessing.model_copy(update={"deduplicate": False})
         held_out = [(example, item, None) for example, item in preprocess(
             read_examples(storage, validation.uri, datasets[0].format, validation_report), tokenizer,
-            eval_preprocessing, validation_report, None)]
+            eval_preprocessing, validation_report, None, content_filters)]
     validation_items, overlap_report = drop_leaks(held_out, leaks, sources, validation.uri)
     if validation_report:
         validation_report.rowsKept = validation_report.validationRows = len(validation_items)
@@ -200,9 +239,11 @@ def prepare(storage: Storage, tokenizer, datasets, validation, preprocessing, ob
             validation_items.append(per_source_train[largest].pop())
             sources[largest].validationRows += 1
 
+    if objective == "kto":
+        pair_for_kl([row for rows in per_source_train for row in rows], seed, preprocessing.maxSeqLength)
     train = mixing.mix(per_source_train, [d.weight for d in datasets], seed)
     mixed_counts = mixing.mixture_counts([len(t) for t in per_source_train], [d.weight for d in datasets])
-    packed = preprocessing.packing and objective != "dpo"
+    packed = preprocessing.packing and objective not in OBJECTIVE_FORMATS
     if packed:  # validation is never packed: each held-out row is scored alone
         train = packing.pack(train, preprocessing.maxSeqLength)
 
@@ -213,6 +254,7 @@ def prepare(storage: Storage, tokenizer, datasets, validation, preprocessing, ob
         "mixture": {s.uri: count for s, count in zip(sources, mixed_counts)},
         "rowsRead": sum(s.rowsRead for s in sources),
         "rowsDropped": sum(sum(s.dropped.values()) for s in sources),
+        "contentFilters": filters.summary([s.contentFilters for s in sources]),
         "trainSequences": len(train),
         "validationSequences": len(validation_items),
         "trainTokens": sum(len(x) for x in train),
@@ -221,5 +263,8 @@ def prepare(storage: Storage, tokenizer, datasets, validation, preprocessing, ob
         "packed": packed,
         "maxSeqLength": preprocessing.maxSeqLength,
     }
+    if objective == "kto":  # the class balance desirableWeight and undesirableWeight are set against
+        report["feedback"] = {"train": feedback_counts([row for rows in per_source_train for row in rows]),
+                              "validation": feedback_counts(validation_items)}
     return PreparedData(train, validation_items, report, per_source_train, [d.weight for d in datasets], seed,
                         preprocessing.maxSeqLength if packed else None)

@@ -8,7 +8,8 @@ As TRL's SFTTrainer and DPOTrainer:
   ones the model sees at inference; the loss covers every token whose characters end inside the
   completion (the offsets say which), plus the EOS.
 - With a chat template, instruction rows become a [user, assistant] conversation and preference
-  prompts a [user] turn with the generation prompt, so chat SFT and DPO train on one format. A
+  and feedback prompts a [user] turn with the generation prompt, so chat SFT, DPO and KTO train on
+  one format. A
   rendered conversation is tokenized without added special tokens: the template writes its own BOS.
 - For chat rows only the assistant turns are trained on. The assistant spans are found by rendering
   the tokenizer's own chat template on growing prefixes of the conversation, so any template whose
@@ -18,7 +19,7 @@ As TRL's SFTTrainer and DPOTrainer:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ..errors import DataError
 from .formats import Example, instruction_message, instruction_prompt
@@ -42,6 +43,23 @@ class PreferencePair:
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class FeedbackItem:
+    """One feedback row (objective kto): the completion given the prompt, and whether it is desirable.
+    kl_completion_ids: another row's completion, trained on with this prompt to estimate KTO's KL
+    reference point (set per stage by the pipeline); reference: the reference model's log-probs of
+    (completion, KL completion), set per stage."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    desirable: bool
+    kl_completion_ids: list[int] = field(default_factory=list)
+    reference: tuple[float, float] | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
 
 
 def _tokenize(tokenizer, text: str, special: bool = True) -> tuple[list[int], list[tuple[int, int]]]:
@@ -117,21 +135,21 @@ def encode_instruction(tokenizer, instruction: str, context: str, output: str) -
     return encode_completion(tokenizer, instruction_prompt(instruction, context), output)
 
 
-def encode_preference(tokenizer, prompt: str, chosen: str, rejected: str) -> PreferencePair:
-    """As TRL's DPOTrainer. With a chat template the prompt is the [user] turn with the generation
-    prompt and each answer the rest of the rendered [user, assistant] conversation (its end of turn
-    included, no EOS); without one the prompt is the raw string and each answer ends with EOS.
+def _prompt_and_answers(tokenizer, prompt: str, answers: list[str]) -> tuple[list[int], list[list[int]]]:
+    """As TRL's DPOTrainer and KTOTrainer. With a chat template the prompt is the [user] turn with the
+    generation prompt and each answer the rest of the rendered [user, assistant] conversation (its end
+    of turn included, no EOS); without one the prompt is the raw string and each answer ends with EOS.
     An answer's ids are the joint prompt+answer tokenization after the prompt's ids; when the joint
     one does not start with them (a token across the boundary), the answer is tokenized alone, so
     that no character is lost or doubled (TRL would slice the joint ids anyway)."""
     if _has_chat_template(tokenizer):
-        full = [_render(tokenizer, (("user", prompt), ("assistant", a))) for a in (chosen, rejected)]
-        # the prompt as rendered in both conversations (TRL: some templates render the generation prompt otherwise)
+        full = [_render(tokenizer, (("user", prompt), ("assistant", a))) for a in answers]
+        # the prompt as rendered in every conversation (TRL: some templates render the generation prompt otherwise)
         prompt = os.path.commonprefix([_render(tokenizer, (("user", prompt),), add_generation_prompt=True), *full])
         answers, special = [f[len(prompt):] for f in full], False
     else:
         eos = tokenizer.eos_token or ""
-        answers, special = [a if a.endswith(eos) else a + eos for a in (chosen, rejected)], True
+        answers, special = [a if a.endswith(eos) else a + eos for a in answers], True
     prompt_ids, _ = _tokenize(tokenizer, prompt, special)
 
     def continuation(answer: str) -> list[int]:
@@ -140,7 +158,18 @@ def encode_preference(tokenizer, prompt: str, chosen: str, rejected: str) -> Pre
             return joint[len(prompt_ids):]
         return _tokenize(tokenizer, answer, special=False)[0]
 
-    return PreferencePair(prompt_ids, continuation(answers[0]), continuation(answers[1]))
+    return prompt_ids, [continuation(a) for a in answers]
+
+
+def encode_preference(tokenizer, prompt: str, chosen: str, rejected: str) -> PreferencePair:
+    prompt_ids, (chosen_ids, rejected_ids) = _prompt_and_answers(tokenizer, prompt, [chosen, rejected])
+    return PreferencePair(prompt_ids, chosen_ids, rejected_ids)
+
+
+def encode_feedback(tokenizer, prompt: str, completion: str, desirable: bool) -> FeedbackItem:
+    """Prompt and completion split as a preference pair's prompt and answer are."""
+    prompt_ids, (completion_ids,) = _prompt_and_answers(tokenizer, prompt, [completion])
+    return FeedbackItem(prompt_ids, completion_ids, desirable)
 
 
 def encode(tokenizer, example: Example) -> Sequence | PreferencePair:
@@ -154,24 +183,33 @@ def encode(tokenizer, example: Example) -> Sequence | PreferencePair:
         return encode_chat(tokenizer, example.messages)
     if example.kind == "preference":
         return encode_preference(tokenizer, example.prompt, example.chosen, example.rejected)
+    if example.kind == "feedback":
+        return encode_feedback(tokenizer, example.prompt, example.completion, bool(example.label))
     raise ValueError(f"unknown example kind {example.kind!r}")
 
 
-def truncate(item: Sequence | PreferencePair, max_length: int) -> tuple[Sequence | PreferencePair, bool]:
+def _kept_prompt(prompt_ids: list[int], longest_answer: int, max_length: int) -> list[int]:
+    """The end of a prompt, down to what the longest answer leaves but never below max_length // 2 tokens."""
+    keep = max(max_length - longest_answer, max_length // 2, 1)
+    return prompt_ids[-keep:]
+
+
+def truncate(item, max_length: int) -> tuple[Sequence | PreferencePair | FeedbackItem, bool]:
     """Cut to max_length tokens; returns (item, was_cut).
 
-    A sequence loses its end (no EOS is re-added, as in TRL). A preference pair whose prompt plus
-    longer answer is too long first loses the start of its prompt, down to what the longer answer
-    leaves, but never below max_length // 2 tokens (so long answers cannot crowd the prompt out);
-    then both answers are cut to what the prompt leaves. The result fits, and a non-empty prompt
+    A sequence loses its end (no EOS is re-added, as in TRL). A preference pair or feedback row whose
+    prompt plus longer answer is too long first loses the start of its prompt, down to what the longer
+    answer leaves, but never below max_length // 2 tokens (so long answers cannot crowd the prompt out);
+    then the answers are cut to what the prompt leaves. The result fits, and a non-empty prompt
     stays non-empty.
     """
     if len(item) <= max_length:
         return item, False
     if isinstance(item, Sequence):
         return Sequence(item.input_ids[:max_length], item.loss_mask[:max_length]), True
-    longest = max(len(item.chosen_ids), len(item.rejected_ids))
-    keep = max(max_length - longest, max_length // 2, 1)
-    prompt = item.prompt_ids[-keep:]
+    if isinstance(item, FeedbackItem):
+        prompt = _kept_prompt(item.prompt_ids, len(item.completion_ids), max_length)
+        return replace(item, prompt_ids=prompt, completion_ids=item.completion_ids[:max_length - len(prompt)]), True
+    prompt = _kept_prompt(item.prompt_ids, max(len(item.chosen_ids), len(item.rejected_ids)), max_length)
     budget = max_length - len(prompt)
     return PreferencePair(prompt, item.chosen_ids[:budget], item.rejected_ids[:budget], item.reference), True

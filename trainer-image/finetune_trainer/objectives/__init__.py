@@ -39,4 +39,4 @@ def get(name: str) -> ObjectiveSpec:
         raise ConfigError(f"unknown objective {name!r}; known: {', '.join(sorted(OBJECTIVES))}") from None
 
 
-from . import causal_lm, dpo, sft  # noqa: E402,F401  (each registers itself)
+from . import causal_lm, dpo, kto, sft  # noqa: E402,F401  (each registers itself)

@@ -37,7 +37,7 @@ def corpus_sentences(n: int, seed: int = 0) -> list[str]:
 
 
 def sample_rows(fmt: str, n: int, seed: int = 0) -> list[dict]:
-    """n rows of one dataset format (text, instruction, chat, preference), deterministic per seed."""
+    """n rows of one dataset format (text, instruction, chat, preference, feedback), deterministic per seed."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -55,6 +55,9 @@ def sample_rows(fmt: str, n: int, seed: int = 0) -> list[dict]:
             ]})
         elif fmt == "preference":
             rows.append({"prompt": f"{question} ({i})", "chosen": answer, "rejected": sentence})
+        elif fmt == "feedback":  # thumbs up on the right answer, down on an unrelated sentence, alternating
+            rows.append({"prompt": f"{question} ({i})", "completion": answer if i % 2 == 0 else sentence,
+                         "label": i % 2 == 0})
         else:
             raise ValueError(f"unknown format {fmt!r}")
     return rows
