@@ -227,6 +227,9 @@ def _progress_status(progress: Progress, succeeded: bool) -> dict[str, Any]:
         "tokensPerSecond": _rounded(progress.tokensPerSecond, 1),
         "etaSeconds": None if _finite(progress.etaSeconds) is None else int(progress.etaSeconds),
         "updatedAt": progress.updatedAt,
+        "datasetLosses": [{k: v for k, v in {"stage": d.stage[:63], "index": d.index, "uri": d.uri[:MAX_STATUS_URI],
+                                             "loss": _rounded(d.loss, 4), "steps": d.steps}.items() if v is not None}
+                          for d in progress.datasetLosses] or None,
     }
     return {k: v for k, v in out.items() if v is not None}
 

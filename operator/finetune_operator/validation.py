@@ -147,6 +147,15 @@ def check_method_settings(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Pr
         out.append(Problem("InvalidSpec", f"spec.method.virtualTokens: only allowed with method.type prefix or prompt, not {m.type}"))
     if m.freezeLayers is not None and m.type != "full":
         out.append(Problem("InvalidSpec", f"spec.method.freezeLayers: only allowed with method.type full, not {m.type}"))
+    if m.full is not None and m.type != "full":
+        out.append(Problem("InvalidSpec", f"spec.method.full: only allowed with method.type full, not {m.type}"))
+    if m.full is not None and m.full.unfreeze is not None and (
+            (m.full.unfreeze.everySteps is None) == (m.full.unfreeze.everyEpochs is None)):
+        out.append(Problem("InvalidSpec", "spec.method.full.unfreeze: set exactly one of everySteps and everyEpochs"))
+    if m.full is not None and m.full.unfreeze is not None and m.freezeLayers is not None:
+        out.append(Problem("InvalidSpec", "spec.method.full.unfreeze: replaces method.freezeLayers (set unfreeze.floor)"))
+    if m.full is not None and (m.full.unfreeze or m.full.l2sp) and spec.distributed.engine == "deepspeed":
+        out.append(Problem("InvalidSpec", "spec.method.full: unfreeze and l2sp need distributed.engine ddp, not deepspeed"))
     return out
 
 

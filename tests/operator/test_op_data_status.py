@@ -149,3 +149,22 @@ def test_the_status_is_only_written_when_the_data_changed():
     assert not changed(first, again)
     more = derive_status(job(status=first), obs(progress_with({"stages": [stage(rowsDropped=71)]})))
     assert changed(first, more) and more["data"]["stages"][0]["rowsDropped"] == 71
+
+
+def test_each_datasets_training_loss_is_in_the_status_bounded():
+    """Interleaved multi-task: progress.json's datasetLosses become status.progress.datasetLosses, rounded, with
+    URIs cut to the status' bound, and the status still validates against the CRD's schema."""
+    long_uri = "s3://team-a/" + "d" * 400 + ".jsonl"
+    progress = Progress.model_validate_json(json.dumps({
+        "stage": "main", "step": 6, "totalSteps": 10, "updatedAt": "2026-01-01T11:59:58Z",
+        "datasetLosses": [{"stage": "main", "index": 0, "uri": "s3://team-a/data/support.jsonl", "loss": 2.123456,
+                           "step": 6, "steps": 4},
+                          {"stage": "main", "index": 1, "uri": long_uri, "loss": None, "step": 0, "steps": 0}]}))
+    status = derive_status(job(minimal_spec()), obs(progress))
+    losses = status["progress"]["datasetLosses"]
+    assert losses[0] == {"stage": "main", "index": 0, "uri": "s3://team-a/data/support.jsonl", "loss": 2.1235,
+                         "steps": 4}
+    assert "loss" not in losses[1] and len(losses[1]["uri"]) == 256
+    VALIDATOR.validate({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "x"},
+                        "spec": minimal_spec(), "status": status})
+    assert "datasetLosses" not in derive_status(job(minimal_spec()), obs(progress_with(None)))["progress"]

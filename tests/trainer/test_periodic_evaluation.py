@@ -117,7 +117,7 @@ def test_each_point_is_in_progress_json_before_the_next_step(storage, model_buck
     seen: dict[int, list[int] | None] = {}
     original = run_module.run_loop
 
-    def run_loop_reading_progress(*args):
+    def run_loop_reading_progress(*args, **kwargs):
         *rest, after_step = args
 
         def after_step_then_read(report):
@@ -125,7 +125,7 @@ def test_each_point_is_in_progress_json_before_the_next_step(storage, model_buck
             document = storage.get_json(cfg.progress_uri(config.output.uri, "1"))
             seen[report.step] = None if document is None else [p["step"] for p in document["evalHistory"]]
 
-        return original(*rest, after_step_then_read)
+        return original(*rest, after_step_then_read, **kwargs)
 
     monkeypatch.setattr(run_module, "run_loop", run_loop_reading_progress)
     assert execute(config, tmp_path).exit_code == 0
@@ -139,11 +139,11 @@ def test_a_resumed_run_keeps_the_points_measured_before_its_checkpoint(storage, 
                              hyperparameters={"maxSteps": 8, "learningRate": 1e-2})
     original = run_module.run_loop
 
-    def run_loop_preempted_at_step_5(*args):
+    def run_loop_preempted_at_step_5(*args, **kwargs):
         engine, objective, data, hp, ctx, pad_id, start, total, seed, _, after_step = args
         steps = iter(range(start + 1, total + 1))
         return original(engine, objective, data, hp, ctx, pad_id, start, total, seed, lambda: next(steps) == 5,
-                        after_step)
+                        after_step, **kwargs)
 
     monkeypatch.setattr(run_module, "run_loop", run_loop_preempted_at_step_5)
     first = execute(config, tmp_path / "first")

@@ -281,6 +281,29 @@ class ContentFilter(ApiModel):
         return out
 
 
+class MultiTaskStrategy(str, Enum):
+    mix = "mix"
+    interleave = "interleave"
+
+
+class MultiTask(ApiModel):
+    """How the datasets of the job (and of each stage) are combined when there are several."""
+
+    strategy: MultiTaskStrategy = Field(
+        default=MultiTaskStrategy.mix,
+        description="mix: the datasets' rows shuffled together, so a micro-batch holds rows of several datasets. "
+        "interleave: each micro-batch comes from one dataset (every process the same one); the datasets take "
+        "turns in proportion to their shares, in a seeded order that a resumed run continues exactly, and "
+        "progress.json reports each dataset's training loss (datasetLosses). With packing, each dataset is "
+        "packed on its own. Either way a step's loss stays normalised over all its target tokens.")
+    temperature: float | None = Field(
+        default=None, ge=0.1, le=100,
+        description="Shares by temperature-scaled size: a dataset's share of the rows (mix) or of the "
+        "micro-batches (interleave) is proportional to weight x rows^(1/temperature): 1 follows the sizes, larger "
+        "values flatten toward uniform so small tasks are not drowned out (mT5 used 3.3). Not set: shares in "
+        "proportion to weight alone.")
+
+
 class Preprocessing(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=cel(
@@ -298,6 +321,10 @@ class Preprocessing(ApiModel):
         description="Content filters, applied in order to every row of every dataset (and of validation.uri) "
         "before PII redaction, de-duplication and tokenization; a row dropped by one filter is not seen by the next. "
         "The data report counts what each filter dropped or flagged.")
+    multiTask: MultiTask = Field(
+        default_factory=MultiTask,
+        description="How several datasets are combined (the job's, and each stage's): mixed row by row (the "
+        "default) or interleaved micro-batch by micro-batch, shares by weight or by temperature-scaled size.")
 
     def content_filter_problems(self) -> list[str]:
         """The rules of contentFilters (each filter's and unique names), as `contentFilters[i]...: message`."""
@@ -321,6 +348,57 @@ class LoraSettings(ApiModel):
     )
 
 
+class AnchorDevice(str, Enum):
+    accelerator = "accelerator"
+    cpu = "cpu"
+
+
+class GradualUnfreezing(ApiModel):
+    """Gradual unfreezing (ULMFiT): the top blocks train first, lower blocks are released on a schedule."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("has(self.everySteps) != has(self.everyEpochs)",
+             "method.full.unfreeze: set exactly one of everySteps and everyEpochs"),
+        )
+    )
+    startTopBlocks: int = Field(default=1, ge=1, le=1024,
+                                description="Transformer blocks trainable from the first step, counted from the top "
+                                "(the output side); the output head and final norm always train.")
+    blocksPerRelease: int = Field(default=1, ge=1, le=1024, description="Blocks released (made trainable) at each release.")
+    everySteps: int | None = Field(default=None, ge=1, le=10_000_000,
+                                   description="Release blocks every N optimizer steps, counted over the whole run "
+                                   "(all stages).")
+    everyEpochs: int | None = Field(default=None, ge=1, le=1000,
+                                    description="Release blocks every N epochs (1: at every epoch start after the "
+                                    "first), counted over the whole run (all stages).")
+    floor: int = Field(default=0, ge=0, le=1024,
+                       description="The lowest N blocks are never released; the input embeddings are released with "
+                       "the lowest block, so only when floor is 0 (tied embeddings always train).")
+
+
+class L2SPSettings(ApiModel):
+    strength: float = Field(gt=0, le=1000,
+                            description="Penalty strength alpha: the loss gains alpha * sum ||w - w0||^2 over the "
+                            "trained weights, w0 the base model's.")
+    anchorDevice: AnchorDevice = Field(
+        default=AnchorDevice.accelerator,
+        description="Where the copy of the base weights w0 lives: accelerator (fast; one more copy of the trained "
+        "weights in GPU memory) or cpu (host memory; copied to the GPU one tensor at a time at every step).")
+
+
+class FullSettings(ApiModel):
+    unfreeze: GradualUnfreezing | None = Field(
+        default=None, description="Gradual unfreezing (not with freezeLayers: use floor; engine ddp only).")
+    l2sp: L2SPSettings | None = Field(
+        default=None, description="L2-SP: stay close to the base weights (engine ddp only).")
+    layerwiseLRDecay: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Layer-wise learning-rate decay d: block i of L trains at learningRate * d^(L-1-i), the input "
+        "embeddings at learningRate * d^L, the output head and final norm (and embeddings tied to the head) at "
+        "learningRate.")
+
+
 class Method(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=cel(
@@ -330,6 +408,9 @@ class Method(ApiModel):
              "method.virtualTokens is only allowed with method.type prefix or prompt"),
             ("!has(self.freezeLayers) || self.type == 'full'",
              "method.freezeLayers is only allowed with method.type full"),
+            ("!has(self.full) || self.type == 'full'", "method.full is only allowed with method.type full"),
+            ("!has(self.full) || !has(self.full.unfreeze) || !has(self.freezeLayers)",
+             "method.full.unfreeze replaces method.freezeLayers: set unfreeze.floor instead"),
         )
     )
     type: MethodType = Field(default=MethodType.lora, description="Fine-tuning method: full|lora|qlora|dora|prefix|prompt|ia3.")
@@ -340,6 +421,9 @@ class Method(ApiModel):
     freezeLayers: int | None = Field(
         default=None, ge=0, le=1024, description="Keep the lowest N transformer blocks and the embeddings frozen (full only)."
     )
+    full: FullSettings | None = Field(
+        default=None, description="Strategies of full fine-tuning: gradual unfreezing, L2-SP, layer-wise learning "
+        "rates (full only).")
 
 
 class Hyperparameters(ApiModel):
@@ -692,6 +776,21 @@ class EvalPoint(Document):
     evalLoss: float
 
 
+MAX_DATASET_LOSSES = MAX_DATA_STAGES * MAX_DATA_DATASETS
+
+
+class DatasetLoss(Document):
+    """The training loss of one dataset of a stage (multiTask.strategy interleave)."""
+
+    stage: ShortText = Field(default="", description="Name of the stage.")
+    index: Count = Field(default=0, description="Position of the dataset in the stage's datasets.")
+    uri: DataUri = Field(default="", description="The dataset's S3 URI (cut to 1024 characters).")
+    loss: float | None = Field(default=None, description="Its loss in the latest optimizer step that trained on it: "
+                               "the mean over its target tokens (or pairs, rows) in that step, all processes.")
+    step: Count = Field(default=0, description="The (global) optimizer step of that loss.")
+    steps: Count = Field(default=0, description="Optimizer steps so far that trained on it.")
+
+
 class Progress(Document):
     """progress.json, written by rank 0 every few seconds."""
 
@@ -710,6 +809,10 @@ class Progress(Document):
     evalHistory: list[EvalPoint] = Field(default_factory=list, max_length=MAX_EVAL_HISTORY,
                                          description="Validation loss at every evaluation.everySteps step, oldest first.")
     data: DataSummary | None = Field(default=None, description="What preprocessing did to the data, per stage and dataset.")
+    datasetLosses: list[DatasetLoss] = Field(
+        default_factory=list, max_length=MAX_DATASET_LOSSES,
+        description="Per dataset of every stage trained so far, its latest training loss (interleaved multi-task "
+        "only: a mixed micro-batch has no per-dataset loss).")
 
 
 class EvaluationResult(Document):

@@ -10,6 +10,7 @@ scheduler (and fp16 loss-scaler) state in the engine's own format; both are coll
 from __future__ import annotations
 
 import contextlib
+import gc
 from pathlib import Path
 
 import torch
@@ -35,15 +36,22 @@ def no_decay_names(module) -> set[str]:
     return names
 
 
-def make_optimizer(module, hyperparameters):
+def make_optimizer(module, hyperparameters, members: set[str] | None = None, lr_scales: dict[str, float] | None = None):
+    """AdamW over `members` (parameter names; default: those that require grad now; gradual unfreezing
+    passes every parameter it will ever release), one group per (learning-rate factor, weight decay or
+    not), in a fixed order so a checkpoint's optimizer state matches. lr_scales: per-parameter factors
+    of the learning rate (layer-wise decay; 1 when absent)."""
     excluded = no_decay_names(module)
-    decay, no_decay = [], []
+    groups: dict[tuple[float, bool], list] = {}
     for name, parameter in module.named_parameters():
-        if parameter.requires_grad:
-            (no_decay if name in excluded else decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": hyperparameters.weightDecay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=hyperparameters.learningRate)
+        if parameter.requires_grad if members is None else name in members:
+            key = ((lr_scales or {}).get(name, 1.0), name in excluded)
+            groups.setdefault(key, []).append(parameter)
+    lr = hyperparameters.learningRate
+    return torch.optim.AdamW([{"params": params, "lr": lr * factor,
+                               "weight_decay": 0.0 if no_decay else hyperparameters.weightDecay}
+                              for (factor, no_decay), params in sorted(groups.items(), key=lambda g: (-g[0][0], g[0][1]))],
+                             lr=lr)
 
 
 def make_scheduler(optimizer, hyperparameters, total_steps: int):
@@ -56,21 +64,34 @@ def make_scheduler(optimizer, hyperparameters, total_steps: int):
 class DDPEngine:
     name = "ddp"
 
-    def __init__(self, module, hyperparameters, total_steps: int, ctx: DistContext, precision: str):
+    def __init__(self, module, hyperparameters, total_steps: int, ctx: DistContext, precision: str,
+                 optimizer_options: dict | None = None, gradient_hooks: list | None = None):
         self.module = module.to(ctx.device)
+        self.gradient_hooks = gradient_hooks or []  # fn(module) on the step's averaged, unscaled gradients
         self.ctx = ctx
         self.max_grad_norm = hyperparameters.maxGradNorm
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        if ctx.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [ctx.local_rank] if ctx.device_type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=ids)
-        else:
-            self.model = self.module
-        self.optimizer = make_optimizer(self.module, hyperparameters)
+        self.model = self._wrap()
+        self.optimizer = make_optimizer(self.module, hyperparameters, **(optimizer_options or {}))
         self.scheduler = make_scheduler(self.optimizer, hyperparameters, total_steps)
+
+    def _wrap(self):
+        if self.ctx.world_size == 1:
+            return self.module
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.ctx.local_rank] if self.ctx.device_type == "cuda" else None
+        return DistributedDataParallel(self.module, device_ids=ids)
+
+    def trainable_changed(self) -> None:
+        """The parameters that require grad changed (gradual unfreezing): DDP registered the old set when it
+        wrapped the module, so wrap it again (the old wrapper's reducer and its hooks go with it). Called at
+        a step boundary, where no gradients are pending."""
+        if self.model is not self.module:
+            self.model = None
+            gc.collect()
+            self.model = self._wrap()
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -92,6 +113,8 @@ class DDPEngine:
     def step(self) -> None:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        for hook in self.gradient_hooks:
+            hook(self.module)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
         stepped = True
@@ -107,7 +130,7 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return max(self.scheduler.get_last_lr())  # the peak: with layer-wise decay, the head's
 
     def save(self, directory: Path) -> None:
         if self.ctx.is_main:
@@ -156,12 +179,13 @@ def deepspeed_config(hyperparameters, distributed, precision: str, device_type: 
 class DeepSpeedEngine:
     name = "deepspeed"
 
-    def __init__(self, module, hyperparameters, total_steps: int, ctx: DistContext, precision: str, distributed):
+    def __init__(self, module, hyperparameters, total_steps: int, ctx: DistContext, precision: str, distributed,
+                 optimizer_options: dict | None = None):
         import deepspeed
 
         self.ctx = ctx
         self.config = deepspeed_config(hyperparameters, distributed, precision, ctx.device_type)
-        optimizer = make_optimizer(module, hyperparameters)
+        optimizer = make_optimizer(module, hyperparameters, **(optimizer_options or {}))
         scheduler = make_scheduler(optimizer, hyperparameters, total_steps)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
@@ -181,7 +205,7 @@ class DeepSpeedEngine:
         self.model.step()  # DeepSpeed counts micro-batches and steps the optimizer at boundaries itself
 
     def learning_rate(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return max(self.scheduler.get_last_lr())
 
     def save(self, directory: Path) -> None:
         self.model.save_checkpoint(str(directory), tag="engine", exclude_frozen_parameters=True)
@@ -203,11 +227,15 @@ class DeepSpeedEngine:
             yield
 
 
-def create(module, hyperparameters, total_steps: int, ctx: DistContext, distributed):
+def create(module, hyperparameters, total_steps: int, ctx: DistContext, distributed, strategies=None):
+    """strategies: method full's (methods.full.Strategies): optimizer members and learning-rate factors,
+    gradient hooks; gradual unfreezing and L2-SP are refused with DeepSpeed before this (validation.py)."""
     precision = resolve_precision(distributed.precision, ctx.device_type)
+    options = strategies.optimizer_options() if strategies else None
     if distributed.engine == "deepspeed":
-        return DeepSpeedEngine(module, hyperparameters, total_steps, ctx, precision, distributed)
-    return DDPEngine(module, hyperparameters, total_steps, ctx, precision)
+        return DeepSpeedEngine(module, hyperparameters, total_steps, ctx, precision, distributed, options)
+    return DDPEngine(module, hyperparameters, total_steps, ctx, precision, options,
+                     strategies.gradient_hooks() if strategies else None)
 
 
 def resolve_precision(precision: str, device_type: str) -> str:

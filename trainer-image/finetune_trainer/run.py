@@ -143,6 +143,8 @@ class Run:
         plans = self._prepare_data(tokenizer)
         torch.manual_seed(hp0.seed)
         model = method_spec.apply(model, config.method, ctx.device_type)
+        # method.full's strategies (None for other methods); L2-SP anchors the base weights here, before any restore.
+        full_strategies = methods.full.strategies(model, config.method, stage_epoch_starts(plans, ctx.world_size))
 
         checkpoints = CheckpointManager(self.storage, cfg.checkpoint_prefix(config.checkpoint.uri, self.out, self.run_id),
                                         self.work_dir / "checkpoints", ctx.rank, ctx.world_size, config.checkpoint.keep)
@@ -155,6 +157,7 @@ class Run:
         base_perplexity = resume_state.get("basePerplexity") if resume_state else None
         losses: dict[str, list[float]] = dict(resume_state.get("losses", {})) if resume_state else {}
         self.eval_history = eval_history_from_state(resume_state)
+        self.dataset_losses = [cfg.DatasetLoss.model_validate(r) for r in (resume_state or {}).get("datasetLosses", [])]
         pad_id = tokenizer.pad_token_id
         grand_total = plans[-1].first_global_step + plans[-1].total_steps
         # Periodic evaluations measure what the final one does (the last stage's validation set), so the
@@ -168,7 +171,7 @@ class Run:
             if objective.needs_reference:
                 disable_dropout(model if engine is None else engine.module)
             engine = engines.create(model if engine is None else engine.module, plan.hyperparameters, plan.total_steps,
-                                    ctx, config.distributed)
+                                    ctx, config.distributed, full_strategies)
             resuming_here = bool(resume_state) and index == resume_state["stage"]
             start_step = 0
             if resuming_here:
@@ -192,6 +195,9 @@ class Run:
                         attach_reference_log_probs(engine.module, plan.data.rows(), objective.collate, pair_log_probs,
                                                    pad_id, plan.hyperparameters.batchSize, ctx, engine.autocast)
             stage_losses = losses.setdefault(plan.name, [])
+            if plan.data.interleave:
+                self.dataset_losses = with_dataset_losses(self.dataset_losses, plan, {}, 0)
+                self.reporter.update(datasetLosses=self.dataset_losses)
             throughput = Throughput()
             self.reporter.update(stage=plan.name, totalSteps=grand_total, resumedFromStep=resumed_from,
                                  step=plan.first_global_step + start_step, checkpoints=checkpoints.records)
@@ -203,7 +209,8 @@ class Run:
                 return {"stage": index, "stageName": plan.name, "stageStep": stage_step,
                         "globalStep": plan.first_global_step + stage_step, "basePerplexity": base_perplexity,
                         "losses": losses, "reference": reference,
-                        "evalHistory": eval_history_state(self.eval_history)}
+                        "evalHistory": eval_history_state(self.eval_history),
+                        "datasetLosses": [r.model_dump(mode="json") for r in self.dataset_losses]}
 
             def after_step(report: StepReport) -> None:
                 stage_losses.append(report.loss)
@@ -213,7 +220,15 @@ class Run:
                 seconds_per_step = report.tokens / rate if rate else None
                 events.emit("step", stage=plan.name, step=global_step, stageStep=report.step, loss=report.loss,
                             learningRate=report.learning_rate, tokens=report.tokens, seconds=round(report.seconds, 4),
-                            **({"metrics": report.metrics} if report.metrics else {}))
+                            **({"metrics": report.metrics} if report.metrics else {}),
+                            **(full_strategies.step_fields() if full_strategies else {}),
+                            **({"datasetLosses": [{"index": i, "uri": plan.datasets[i].uri, "loss": loss}
+                                                  for i, loss in sorted(report.dataset_losses.items())]}
+                               if report.dataset_losses else {}))
+                if report.dataset_losses:
+                    self.dataset_losses = with_dataset_losses(self.dataset_losses, plan, report.dataset_losses,
+                                                              global_step)
+                    self.reporter.update(datasetLosses=self.dataset_losses)
                 self.reporter.update(step=global_step, epoch=report.step / per_epoch, loss=report.loss,
                                      learningRate=report.learning_rate, tokensPerSecond=rate,
                                      etaSeconds=eta_seconds(global_step, grand_total, seconds_per_step))
@@ -226,8 +241,14 @@ class Run:
                     events.emit("checkpoint", step=global_step, blockingSeconds=round(time.perf_counter() - started, 4))
                 self.reporter.update(checkpoints=checkpoints.records)
 
+            def before_step(stage_step: int) -> None:
+                """Gradual unfreezing: the trainable blocks of the next step (a pure function of the global step)."""
+                if full_strategies and full_strategies.before_step(engine.module, plan.first_global_step + stage_step):
+                    engine.trainable_changed()
+
             loop = run_loop(engine, objective, plan.data, plan.hyperparameters, ctx, pad_id, start_step,
-                            plan.total_steps, plan.hyperparameters.seed, self.preemption.requested.is_set, after_step)
+                            plan.total_steps, plan.hyperparameters.seed, self.preemption.requested.is_set, after_step,
+                            before_step=before_step)
             if loop.stopped_at is not None:
                 checkpoints.save(plan.first_global_step + loop.stopped_at, engine, trainer_state(loop.stopped_at),
                                  background=False)
@@ -330,6 +351,28 @@ class Run:
                                mergedUri=merged_uri)
         self.write_result(result)
         return RunSummary(SUCCEEDED, result, losses, result_eval, resumed_from)
+
+
+def with_dataset_losses(records: list[cfg.DatasetLoss], plan: StagePlan, losses: dict[int, float],
+                        global_step: int) -> list[cfg.DatasetLoss]:
+    """progress.json's datasetLosses with one step's per-dataset losses of a stage; every dataset of the stage
+    has a record (loss not set until it trains), in stage and dataset order."""
+    by_key = {(r.stage, r.index): r for r in records}
+    for index, dataset in enumerate(plan.datasets):
+        old = by_key.get((plan.name, index)) or cfg.DatasetLoss(stage=plan.name, index=index, uri=dataset.uri)
+        if index in losses:
+            old = old.model_copy(update={"loss": losses[index], "step": global_step, "steps": old.steps + 1})
+        by_key[(plan.name, index)] = old
+    return list(by_key.values())
+
+
+def stage_epoch_starts(plans: list[StagePlan], world_size: int) -> tuple[int, ...]:
+    """The global steps at which an epoch of any stage starts (gradual unfreezing's everyEpochs)."""
+    from .methods.unfreezing import epoch_starts
+
+    return epoch_starts([(p.first_global_step, p.total_steps,
+                          schedule.steps_per_epoch(len(p.data.train), world_size, p.hyperparameters.batchSize,
+                                                   p.hyperparameters.gradientAccumulationSteps)) for p in plans])
 
 
 def disable_dropout(model) -> None:

@@ -15,6 +15,16 @@ def problems(config: TrainerConfig) -> list[str]:
         found.append("method.virtualTokens is only allowed with method.type prefix or prompt")
     if method.freezeLayers is not None and method.type != "full":
         found.append("method.freezeLayers is only allowed with method.type full")
+    if method.full is not None and method.type != "full":
+        found.append("method.full is only allowed with method.type full")
+    if method.full is not None and method.full.unfreeze is not None and (
+            (method.full.unfreeze.everySteps is None) == (method.full.unfreeze.everyEpochs is None)):
+        found.append("method.full.unfreeze: set exactly one of everySteps and everyEpochs")
+    if method.full is not None and method.full.unfreeze is not None and method.freezeLayers is not None:
+        found.append("method.full.unfreeze replaces method.freezeLayers: set unfreeze.floor instead")
+    if method.full is not None and (method.full.unfreeze or method.full.l2sp) and distributed.engine == "deepspeed":
+        found.append("method.full.unfreeze and method.full.l2sp need distributed.engine ddp (DeepSpeed fixes the "
+                     "trained parameters at start and owns the gradients)")
     if distributed.zeroStage is not None and distributed.engine != "deepspeed":
         found.append("distributed.zeroStage is only allowed with engine deepspeed")
     if distributed.offload != "none" and distributed.engine != "deepspeed":

@@ -195,6 +195,13 @@ _SPEC_RULES = cel(
         "spec.evaluation.maxPerplexityRatio needs spec.evaluation.compareToBase true",
     ),
     (
+        "!has(self.method) || !has(self.method.full) || "
+        "(!has(self.method.full.unfreeze) && !has(self.method.full.l2sp)) || "
+        "!has(self.distributed) || !has(self.distributed.engine) || self.distributed.engine != 'deepspeed'",
+        "spec.method.full.unfreeze and spec.method.full.l2sp need spec.distributed.engine ddp (DeepSpeed fixes the "
+        "trained parameters at start and owns the gradients)",
+    ),
+    (
         "!has(self.search) || !has(self.stages) || size(self.stages) == 0",
         "spec.search cannot be combined with spec.stages: a search tunes one training run (search a stage as a "
         "job of its own)",
@@ -317,6 +324,19 @@ class Condition(StatusModel):
                                     json_schema_extra={"format": "date-time"})
 
 
+MAX_STATUS_URI = 256  # a dataset's URI in the status (the data report in S3 has it whole)
+
+
+class DatasetLossStatus(StatusModel):
+    stage: str = Field(default="", max_length=63, description="Name of the stage (main for a job without stages).")
+    index: StatusCount = Field(default=0, description="Position of the dataset in the stage's datasets.")
+    uri: str = Field(default="", max_length=MAX_STATUS_URI,
+                     description=f"The dataset's S3 URI (cut to {MAX_STATUS_URI} characters).")
+    loss: float | None = Field(default=None, description="Its training loss in the latest optimizer step that "
+                               "trained on it (preprocessing.multiTask.strategy interleave).")
+    steps: StatusCount = Field(default=0, description="Optimizer steps so far that trained on it.")
+
+
 class ProgressStatus(StatusModel):
     step: int = Field(default=0, description="Optimizer steps done.")
     totalSteps: int = Field(default=0, description="Optimizer steps planned.")
@@ -328,9 +348,11 @@ class ProgressStatus(StatusModel):
     tokensPerSecond: float | None = Field(default=None, description="Training throughput over all processes.")
     etaSeconds: int | None = Field(default=None, description="Estimated seconds to the end of training.")
     updatedAt: str = Field(default="", description="When the trainer wrote the progress document (RFC 3339).")
+    datasetLosses: list[DatasetLossStatus] | None = Field(
+        default=None, max_length=MAX_DATASETS * MAX_STAGES,
+        description="Per dataset, its latest training loss, so each task is seen to learn (interleaved multi-task).")
 
 
-MAX_STATUS_URI = 256
 MAX_TRIALS_IN_STATUS = 100  # a dataset's URI in the status (the data report in S3 has it whole)
 
 

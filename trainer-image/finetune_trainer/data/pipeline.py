@@ -1,6 +1,6 @@
 """From S3 JSON Lines to token sequences: read (streamed), content filters, redact, de-duplicate, tokenize,
-length-filter, split off validation, drop validation rows that leak from training, mix by weight,
-pack (training only). Every drop is counted in the data report."""
+length-filter, split off validation, drop validation rows that leak from training, mix by share (or, interleaved,
+keep the datasets apart: interleave.py), pack (training only). Every drop is counted in the data report."""
 
 from __future__ import annotations
 
@@ -49,15 +49,19 @@ class PreparedData:
     validation: list[Sequence | PreferencePair | FeedbackItem]
     report: dict[str, Any]
     sources: list[list] = field(default_factory=list)  # every kept training row, per dataset
-    weights: list[float] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # each dataset's relative share (weights, or mixing.shares)
     seed: int = 0
     pack_length: int | None = None
+    # multiTask.strategy interleave: train is every dataset's items (packed per dataset), concatenated in order,
+    # source_sizes items each; the loop takes each micro-batch from one of them (interleave.py).
+    interleave: bool = False
+    source_sizes: list[int] = field(default_factory=list)
 
     def epoch(self, epoch: int) -> list:
         """The training items of an epoch. A dataset down-sampled by its weight gives a fresh subset
         each epoch (a dataset mixed at or above its size repeats whole), so over the epochs every row
         is used; then packing. The number of items stays close to the first epoch's."""
-        if epoch == 0 or not mixing.down_samples([len(s) for s in self.sources], self.weights):
+        if self.interleave or epoch == 0 or not mixing.down_samples([len(s) for s in self.sources], self.weights):
             return self.train
         rows = mixing.mix(self.sources, self.weights, self.seed, epoch)
         return packing.pack(rows, self.pack_length) if self.pack_length else rows
@@ -241,17 +245,30 @@ def _prepare(storage: Storage, tokenizer, datasets, validation, preprocessing, o
 
     if objective == "kto":
         pair_for_kl([row for rows in per_source_train for row in rows], seed, preprocessing.maxSeqLength)
-    train = mixing.mix(per_source_train, [d.weight for d in datasets], seed)
-    mixed_counts = mixing.mixture_counts([len(t) for t in per_source_train], [d.weight for d in datasets])
+    multi_task = preprocessing.multiTask
+    interleaved = multi_task.strategy == "interleave"
+    shares = mixing.shares([len(t) for t in per_source_train], [d.weight for d in datasets], multi_task.temperature)
+    # Relative shares: the weights themselves when not temperature-scaled (the same rounding as ever).
+    relative = [d.weight for d in datasets] if multi_task.temperature is None else shares
     packed = preprocessing.packing and objective not in OBJECTIVE_FORMATS
-    if packed:  # validation is never packed: each held-out row is scored alone
-        train = packing.pack(train, preprocessing.maxSeqLength)
+    if interleaved:  # a micro-batch holds one dataset's rows, so each dataset is packed on its own
+        per_source_items = [packing.pack(t, preprocessing.maxSeqLength) if packed else list(t)
+                            for t in per_source_train]
+        train = [item for items in per_source_items for item in items]
+        mixed_counts = mixing.split(len(train), relative)  # items served per epoch, as micro-batches come in turns
+    else:
+        train = mixing.mix(per_source_train, relative, seed)
+        mixed_counts = mixing.mixture_counts([len(t) for t in per_source_train], relative)
+        if packed:  # validation is never packed: each held-out row is scored alone
+            train = packing.pack(train, preprocessing.maxSeqLength)
 
     report = {
         "sources": [s.to_dict() for s in sources],
         "validation": {**(validation_report.to_dict() if validation_report else {"splitRatio": split_ratio}),
                        "overlap": overlap_report},
         "mixture": {s.uri: count for s, count in zip(sources, mixed_counts)},
+        "multiTask": {"strategy": multi_task.strategy, "temperature": multi_task.temperature,
+                      "shares": [round(share, 6) for share in shares]},
         "rowsRead": sum(s.rowsRead for s in sources),
         "rowsDropped": sum(sum(s.dropped.values()) for s in sources),
         "contentFilters": filters.summary([s.contentFilters for s in sources]),
@@ -266,5 +283,6 @@ def _prepare(storage: Storage, tokenizer, datasets, validation, preprocessing, o
     if objective == "kto":  # the class balance desirableWeight and undesirableWeight are set against
         report["feedback"] = {"train": feedback_counts([row for rows in per_source_train for row in rows]),
                               "validation": feedback_counts(validation_items)}
-    return PreparedData(train, validation_items, report, per_source_train, [d.weight for d in datasets], seed,
-                        preprocessing.maxSeqLength if packed else None)
+    return PreparedData(train, validation_items, report, per_source_train, relative, seed,
+                        preprocessing.maxSeqLength if packed else None, interleaved,
+                        [len(items) for items in per_source_items] if interleaved else [])
