@@ -332,7 +332,8 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         status["evaluation"] = {k: v for k, v in {"basePerplexity": _rounded(obs.evaluation.basePerplexity, 4),
                                                   "perplexity": _rounded(obs.evaluation.perplexity, 4)}.items() if v is not None}
     if result is not None:
-        output = {k: v for k, v in {"adapterUri": result.adapterUri, "mergedUri": result.mergedUri}.items() if v}
+        output = {k: v for k, v in {"adapterUri": result.adapterUri, "mergedUri": result.mergedUri,
+                                    "combinedUri": result.combinedUri}.items() if v}
         if output:
             status["output"] = output
 

@@ -247,6 +247,12 @@ def _uris(spec: FineTuneJobSpec) -> list[tuple[str, str, str]]:
         out += [(f"spec.stages[{s}].datasets[{i}].uri", d.uri, "datasetURIs") for i, d in enumerate(stage.datasets)]
     if spec.checkpoint.uri:
         out.append(("spec.checkpoint.uri", spec.checkpoint.uri, "checkpointURIs"))
+    # Adapters are model weights: read from where the tenant's models may come from.
+    if spec.method.adapter is not None:
+        out.append(("spec.method.adapter.uri", spec.method.adapter.uri, "modelURIs"))
+    if spec.output.combine is not None:
+        out += [(f"spec.output.combine.adapters[{i}].uri", a.uri, "modelURIs")
+                for i, a in enumerate(spec.output.combine.adapters)]
     return out
 
 

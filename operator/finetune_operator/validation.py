@@ -62,9 +62,27 @@ def parse_or_problems(raw_spec: dict[str, Any]) -> tuple[FineTuneJobSpec | None,
 
 
 def check_datasets_or_stages(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
-    if not spec.datasets and not spec.stages:
-        return [Problem("InvalidSpec", "spec.datasets: set datasets or stages (at least one must be non-empty)")]
+    combine = spec.output.combine
+    if not spec.datasets and not spec.stages and (combine is None or combine.includeTrained):
+        return [Problem("InvalidSpec", "spec.datasets: set datasets or stages (at least one must be non-empty), or "
+                                       "output.combine with includeTrained false (a combine-only job)")]
     return []
+
+
+def check_adapter_reuse(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    """method.adapter (continue from an adapter) and output.combine (combine LoRA adapters)."""
+    m, combine, out = spec.method, spec.output.combine, []
+    if m.adapter is not None and m.type == "full":
+        out.append(Problem("InvalidSpec", "spec.method.adapter: only allowed with an adapter method, not full"))
+    if m.adapter is not None and (m.lora is not None or m.virtualTokens is not None):
+        out.append(Problem("InvalidSpec", "spec.method.adapter: the adapter keeps its own settings; do not set "
+                                          "method.lora or method.virtualTokens"))
+    if combine is not None and combine.includeTrained and m.type not in ("lora", "qlora"):
+        out.append(Problem("InvalidSpec", f"spec.output.combine.includeTrained: needs method lora or qlora (a LoRA "
+                                          f"adapter), not {m.type}"))
+    if combine is not None and combine.svdRank is not None and combine.method != "svd":
+        out.append(Problem("InvalidSpec", "spec.output.combine.svdRank: only allowed with method svd"))
+    return out
 
 
 def check_unique_stage_names(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
@@ -250,6 +268,7 @@ SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]
     check_other_cross_field_rules,
     check_content_filters,
     check_datasets_or_stages,
+    check_adapter_reuse,
     check_unique_stage_names,
     check_dpo_datasets,
     check_kto_datasets,
@@ -325,6 +344,11 @@ def s3_uris_to_check(spec: FineTuneJobSpec) -> dict[str, str]:
     for s, stage in enumerate(spec.stages):
         for i, d in enumerate(stage.datasets):
             uris[f"spec.stages[{s}].datasets[{i}].uri"] = d.uri
+    if spec.method.adapter is not None:
+        uris["spec.method.adapter.uri"] = spec.method.adapter.uri
+    if spec.output.combine is not None:
+        for i, a in enumerate(spec.output.combine.adapters):
+            uris[f"spec.output.combine.adapters[{i}].uri"] = a.uri
     for i, f in enumerate(spec.preprocessing.contentFilters):
         for name in ("termsUri", "modelUri"):
             if getattr(f, name):

@@ -55,6 +55,25 @@ CEL_CASES = [
     ("qlora no gpus", minimal_spec(method={"type": "qlora"}, resources={"gpusPerWorker": 0}), False),
     ("qlora default gpus", minimal_spec(method={"type": "qlora"}), True),
     ("no datasets no stages", minimal_spec(datasets=[]), False),
+    ("combine-only job", minimal_spec(datasets=[], output={"uri": f"{BKT}/out/", "combine": {
+        "adapters": [{"uri": f"{BKT}/a/", "weight": 0.5}, {"uri": f"{BKT}/b/"}], "includeTrained": False}}), True),
+    ("combine including the trained adapter without datasets", minimal_spec(datasets=[], output={
+        "uri": f"{BKT}/out/", "combine": {"adapters": [{"uri": f"{BKT}/a/"}]}}), False),
+    ("combine after lora training", minimal_spec(output={"uri": f"{BKT}/out/", "combine": {
+        "adapters": [{"uri": f"{BKT}/a/"}], "method": "svd", "svdRank": 8, "trainedWeight": 2.0}}), True),
+    ("combine including a prefix adapter", minimal_spec(method={"type": "prefix"}, output={
+        "uri": f"{BKT}/out/", "combine": {"adapters": [{"uri": f"{BKT}/a/"}]}}), False),
+    ("combine without the trained prefix adapter", minimal_spec(method={"type": "prefix"}, output={
+        "uri": f"{BKT}/out/", "combine": {"adapters": [{"uri": f"{BKT}/a/"}], "includeTrained": False}}), True),
+    ("combine svdRank with cat", minimal_spec(output={"uri": f"{BKT}/out/", "combine": {
+        "adapters": [{"uri": f"{BKT}/a/"}], "svdRank": 8}}), False),
+    ("continue from an adapter", minimal_spec(method={"type": "dora", "adapter": {"uri": f"{BKT}/a/"}}), True),
+    ("continue from an adapter with full", minimal_spec(method={"type": "full", "adapter": {"uri": f"{BKT}/a/"}}),
+     False),
+    ("continue from an adapter with lora settings", minimal_spec(method={
+        "type": "lora", "lora": {"rank": 4}, "adapter": {"uri": f"{BKT}/a/"}}), False),
+    ("continue from an adapter with virtualTokens", minimal_spec(method={
+        "type": "prompt", "virtualTokens": 4, "adapter": {"uri": f"{BKT}/a/"}}), False),
     ("stages only", minimal_spec(datasets=[], stages=[{"name": "a", "datasets": [{"uri": f"{BKT}/a.jsonl"}]}]), True),
     ("dup stages", minimal_spec(datasets=[], stages=[{"name": "a", "datasets": [{"uri": f"{BKT}/a.jsonl"}]},
                                                      {"name": "a", "datasets": [{"uri": f"{BKT}/b.jsonl"}]}]), False),

@@ -399,9 +399,21 @@ class FullSettings(ApiModel):
         "learningRate.")
 
 
+class AdapterSource(ApiModel):
+    uri: S3Uri = Field(
+        description="S3 prefix of a PEFT adapter (adapter_config.json and weights, as this operator writes to "
+        "<output.uri>adapter/) trained on the same base model: training continues from it instead of a fresh "
+        "adapter (continual / iterative fine-tuning). Its peft_type must match method.type and its modules and "
+        "shapes must fit the base model; its own settings (rank, targets, virtual tokens) are kept.")
+
+
 class Method(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=cel(
+            ("!has(self.adapter) || self.type != 'full'",
+             "method.adapter is only allowed with an adapter method (not full)"),
+            ("!has(self.adapter) || (!has(self.lora) && !has(self.virtualTokens))",
+             "method.adapter keeps the adapter's own settings: do not set method.lora or method.virtualTokens"),
             ("!has(self.lora) || self.type in ['lora', 'qlora', 'dora']",
              "method.lora is only allowed with method.type lora, qlora or dora"),
             ("!has(self.virtualTokens) || self.type in ['prefix', 'prompt']",
@@ -424,6 +436,9 @@ class Method(ApiModel):
     full: FullSettings | None = Field(
         default=None, description="Strategies of full fine-tuning: gradual unfreezing, L2-SP, layer-wise learning "
         "rates (full only).")
+    adapter: AdapterSource | None = Field(
+        default=None, description="Continue from an existing adapter in S3 instead of a fresh one (every method "
+        "but full).")
 
 
 class Hyperparameters(ApiModel):
@@ -482,9 +497,54 @@ class Checkpoint(ApiModel):
         "and exits; the pods' terminationGracePeriodSeconds. Allow one step plus one checkpoint save.")
 
 
+class CombinationMethod(str, Enum):
+    linear = "linear"
+    cat = "cat"
+    svd = "svd"
+
+
+class CombineInput(ApiModel):
+    uri: S3Uri = Field(description="S3 prefix of a LoRA adapter (PEFT format, not DoRA) of the same base model.")
+    weight: float = Field(default=1.0, ge=-100, le=100,
+                          description="Weight of this adapter's update in the combination (negative subtracts it).")
+
+
+class AdapterCombination(ApiModel):
+    """LoRA adapters merged by weight into one (PEFT's add_weighted_adapter), written to <output.uri>combined/."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("!has(self.svdRank) || (has(self.method) && self.method == 'svd')",
+             "output.combine.svdRank is only allowed with method svd"),
+        )
+    )
+    adapters: list[CombineInput] = Field(min_length=1, max_length=16,
+                                         description="The LoRA adapters to combine, with their weights.")
+    method: CombinationMethod = Field(
+        default=CombinationMethod.cat,
+        description="cat: the adapters side by side (rank = sum of ranks); the update is exactly the weighted sum "
+        "of the adapters' updates. svd: the weighted sum of the updates, factored back to rank svdRank by SVD "
+        "(exact when svdRank >= the sum of ranks). linear: the weighted sums of the A and of the B matrices at the "
+        "common rank (all ranks equal); smaller, but not the sum of the updates (cross terms), meaningful only for "
+        "adapters trained from the same start.")
+    svdRank: int | None = Field(default=None, ge=1, le=4096,
+                                description="Rank of the combined adapter (svd only; the trainer defaults to the sum of "
+                                "the ranks).")
+    includeTrained: bool = Field(
+        default=True,
+        description="Include this job's trained adapter (method lora or qlora) with weight trainedWeight. False with "
+        "no datasets and no stages: a combine-only job (no training; hyperparameters and evaluation unused).")
+    trainedWeight: float = Field(default=1.0, ge=-100, le=100,
+                                 description="Weight of the trained adapter in the combination (with includeTrained).")
+
+
 class Output(ApiModel):
     uri: S3Uri = Field(description="S3 prefix for the adapter, merged model, model card, evaluation and progress.")
     merge: bool = Field(default=False, description="Also write the base model with the adapter merged in (safetensors).")
+    combine: AdapterCombination | None = Field(
+        default=None,
+        description="Combine LoRA adapters by weight into one adapter written to <output.uri>combined/, after "
+        "training or as a job of its own.")
 
 
 class Evaluation(ApiModel):
@@ -597,6 +657,10 @@ def adapter_uri(output_uri: str) -> str:
 
 def merged_uri(output_uri: str) -> str:
     return _prefix(output_uri) + "merged/"
+
+
+def combined_uri(output_uri: str) -> str:
+    return _prefix(output_uri) + "combined/"
 
 
 def stage_output_uri(output_uri: str, stage_name: str) -> str:
@@ -833,3 +897,4 @@ class RunResult(Document):
     message: LongText = ""
     adapterUri: LongText | None = None
     mergedUri: LongText | None = None
+    combinedUri: LongText | None = None

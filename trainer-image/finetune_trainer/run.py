@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from . import adapters
 from . import config as cfg
 from . import distributed, engines, events, evaluation, methods, objectives, outputs, schedule, validation
 from .checkpoint import TRAINER_STATE, CheckpointManager
@@ -130,6 +131,8 @@ class Run:
 
     def _train_and_finish(self) -> RunSummary:
         config, ctx = self.config, self.ctx
+        if adapters.combine_only(config):
+            return self._combine_only()
         hp0 = plan_stages(config)[0].hyperparameters
         torch.manual_seed(hp0.seed)
         method_spec = methods.get(config.method.type)
@@ -142,7 +145,11 @@ class Run:
 
         plans = self._prepare_data(tokenizer)
         torch.manual_seed(hp0.seed)
-        model = method_spec.apply(model, config.method, ctx.device_type)
+        if config.method.adapter is not None:
+            model = adapters.continue_from(self.storage, model, config.method, config.model.uri,
+                                           self.work_dir / f"rank-{ctx.rank}" / "continue-adapter", ctx.device_type)
+        else:
+            model = method_spec.apply(model, config.method, ctx.device_type)
         # method.full's strategies (None for other methods); L2-SP anchors the base weights here, before any restore.
         full_strategies = methods.full.strategies(model, config.method, stage_epoch_starts(plans, ctx.world_size))
 
@@ -190,7 +197,8 @@ class Run:
 
                     # Virtual tokens start random: before any training the reference is the base model (as TRL's
                     # disabled adapter), not the base with random virtual tokens.
-                    untrained_virtual_tokens = index == 0 and config.method.type in ("prefix", "prompt")
+                    untrained_virtual_tokens = (index == 0 and config.method.type in ("prefix", "prompt")
+                                                and config.method.adapter is None)
                     with engine.module.disable_adapter() if untrained_virtual_tokens else _nothing():
                         attach_reference_log_probs(engine.module, plan.data.rows(), objective.collate, pair_log_probs,
                                                    pad_id, plan.hyperparameters.batchSize, ctx, engine.autocast)
@@ -308,6 +316,7 @@ class Run:
         with engine.full_parameters():
             if self.ctx.is_main:
                 trained = outputs.save_trained(engine.module, method_spec.uses_adapter, self.tokenizer, local / "trained")
+                self.trained_dir = trained  # output.combine's input when includeTrained
         if self.ctx.is_main:
             card = outputs.model_card(self.config.to_json(), getattr(self, "evaluation_document", {}),
                                       self.data_reports.get(list(self.data_reports)[-1], {}), self.config.model.uri,
@@ -346,11 +355,47 @@ class Run:
                 f"tuned perplexity {perplexity:.4g} is {ratio:.3g}x the base perplexity {base_perplexity:.4g}, "
                 f"above evaluation.maxPerplexityRatio {config.evaluation.maxPerplexityRatio}")
         adapter_uri, merged_uri = self._save_outputs(engine, method_spec, self.out, merge=config.output.merge)
+        combined_uri = self._combine(include_trained=True) if config.output.combine else None
         result = cfg.RunResult(succeeded=True, reason="Succeeded",
                                message=f"trained {sum(len(v) for v in losses.values())} steps", adapterUri=adapter_uri,
-                               mergedUri=merged_uri)
+                               mergedUri=merged_uri, combinedUri=combined_uri)
         self.write_result(result)
         return RunSummary(SUCCEEDED, result, losses, result_eval, resumed_from)
+
+
+    # ---- adapter combination (output.combine) ----
+
+    def _combine(self, include_trained: bool) -> str | None:
+        """Rank 0 combines and uploads to <output.uri>combined/; collective."""
+        combination, uri = self.config.output.combine, None
+        if self.ctx.is_main:
+            gguf = {"gguf_file": self.config.model.ggufFile} if self.config.model.ggufFile else {}
+            trained = self.trained_dir if include_trained and combination.includeTrained else None
+            combined = adapters.combine(self.storage, combination, self.base_dir, gguf, trained, self.tokenizer,
+                                        self.work_dir / "combine", self.config.model.uri)
+            uri = cfg.combined_uri(self.out)
+            self.storage.upload_dir(combined, uri)
+            events.emit("combined", uri=uri, method=combination.method, adapters=len(combination.adapters)
+                        + (trained is not None))
+        distributed.barrier()
+        return uri
+
+    def _combine_only(self) -> RunSummary:
+        """A job with no datasets: only output.combine (no training, no evaluation)."""
+        from transformers import AutoTokenizer
+
+        self.base_dir = self.work_dir / f"rank-{self.ctx.rank}" / "base-model"
+        if self.ctx.is_main:
+            if not self.storage.download_prefix(self.config.model.uri, self.base_dir):
+                raise DataError(f"{self.config.model.uri}: no model files under this prefix")
+            gguf = {"gguf_file": self.config.model.ggufFile} if self.config.model.ggufFile else {}
+            self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir, **gguf)
+        combined_uri = self._combine(include_trained=False)
+        result = cfg.RunResult(succeeded=True, reason="Succeeded",
+                               message=f"combined {len(self.config.output.combine.adapters)} adapters",
+                               combinedUri=combined_uri)
+        self.write_result(result)
+        return RunSummary(SUCCEEDED, result)
 
 
 def with_dataset_losses(records: list[cfg.DatasetLoss], plan: StagePlan, losses: dict[int, float],

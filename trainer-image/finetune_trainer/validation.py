@@ -33,8 +33,18 @@ def problems(config: TrainerConfig) -> list[str]:
         found.append("distributed.offload needs zeroStage 2 or 3")
     if config.validation.uri and config.validation.splitRatio:
         found.append("validation: set either uri or splitRatio, not both")
-    if not config.datasets and not config.stages:
-        found.append("datasets: at least one dataset (or stages) is required")
+    combine = config.output.combine
+    if not config.datasets and not config.stages and (combine is None or combine.includeTrained):
+        found.append("datasets: at least one dataset (or stages) is required, unless output.combine has "
+                     "includeTrained false (a combine-only job)")
+    if method.adapter is not None and method.type == "full":
+        found.append("method.adapter is only allowed with an adapter method (not full)")
+    if method.adapter is not None and (method.lora is not None or method.virtualTokens is not None):
+        found.append("method.adapter keeps the adapter's own settings: do not set method.lora or method.virtualTokens")
+    if combine is not None and combine.includeTrained and method.type not in ("lora", "qlora"):
+        found.append(f"output.combine.includeTrained needs method lora or qlora (a LoRA adapter), not {method.type}")
+    if combine is not None and combine.svdRank is not None and combine.method != "svd":
+        found.append("output.combine.svdRank is only allowed with method svd")
     if config.stages and len({s.name for s in config.stages}) != len(config.stages):
         found.append("stages: names must be unique")
     if config.output.merge and method.type in ("prefix", "prompt"):

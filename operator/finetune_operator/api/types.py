@@ -132,8 +132,15 @@ class RunPolicy(ApiModel):
 
 _SPEC_RULES = cel(
     (
-        "(has(self.datasets) && size(self.datasets) > 0) || (has(self.stages) && size(self.stages) > 0)",
-        "spec: set datasets or stages (at least one must be non-empty)",
+        "(has(self.datasets) && size(self.datasets) > 0) || (has(self.stages) && size(self.stages) > 0) || "
+        "(has(self.output.combine) && has(self.output.combine.includeTrained) && !self.output.combine.includeTrained)",
+        "spec: set datasets or stages (at least one must be non-empty), or output.combine with includeTrained false "
+        "(a combine-only job)",
+    ),
+    (
+        "!has(self.output.combine) || (has(self.output.combine.includeTrained) && !self.output.combine.includeTrained) "
+        "|| !has(self.method) || !has(self.method.type) || self.method.type in ['lora', 'qlora']",
+        "spec.output.combine.includeTrained needs method lora or qlora (a LoRA adapter)",
     ),
     (
         "!has(self.stages) || self.stages.all(s, self.stages.exists_one(t, t.name == s.name))",
@@ -423,6 +430,7 @@ class EvaluationStatus(StatusModel):
 class OutputStatus(StatusModel):
     adapterUri: str | None = Field(default=None, description="S3 prefix of the trained adapter (or full weights).")
     mergedUri: str | None = Field(default=None, description="S3 prefix of the merged model (output.merge).")
+    combinedUri: str | None = Field(default=None, description="S3 prefix of the combined adapter (output.combine).")
 
 
 class QueueStatus(StatusModel):

@@ -151,7 +151,7 @@ def _copy_objects(client: Any, source_bucket: str, dest_bucket: str, pairs: list
 
 
 def _promoted_result(client: Any, source: tuple[str, str], dest: tuple[str, str], key: str) -> bytes | None:
-    """The trial's result.json with its adapterUri and mergedUri moved to the destination, or None
+    """The trial's result.json with its adapterUri, mergedUri and combinedUri moved to the destination, or None
     when it names nothing under the source (then it is copied as it is). NoSuchKey raises."""
     body = client.get_object(Bucket=source[0], Key=key)["Body"].read(s3.MAX_DOCUMENT_BYTES + 1)
     try:
@@ -161,7 +161,7 @@ def _promoted_result(client: Any, source: tuple[str, str], dest: tuple[str, str]
     if not isinstance(document, dict):
         return None
     source_uri, dest_uri = f"s3://{source[0]}/{source[1]}", f"s3://{dest[0]}/{dest[1]}"
-    moved = {name: dest_uri + uri[len(source_uri):] for name in ("adapterUri", "mergedUri")
+    moved = {name: dest_uri + uri[len(source_uri):] for name in ("adapterUri", "mergedUri", "combinedUri")
              if isinstance(uri := document.get(name), str) and uri.startswith(source_uri)}
     return json.dumps({**document, **moved}).encode() if moved else None
 

@@ -1,0 +1,165 @@
+"""Adapter reuse: continue training an adapter from S3 (method.adapter), and combine LoRA adapters by weight
+into one (output.combine, PEFT's add_weighted_adapter), after training or as a job of its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import config as cfg
+from .errors import ConfigError, DataError
+from .storage import Storage
+
+# method.type -> (adapter_config.json's peft_type, its use_dora)
+PEFT_TYPES: dict[str, tuple[str, bool]] = {
+    "lora": ("LORA", False),
+    "qlora": ("LORA", False),
+    "dora": ("LORA", True),
+    "ia3": ("IA3", False),
+    "prefix": ("PREFIX_TUNING", False),
+    "prompt": ("PROMPT_TUNING", False),
+}
+# Names of adapter weights in a PEFT model's state dict; virtual tokens are not among them, PEFT loads those on
+# their own (strictly: a wrong shape raises) and still lists them as missing.
+ADAPTER_KEYS = ("lora_", "ia3_")
+
+
+def combine_only(config: cfg.TrainerConfig) -> bool:
+    """A job with no training data: it only combines adapters (validation makes sure output.combine is set)."""
+    return not config.datasets and not config.stages
+
+
+def download(storage: Storage, uri: str, directory: Path, field: str) -> dict:
+    """The adapter under uri in directory; its adapter_config.json."""
+    if not storage.download_prefix(uri, directory) or not (directory / "adapter_config.json").is_file():
+        raise DataError(f"{field} {uri}: no PEFT adapter here (adapter_config.json missing)")
+    try:
+        return json.loads((directory / "adapter_config.json").read_text())
+    except ValueError as e:
+        raise DataError(f"{field} {uri}: adapter_config.json is not JSON: {e}") from None
+
+
+def adapter_kind(adapter_config: dict) -> str:
+    peft_type = str(adapter_config.get("peft_type", "?"))
+    return f"{peft_type} with DoRA" if adapter_config.get("use_dora") else peft_type
+
+
+def check_type(adapter_config: dict, method_type: str, field: str, uri: str) -> None:
+    peft_type, dora = PEFT_TYPES[method_type]
+    if (adapter_config.get("peft_type"), bool(adapter_config.get("use_dora"))) != (peft_type, dora):
+        raise ConfigError(f"{field} {uri}: a {adapter_kind(adapter_config)} adapter cannot continue as method "
+                          f"{method_type} (needs {peft_type}{' with DoRA' if dora else ''})")
+
+
+def _expected_prompt_dims(peft_type: str, model) -> dict:
+    """The dimensions PEFT gives fresh virtual tokens on this base (its own rule: grouped-query attention makes
+    a prefix's token_dim head_dim x key/value heads, not hidden_size)."""
+    from peft import PrefixTuningConfig, PromptTuningConfig
+    from peft.utils.other import _prepare_prompt_learning_config
+
+    fresh = (PrefixTuningConfig if peft_type == "PREFIX_TUNING" else PromptTuningConfig)(task_type="CAUSAL_LM",
+                                                                                         num_virtual_tokens=1)
+    _prepare_prompt_learning_config(fresh, model.config)
+    keys = ("token_dim", "num_layers", "num_attention_heads") if peft_type == "PREFIX_TUNING" else ("token_dim",)
+    return {k: getattr(fresh, k) for k in keys}
+
+
+def check_prompt_learning_fits(adapter_config: dict, model, field: str, uri: str, model_uri: str) -> None:
+    """Virtual tokens carry the base's dimensions in their config; PEFT would load them onto any base and fail
+    (or worse, run) later."""
+    peft_type = adapter_config.get("peft_type")
+    if peft_type not in ("PREFIX_TUNING", "PROMPT_TUNING"):
+        return
+    wrong = {k: (adapter_config.get(k), v) for k, v in _expected_prompt_dims(peft_type, model).items()
+             if adapter_config.get(k) is not None and adapter_config.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k} {a} (base {b})" for k, (a, b) in wrong.items())
+        raise ConfigError(f"{field} {uri} does not fit base model {model_uri}: {detail}")
+
+
+def continue_from(storage: Storage, model, method: cfg.Method, model_uri: str, directory: Path, device_type: str):
+    """The base model with method.adapter loaded as the trainable adapter (instead of a fresh one)."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    field, uri = "method.adapter.uri", method.adapter.uri
+    adapter_config = download(storage, uri, directory, field)
+    check_type(adapter_config, method.type, field, uri)
+    check_prompt_learning_fits(adapter_config, model, field, uri, model_uri)
+    if method.type == "qlora":
+        from .methods.qlora import require_gpu
+        from peft import prepare_model_for_kbit_training
+
+        require_gpu(device_type)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # Built as a fresh trainable adapter from the saved config, then the saved weights put in: PEFT's
+    # from_pretrained(is_trainable=True) refuses prompt-learning adapters.
+    try:
+        peft_config = PeftConfig.from_pretrained(directory)
+        peft_config.inference_mode = False
+        peft_model = get_peft_model(model, peft_config)
+        loaded = set_peft_model_state_dict(peft_model, load_peft_weights(str(directory), device="cpu"))
+    except (RuntimeError, ValueError, KeyError) as e:
+        # size mismatches (RuntimeError) and target modules the base lacks (ValueError)
+        raise ConfigError(f"{field} {uri} does not fit base model {model_uri} "
+                          f"({type(model).__name__}): {str(e)[:600]}") from None
+    missing = [k for k in loaded.missing_keys if any(t in k for t in ADAPTER_KEYS)]
+    if missing:
+        raise ConfigError(f"{field} {uri} does not fit base model {model_uri}: the adapter has no weights for "
+                          f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return peft_model
+
+
+def combine(storage: Storage, combination: cfg.AdapterCombination, base_dir: Path, load_kwargs: dict,
+            trained_dir: Path | None, tokenizer, work_dir: Path, model_uri: str) -> Path:
+    """The weighted combination of the inputs (and the trained adapter, first, when given) as one PEFT adapter
+    folder, with the tokenizer and a short card."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    sources: list[tuple[str, Path, float]] = []
+    if trained_dir is not None:
+        sources.append(("this job's trained adapter", trained_dir, combination.trainedWeight))
+    for i, item in enumerate(combination.adapters):
+        field = f"output.combine.adapters[{i}].uri"
+        directory = work_dir / "inputs" / str(i)
+        adapter_config = download(storage, item.uri, directory, field)
+        if adapter_config.get("peft_type") != "LORA" or adapter_config.get("use_dora"):
+            raise ConfigError(f"{field} {item.uri}: only LoRA adapters can be combined, this one is "
+                              f"{adapter_kind(adapter_config)}")
+        sources.append((f"{field} {item.uri}", directory, item.weight))
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
+    names = [f"input{i}" for i in range(len(sources))]
+    model = None
+    for name, (what, directory, _) in zip(names, sources):
+        try:
+            if model is None:
+                model = PeftModel.from_pretrained(base, directory, adapter_name=name)
+            else:
+                model.load_adapter(directory, adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"{what} does not fit base model {model_uri}: {str(e)[:600]}") from None
+    ranks = [model.peft_config[n].r for n in names]
+    method = combination.method
+    if method == "linear" and len(set(ranks)) > 1:
+        raise ConfigError(f"output.combine.method linear needs adapters of one rank, got ranks {ranks} "
+                          f"(use cat or svd)")
+    svd_rank = (combination.svdRank or sum(ranks)) if method == "svd" else None
+    try:
+        model.add_weighted_adapter(names, [w for _, _, w in sources], "combined", combination_type=method,
+                                   svd_rank=svd_rank)
+    except ValueError as e:
+        raise ConfigError(f"output.combine: PEFT cannot combine these adapters: {e}") from None
+    for name in names:
+        model.delete_adapter(name)
+    saved = work_dir / "saved"
+    model.save_pretrained(saved, selected_adapters=["combined"], safe_serialization=True)
+    out = saved / "combined"  # PEFT writes an adapter not named "default" into a folder of its name
+    tokenizer.save_pretrained(out)
+    (out / "README.md").write_text("\n".join([
+        "---", "library_name: peft", f"base_model: {model_uri}", "tags: [finetune-operator]", "---", "",
+        "# Combined LoRA adapter", "",
+        f"PEFT add_weighted_adapter, combination_type {method}" + (f", rank {svd_rank}" if svd_rank else "") + ".", "",
+        "| adapter | weight |", "|---|---|", *(f"| {what} | {weight} |" for what, _, weight in sources), ""]))
+    return out
