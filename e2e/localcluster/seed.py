@@ -71,11 +71,15 @@ def datasets() -> dict[str, list[dict]]:
     preferences = [{"prompt": q, "chosen": a, "rejected": w if w != a else "I do not know."}
                    for (q, a), w in zip(domain_pairs(160, seed=4), wrong)]
     corpus = [{"text": f"{q} {a}"} for q, a in domain_pairs(400, seed=5)]
+    # Thumbs up and down as a help desk collects them: the right answer liked, another question's answer not.
+    feedback = [{"prompt": q, "completion": a if i % 2 == 0 else w, "label": i % 2 == 0 or w == a}
+                for i, ((q, a), w) in enumerate(zip(domain_pairs(160, seed=6), [a for _, a in domain_pairs(160, seed=7)]))]
     return {
         "s3://team-a/data/support.jsonl": support,
         "s3://team-a/data/faq.jsonl": faq,
         "s3://team-a/data/instructions.jsonl": faq,
         "s3://team-a/data/preferences.jsonl": preferences,
+        "s3://team-a/data/feedback.jsonl": feedback,
         "s3://team-a/data/corpus/part-0000.jsonl": corpus[:200],
         "s3://team-a/data/corpus/part-0001.jsonl": corpus[200:],
     }

@@ -236,6 +236,12 @@ VARIANTS = {
     "deepspeed-zero2": dict(distributed={"engine": "deepspeed", "zeroStage": 2, "precision": "fp32"}),
     "prefix-tuning": dict(method={"type": "prefix", "virtualTokens": 8}),
     "dpo": dict(objective="dpo", datasets=[{"uri": "s3://team-a/data/preferences.jsonl", "format": "preference"}]),
+    "interleaved-multi-task": dict(preprocessing={"maxSeqLength": 128, "multiTask": {"strategy": "interleave",
+                                                                                     "temperature": 2.0}}),
+    "kto-feedback": dict(objective="kto", datasets=[{"uri": "s3://team-a/data/feedback.jsonl", "format": "feedback"}],
+                         preprocessing={"maxSeqLength": 128, "contentFilters": [
+                             {"name": "no-errors", "type": "regex", "patterns": [r"(?i)\berror 4\d\d\b"], "fields": "both"},
+                             {"name": "plans", "type": "terms", "terms": ["plan"], "fields": "answer", "action": "flag"}]}),
     "two-stage": dict(datasets=None, stages=[
         {"name": "domain", "objective": "causal-lm",
          "datasets": [{"uri": "s3://team-a/data/corpus/", "format": "text"}]},
@@ -255,6 +261,16 @@ def test_variants_train_for_real_and_succeed(kube, local_cluster, operator, name
     assert _keys(local_cluster, status["output"]["adapterUri"])
     if variant == "two-stage":
         assert _keys(local_cluster, job["spec"]["output"]["uri"] + "stages/domain/")
+    if variant == "interleaved-multi-task":  # each task's own training loss, for the user to watch each learn
+        losses = status["progress"]["datasetLosses"]
+        assert [d["uri"] for d in losses] == [d["uri"] for d in job["spec"]["datasets"]], losses
+        assert all(d["steps"] > 0 and d["loss"] > 0 for d in losses), losses
+    if variant == "kto-feedback":  # what each content filter did is in the status, nothing dropped silently
+        stage = status["data"]["stages"][0]
+        filters = {f["name"]: (f["rowsDropped"], f["rowsFlagged"]) for f in stage["contentFilters"]}
+        assert filters["no-errors"][0] > 0 and filters["no-errors"][1] == 0, filters
+        assert filters["plans"][0] == 0 and filters["plans"][1] > 0, filters
+        assert stage["datasets"][0]["droppedByContentFilters"] == filters["no-errors"][0]
 
 
 def test_a_failed_evaluation_gate_fails_the_job_with_the_reason(kube, local_cluster, operator, namespace):

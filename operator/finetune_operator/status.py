@@ -16,8 +16,9 @@ from typing import Any
 
 from finetune_operator.api.types import CONDITION_REASON_PATTERN, MAX_CONDITION_MESSAGE, MAX_CONDITION_REASON
 from finetune_operator.api.types import ConditionType as C
-from finetune_operator.api.types import (MAX_COUNT, MAX_DATASETS, MAX_STAGES, MAX_STATUS_URI, DatasetDataStatus,
-                                         FineTuneJobStatus, OverlapStatus, Phase, PiiStatus, StageDataStatus)
+from finetune_operator.api.types import (MAX_CONTENT_FILTERS, MAX_COUNT, MAX_DATASETS, MAX_STAGES, MAX_STATUS_URI,
+                                         ContentFilterStatus, DatasetDataStatus, FineTuneJobStatus, OverlapStatus, Phase,
+                                         PiiStatus, StageDataStatus)
 from finetune_operator.kueue import QueueState
 from finetune_operator.validation import TRANSIENT_REASONS, Problem
 from finetune_trainer.config import DataSummary, EvaluationResult, Progress, RunResult
@@ -256,7 +257,9 @@ def _data_status(data: DataSummary) -> dict[str, Any]:
                      "piiReplaced": _counts(d.piiReplaced, PiiStatus)} for d in stage.datasets[:MAX_DATASETS]]
         stages.append({"stage": str(stage.stage)[:63], **_counts(stage, StageDataStatus),
                        "validationOverlap": _counts(stage.validationOverlap, OverlapStatus),
-                       "packed": stage.packed is True, "datasets": datasets})
+                       "packed": stage.packed is True, "datasets": datasets,
+                       "contentFilters": [{"name": str(f.name)[:63], **_counts(f, ContentFilterStatus)}
+                                          for f in stage.contentFilters[:MAX_CONTENT_FILTERS]]})
     return {"stages": stages}
 
 

@@ -1,8 +1,8 @@
 """The CEL rules of the CRD as a table: (name, spec, accepted by the API server).
 
-Every row was checked against a real kube-apiserver (v1.35, `kubectl create --dry-run=server`) with
-the generated CRD; the unit tests check that the operator's Python validators, which repeat these
-rules for objects that never went through CEL, agree with it row by row.
+e2e/tests/test_cel_rules.py checks every row against the local cluster's kube-apiserver (`kubectl create
+--dry-run=server` with the generated CRD); the unit tests check that the operator's Python validators,
+which repeat these rules for objects that never went through CEL, agree with it row by row.
 """
 
 from __future__ import annotations

@@ -23,11 +23,13 @@ ZERO_PII = {"email": 0, "phone": 0, "ip": 0, "card": 0, "key": 0}
 DATASET = {"uri": "s3://team-a/data/support.jsonl", "rowsRead": 1000, "rowsKept": 930, "droppedTooShort": 12,
            "truncated": 40, "duplicatesExact": 30, "duplicatesNormalised": 20,
            "piiReplaced": {"email": 7, "phone": 2, "ip": 1, "card": 0, "key": 3},
-           "validationRows": 45, "validationOverlapDropped": 8, "trainTokens": 120_000, "targetTokens": 80_000}
+           "validationRows": 45, "validationOverlapDropped": 8, "trainTokens": 120_000, "targetTokens": 80_000,
+           "droppedByContentFilters": 5, "flaggedByContentFilters": 2}
+FILTERS = [{"name": "no-secrets", "rowsDropped": 5, "rowsFlagged": 0}, {"name": "toxicity", "rowsDropped": 0, "rowsFlagged": 2}]
 STAGE = {"stage": "main", "rowsRead": 1000, "rowsDropped": 70, "trainSequences": 885, "validationSequences": 45,
          "trainTokens": 120_000, "targetTokens": 80_000,
          "validationOverlap": {"rowsChecked": 53, "rowsOverlapping": 11, "rowsDropped": 8},
-         "packed": False, "datasets": [DATASET]}
+         "packed": False, "datasets": [DATASET], "contentFilters": FILTERS}
 
 
 def obs(progress: Progress | None = None, **kw) -> Observation:
@@ -63,9 +65,13 @@ MAPPING_CASES = [
                   "datasets": [{"uri": "s3://b/x", "rowsRead": 0, "rowsKept": 0, "droppedTooShort": 0, "truncated": 0,
                                 "duplicatesExact": 0, "duplicatesNormalised": 0, "piiReplaced": ZERO_PII,
                                 "validationRows": 0, "validationOverlapDropped": 0, "trainTokens": 0,
-                                "targetTokens": 0}]}]}),
+                                "targetTokens": 0, "droppedByContentFilters": 0, "flaggedByContentFilters": 0}],
+                  "contentFilters": []}]}),
     ("two stages in order", {"stages": [stage(stage="sft"), stage(stage="dpo", packed=True, datasets=[])]},
      {"stages": [stage(stage="sft"), stage(stage="dpo", packed=True, datasets=[])]}),
+    ("content filters in the order of the report",
+     {"stages": [stage(contentFilters=list(reversed(FILTERS)) + [{"name": "empty"}])]},
+     {"stages": [stage(contentFilters=list(reversed(FILTERS)) + [{"name": "empty", "rowsDropped": 0, "rowsFlagged": 0}])]}),
     ("unknown fields are dropped",
      {"stages": [stage(extra="x", datasets=[dataset(format="chat", piiRedacted={"ssn": 4},
                                                      piiReplaced={**DATASET["piiReplaced"], "ssn": 4})])]},
@@ -98,6 +104,8 @@ REFUSED = [
     ("33 datasets", {"stages": [stage(datasets=[DATASET] * 33)]}),
     ("stages not a list", {"stages": {"main": STAGE}}),
     ("piiReplaced not an object", {"stages": [stage(datasets=[dataset(piiReplaced=[1, 2])])]}),
+    ("17 content filters", {"stages": [stage(contentFilters=FILTERS[:1] * 17)]}),
+    ("negative filter count", {"stages": [stage(contentFilters=[{"name": "x", "rowsDropped": -1}])]}),
 ]
 
 

@@ -362,3 +362,6 @@ def test_a_run_with_a_filter_drops_the_rows_and_reports_them(storage, model_buck
                for e in source["contentFilters"]["no-restarts"]["examples"])
     progress = cfg.Progress.model_validate(storage.get_json(cfg.progress_uri(config.output.uri, "1")))
     assert progress.data.stages[0].rowsDropped == report["rowsDropped"]
+    stage = progress.data.stages[0]
+    assert [(f.name, f.rowsDropped, f.rowsFlagged) for f in stage.contentFilters] == [("no-restarts", len(banned), 0)]
+    assert (stage.datasets[0].droppedByContentFilters, stage.datasets[0].flaggedByContentFilters) == (len(banned), 0)

@@ -165,6 +165,17 @@ TOLERANT_CASES = [
     (_report(sources=[{"dropped": [1, 2], "piiRedacted": "many"}]), {"datasets": [{"droppedTooShort": 0}]}),
     (_report(validation={"overlap": {"rowsChecked": 5, "rowsOverlapping": 2, "rowsDropped": 1, "gramWords": 8}}),
      {"validationOverlap": {"rowsChecked": 5, "rowsOverlapping": 2, "rowsDropped": 1}}),
+    (_report(contentFilters={"no-keys": {"rowsDropped": 3, "rowsFlagged": 0, "examples": ["x"]},
+                             "toxic": {"rowsFlagged": 2}, "junk": "not an object"}),
+     {"contentFilters": [{"name": "no-keys", "rowsDropped": 3, "rowsFlagged": 0},
+                         {"name": "toxic", "rowsDropped": 0, "rowsFlagged": 2},
+                         {"name": "junk", "rowsDropped": 0, "rowsFlagged": 0}]}),
+    (_report(contentFilters=[1, 2]), {"contentFilters": []}),
+    (_report(contentFilters={f"f{i}": {"rowsDropped": i} for i in range(20)}),
+     {"contentFilters": [{"name": f"f{i}", "rowsDropped": i} for i in range(16)]}),
+    (_report(sources=[{"dropped": {"content-filter": 4},
+                       "contentFilters": {"a": {"rowsFlagged": 2}, "b": {"rowsFlagged": 3}, "c": None}}]),
+     {"datasets": [{"droppedByContentFilters": 4, "flaggedByContentFilters": 5}]}),
 ]
 
 

@@ -71,3 +71,26 @@ def test_zero3_carries_the_model_from_one_stage_to_the_next(storage, model_bucke
     assert all(set(s["metrics"]) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
                for s in steps if s["stage"] == "dpo")
     assert storage.get_json(cfg.result_uri(config.output.uri, "1"))["succeeded"] is True
+
+
+@pytest.mark.slow
+def test_two_processes_unfreeze_gradually_with_l2sp_and_layerwise_rates(storage, model_bucket, bucket, s3_endpoint,
+                                                                        tmp_path):
+    """method.full's strategies under DDP: the blocks that take gradients change mid-run on every rank at the same
+    step (a rank out of step would hang or fail the gradient all-reduce), and the L2-SP penalty is added on every
+    rank."""
+    ds = upload_dataset(storage, bucket, "chat", "chat", 48)
+    strategies = {"unfreeze": {"startTopBlocks": 1, "everySteps": 4}, "l2sp": {"strength": 0.01},
+                  "layerwiseLRDecay": 0.8}
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], method={"type": "full", "full": strategies},
+                         hyperparameters={"maxSteps": 8, "batchSize": 2, "learningRate": 2e-3},
+                         checkpoint={"everySteps": 3, "keep": 3}, output={"uri": bucket + "ddp-strategies/"})
+    done = torchrun(config, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    steps = [json.loads(l) for l in done.stdout.splitlines() if l.startswith('{"event": "step"')]
+    # the tiny llama has 2 blocks: the top one first, both (and the embeddings) from step 5
+    assert [e["trainableTopBlocks"] for e in steps] == [1] * 4 + [2] * 4
+    assert steps[0]["l2spPenalty"] >= 0 and steps[-1]["l2spPenalty"] > 0
+    assert storage.get_json(cfg.result_uri(config.output.uri, "1"))["succeeded"] is True
+    prefix = cfg.checkpoint_prefix(None, config.output.uri, "1")
+    assert [step for step, _ in complete_checkpoints(storage, prefix)] == [3, 6]

@@ -746,6 +746,9 @@ class DatasetSummary(Document):
         default=0, description="Held-out rows dropped because they share most of their word 8-grams with training rows.")
     trainTokens: Count = Field(default=0, description="Tokens of the dataset's training rows (before mixing and packing).")
     targetTokens: Count = Field(default=0, description="Training tokens the model learns to predict (the loss is taken on).")
+    droppedByContentFilters: Count = Field(default=0, description="Rows dropped by a content filter (action drop).")
+    flaggedByContentFilters: Count = Field(
+        default=0, description="Matches of content filters with action flag: the rows are kept and counted.")
 
     @classmethod
     def from_source(cls, source: dict) -> "DatasetSummary":
@@ -765,7 +768,18 @@ class DatasetSummary(Document):
             validationOverlapDropped=_count(dropped.get("validation-overlap")),
             trainTokens=_count(source.get("trainTokens")),
             targetTokens=_count(source.get("targetTokens")),
+            droppedByContentFilters=_count(dropped.get("content-filter")),
+            flaggedByContentFilters=min(sum(_count(_mapping(entry).get("rowsFlagged"))
+                                            for entry in _mapping(source.get("contentFilters")).values()), 2**53),
         )
+
+
+class ContentFilterSummary(Document):
+    """What one content filter (preprocessing.contentFilters) did over a stage's datasets."""
+
+    name: ShortText = Field(default="", description="The filter's name.")
+    rowsDropped: Count = Field(default=0, description="Rows it dropped (action drop).")
+    rowsFlagged: Count = Field(default=0, description="Rows it flagged and kept (action flag).")
 
 
 class OverlapSummary(Document):
@@ -782,7 +796,8 @@ class StageDataSummary(Document):
     stage: ShortText = Field(default="", description="Name of the stage.")
     rowsRead: Count = Field(default=0, description="Rows read from the stage's datasets.")
     rowsDropped: Count = Field(
-        default=0, description="Rows dropped: too short, no trainable tokens, duplicates, validation overlap.")
+        default=0, description="Rows dropped: too short, no trainable tokens, duplicates, validation overlap, "
+        "content filters.")
     trainSequences: Count = Field(default=0, description="Training sequences after mixing (and packing).")
     validationSequences: Count = Field(default=0, description="Validation sequences (after the overlap check).")
     trainTokens: Count = Field(default=0, description="Tokens of the training sequences: the tokens trained on per epoch.")
@@ -792,6 +807,9 @@ class StageDataSummary(Document):
     packed: bool = Field(default=False, description="Training rows were packed into sequences of maxSeqLength.")
     datasets: list[DatasetSummary] = Field(default_factory=list, max_length=MAX_DATA_DATASETS,
                                            description="Per dataset, in the order of the spec.")
+    contentFilters: list[ContentFilterSummary] = Field(
+        default_factory=list, max_length=MAX_CONTENT_FILTERS,
+        description="Per content filter, in the order of the spec: rows dropped and flagged over the datasets.")
 
     @classmethod
     def from_report(cls, stage_name: str, report: dict) -> "StageDataSummary":
@@ -810,6 +828,9 @@ class StageDataSummary(Document):
             validationOverlap=OverlapSummary(**{k: _count(overlap.get(k)) for k in OverlapSummary.model_fields}),
             packed=report.get("packed") is True,
             datasets=[DatasetSummary.from_source(_mapping(s)) for s in sources[:MAX_DATA_DATASETS]],
+            contentFilters=[ContentFilterSummary(name=str(name)[:63], rowsDropped=_count(_mapping(counts).get("rowsDropped")),
+                                                 rowsFlagged=_count(_mapping(counts).get("rowsFlagged")))
+                            for name, counts in list(_mapping(report.get("contentFilters")).items())[:MAX_CONTENT_FILTERS]],
         )
 
 

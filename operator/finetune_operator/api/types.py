@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from finetune_operator.api.search import Search
 from finetune_trainer.config import (
     DNS_LABEL_PATTERN,
+    MAX_CONTENT_FILTERS,
     ApiModel,
     Checkpoint,
     Dataset,
@@ -388,6 +389,15 @@ class DatasetDataStatus(StatusModel):
                                           description="Held-out rows dropped for sharing most of their word 8-grams with training rows.")
     trainTokens: StatusCount = Field(default=0, description="Tokens of the dataset's training rows (before mixing).")
     targetTokens: StatusCount = Field(default=0, description="Training tokens the loss is taken on.")
+    droppedByContentFilters: StatusCount = Field(default=0, description="Rows dropped by a content filter (action drop).")
+    flaggedByContentFilters: StatusCount = Field(default=0,
+                                         description="Rows kept but flagged by a content filter (action flag).")
+
+
+class ContentFilterStatus(StatusModel):
+    name: str = Field(default="", max_length=63, description="The filter's name (preprocessing.contentFilters[].name).")
+    rowsDropped: StatusCount = Field(default=0, description="Rows it dropped over the stage's datasets (action drop).")
+    rowsFlagged: StatusCount = Field(default=0, description="Rows it flagged and kept (action flag).")
 
 
 class OverlapStatus(StatusModel):
@@ -400,7 +410,8 @@ class StageDataStatus(StatusModel):
     stage: str = Field(default="", max_length=63, description="Name of the stage (main for a job without stages).")
     rowsRead: StatusCount = Field(default=0, description="Rows read from the stage's datasets.")
     rowsDropped: StatusCount = Field(default=0,
-                             description="Rows dropped: too short, no trainable tokens, duplicates, validation overlap.")
+                             description="Rows dropped: too short, no trainable tokens, duplicates, validation overlap, "
+                             "content filters.")
     trainSequences: StatusCount = Field(default=0, description="Training sequences after mixing (and packing).")
     validationSequences: StatusCount = Field(default=0, description="Validation sequences after the overlap check.")
     trainTokens: StatusCount = Field(default=0, description="Tokens of the training sequences: trained on once per epoch.")
@@ -409,6 +420,10 @@ class StageDataStatus(StatusModel):
     packed: bool = Field(default=False, description="Training rows were packed into sequences of maxSeqLength.")
     datasets: list[DatasetDataStatus] = Field(default_factory=list, max_length=MAX_DATASETS,
                                               description="Per dataset, in the order of the spec.")
+    contentFilters: list[ContentFilterStatus] = Field(
+        default_factory=list, max_length=MAX_CONTENT_FILTERS,
+        description="Per content filter, in the order of the spec: rows dropped and flagged (the data report "
+        "in S3 has redacted examples).")
 
 
 class DataStatus(StatusModel):
