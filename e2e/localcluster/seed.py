@@ -16,6 +16,9 @@ import tempfile
 from pathlib import Path
 
 DEMO_MODEL_URI = "s3://models/tiny-llama/"
+# LoRA adapters of the demo model with small random weights, standing in for adapters a team trained earlier
+# (examples/finetunejob-adapter-continue.yaml continues from one, -combine-adapters.yaml combines both).
+ADAPTERS = {"s3://team-a/adapters/helpdesk-lora/": 1, "s3://team-a/adapters/billing-lora/": 2}
 BUCKETS = ("models", "team-a")
 
 _PLANS = [("starter", 2, "100 GB"), ("team", 10, "1 TB"), ("business", 50, "10 TB"), ("enterprise", 500, "100 TB")]
@@ -99,10 +102,14 @@ def seed(endpoint: str) -> None:
     storage = Storage(endpoint=endpoint, region=local_s3.REGION)
     for uri, rows in datasets().items():
         tiny.upload_rows(storage, uri, rows)
-    if not storage.exists(DEMO_MODEL_URI + "config.json"):
+    missing_adapters = [uri for uri in ADAPTERS if not storage.exists(uri + "adapter_config.json")]
+    if not storage.exists(DEMO_MODEL_URI + "config.json") or missing_adapters:
         with tempfile.TemporaryDirectory() as tmp:
-            tiny.save_tiny_model(Path(tmp), arch="llama", hidden_size=128, layers=4)
-            storage.upload_dir(Path(tmp), DEMO_MODEL_URI)
+            model_dir = tiny.save_tiny_model(Path(tmp) / "model", arch="llama", hidden_size=128, layers=4)
+            storage.upload_dir(model_dir, DEMO_MODEL_URI)
+            for uri in missing_adapters:
+                storage.upload_dir(tiny.save_lora_adapter(model_dir, Path(tmp) / str(ADAPTERS[uri]), seed=ADAPTERS[uri]),
+                                   uri)
 
 
 def main() -> int:

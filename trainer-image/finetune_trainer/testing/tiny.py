@@ -149,6 +149,26 @@ def save_tiny_model(directory: str | Path, arch: str = "llama", **model_kwargs) 
     return directory
 
 
+def save_lora_adapter(base_dir: str | Path, directory: str | Path, rank: int = 8, seed: int = 0,
+                      scale: float = 0.05) -> Path:
+    """A LoRA adapter (PEFT format) of the model in base_dir with small random weights (B scaled by `scale`, so
+    the update is not zero): a stand-in for an adapter trained earlier, to continue from or to combine."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(scale)
+    model.save_pretrained(directory)
+    return Path(directory)
+
+
 def upload_tiny_model(storage, uri: str, arch: str = "llama", **model_kwargs) -> str:
     """Save a tiny model into a temporary folder and upload it under uri; storage is a finetune_trainer Storage."""
     with tempfile.TemporaryDirectory() as tmp:
