@@ -98,6 +98,14 @@ def run_demo() -> int:
         ratio = evaluation["perplexity"] / evaluation["basePerplexity"]
         print(f"  perplexity:    base {evaluation['basePerplexity']:.1f} -> tuned {evaluation['perplexity']:.1f}"
               f" (ratio {ratio:.2f}) on the held-out validation split")
+    for task in evaluation.get("tasks") or []:
+        gain = f" ({task['delta']:+.3f} over the base model's {task['base']:.3f})" if "delta" in task else ""
+        print(f"  task {task['name']}:  {task['metric']} {task['tuned']:.3f}{gain}")
+    if evaluation.get("generalBasePerplexity"):
+        print(f"  forgetting:    general perplexity {evaluation['generalBasePerplexity']:.1f} -> "
+              f"{evaluation['generalPerplexity']:.1f}")
+    if evaluation.get("reportUri"):
+        print(f"  report:        {evaluation['reportUri']}report.md (and report.html, loss.png, learning-rate.png)")
     print(_look_around(cluster, operator, status))
     return 0
 

@@ -66,6 +66,8 @@ def domain_pairs(n: int, seed: int) -> list[tuple[str, str]]:
 
 def datasets() -> dict[str, list[dict]]:
     """Every dataset the examples name, by S3 URI."""
+    from finetune_trainer.testing import tiny
+
     support = [{"messages": [{"role": "system", "content": "You are the Orbit Storage help desk."},
                              {"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                for q, a in domain_pairs(480, seed=1)]
@@ -77,7 +79,13 @@ def datasets() -> dict[str, list[dict]]:
     # Thumbs up and down as a help desk collects them: the right answer liked, another question's answer not.
     feedback = [{"prompt": q, "completion": a if i % 2 == 0 else w, "label": i % 2 == 0 or w == a}
                 for i, ((q, a), w) in enumerate(zip(domain_pairs(160, seed=6), [a for _, a in domain_pairs(160, seed=7)]))]
+    # Held out for evaluation.tasks (questions the training rows do not have) and evaluation.general (text of
+    # another domain: how much the help-desk tuning makes the model forget).
+    held_out = [{"instruction": q, "input": "", "output": a} for q, a in domain_pairs(48, seed=9)]
+    general = [{"text": sentence} for sentence in tiny.corpus_sentences(64, seed=10)]
     return {
+        "s3://team-a/data/eval/helpdesk-questions.jsonl": held_out,
+        "s3://team-a/data/eval/general.jsonl": general,
         "s3://team-a/data/support.jsonl": support,
         "s3://team-a/data/faq.jsonl": faq,
         "s3://team-a/data/instructions.jsonl": faq,

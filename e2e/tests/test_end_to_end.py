@@ -174,6 +174,19 @@ def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator
         assert any(k.endswith("manifest.json") for k in keys), keys
     evaluation = status["evaluation"]
     assert evaluation["perplexity"] < evaluation["basePerplexity"]
+    # the task the demo declares, base against tuned; the forgetting check; the report next to the model
+    [task] = evaluation["tasks"]
+    assert (task["name"], task["metric"]) == ("helpdesk", "rougeL") and 0 <= task["base"] <= 1 and 0 <= task["tuned"] <= 1
+    assert task["tuned"] > task["base"], task  # the tuned model answers the held-out help-desk questions better
+    assert evaluation["headline"].startswith("helpdesk rougeL ")
+    assert evaluation["generalBasePerplexity"] > 0 and evaluation["generalPerplexity"] > 0
+    report_files = {k.rsplit("/", 1)[-1] for k in _keys(local_cluster, evaluation["reportUri"])}
+    assert {"report.md", "report.html", "loss.png", "learning-rate.png"} <= report_files, report_files
+    wide = kube.run("get", "finetunejob", name, "-n", namespace, "-o", "wide").stdout
+    assert "helpdesk rougeL" in wide, wide
+    query = f'finetune_job_task_score{{namespace="{namespace}", task="helpdesk"}}'
+    _wait_for(lambda: {s["metric"]["model"] for s in _prometheus(local_cluster, query)} == {"base", "tuned"}, 90,
+              "the task's base and tuned scores in Prometheus", interval=3)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -271,6 +284,21 @@ def test_variants_train_for_real_and_succeed(kube, local_cluster, operator, name
         assert filters["no-errors"][0] > 0 and filters["no-errors"][1] == 0, filters
         assert filters["plans"][0] == 0 and filters["plans"][1] > 0, filters
         assert stage["datasets"][0]["droppedByContentFilters"] == filters["no-errors"][0]
+
+
+def test_an_unreachable_task_gate_fails_the_job_naming_the_metric_and_keeps_the_outputs(kube, local_cluster, operator,
+                                                                                        namespace):
+    task = {"name": "helpdesk", "uri": "s3://team-a/data/eval/helpdesk-questions.jsonl", "maxSamples": 8,
+            "maxNewTokens": 16, "gate": {"metric": "exactMatch", "minScore": 1.0}}
+    secret, job = small_job("task-gated", evaluation={"compareToBase": True, "maxSamples": 24, "tasks": [task]})
+    kube.apply(secret, job, namespace=namespace)
+    status = _wait_phase(kube, namespace, "task-gated")
+    assert status["phase"] == "Failed"
+    failed = _conditions(status)["Failed"]
+    assert "EvaluationGateFailed" in failed["reason"] + failed["message"], failed
+    assert "task helpdesk: exactMatch" in failed["message"] and "below the minimum 1.000" in failed["message"], failed
+    assert status["evaluation"]["tasks"][0]["metric"] == "exactMatch"
+    assert _keys(local_cluster, job["spec"]["output"]["uri"] + "adapter/"), "a rejected model's outputs are kept"
 
 
 def test_a_failed_evaluation_gate_fails_the_job_with_the_reason(kube, local_cluster, operator, namespace):

@@ -46,13 +46,21 @@ JOB_SERIES = {series.name: series for series in (
     JobSeries("finetune_job_last_progress_timestamp_seconds", "When the trainer last reported progress "
               "(status.progress.updatedAt, else status.startTime): the heartbeat of the stall condition."),
     JobSeries("finetune_job_completion_timestamp_seconds", "When the run finished (status.completionTime)."),
+    JobSeries("finetune_job_perplexity", "Validation perplexity of the tuned model (status.evaluation)."),
+    JobSeries("finetune_job_base_perplexity", "Validation perplexity of the base model (evaluation.compareToBase)."),
+    JobSeries("finetune_job_general_perplexity", "Forgetting check: general-domain perplexity of the tuned model."),
+    JobSeries("finetune_job_general_base_perplexity", "Forgetting check: general-domain perplexity of the base model."),
 )}
+TASK_SCORE_SERIES = JobSeries("finetune_job_task_score",
+                              "An evaluation task's headline metric (0 to 1) for the base and the tuned model.")
+TASK_SCORE_LABELS = (*JOB_LABELS, "task", "metric", "model")
 
 
 @dataclass(frozen=True)
 class JobState:
     phase: str
     values: dict[str, float]  # JOB_SERIES name -> value; a series without a value is not exported
+    task_scores: tuple[tuple[str, str, str, float], ...] = ()  # (task, metric, base|tuned, score)
 
 
 def timestamp(text: str | None) -> float | None:
@@ -63,6 +71,7 @@ def timestamp(text: str | None) -> float | None:
 def job_state(status: dict[str, Any]) -> JobState:
     phase = status.get("phase") or Phase.Pending.value
     progress = status.get("progress") or {}
+    evaluation = status.get("evaluation") or {}
     running = phase == Phase.Running.value
     percent = progress.get("percent")
     values = {
@@ -76,8 +85,14 @@ def job_state(status: dict[str, Any]) -> JobState:
         "finetune_job_restarts_total": status.get("restarts"),
         "finetune_job_last_progress_timestamp_seconds": timestamp(progress.get("updatedAt") or status.get("startTime")),
         "finetune_job_completion_timestamp_seconds": timestamp(status.get("completionTime")),
+        "finetune_job_perplexity": evaluation.get("perplexity"),
+        "finetune_job_base_perplexity": evaluation.get("basePerplexity"),
+        "finetune_job_general_perplexity": evaluation.get("generalPerplexity"),
+        "finetune_job_general_base_perplexity": evaluation.get("generalBasePerplexity"),
     }
-    return JobState(phase, {name: float(value) for name, value in values.items() if value is not None})
+    task_scores = tuple((task["name"], task["metric"], model, float(task[model]))
+                        for task in evaluation.get("tasks") or [] for model in ("base", "tuned") if task.get(model) is not None)
+    return JobState(phase, {name: float(value) for name, value in values.items() if value is not None}, task_scores)
 
 
 def family(series: JobSeries, labels: Iterable[str] = JOB_LABELS) -> Metric:
@@ -102,24 +117,29 @@ class JobCollector(Collector):
         yield family(PHASE_SERIES, (*JOB_LABELS, "phase"))
         for series in JOB_SERIES.values():
             yield family(series)
+        yield family(TASK_SCORE_SERIES, TASK_SCORE_LABELS)
 
     def collect(self) -> Iterator[Metric]:
         jobs = self._jobs.copy()  # scrapes run in the HTTP server's thread
         counts = dict.fromkeys(PHASES, 0)
         phases = family(PHASE_SERIES, (*JOB_LABELS, "phase"))
         families = {name: family(series) for name, series in JOB_SERIES.items()}
+        task_scores = family(TASK_SCORE_SERIES, TASK_SCORE_LABELS)
         for (namespace, name), state in jobs.items():
             counts[state.phase] = counts.get(state.phase, 0) + 1
             for phase in PHASES:
                 phases.add_metric([namespace, name, phase], 1.0 if phase == state.phase else 0.0)
             for series, value in state.values.items():
                 families[series].add_metric([namespace, name], value)
+            for task, metric, model, score in state.task_scores:
+                task_scores.add_metric([namespace, name, task, metric, model], score)
         jobs_by_phase = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase.", labels=["phase"])
         for phase, count in counts.items():
             jobs_by_phase.add_metric([phase], count)
         yield jobs_by_phase
         yield phases
         yield from families.values()
+        yield task_scores
 
 
 class Metrics:

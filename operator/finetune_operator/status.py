@@ -16,8 +16,8 @@ from typing import Any
 
 from finetune_operator.api.types import CONDITION_REASON_PATTERN, MAX_CONDITION_MESSAGE, MAX_CONDITION_REASON
 from finetune_operator.api.types import ConditionType as C
-from finetune_operator.api.types import (MAX_CONTENT_FILTERS, MAX_COUNT, MAX_DATASETS, MAX_STAGES, MAX_STATUS_URI,
-                                         ContentFilterStatus, DatasetDataStatus, FineTuneJobStatus, OverlapStatus, Phase,
+from finetune_operator.api.types import (MAX_CONTENT_FILTERS, MAX_COUNT, MAX_DATASETS, MAX_EVALUATION_TASKS, MAX_STAGES,
+                                         MAX_STATUS_URI, ContentFilterStatus, DatasetDataStatus, FineTuneJobStatus, OverlapStatus, Phase,
                                          PiiStatus, StageDataStatus)
 from finetune_operator.kueue import QueueState
 from finetune_operator.validation import TRANSIENT_REASONS, Problem
@@ -263,6 +263,31 @@ def _data_status(data: DataSummary) -> dict[str, Any]:
     return {"stages": stages}
 
 
+def _evaluation_status(evaluation: EvaluationResult) -> dict[str, Any]:
+    """status.evaluation from evaluation.json: perplexities, each task's headline metric, the report."""
+    general = evaluation.general
+    tasks = []
+    for task in evaluation.tasks[:MAX_EVALUATION_TASKS]:
+        scores = task.metrics.get(task.headline) or task.checks.get(task.headline)
+        if scores is None:
+            continue
+        tasks.append({k: v for k, v in {"name": str(task.name)[:63], "metric": str(task.headline)[:63],
+                                        "base": _rounded(scores.base, 4), "tuned": _rounded(scores.tuned, 4),
+                                        "delta": _rounded(scores.delta, 4)}.items() if v is not None})
+    out = {"basePerplexity": _rounded(evaluation.basePerplexity, 4), "perplexity": _rounded(evaluation.perplexity, 4),
+           "generalBasePerplexity": _rounded(general.basePerplexity, 4) if general else None,
+           "generalPerplexity": _rounded(general.perplexity, 4) if general else None,
+           "tasks": tasks or None, "headline": headline(tasks[0]) if tasks and "tuned" in tasks[0] else None,
+           "reportUri": evaluation.reportUri[:2048] if evaluation.reportUri else None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def headline(task: dict[str, Any]) -> str:
+    """`support rougeL 0.412 (+0.205)`: a task's tuned score and its gain over the base, for a printer column."""
+    gain = f" ({task['delta']:+.3f})" if task.get("delta") is not None else ""
+    return f"{task['name']} {task['metric']} {task['tuned']:.3f}{gain}"[:128]
+
+
 def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: list[int] | None = None) -> dict[str, Any]:
     """The new status of a FineTuneJob (a JSON-ready dict without nulls)."""
     meta, spec = body["metadata"], body.get("spec") or {}
@@ -332,8 +357,7 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         if obs.progress.data is not None:
             status["data"] = _data_status(obs.progress.data)
     if obs.evaluation is not None:
-        status["evaluation"] = {k: v for k, v in {"basePerplexity": _rounded(obs.evaluation.basePerplexity, 4),
-                                                  "perplexity": _rounded(obs.evaluation.perplexity, 4)}.items() if v is not None}
+        status["evaluation"] = _evaluation_status(obs.evaluation)
     if result is not None:
         output = {k: v for k, v in {"adapterUri": result.adapterUri, "mergedUri": result.mergedUri,
                                     "combinedUri": result.combinedUri}.items() if v}

@@ -253,6 +253,15 @@ def _uris(spec: FineTuneJobSpec) -> list[tuple[str, str, str]]:
     if spec.output.combine is not None:
         out += [(f"spec.output.combine.adapters[{i}].uri", a.uri, "modelURIs")
                 for i, a in enumerate(spec.output.combine.adapters)]
+    for i, content_filter in enumerate(spec.preprocessing.contentFilters):
+        if content_filter.termsUri:
+            out.append((f"spec.preprocessing.contentFilters[{i}].termsUri", content_filter.termsUri, "datasetURIs"))
+        if content_filter.modelUri:
+            out.append((f"spec.preprocessing.contentFilters[{i}].modelUri", content_filter.modelUri, "modelURIs"))
+    # Evaluation sets are data the trainer reads like the training data.
+    out += [(f"spec.evaluation.tasks[{i}].uri", t.uri, "datasetURIs") for i, t in enumerate(spec.evaluation.tasks)]
+    if spec.evaluation.general is not None:
+        out.append(("spec.evaluation.general.uri", spec.evaluation.general.uri, "datasetURIs"))
     return out
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 from pydantic import ValidationError
 
 from finetune_operator import endpoints, quantity, tenancy
-from finetune_operator.api.types import FineTuneJobSpec, parse_spec
+from finetune_operator.api.types import EVALUATE_ONLY_RULE, FineTuneJobSpec, parse_spec
 from finetune_operator.problems import DIGEST, Problem
 from finetune_operator.builders.names import CREDENTIAL_KEYS, CREDENTIALS_OPT_IN_LABEL
 from finetune_operator.config import OperatorConfig
@@ -63,9 +63,21 @@ def parse_or_problems(raw_spec: dict[str, Any]) -> tuple[FineTuneJobSpec | None,
 
 def check_datasets_or_stages(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
     combine = spec.output.combine
-    if not spec.datasets and not spec.stages and (combine is None or combine.includeTrained):
+    if (not spec.datasets and not spec.stages and (combine is None or combine.includeTrained)
+            and not spec.evaluation.only):
         return [Problem("InvalidSpec", "spec.datasets: set datasets or stages (at least one must be non-empty), or "
-                                       "output.combine with includeTrained false (a combine-only job)")]
+                                       "output.combine with includeTrained false (a combine-only job), or "
+                                       "evaluation.only (an evaluate-only job)")]
+    return []
+
+
+def check_evaluate_only(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    evaluation = spec.evaluation
+    if evaluation.only and (spec.method.adapter is None or not (evaluation.tasks or evaluation.general)
+                            or spec.datasets or spec.stages or spec.search is not None
+                            or spec.output.combine is not None or spec.output.merge
+                            or evaluation.maxPerplexityRatio is not None):
+        return [Problem("InvalidSpec", EVALUATE_ONLY_RULE)]
     return []
 
 
@@ -206,6 +218,10 @@ def check_content_filters(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Pr
     return [Problem("InvalidSpec", f"spec.preprocessing.{p}") for p in spec.preprocessing.content_filter_problems()]
 
 
+def check_evaluation_tasks(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    return [Problem("InvalidSpec", f"spec.evaluation.{p}") for p in spec.evaluation.task_problems()]
+
+
 def check_image_allowed(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
     image = spec.image
     if not image:
@@ -267,6 +283,8 @@ SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]
     check_distributed_settings,
     check_other_cross_field_rules,
     check_content_filters,
+    check_evaluation_tasks,
+    check_evaluate_only,
     check_datasets_or_stages,
     check_adapter_reuse,
     check_unique_stage_names,
@@ -353,6 +371,10 @@ def s3_uris_to_check(spec: FineTuneJobSpec) -> dict[str, str]:
         for name in ("termsUri", "modelUri"):
             if getattr(f, name):
                 uris[f"spec.preprocessing.contentFilters[{i}].{name}"] = getattr(f, name)
+    for i, task in enumerate(spec.evaluation.tasks):
+        uris[f"spec.evaluation.tasks[{i}].uri"] = task.uri
+    if spec.evaluation.general is not None:
+        uris["spec.evaluation.general.uri"] = spec.evaluation.general.uri
     return uris
 
 

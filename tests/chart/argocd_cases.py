@@ -31,7 +31,7 @@ from finetune_operator.validation import Facts, S3Check, validate
 from finetune_trainer import exit_codes
 from finetune_trainer.config import CheckpointRecord, Progress, RunResult
 from finetune_trainer.errors import EvaluationGateFailed
-from finetune_trainer.evaluation import gate
+from finetune_trainer.scoring.gates import PerplexityGate, evaluate_gates
 from tests.chart.chartkit import ARGOCD
 from tests.operator.op_testdata import job, minimal_spec
 
@@ -115,11 +115,8 @@ def kueue_pending_workload() -> dict[str, Any]:
 
 def evaluation_gate_result() -> RunResult:
     """result.json after the evaluation gate refused the tuned model (the trainer's message format)."""
-    base, tuned, limit = 12.41, 16.26, 1.2
-    ratio, _ = gate(base, tuned, limit)
-    message = (f"tuned perplexity {tuned:.4g} is {ratio:.3g}x the base perplexity {base:.4g}, "
-               f"above evaluation.maxPerplexityRatio {limit}")
-    return RunResult(succeeded=False, reason=EvaluationGateFailed().reason, message=message)
+    [outcome] = evaluate_gates({"base": 12.41, "tuned": 16.26}, None, [], [PerplexityGate(1.2)])
+    return RunResult(succeeded=False, reason=EvaluationGateFailed().reason, message=outcome.message)
 
 
 def observation(**kw: Any) -> Observation:

@@ -58,7 +58,11 @@ RUNNING_STATUS = {"phase": "Running", "startTime": "2026-12-01T10:00:00Z", "gpuS
                   "progress": {"step": 150, "totalSteps": 600, "percent": 25.0, "loss": 1.25, "tokensPerSecond": 900.5,
                                "etaSeconds": 1800, "updatedAt": "2026-12-01T10:30:00Z"}}
 FAILED_STATUS = {"phase": "Failed", "startTime": "2026-12-01T10:00:00Z", "completionTime": "2026-12-01T11:00:00Z",
-                 "gpuSeconds": 7200.0, "restarts": 3}
+                 "gpuSeconds": 7200.0, "restarts": 3,
+                 "evaluation": {"basePerplexity": 12.5, "perplexity": 9.75, "generalBasePerplexity": 20.0,
+                                "generalPerplexity": 26.5,
+                                "tasks": [{"name": "support", "metric": "rougeL", "base": 0.25, "tuned": 0.31,
+                                           "delta": 0.06}]}}
 
 
 def operator_metrics() -> OperatorMetrics:

@@ -22,6 +22,12 @@ def search(prune: bool = False, **fields) -> dict:
     return {"parameters": fields, **out, **({} if prune else {"pruning": {"rule": "none"}})}
 
 
+def tasks(*specs: dict, **evaluation) -> dict:
+    """spec.evaluation with tasks on s3://bkt/eval/, named t0, t1, ... unless given a name."""
+    return {"tasks": [{"name": f"t{i}", "uri": f"{BKT}/eval/{i}.jsonl", **spec} for i, spec in enumerate(specs)],
+            **evaluation}
+
+
 def filters(*specs: dict, name: str = "") -> dict:
     """spec.preprocessing with content filters, named f0, f1, ... (or all `name`)."""
     return {"contentFilters": [{"name": name or f"f{i}", **spec} for i, spec in enumerate(specs)]}
@@ -135,4 +141,40 @@ CEL_CASES = [
                                                                {"type": "regex", "patterns": ["y"]}, name="same")), False),
     ("search parallelism above trials", minimal_spec(search=search(trials=2, parallelism=3,
                                                                    learningRate={"values": [1e-4]})), False),
+    ("task with a gate on its metric", minimal_spec(evaluation=tasks({"gate": {"metric": "rougeL", "minScore": 0.3}})),
+     True),
+    ("task gate on a metric it does not score",
+     minimal_spec(evaluation=tasks({"metrics": ["bleu"], "gate": {"metric": "rougeL", "minScore": 0.3}})), False),
+    ("task gate on one of its checks", minimal_spec(evaluation=tasks(
+        {"checks": [{"name": "cites", "pattern": "plan [a-z]+"}], "gate": {"metric": "cites", "minGain": 0.1}})), True),
+    ("task gate on an unknown check", minimal_spec(evaluation=tasks({"gate": {"metric": "cites", "minScore": 0.5}})),
+     False),
+    ("task gate without a limit", minimal_spec(evaluation=tasks({"gate": {"metric": "bleu"}})), False),
+    ("task names repeat", minimal_spec(evaluation=tasks({"name": "qa"}, {"name": "qa"})), False),
+    ("check with contains and pattern", minimal_spec(evaluation=tasks(
+        {"checks": [{"name": "c", "contains": "x", "pattern": "y"}]})), False),
+    ("check with neither", minimal_spec(evaluation=tasks({"checks": [{"name": "c"}]})), False),
+    ("check named like a metric", minimal_spec(evaluation=tasks({"checks": [{"name": "bleu", "contains": "x"}]})),
+     False),
+    ("check names repeat", minimal_spec(evaluation=tasks(
+        {"checks": [{"name": "c", "contains": "x"}, {"name": "c", "contains": "y"}]})), False),
+    ("minGain without compareToBase", minimal_spec(evaluation=tasks(
+        {"gate": {"metric": "bleu", "minGain": 0.1}}, compareToBase=False)), False),
+    ("minScore without compareToBase", minimal_spec(evaluation=tasks(
+        {"gate": {"metric": "bleu", "minScore": 0.1}}, compareToBase=False)), True),
+    ("evaluate-only job", minimal_spec(datasets=[], method={"type": "lora", "adapter": {"uri": f"{BKT}/adapter/"}},
+                                       evaluation=tasks({}, only=True)), True),
+    ("evaluate-only without an adapter", minimal_spec(datasets=[], evaluation=tasks({}, only=True)), False),
+    ("evaluate-only without tasks or general", minimal_spec(
+        datasets=[], method={"type": "lora", "adapter": {"uri": f"{BKT}/adapter/"}}, evaluation={"only": True}), False),
+    ("evaluate-only with datasets", minimal_spec(method={"type": "lora", "adapter": {"uri": f"{BKT}/adapter/"}},
+                                                 evaluation=tasks({}, only=True)), False),
+    ("evaluate-only with a perplexity gate", minimal_spec(
+        datasets=[], method={"type": "lora", "adapter": {"uri": f"{BKT}/adapter/"}},
+        evaluation=tasks({}, only=True, maxPerplexityRatio=1.0)), False),
+    ("evaluate-only with merge", minimal_spec(
+        datasets=[], method={"type": "lora", "adapter": {"uri": f"{BKT}/adapter/"}}, evaluation=tasks({}, only=True),
+        output={"uri": "s3://team-a/models/x/", "merge": True}), False),
+    ("forgetting check with a limit", minimal_spec(evaluation={
+        "general": {"uri": f"{BKT}/eval/general.jsonl", "maxPerplexityRise": 0.1}}), True),
 ]

@@ -21,10 +21,12 @@ def unix(text: str) -> float:
 
 
 def per_job(metrics: Metrics) -> dict[str, float]:
-    """The job's samples by name (finetune_job_phase by phase)."""
+    """The job's samples by name (finetune_job_phase by phase; the per-task scores have their own test)."""
     out = {}
     for family in metrics.registry.collect():
         for sample in family.samples:
+            if "task" in sample.labels:
+                continue
             if sample.labels.get("namespace") == KEY["namespace"] and sample.labels.get("name") == KEY["name"]:
                 phase = sample.labels.get("phase")
                 out[f"{sample.name}:{phase}" if phase else sample.name] = sample.value
@@ -59,6 +61,14 @@ CASES = {
             "finetune_job_completion_timestamp_seconds": unix(FINISHED)}),
     "failed-before-starting": ({"phase": "Failed", "completionTime": FINISHED}, {
         "finetune_job_completion_timestamp_seconds": unix(FINISHED)}),
+    "evaluated": (
+        {"phase": "Succeeded", "completionTime": FINISHED,
+         "evaluation": {"basePerplexity": 9.5, "perplexity": 4.25, "generalBasePerplexity": 20.0,
+                        "generalPerplexity": 21.5,
+                        "tasks": [{"name": "support", "metric": "rougeL", "base": 0.2, "tuned": 0.45, "delta": 0.25}]}}, {
+            "finetune_job_completion_timestamp_seconds": unix(FINISHED), "finetune_job_perplexity": 4.25,
+            "finetune_job_base_perplexity": 9.5, "finetune_job_general_perplexity": 21.5,
+            "finetune_job_general_base_perplexity": 20.0}),
     "queued": ({"phase": "Queued"}, {}),
     "no-phase-yet-is-pending": ({}, {}),
 }
@@ -100,3 +110,18 @@ def test_status_totals_are_counters():
     types = {family.name: family.type for family in Metrics().registry.collect()}
     assert types["finetune_job_gpu_seconds"] == types["finetune_job_restarts"] == "counter"
     assert types["finetune_job_progress_ratio"] == "gauge"
+
+
+def test_each_tasks_headline_score_is_a_series_per_model():
+    metrics = Metrics()
+    metrics.observe_job("team-a", "bot", {"phase": "Succeeded", "evaluation": {"tasks": [
+        {"name": "support", "metric": "rougeL", "base": 0.2, "tuned": 0.45, "delta": 0.25},
+        {"name": "billing", "metric": "exactMatch", "tuned": 0.5}]}})
+    scores = {(s.labels["task"], s.labels["metric"], s.labels["model"]): s.value
+              for family in metrics.registry.collect() if family.name == "finetune_job_task_score"
+              for s in family.samples if s.labels["name"] == "bot"}
+    assert scores == {("support", "rougeL", "base"): 0.2, ("support", "rougeL", "tuned"): 0.45,
+                      ("billing", "exactMatch", "tuned"): 0.5}
+    metrics.forget_job("team-a", "bot")
+    assert not [s for family in metrics.registry.collect() if family.name == "finetune_job_task_score"
+                for s in family.samples]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import uuid
@@ -78,3 +79,12 @@ def make_config(bucket: str, model_uri: str, endpoint: str, datasets: list[dict]
 def upload_dataset(storage: Storage, bucket: str, name: str, fmt: str, n: int, seed: int = 0) -> dict:
     uri = tiny.upload_rows(storage, f"{bucket}data/{name}.jsonl", tiny.sample_rows(fmt, n, seed))
     return {"uri": uri, "format": fmt}
+
+
+@pytest.fixture(scope="session")
+def tokenizers():
+    """The tiny tokenizers with and without a chat template: ChatML (no BOS) and Llama-style (BOS)."""
+    chatml, llama = tiny.train_tokenizer(), tiny.train_bos_tokenizer()
+    chatml_plain, llama_plain = copy.deepcopy(chatml), copy.deepcopy(llama)
+    chatml_plain.chat_template = llama_plain.chat_template = None
+    return {"chatml": chatml, "chatml-plain": chatml_plain, "llama": llama, "llama-plain": llama_plain}

@@ -94,3 +94,57 @@ def test_two_processes_unfreeze_gradually_with_l2sp_and_layerwise_rates(storage,
     assert storage.get_json(cfg.result_uri(config.output.uri, "1"))["succeeded"] is True
     prefix = cfg.checkpoint_prefix(None, config.output.uri, "1")
     assert [step for step, _ in complete_checkpoints(storage, prefix)] == [3, 6]
+
+
+@pytest.mark.slow
+def test_two_processes_score_an_adapter_exactly_as_one(storage, model_bucket, bucket, s3_endpoint, tmp_path):
+    """evaluation.tasks and evaluation.general under DDP: each rank answers its share and the answers are gathered in
+    order, each rank measures its share of the general perplexity; 2 processes give the scores of 1 (an
+    evaluate-only job, so that both score the same adapter)."""
+    from finetune_trainer.run import execute
+    from finetune_trainer.testing import tiny
+
+    train = upload_dataset(storage, bucket, "chat", "chat", 24)
+    held_out = tiny.upload_rows(storage, f"{bucket}eval/qa.jsonl", tiny.sample_rows("instruction", 7, seed=3))
+    general = tiny.upload_rows(storage, f"{bucket}eval/general.jsonl", tiny.sample_rows("text", 9, seed=4))
+    evaluation = {"tasks": [{"name": "qa", "uri": held_out, "maxNewTokens": 10,
+                             "checks": [{"name": "the", "contains": "the"}]}],
+                  "general": {"uri": general}}
+    trained = make_config(bucket, model_bucket + "llama/", s3_endpoint, [train], output={"uri": bucket + "trained/"},
+                          hyperparameters={"maxSteps": 4, "learningRate": 1e-2})
+    assert execute(trained, tmp_path / "train").exit_code == 0
+
+    def evaluate_only(output: str):
+        return make_config(bucket, model_bucket + "llama/", s3_endpoint, [], output={"uri": bucket + output},
+                           method={"type": "lora", "adapter": {"uri": cfg.adapter_uri(trained.output.uri)}},
+                           evaluation={**evaluation, "only": True}, hyperparameters={"batchSize": 2})
+
+    one = evaluate_only("one/")
+    assert execute(one, tmp_path / "one").exit_code == 0
+    two = evaluate_only("two/")
+    done = torchrun(two, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    scores = [cfg.EvaluationResult.model_validate(storage.get_json(cfg.evaluation_uri(c.output.uri, "1")))
+              for c in (one, two)]
+    assert scores[0].tasks == scores[1].tasks and scores[0].tasks[0].rows == 7
+    assert scores[0].general.perplexity == pytest.approx(scores[1].general.perplexity, rel=1e-5)
+    assert scores[0].general.basePerplexity == pytest.approx(scores[1].general.basePerplexity, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_zero3_answers_the_evaluation_tasks_with_every_rank_in_step(storage, model_bucket, bucket, s3_endpoint,
+                                                                    tmp_path):
+    """Under ZeRO-3 every forward pass gathers weights from every rank: generation keeps the ranks in step (a
+    rank done early would leave the others waiting forever) and the run finishes with the task's scores."""
+    from finetune_trainer.testing import tiny
+
+    train = upload_dataset(storage, bucket, "chat", "chat", 24)
+    held_out = tiny.upload_rows(storage, f"{bucket}eval/qa.jsonl", tiny.sample_rows("instruction", 5, seed=3))
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [train],
+                         distributed={"engine": "deepspeed", "zeroStage": 3},
+                         hyperparameters={"maxSteps": 3, "batchSize": 2, "learningRate": 1e-2},
+                         evaluation={"tasks": [{"name": "qa", "uri": held_out, "maxNewTokens": 12}]})
+    done = torchrun(config, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    evaluation = cfg.EvaluationResult.model_validate(storage.get_json(cfg.evaluation_uri(config.output.uri, "1")))
+    assert evaluation.tasks[0].rows == 5 and evaluation.tasks[0].metrics["rougeL"].tuned is not None

@@ -82,10 +82,14 @@ def test_evaluation_gate_fails_the_run_with_a_clear_reason(storage, model_bucket
     assert summary.exit_code == exit_codes.EVALUATION_GATE_FAILED
     result = storage.get_json(cfg.result_uri(config.output.uri, "1"))
     assert result["succeeded"] is False and result["reason"] == "EvaluationGateFailed"
-    assert "above evaluation.maxPerplexityRatio 0.01" in result["message"]
+    assert "validation perplexity ratio" in result["message"] and "above the limit 0.01" in result["message"]
     evaluation = storage.get_json(cfg.evaluation_uri(config.output.uri, "1"))
     assert evaluation["passed"] is False and evaluation["maxPerplexityRatio"] == 0.01
-    assert not storage.list_keys(cfg.adapter_uri(config.output.uri))
+    assert [(g["name"], g["passed"], g["limit"]) for g in evaluation["gates"]] == [("perplexity maxRatio", False, 0.01)]
+    # the rejected model is kept for inspection, and says so
+    card = storage.get_bytes(cfg.adapter_uri(config.output.uri) + "README.md").decode()
+    assert "Rejected by the evaluation gates" in card and "above the limit 0.01" in card
+    assert "REJECTED" in storage.get_bytes(cfg.report_uri(config.output.uri, "1") + "report.md").decode()
 
 
 BAD_INPUT_CASES = [

@@ -8,7 +8,6 @@ and the chat template renders it), each with and without a chat template.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -18,14 +17,6 @@ from finetune_trainer.data.tokenize import PreferencePair, Sequence, encode, tru
 from finetune_trainer.testing import tiny
 
 IM_PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
-
-
-@pytest.fixture(scope="module")
-def tokenizers():
-    chatml, llama = tiny.train_tokenizer(), tiny.train_bos_tokenizer()
-    chatml_plain, llama_plain = copy.deepcopy(chatml), copy.deepcopy(llama)
-    chatml_plain.chat_template = llama_plain.chat_template = None
-    return {"chatml": chatml, "chatml-plain": chatml_plain, "llama": llama, "llama-plain": llama_plain}
 
 
 def row(fmt: str, **fields):

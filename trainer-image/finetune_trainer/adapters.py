@@ -25,8 +25,9 @@ ADAPTER_KEYS = ("lora_", "ia3_")
 
 
 def combine_only(config: cfg.TrainerConfig) -> bool:
-    """A job with no training data: it only combines adapters (validation makes sure output.combine is set)."""
-    return not config.datasets and not config.stages
+    """A job with no training data that does not only evaluate: it only combines adapters (validation makes sure
+    output.combine is set)."""
+    return not config.datasets and not config.stages and not config.evaluation.only
 
 
 def download(storage: Storage, uri: str, directory: Path, field: str) -> dict:

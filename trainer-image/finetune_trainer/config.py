@@ -547,7 +547,144 @@ class Output(ApiModel):
         "training or as a job of its own.")
 
 
+class TaskFormat(str, Enum):
+    instruction = "instruction"
+    chat = "chat"
+
+
+class TaskMetric(str, Enum):
+    exactMatch = "exactMatch"
+    tokenF1 = "tokenF1"
+    rougeL = "rougeL"
+    bleu = "bleu"
+
+
+MAX_EVALUATION_TASKS = 8
+MAX_ANSWER_CHECKS = 16
+
+
+class AnswerCheck(ApiModel):
+    """A domain check on each generated answer; its score is the share of answers that pass."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("has(self.contains) != has(self.pattern)", "checks[]: set exactly one of contains and pattern"),
+            ("self.name != 'bleu'", "checks[].name: bleu is the name of a metric"),
+        )
+    )
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=40,
+                      description="Check name (a DNS label), unique in the task; a gate may name it as its metric.")
+    contains: str | None = Field(default=None, min_length=1, max_length=256,
+                                 description="The answer passes when it contains this text.")
+    pattern: str | None = Field(
+        default=None, min_length=1, max_length=512,
+        description="The answer passes when this Python regular expression matches anywhere in it (refused when it "
+        "does not compile or nests unbounded repetitions, as content filters do).")
+    ignoreCase: bool = Field(default=True, description="Compare ignoring case.")
+
+    @field_validator("pattern")
+    @classmethod
+    def pattern_compiles_and_cannot_backtrack_catastrophically(cls, pattern: str | None) -> str | None:
+        if pattern is None:
+            return None
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{pattern!r} is not a valid regular expression: {e}") from None
+        if ContentFilter.nests_unbounded_repeats(pattern):
+            raise ValueError(f"{pattern!r} nests unbounded repetitions (as in (a+)+), whose backtracking can take "
+                             "exponential time; use a possessive quantifier (a++) or an atomic group (?>...)")
+        return pattern
+
+
+class TaskGate(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("has(self.minScore) || has(self.minGain)", "gate: set minScore, minGain or both"),
+        )
+    )
+    metric: str = Field(min_length=1, max_length=40,
+                        description="A metric of the task (exactMatch, tokenF1, rougeL, bleu) or the name of one of "
+                        "its checks.")
+    minScore: float | None = Field(default=None, ge=0, le=1,
+                                   description="Fail the run when the tuned model's score is below this.")
+    minGain: float | None = Field(
+        default=None, ge=-1, le=1,
+        description="Fail the run when tuned score - base score is below this (needs evaluation.compareToBase).")
+
+
+class EvaluationTask(ApiModel):
+    """Held-out prompts with reference answers: the base and the tuned model answer them (greedy) and the
+    answers are scored against the references."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("!has(self.checks) || self.checks.all(c, self.checks.exists_one(d, d.name == c.name))",
+             "checks: names must be unique in the task"),
+            ("!has(self.gate) || (has(self.metrics) ? self.gate.metric in self.metrics : "
+             "self.gate.metric in ['exactMatch', 'tokenF1', 'rougeL', 'bleu']) || "
+             "(has(self.checks) && self.checks.exists(c, c.name == self.gate.metric))",
+             "gate.metric must be one of the task's metrics or checks"),
+        )
+    )
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=40,
+                      description="Task name (a DNS label), unique among the tasks; status and the report show it.")
+    uri: S3Uri = Field(description="S3 URI of a JSON-lines file (or a prefix of them) of held-out rows.")
+    format: TaskFormat = Field(
+        default=TaskFormat.instruction,
+        description="instruction: {instruction, input, output}, the reference is output; chat: {messages}, the "
+        "prompt is every turn before the last assistant turn, the reference is that turn. The prompt is built "
+        "exactly as for training (chat template and all).")
+    maxSamples: int = Field(default=64, ge=1, le=10_000, description="Rows evaluated (a seeded sample).")
+    maxNewTokens: int = Field(default=64, ge=1, le=1024, description="Most tokens generated per answer.")
+    metrics: list[TaskMetric] = Field(
+        default_factory=lambda: [m.value for m in TaskMetric], max_length=4,
+        description="Scores against the reference, each in [0, 1]: exactMatch and tokenF1 (after lower-casing and "
+        "removing punctuation and articles), rougeL (F-measure, rouge-score), bleu (corpus BLEU / 100, sacrebleu).")
+    checks: list[AnswerCheck] = Field(default_factory=list, max_length=MAX_ANSWER_CHECKS,
+                                      description="Domain checks on each answer (contains a text, matches a pattern).")
+    gate: TaskGate | None = Field(default=None, description="Fail the run when the task's score is too low.")
+
+    def problems(self) -> list[str]:
+        """The CEL rules above, in Python (for documents that never went through an API server)."""
+        out, names = [], [c.name for c in self.checks]
+        for i, check in enumerate(self.checks):
+            if (check.contains is None) == (check.pattern is None):
+                out.append(f"checks[{i}]: set exactly one of contains and pattern")
+            if names.index(check.name) != i:
+                out.append(f"checks[{i}].name: {check.name!r} is already used by an earlier check")
+            if check.name in [m.value for m in TaskMetric]:  # (bleu: the other metrics' names are not DNS labels)
+                out.append(f"checks[{i}].name: {check.name!r} is the name of a metric")
+        if self.gate is not None:
+            if self.gate.minScore is None and self.gate.minGain is None:
+                out.append("gate: set minScore, minGain or both")
+            if self.gate.metric not in [*self.metrics, *names]:
+                out.append(f"gate.metric: {self.gate.metric!r} is not one of the task's metrics or checks")
+        return out
+
+
+class GeneralEvaluation(ApiModel):
+    """The forgetting check: perplexity on general-domain text before and after training."""
+
+    uri: S3Uri = Field(description="S3 URI of a JSON-lines file (or a prefix) of {\"text\": ...} rows outside the "
+                       "training domain.")
+    maxSamples: int = Field(default=128, ge=1, le=100_000, description="Rows measured.")
+    maxPerplexityRise: float | None = Field(
+        default=None, gt=0, le=100,
+        description="Gate: fail the run when general perplexity rises by more than this fraction (0.1: 10%) "
+        "from the base model to the tuned one.")
+
+
 class Evaluation(ApiModel):
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("!has(self.tasks) || self.tasks.all(t, self.tasks.exists_one(u, u.name == t.name))",
+             "evaluation.tasks: task names must be unique"),
+            ("!has(self.tasks) || !has(self.compareToBase) || self.compareToBase || "
+             "self.tasks.all(t, !has(t.gate) || !has(t.gate.minGain))",
+             "evaluation.tasks[].gate.minGain needs evaluation.compareToBase true"),
+        )
+    )
     compareToBase: bool = Field(default=True, description="Measure the base model's validation perplexity before training.")
     maxPerplexityRatio: float | None = Field(
         default=None,
@@ -560,6 +697,31 @@ class Evaluation(ApiModel):
         default=0, ge=0, le=10_000_000,
         description="Also measure the validation loss every N optimizer steps (0: only at the end); progress.json "
         "keeps the history, which a search prunes on.")
+    tasks: list[EvaluationTask] = Field(
+        default_factory=list, max_length=MAX_EVALUATION_TASKS,
+        description="Task evaluation after training: held-out prompts answered by the base (with compareToBase) and "
+        "the tuned model, scored against reference answers.")
+    general: GeneralEvaluation | None = Field(
+        default=None, description="Forgetting check: general-domain perplexity before and after training.")
+    only: bool = Field(
+        default=False,
+        description="Evaluate without training: the adapter in method.adapter (the candidate) against its base "
+        "model (model.uri) on evaluation.tasks and evaluation.general, with the gates and the report; no "
+        "datasets, stages, search, output.combine, output.merge or maxPerplexityRatio (no validation split).")
+    reportSamples: int = Field(default=8, ge=0, le=50,
+                               description="Rows per task shown side by side (prompt, reference, base and tuned "
+                               "answer) in the evaluation report.")
+
+    def task_problems(self) -> list[str]:
+        """The rules of tasks (each task's, unique names, minGain needing compareToBase), as `tasks[i]...: message`."""
+        out, names = [], [t.name for t in self.tasks]
+        for i, task in enumerate(self.tasks):
+            out += [f"tasks[{i}].{p}" for p in task.problems()]
+            if names.index(task.name) != i:
+                out.append(f"tasks[{i}].name: {task.name!r} is already used by an earlier task")
+            if task.gate is not None and task.gate.minGain is not None and not self.compareToBase:
+                out.append(f"tasks[{i}].gate.minGain needs evaluation.compareToBase true")
+        return out
 
 
 REGION_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$"
@@ -639,6 +801,11 @@ def evaluation_uri(output_uri: str, run_id: str) -> str:
 
 def result_uri(output_uri: str, run_id: str) -> str:
     return run_prefix(output_uri, run_id) + "result.json"
+
+
+def report_uri(output_uri: str, run_id: str) -> str:
+    """The evaluation report (report.md, report.html and its plots) of a run."""
+    return run_prefix(output_uri, run_id) + "report/"
 
 
 def data_report_uri(output_uri: str, run_id: str) -> str:
@@ -900,14 +1067,56 @@ class Progress(Document):
         "only: a mixed micro-batch has no per-dataset loss).")
 
 
+class ScorePair(Document):
+    """A score of the base and of the tuned model (base is None without compareToBase)."""
+
+    base: float | None = None
+    tuned: float | None = None
+    delta: float | None = None
+
+
+class TaskResult(Document):
+    """One evaluation task: every metric and check, base against tuned."""
+
+    name: ShortText = ""
+    rows: Count = 0
+    headline: ShortText = Field(default="", description="The metric status shows: the gate's, else the first.")
+    metrics: dict[Annotated[str, _cut(64)], ScorePair] = Field(default_factory=dict, max_length=len(TaskMetric))
+    checks: dict[Annotated[str, _cut(64)], ScorePair] = Field(default_factory=dict, max_length=MAX_ANSWER_CHECKS)
+
+
+class GateResult(Document):
+    """One gate: what it measured, its limit, and the message a failed gate ends the run with."""
+
+    name: ShortText = ""
+    metric: ShortText = ""
+    value: float | None = None
+    limit: float | None = None
+    passed: bool = True
+    message: LongText = ""
+
+
+class GeneralResult(Document):
+    """The forgetting check: general-domain perplexity of the base and of the tuned model."""
+
+    basePerplexity: float | None = None
+    perplexity: float | None = None
+    rise: float | None = Field(default=None, description="perplexity / basePerplexity - 1.")
+
+
 class EvaluationResult(Document):
-    """evaluation.json: validation perplexity of the base and of the tuned model, and the gate."""
+    """evaluation.json: validation perplexity of the base and of the tuned model, the task scores, the
+    forgetting check, every gate, and where the report is."""
 
     basePerplexity: float | None = None
     perplexity: float | None = None
     ratio: float | None = None
     maxPerplexityRatio: float | None = None
     passed: bool = True
+    tasks: list[TaskResult] = Field(default_factory=list, max_length=MAX_EVALUATION_TASKS)
+    general: GeneralResult | None = None
+    gates: list[GateResult] = Field(default_factory=list, max_length=2 + MAX_EVALUATION_TASKS)
+    reportUri: LongText | None = None
 
 
 class RunResult(Document):

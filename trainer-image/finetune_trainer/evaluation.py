@@ -52,10 +52,3 @@ def sample(items: list, max_samples: int, seed: int = 0) -> list:
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     return [items[i] for i in sorted(order[:max_samples])]
-
-
-def gate(base: float | None, tuned: float | None, max_ratio: float | None) -> tuple[float | None, bool]:
-    """(tuned/base ratio, passed). Without a limit or a base the gate passes."""
-    ratio = tuned / base if base and tuned is not None else None
-    passed = max_ratio is None or (ratio is not None and ratio <= max_ratio)
-    return ratio, passed

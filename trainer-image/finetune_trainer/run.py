@@ -6,6 +6,7 @@ checkpoints its own part and evaluates its share of the validation set.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,8 +21,11 @@ import torch
 
 from . import adapters
 from . import config as cfg
-from . import distributed, engines, events, evaluation, methods, objectives, outputs, schedule, validation
+from . import distributed, engines, events, evaluation, methods, objectives, outputs, schedule, task_evaluation, validation
 from .checkpoint import TRAINER_STATE, CheckpointManager
+from .report.model import ReportInput
+from .report.render import render
+from .scoring import gates as scoring_gates
 from .data.pipeline import PreparedData, prepare
 from .errors import ConfigError, DataError, EvaluationGateFailed, Preempted, TrainerError
 from .exit_codes import SUCCEEDED
@@ -133,6 +137,8 @@ class Run:
         config, ctx = self.config, self.ctx
         if adapters.combine_only(config):
             return self._combine_only()
+        if config.evaluation.only:
+            return self._evaluate_only()
         hp0 = plan_stages(config)[0].hyperparameters
         torch.manual_seed(hp0.seed)
         method_spec = methods.get(config.method.type)
@@ -144,6 +150,8 @@ class Run:
             model.enable_input_require_grads()
 
         plans = self._prepare_data(tokenizer)
+        self.eval_inputs = task_evaluation.load_inputs(self.storage, config.evaluation, tokenizer,
+                                                       config.preprocessing.maxSeqLength, hp0.seed)
         torch.manual_seed(hp0.seed)
         if config.method.adapter is not None:
             model = adapters.continue_from(self.storage, model, config.method, config.model.uri,
@@ -162,7 +170,9 @@ class Run:
             check_same_world_size(self.storage, latest[1], ctx.world_size)
             events.emit("resume", checkpoint=latest[1], step=latest[0])
         base_perplexity = resume_state.get("basePerplexity") if resume_state else None
+        self.base_measurement = task_evaluation.Measurement.from_state((resume_state or {}).get("baseMeasurement"))
         losses: dict[str, list[float]] = dict(resume_state.get("losses", {})) if resume_state else {}
+        self.learning_rates: list[list[float]] = list((resume_state or {}).get("learningRates", []))
         self.eval_history = eval_history_from_state(resume_state)
         self.dataset_losses = [cfg.DatasetLoss.model_validate(r) for r in (resume_state or {}).get("datasetLosses", [])]
         pad_id = tokenizer.pad_token_id
@@ -192,6 +202,10 @@ class Run:
                     base_perplexity = self._evaluate(engine, eval_plan, eval_objective, base=True,
                                                      uses_adapter=method_spec.uses_adapter)
                     events.emit("base-evaluation", perplexity=base_perplexity)
+                if index == 0 and not self.eval_inputs.empty and self.base_measurement is None:
+                    self.base_measurement = self._measure(engine, base=True, uses_adapter=method_spec.uses_adapter)
+                    events.emit("base-task-evaluation", tasks=list(self.base_measurement.answers),
+                                generalPerplexity=self.base_measurement.generalPerplexity)
                 if objective.needs_reference:
                     from .objectives.dpo import pair_log_probs
 
@@ -218,10 +232,13 @@ class Run:
                         "globalStep": plan.first_global_step + stage_step, "basePerplexity": base_perplexity,
                         "losses": losses, "reference": reference,
                         "evalHistory": eval_history_state(self.eval_history),
-                        "datasetLosses": [r.model_dump(mode="json") for r in self.dataset_losses]}
+                        "datasetLosses": [r.model_dump(mode="json") for r in self.dataset_losses],
+                        "baseMeasurement": self.base_measurement.to_state() if self.base_measurement else None,
+                        "learningRates": self.learning_rates}
 
             def after_step(report: StepReport) -> None:
                 stage_losses.append(report.loss)
+                self.learning_rates.append([plan.first_global_step + report.step, report.learning_rate])
                 throughput.add(report.tokens)
                 global_step = plan.first_global_step + report.step
                 rate = throughput.rate()
@@ -290,6 +307,14 @@ class Run:
         self.data_reports = reports
         return plans
 
+    def _measure(self, engine, base: bool, uses_adapter: bool) -> task_evaluation.Measurement:
+        """evaluation.tasks' answers (of the base model only with compareToBase) and evaluation.general's perplexity."""
+        module = engine.module
+        with module.disable_adapter() if base and uses_adapter else _nothing():
+            return task_evaluation.measure(module, self.tokenizer, self.eval_inputs, self.config.evaluation, self.ctx,
+                                           self.config.hyperparameters.batchSize, engine.autocast,
+                                           answers=not base or self.config.evaluation.compareToBase)
+
     def _evaluate(self, engine, plan: StagePlan, objective, base: bool = False, uses_adapter: bool = True):
         module = engine.module
         context = module.disable_adapter() if base and uses_adapter else _nothing()
@@ -320,7 +345,9 @@ class Run:
         if self.ctx.is_main:
             card = outputs.model_card(self.config.to_json(), getattr(self, "evaluation_document", {}),
                                       self.data_reports.get(list(self.data_reports)[-1], {}), self.config.model.uri,
-                                      method_spec.uses_adapter, getattr(self, "losses", {}))
+                                      method_spec.uses_adapter, getattr(self, "losses", {}),
+                                      getattr(self, "rejected", None), self.evaluation_document.get("reportUri")
+                                      if hasattr(self, "evaluation_document") else None)
             outputs.write_model_card(trained, card)
             if method_spec.uses_adapter:
                 adapter_uri = cfg.adapter_uri(output_uri)
@@ -338,23 +365,30 @@ class Run:
         return adapter_uri, merged_uri
 
     def _finish(self, engine, plans, method_spec, base_perplexity, losses, resumed_from) -> RunSummary:
+        """The final evaluation, the gates, the outputs (written also when a gate rejects the model, for the user to
+        inspect: the model card says it was rejected) and the report."""
         config = self.config
         last = plans[-1]
         perplexity = self._evaluate(engine, last, objectives.get(last.objective))
-        ratio, passed = evaluation.gate(base_perplexity, perplexity, config.evaluation.maxPerplexityRatio)
-        result_eval = cfg.EvaluationResult(basePerplexity=base_perplexity, perplexity=perplexity, ratio=ratio,
-                                           maxPerplexityRatio=config.evaluation.maxPerplexityRatio, passed=passed)
+        tuned = (self._measure(engine, base=False, uses_adapter=method_spec.uses_adapter)
+                 if not self.eval_inputs.empty else None)
+        result_eval = self._evaluation_result(base_perplexity, perplexity, tuned)
         self.evaluation_document = result_eval.model_dump(mode="json", exclude_none=True)
         self.losses = losses
+        failed = [g for g in result_eval.gates if not g.passed]
+        self.rejected = [g.message for g in failed]
         if self.ctx.is_main:
             self.storage.put_json(cfg.evaluation_uri(self.out, self.run_id), result_eval.model_dump(mode="json"))
-        events.emit("evaluation", **self.evaluation_document)
+        events.emit("evaluation", **{k: v for k, v in self.evaluation_document.items() if k not in ("tasks", "gates")},
+                    **({"tasks": {t.name: {m: p.tuned for m, p in t.metrics.items()} for t in result_eval.tasks}}
+                       if result_eval.tasks else {}))
         self._record_evaluation(last.first_global_step + last.total_steps, perplexity)
-        if not passed:
-            raise EvaluationGateFailed(
-                f"tuned perplexity {perplexity:.4g} is {ratio:.3g}x the base perplexity {base_perplexity:.4g}, "
-                f"above evaluation.maxPerplexityRatio {config.evaluation.maxPerplexityRatio}")
         adapter_uri, merged_uri = self._save_outputs(engine, method_spec, self.out, merge=config.output.merge)
+        if self.ctx.is_main:
+            self._write_report(result_eval, plans, losses, tuned)
+        if failed:
+            raise EvaluationGateFailed("; ".join(g.message for g in failed) + " (the outputs are written, marked "
+                                       "rejected in the model card; see the evaluation report)")
         combined_uri = self._combine(include_trained=True) if config.output.combine else None
         result = cfg.RunResult(succeeded=True, reason="Succeeded",
                                message=f"trained {sum(len(v) for v in losses.values())} steps", adapterUri=adapter_uri,
@@ -362,6 +396,49 @@ class Run:
         self.write_result(result)
         return RunSummary(SUCCEEDED, result, losses, result_eval, resumed_from)
 
+    def _evaluation_result(self, base_perplexity, perplexity, tuned: task_evaluation.Measurement | None
+                           ) -> cfg.EvaluationResult:
+        settings = self.config.evaluation
+        base = self.base_measurement
+        ratio = perplexity / base_perplexity if base_perplexity and perplexity is not None else None
+        general = None
+        if tuned is not None and tuned.generalPerplexity is not None:
+            general_base = base.generalPerplexity if base else None
+            general = cfg.GeneralResult(basePerplexity=general_base, perplexity=tuned.generalPerplexity,
+                                        rise=tuned.generalPerplexity / general_base - 1 if general_base else None)
+        scores = task_evaluation.score(settings, self.eval_inputs, base, tuned) if tuned and settings.tasks else []
+        outcomes = scoring_gates.evaluate_gates(
+            {"base": base_perplexity, "tuned": perplexity},
+            {"base": general.basePerplexity, "tuned": general.perplexity} if general else None,
+            scores, task_evaluation.gates(settings))
+        return cfg.EvaluationResult(
+            basePerplexity=base_perplexity, perplexity=perplexity, ratio=ratio,
+            maxPerplexityRatio=settings.maxPerplexityRatio, passed=all(o.passed for o in outcomes),
+            tasks=task_evaluation.task_results(settings, scores), general=general,
+            gates=[cfg.GateResult(**o.to_dict()) for o in outcomes],
+            reportUri=cfg.report_uri(self.out, self.run_id))
+
+    def _write_report(self, result_eval: cfg.EvaluationResult, plans, losses, tuned) -> None:
+        """report.md, report.html and the plots under runs/<runId>/report/ (rank 0)."""
+        train = [[plan.first_global_step + i + 1, loss] for plan in plans for i, loss in enumerate(losses.get(plan.name, []))]
+        report = ReportInput(
+            job=f"{self.config.job.namespace}/{self.config.job.name}", runId=self.run_id, modelUri=self.config.model.uri,
+            outputUri=self.out, rejected=bool(self.rejected), rejectedReasons=self.rejected,
+            perplexity={"base": result_eval.basePerplexity, "tuned": result_eval.perplexity, "ratio": result_eval.ratio},
+            general=({"base": result_eval.general.basePerplexity, "tuned": result_eval.general.perplexity,
+                      "rise": result_eval.general.rise} if result_eval.general else None),
+            tasks=[t.model_dump(mode="json") for t in result_eval.tasks],
+            gates=[g.model_dump(mode="json") for g in result_eval.gates],
+            history={"train": train, "validation": [[p.step, p.evalLoss] for p in self.eval_history],
+                     "learningRate": self.learning_rates},
+            data=cfg.DataSummary.from_reports(self.data_reports).model_dump(mode="json"),
+            samples=task_evaluation.samples(self.eval_inputs, self.base_measurement, tuned,
+                                            self.config.evaluation.reportSamples) if tuned else [])
+        prefix = cfg.report_uri(self.out, self.run_id)
+        for name, content in render(report, self.config.evaluation.reportSamples).items():
+            kind = {"md": "text/markdown", "html": "text/html", "png": "image/png"}[name.rsplit(".", 1)[-1]]
+            self.storage.put_bytes(prefix + name, content, content_type=kind)
+        events.emit("report", uri=prefix)
 
     # ---- adapter combination (output.combine) ----
 
@@ -379,6 +456,36 @@ class Run:
                         + (trained is not None))
         distributed.barrier()
         return uri
+
+    def _evaluate_only(self) -> RunSummary:
+        """evaluation.only: the adapter of method.adapter against its base model, no training; evaluation.json, the
+        report and result.json are the outputs (the gates fail the run as after training)."""
+        config, ctx = self.config, self.ctx
+        method_spec = methods.get(config.method.type)
+        self.base_dir = self.work_dir / f"rank-{ctx.rank}" / "base-model"
+        model, self.tokenizer = load_model_and_tokenizer(self.storage, config.model, self.base_dir, method_spec,
+                                                         ctx.device_type)
+        self.eval_inputs = task_evaluation.load_inputs(self.storage, config.evaluation, self.tokenizer,
+                                                       config.preprocessing.maxSeqLength, config.hyperparameters.seed)
+        model = adapters.continue_from(self.storage, model, config.method, config.model.uri,
+                                       self.work_dir / f"rank-{ctx.rank}" / "candidate-adapter", ctx.device_type)
+        candidate = _Evaluated(model.to(ctx.device))
+        self.eval_history, self.learning_rates, self.data_reports = [], [], {}
+        self.base_measurement = self._measure(candidate, base=True, uses_adapter=True)
+        tuned = self._measure(candidate, base=False, uses_adapter=True)
+        result_eval = self._evaluation_result(None, None, tuned)
+        self.rejected = [g.message for g in result_eval.gates if not g.passed]
+        if ctx.is_main:
+            self.storage.put_json(cfg.evaluation_uri(self.out, self.run_id), result_eval.model_dump(mode="json"))
+            self._write_report(result_eval, [], {}, tuned)
+        events.emit("evaluation", tasks={t.name: {m: p.tuned for m, p in t.metrics.items()} for t in result_eval.tasks})
+        distributed.barrier()
+        if self.rejected:
+            raise EvaluationGateFailed("; ".join(self.rejected) + " (see the evaluation report)")
+        result = cfg.RunResult(succeeded=True, reason="Succeeded",
+                               message=f"evaluated {config.method.adapter.uri} against {config.model.uri} (no training)")
+        self.write_result(result)
+        return RunSummary(SUCCEEDED, result, {}, result_eval)
 
     def _combine_only(self) -> RunSummary:
         """A job with no datasets: only output.combine (no training, no evaluation)."""
@@ -437,6 +544,14 @@ def check_same_world_size(storage: Storage, checkpoint_uri: str, world_size: int
         raise ConfigError(f"checkpoint {checkpoint_uri} was written by {written_by} processes, this run has {world_size}: "
                           f"a run resumes only with the same workers and GPUs per worker (set a new spec.runId to "
                           f"start over)")
+
+
+@dataclass
+class _Evaluated:
+    """A model evaluated without an engine (evaluation.only): what _measure needs of one."""
+
+    module: object
+    autocast: type = contextlib.nullcontext
 
 
 class _nothing:

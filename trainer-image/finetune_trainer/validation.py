@@ -33,10 +33,16 @@ def problems(config: TrainerConfig) -> list[str]:
         found.append("distributed.offload needs zeroStage 2 or 3")
     if config.validation.uri and config.validation.splitRatio:
         found.append("validation: set either uri or splitRatio, not both")
-    combine = config.output.combine
-    if not config.datasets and not config.stages and (combine is None or combine.includeTrained):
+    combine, evaluation = config.output.combine, config.evaluation
+    if not config.datasets and not config.stages and (combine is None or combine.includeTrained) and not evaluation.only:
         found.append("datasets: at least one dataset (or stages) is required, unless output.combine has "
-                     "includeTrained false (a combine-only job)")
+                     "includeTrained false (a combine-only job) or evaluation.only is set (an evaluate-only job)")
+    if evaluation.only and (method.adapter is None or not (evaluation.tasks or evaluation.general) or config.datasets
+                            or config.stages or combine is not None or config.output.merge
+                            or evaluation.maxPerplexityRatio is not None):
+        found.append("evaluation.only: an evaluate-only job needs method.adapter (the candidate) and evaluation.tasks "
+                     "or evaluation.general, and no datasets, stages, output.combine, output.merge or "
+                     "evaluation.maxPerplexityRatio")
     if method.adapter is not None and method.type == "full":
         found.append("method.adapter is only allowed with an adapter method (not full)")
     if method.adapter is not None and (method.lora is not None or method.virtualTokens is not None):
@@ -54,6 +60,7 @@ def problems(config: TrainerConfig) -> list[str]:
     if config.evaluation.maxPerplexityRatio is not None and not config.evaluation.compareToBase:
         found.append("evaluation.maxPerplexityRatio needs evaluation.compareToBase")
     found += [f"preprocessing.{p}" for p in config.preprocessing.content_filter_problems()]
+    found += [f"evaluation.{p}" for p in config.evaluation.task_problems()]
     return found
 
 

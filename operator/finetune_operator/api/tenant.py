@@ -84,11 +84,13 @@ class PolicyStorage(ApiModel):
         "spec.storage.endpoint besides the operator's default. Empty: the operator's allowedS3Endpoints.")
     modelURIs: list[UriPattern] = Field(
         default_factory=list, max_length=MAX_LIST,
-        description="Patterns spec.model.uri must match (`*` matches within one path segment, a trailing `*` "
-        "anything below). Empty: any.")
+        description="Patterns spec.model.uri must match, and every other source of weights: method.adapter.uri, "
+        "output.combine.adapters[].uri, a content filter's classifier modelUri (`*` matches within one path "
+        "segment, a trailing `*` anything below). Empty: any.")
     datasetURIs: list[UriPattern] = Field(
         default_factory=list, max_length=MAX_LIST,
-        description="Patterns every dataset and validation URI must match. Empty: any.")
+        description="Patterns every URI of data must match: datasets, validation, a content filter's termsUri, "
+        "evaluation tasks and evaluation.general. Empty: any.")
     checkpointURIs: list[UriPattern] = Field(
         default_factory=list, max_length=MAX_LIST,
         description="Patterns spec.checkpoint.uri must match when set. Empty: any.")

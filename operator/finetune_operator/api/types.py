@@ -23,6 +23,7 @@ from finetune_operator.api.search import Search
 from finetune_trainer.config import (
     DNS_LABEL_PATTERN,
     MAX_CONTENT_FILTERS,
+    MAX_EVALUATION_TASKS,
     ApiModel,
     Checkpoint,
     Dataset,
@@ -131,12 +132,26 @@ class RunPolicy(ApiModel):
                                    "(allowedPriorityClasses); empty means none.")
 
 
+EVALUATE_ONLY_RULE = ("spec.evaluation.only: an evaluate-only job needs method.adapter (the candidate) and "
+                      "evaluation.tasks or evaluation.general, and no datasets, stages, search, output.combine, "
+                      "output.merge or evaluation.maxPerplexityRatio")
+
 _SPEC_RULES = cel(
     (
         "(has(self.datasets) && size(self.datasets) > 0) || (has(self.stages) && size(self.stages) > 0) || "
-        "(has(self.output.combine) && has(self.output.combine.includeTrained) && !self.output.combine.includeTrained)",
+        "(has(self.output.combine) && has(self.output.combine.includeTrained) && !self.output.combine.includeTrained) || "
+        "(has(self.evaluation) && has(self.evaluation.only) && self.evaluation.only)",
         "spec: set datasets or stages (at least one must be non-empty), or output.combine with includeTrained false "
-        "(a combine-only job)",
+        "(a combine-only job), or evaluation.only (an evaluate-only job)",
+    ),
+    (
+        "!has(self.evaluation) || !has(self.evaluation.only) || !self.evaluation.only || "
+        "(has(self.method) && has(self.method.adapter) && "
+        "((has(self.evaluation.tasks) && size(self.evaluation.tasks) > 0) || has(self.evaluation.general)) && "
+        "(!has(self.datasets) || size(self.datasets) == 0) && (!has(self.stages) || size(self.stages) == 0) && "
+        "!has(self.search) && !has(self.output.combine) && (!has(self.output.merge) || !self.output.merge) && "
+        "!has(self.evaluation.maxPerplexityRatio))",
+        EVALUATE_ONLY_RULE,
     ),
     (
         "!has(self.output.combine) || (has(self.output.combine.includeTrained) && !self.output.combine.includeTrained) "
@@ -437,9 +452,28 @@ class CheckpointStatus(StatusModel):
     time: str = Field(default="", description="When it was completed (RFC 3339).")
 
 
+class TaskEvaluationStatus(StatusModel):
+    name: str = Field(default="", max_length=63, description="The task (evaluation.tasks[].name).")
+    metric: str = Field(default="", max_length=63, description="The task's headline metric: its gate's, else its first.")
+    base: float | None = Field(default=None, description="The base model's score (0 to 1; with compareToBase).")
+    tuned: float | None = Field(default=None, description="The tuned model's score (0 to 1).")
+    delta: float | None = Field(default=None, description="tuned - base.")
+
+
 class EvaluationStatus(StatusModel):
     basePerplexity: float | None = Field(default=None, description="Validation perplexity of the base model.")
     perplexity: float | None = Field(default=None, description="Validation perplexity of the tuned model.")
+    generalBasePerplexity: float | None = Field(
+        default=None, description="Forgetting check (evaluation.general): general-domain perplexity of the base model.")
+    generalPerplexity: float | None = Field(
+        default=None, description="Forgetting check: general-domain perplexity of the tuned model.")
+    tasks: list[TaskEvaluationStatus] | None = Field(
+        default=None, max_length=MAX_EVALUATION_TASKS,
+        description="Per evaluation task, its headline metric, base against tuned (every metric is in the report).")
+    headline: str | None = Field(default=None, max_length=128,
+                                 description="The first task's headline metric, as `kubectl get -o wide` shows it.")
+    reportUri: str | None = Field(default=None, max_length=2048,
+                           description="S3 prefix of the evaluation report (report.md, report.html, plots).")
 
 
 class OutputStatus(StatusModel):
