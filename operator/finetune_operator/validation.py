@@ -18,6 +18,7 @@ from finetune_operator.api.types import EVALUATE_ONLY_RULE, FineTuneJobSpec, par
 from finetune_operator.problems import DIGEST, Problem
 from finetune_operator.builders.names import CREDENTIAL_KEYS, CREDENTIALS_OPT_IN_LABEL
 from finetune_operator.config import OperatorConfig
+from finetune_trainer.config import evaluate_only_conflicts
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,7 @@ def check_datasets_or_stages(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list
 
 
 def check_evaluate_only(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
-    evaluation = spec.evaluation
-    if evaluation.only and (spec.method.adapter is None or not (evaluation.tasks or evaluation.general)
-                            or spec.datasets or spec.stages or spec.search is not None
-                            or spec.output.combine is not None or spec.output.merge
-                            or evaluation.maxPerplexityRatio is not None):
+    if evaluate_only_conflicts(spec):
         return [Problem("InvalidSpec", EVALUATE_ONLY_RULE)]
     return []
 

@@ -675,6 +675,16 @@ class GeneralEvaluation(ApiModel):
         "from the base model to the tuned one.")
 
 
+def evaluate_only_conflicts(job) -> bool:
+    """evaluation.only set on a job (a TrainerConfig or a FineTuneJobSpec) that cannot be evaluate-only: no
+    method.adapter to evaluate, nothing to evaluate it on, or something to train, search, combine or merge."""
+    evaluation = job.evaluation
+    return evaluation.only and (
+        job.method.adapter is None or not (evaluation.tasks or evaluation.general) or bool(job.datasets)
+        or bool(job.stages) or getattr(job, "search", None) is not None or job.output.combine is not None
+        or job.output.merge or evaluation.maxPerplexityRatio is not None)
+
+
 class Evaluation(ApiModel):
     model_config = ConfigDict(
         json_schema_extra=cel(

@@ -346,8 +346,8 @@ class Run:
             card = outputs.model_card(self.config.to_json(), getattr(self, "evaluation_document", {}),
                                       self.data_reports.get(list(self.data_reports)[-1], {}), self.config.model.uri,
                                       method_spec.uses_adapter, getattr(self, "losses", {}),
-                                      getattr(self, "rejected", None), self.evaluation_document.get("reportUri")
-                                      if hasattr(self, "evaluation_document") else None)
+                                      getattr(self, "rejected", None),
+                                      getattr(self, "evaluation_document", {}).get("reportUri"))
             outputs.write_model_card(trained, card)
             if method_spec.uses_adapter:
                 adapter_uri = cfg.adapter_uri(output_uri)

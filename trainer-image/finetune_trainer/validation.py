@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import TrainerConfig
+from .config import TrainerConfig, evaluate_only_conflicts
 from .errors import ConfigError
 
 
@@ -37,9 +37,7 @@ def problems(config: TrainerConfig) -> list[str]:
     if not config.datasets and not config.stages and (combine is None or combine.includeTrained) and not evaluation.only:
         found.append("datasets: at least one dataset (or stages) is required, unless output.combine has "
                      "includeTrained false (a combine-only job) or evaluation.only is set (an evaluate-only job)")
-    if evaluation.only and (method.adapter is None or not (evaluation.tasks or evaluation.general) or config.datasets
-                            or config.stages or combine is not None or config.output.merge
-                            or evaluation.maxPerplexityRatio is not None):
+    if evaluate_only_conflicts(config):
         found.append("evaluation.only: an evaluate-only job needs method.adapter (the candidate) and evaluation.tasks "
                      "or evaluation.general, and no datasets, stages, output.combine, output.merge or "
                      "evaluation.maxPerplexityRatio")

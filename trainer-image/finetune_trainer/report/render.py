@@ -13,7 +13,7 @@ would still come out as text; the page's Content-Security-Policy forbids scripts
 from __future__ import annotations
 
 import html
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import markdown as markdown_library
 
@@ -90,27 +90,21 @@ def _verdict(report: ReportInput) -> str:
     return "**Verdict: REJECTED**" + (f": {reasons}" if reasons else "")
 
 
+def _perplexity_row(label: str, values: dict | None, relative_key: str, relative: Callable[[float], str]) -> list[str]:
+    """One perplexity row, base against tuned; the delta with the relative change (ratio or rise) when known."""
+    if values is None or (values["base"] is None and values["tuned"] is None):
+        return []
+    delta = NONE
+    if values["base"] is not None and values["tuned"] is not None:
+        delta = f"{values['tuned'] - values['base']:+.2f}"
+        if values[relative_key] is not None:
+            delta += f" ({relative(values[relative_key])})"
+    return [_row([label, "perplexity", _perplexity(values["base"]), _perplexity(values["tuned"]), delta])]
+
+
 def _perplexity_rows(report: ReportInput) -> list[str]:
-    rows = []
-    validation = report.perplexity
-    if validation["base"] is not None or validation["tuned"] is not None:
-        delta = NONE
-        if validation["base"] is not None and validation["tuned"] is not None:
-            delta = f"{validation['tuned'] - validation['base']:+.2f}"
-            if validation["ratio"] is not None:
-                delta += f" (×{validation['ratio']:.3f})"
-        rows.append(_row(["validation set", "perplexity", _perplexity(validation["base"]),
-                          _perplexity(validation["tuned"]), delta]))
-    general = report.general
-    if general is not None and (general["base"] is not None or general["tuned"] is not None):
-        delta = NONE
-        if general["base"] is not None and general["tuned"] is not None:
-            delta = f"{general['tuned'] - general['base']:+.2f}"
-            if general["rise"] is not None:
-                delta += f" ({general['rise']:+.1%})"
-        rows.append(_row(["general text", "perplexity", _perplexity(general["base"]),
-                          _perplexity(general["tuned"]), delta]))
-    return rows
+    return (_perplexity_row("validation set", report.perplexity, "ratio", lambda ratio: f"×{ratio:.3f}")
+            + _perplexity_row("general text", report.general, "rise", lambda rise: f"{rise:+.1%}"))
 
 
 def _task_rows(report: ReportInput) -> list[str]:
