@@ -19,6 +19,9 @@ DEMO_MODEL_URI = "s3://models/tiny-llama/"
 # LoRA adapters of the demo model with small random weights, standing in for adapters a team trained earlier
 # (examples/finetunejob-adapter-continue.yaml continues from one, -combine-adapters.yaml combines both).
 ADAPTERS = {"s3://team-a/adapters/helpdesk-lora/": 1, "s3://team-a/adapters/billing-lora/": 2}
+# A whole model: the demo model with helpdesk-lora merged in (examples/finetunejob-evaluate-model.yaml compares it
+# with the demo model).
+MERGED_MODEL = ("s3://team-a/models/helpdesk-merged/", "s3://team-a/adapters/helpdesk-lora/")
 BUCKETS = ("models", "team-a")
 
 _PLANS = [("starter", 2, "100 GB"), ("team", 10, "1 TB"), ("business", 50, "10 TB"), ("enterprise", 500, "100 TB")]
@@ -111,13 +114,18 @@ def seed(endpoint: str) -> None:
     for uri, rows in datasets().items():
         tiny.upload_rows(storage, uri, rows)
     missing_adapters = [uri for uri in ADAPTERS if not storage.exists(uri + "adapter_config.json")]
-    if not storage.exists(DEMO_MODEL_URI + "config.json") or missing_adapters:
+    merged_uri, merged_from = MERGED_MODEL
+    if (not storage.exists(DEMO_MODEL_URI + "config.json") or missing_adapters
+            or not storage.exists(merged_uri + "config.json")):
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = tiny.save_tiny_model(Path(tmp) / "model", arch="llama", hidden_size=128, layers=4)
             storage.upload_dir(model_dir, DEMO_MODEL_URI)
+            adapter_dirs = {uri: tiny.save_lora_adapter(model_dir, Path(tmp) / str(n), seed=n)
+                            for uri, n in ADAPTERS.items()}
             for uri in missing_adapters:
-                storage.upload_dir(tiny.save_lora_adapter(model_dir, Path(tmp) / str(ADAPTERS[uri]), seed=ADAPTERS[uri]),
-                                   uri)
+                storage.upload_dir(adapter_dirs[uri], uri)
+            storage.upload_dir(tiny.save_merged_model(model_dir, adapter_dirs[merged_from], Path(tmp) / "merged"),
+                               merged_uri)
 
 
 def main() -> int:

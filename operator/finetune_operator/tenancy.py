@@ -250,6 +250,8 @@ def _uris(spec: FineTuneJobSpec) -> list[tuple[str, str, str]]:
     # Adapters are model weights: read from where the tenant's models may come from.
     if spec.method.adapter is not None:
         out.append(("spec.method.adapter.uri", spec.method.adapter.uri, "modelURIs"))
+    if spec.evaluation.candidateModel is not None:
+        out.append(("spec.evaluation.candidateModel.uri", spec.evaluation.candidateModel.uri, "modelURIs"))
     if spec.output.combine is not None:
         out += [(f"spec.output.combine.adapters[{i}].uri", a.uri, "modelURIs")
                 for i, a in enumerate(spec.output.combine.adapters)]

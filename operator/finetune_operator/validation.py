@@ -75,6 +75,9 @@ def check_datasets_or_stages(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list
 def check_evaluate_only(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
     if evaluate_only_conflicts(spec):
         return [Problem("InvalidSpec", EVALUATE_ONLY_RULE)]
+    if spec.evaluation.candidateModel is not None and not spec.evaluation.only:
+        return [Problem("InvalidSpec", "spec.evaluation.candidateModel: needs evaluation.only (it is evaluated, "
+                                       "not trained)")]
     return []
 
 
@@ -361,6 +364,8 @@ def s3_uris_to_check(spec: FineTuneJobSpec) -> dict[str, str]:
             uris[f"spec.stages[{s}].datasets[{i}].uri"] = d.uri
     if spec.method.adapter is not None:
         uris["spec.method.adapter.uri"] = spec.method.adapter.uri
+    if spec.evaluation.candidateModel is not None:
+        uris["spec.evaluation.candidateModel.uri"] = spec.evaluation.candidateModel.uri
     if spec.output.combine is not None:
         for i, a in enumerate(spec.output.combine.adapters):
             uris[f"spec.output.combine.adapters[{i}].uri"] = a.uri

@@ -175,6 +175,17 @@ CEL_CASES = [
     ("evaluate-only with merge", minimal_spec(
         datasets=[], method={"type": "lora", "adapter": {"uri": f"{BKT}/adapter/"}}, evaluation=tasks({}, only=True),
         output={"uri": "s3://team-a/models/x/", "merge": True}), False),
+    ("evaluate-only of a whole model", minimal_spec(
+        datasets=[], method={"type": "full"},
+        evaluation=tasks({}, only=True, candidateModel={"uri": f"{BKT}/models/merged/"})), True),
+    ("evaluate-only with two candidates", minimal_spec(
+        datasets=[], method={"type": "lora", "adapter": {"uri": f"{BKT}/adapter/"}},
+        evaluation=tasks({}, only=True, candidateModel={"uri": f"{BKT}/models/merged/"})), False),
+    ("evaluate-only of a whole model with an adapter method", minimal_spec(
+        datasets=[], method={"type": "lora"},
+        evaluation=tasks({}, only=True, candidateModel={"uri": f"{BKT}/models/merged/"})), False),
+    ("a candidate model in a training job", minimal_spec(
+        method={"type": "full"}, evaluation=tasks({}, candidateModel={"uri": f"{BKT}/models/merged/"})), False),
     ("forgetting check with a limit", minimal_spec(evaluation={
         "general": {"uri": f"{BKT}/eval/general.jsonl", "maxPerplexityRise": 0.1}}), True),
 ]

@@ -109,6 +109,10 @@ def spec_under_policy(**overrides):
     ({"checkpoint": {"uri": "s3://team-b/ckpt/"}}, "spec.checkpoint.uri", "storage.checkpointURIs"),
     ({"method": {"type": "lora", "adapter": {"uri": "s3://team-b/adapters/x/"}}}, "spec.method.adapter.uri",
      "storage.modelURIs: s3://models/*"),
+    ({"datasets": [], "method": {"type": "full"}, "evaluation": {
+        "only": True, "candidateModel": {"uri": "s3://team-b/models/merged/"},
+        "general": {"uri": "s3://team-a/data/general.jsonl"}}},
+     "spec.evaluation.candidateModel.uri", "storage.modelURIs: s3://models/*"),
     ({"output": {"uri": "s3://team-a/models/x/", "combine": {"adapters": [{"uri": "s3://team-b/adapters/y/"}]}}},
      "spec.output.combine.adapters[0].uri", "storage.modelURIs: s3://models/*"),
     ({"preprocessing": {"contentFilters": [{"name": "t", "type": "terms", "termsUri": "s3://team-b/terms.txt"}]}},

@@ -15,7 +15,7 @@ from finetune_trainer.run import execute
 from finetune_trainer.testing import tiny
 
 
-def task_config(storage, model_bucket, bucket, s3_endpoint, **evaluation):
+def task_config(storage, model_bucket, bucket, s3_endpoint, method: dict | None = None, **evaluation):
     train = upload_dataset(storage, bucket, "train", "instruction", 48, seed=0)
     held_out = tiny.upload_rows(storage, f"{bucket}eval/support.jsonl", tiny.sample_rows("instruction", 10, seed=7))
     general = tiny.upload_rows(storage, f"{bucket}eval/general.jsonl", tiny.sample_rows("text", 12, seed=8))
@@ -24,7 +24,8 @@ def task_config(storage, model_bucket, bucket, s3_endpoint, **evaluation):
                            "checks": [{"name": "says-the", "contains": "the"}]}],
                 "general": {"uri": general, "maxSamples": 8}, "reportSamples": 2, **evaluation}
     return make_config(bucket, model_bucket + "llama/", s3_endpoint, [train], evaluation=settings,
-                       hyperparameters={"maxSteps": 10, "learningRate": 1e-2, "batchSize": 4})
+                       hyperparameters={"maxSteps": 10, "learningRate": 1e-2, "batchSize": 4},
+                       **({"method": method} if method else {}))
 
 
 def test_tasks_and_forgetting_are_measured_for_base_and_tuned_and_reported(storage, model_bucket, bucket,
@@ -146,17 +147,63 @@ def test_an_evaluate_only_job_scores_an_adapter_against_its_base_without_trainin
     assert "report.md" in {u.rsplit("/", 1)[1] for u in storage.list_keys(alone.reportUri)}
 
 
+def test_an_evaluate_only_job_scores_a_whole_model_against_its_base(storage, model_bucket, bucket, s3_endpoint,
+                                                                     tmp_path):
+    """evaluation.candidateModel: a full fine-tune's weights (written by a first run) against the base model."""
+    trained = task_config(storage, model_bucket, bucket, s3_endpoint, method={"type": "full"})
+    assert execute(trained, tmp_path / "train").exit_code == 0
+    evaluation = {**trained.evaluation.model_dump(mode="json", exclude_none=True), "only": True,
+                  "candidateModel": {"uri": cfg.merged_uri(trained.output.uri)}}
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [], method={"type": "full"},
+                         evaluation=evaluation, output={"uri": bucket + "candidate-model/"})
+    summary = execute(config, tmp_path / "evaluate")
+    assert summary.exit_code == 0, summary.result.message
+    result = storage.get_json(cfg.result_uri(config.output.uri, "1"))
+    assert result["message"] == (f"evaluated {cfg.merged_uri(trained.output.uri)} against {model_bucket}llama/ "
+                                 "(no training)")
+    alone = cfg.EvaluationResult.model_validate(storage.get_json(cfg.evaluation_uri(config.output.uri, "1")))
+    after = cfg.EvaluationResult.model_validate(storage.get_json(cfg.evaluation_uri(trained.output.uri, "1")))
+    # the saved weights are the trained ones: the scores the training run measured before and after training
+    for metric in ("tokenF1", "rougeL", "exactMatch"):
+        assert alone.tasks[0].metrics[metric].tuned == pytest.approx(after.tasks[0].metrics[metric].tuned)
+        assert alone.tasks[0].metrics[metric].base == pytest.approx(after.tasks[0].metrics[metric].base)
+    assert alone.general.basePerplexity == pytest.approx(after.general.basePerplexity, rel=1e-4)
+    assert alone.general.perplexity == pytest.approx(after.general.perplexity, rel=1e-4)
+    assert alone.general.perplexity != pytest.approx(alone.general.basePerplexity, rel=1e-3)
+
+
+def test_a_candidate_model_of_another_architecture_is_refused_before_its_weights_load(storage, model_bucket, bucket,
+                                                                                     s3_endpoint, tmp_path):
+    general = tiny.upload_rows(storage, f"{bucket}eval/general.jsonl", tiny.sample_rows("text", 4, seed=8))
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [], method={"type": "full"},
+                         evaluation={"only": True, "general": {"uri": general, "maxSamples": 4},
+                                     "candidateModel": {"uri": model_bucket + "qwen2/"}})
+    summary = execute(config, tmp_path)
+    assert summary.exit_code == exit_codes.INVALID_CONFIG
+    message = storage.get_json(cfg.result_uri(config.output.uri, "1"))["message"]
+    assert f"evaluation.candidateModel.uri {model_bucket}qwen2/ is not a model of the same architecture" in message
+    assert "model_type 'qwen2' (base 'llama')" in message
+
+
 EVALUATE_ONLY_CASES = [
-    ("without an adapter", {}, "evaluation.only: an evaluate-only job needs method.adapter"),
+    ("without an adapter", {}, "evaluation.only: an evaluate-only job needs one candidate"),
     ("with datasets", {"datasets": [{"uri": "s3://bkt/d.jsonl", "format": "chat"}]}, "evaluation.only:"),
     ("with a perplexity gate", {"evaluation_extra": {"maxPerplexityRatio": 1.0}}, "evaluation.only:"),
+    ("with both candidates", {"evaluation_extra": {"candidateModel": {"uri": "s3://bkt/m/"}}}, "needs one candidate"),
+    ("a candidate model with an adapter method", {"method": {"type": "lora"},
+                                                   "evaluation_extra": {"candidateModel": {"uri": "s3://bkt/m/"}}},
+     "evaluation.candidateModel (method full)"),
+    ("a candidate model without evaluate-only", {"method": {"type": "full"}, "evaluation_extra": {
+        "only": False, "candidateModel": {"uri": "s3://bkt/m/"}}, "datasets": [{"uri": "s3://bkt/d.jsonl"}]},
+     "evaluation.candidateModel needs evaluation.only"),
 ]
 
 
 @pytest.mark.parametrize("name,changes,message", EVALUATE_ONLY_CASES, ids=[c[0] for c in EVALUATE_ONLY_CASES])
 def test_rules_of_evaluate_only(name, changes, message):
     evaluation = {"only": True, "general": {"uri": "s3://bkt/g.jsonl"}, **changes.get("evaluation_extra", {})}
-    method = {"type": "lora", **({} if name == "without an adapter" else {"adapter": {"uri": "s3://bkt/a/"}})}
+    method = changes.get("method") or {"type": "lora", **({} if name == "without an adapter"
+                                                          else {"adapter": {"uri": "s3://bkt/a/"}})}
     config = make_config("s3://bkt/", "s3://bkt/model/", "", changes.get("datasets", []), method=method,
                          evaluation=evaluation)
     with pytest.raises(ConfigError) as raised:

@@ -675,14 +675,30 @@ class GeneralEvaluation(ApiModel):
         "from the base model to the tuned one.")
 
 
+EVALUATE_ONLY_RULE = ("evaluation.only: an evaluate-only job needs one candidate, method.adapter (an adapter method) "
+                      "or evaluation.candidateModel (method full), and evaluation.tasks or evaluation.general, and no "
+                      "datasets, stages, search, output.combine, output.merge or evaluation.maxPerplexityRatio")
+
+
 def evaluate_only_conflicts(job) -> bool:
-    """evaluation.only set on a job (a TrainerConfig or a FineTuneJobSpec) that cannot be evaluate-only: no
-    method.adapter to evaluate, nothing to evaluate it on, or something to train, search, combine or merge."""
+    """evaluation.only set on a job (a TrainerConfig or a FineTuneJobSpec) that cannot be evaluate-only: not exactly
+    one candidate (method.adapter, or evaluation.candidateModel with method full), nothing to evaluate it on, or
+    something to train, search, combine or merge."""
     evaluation = job.evaluation
-    return evaluation.only and (
-        job.method.adapter is None or not (evaluation.tasks or evaluation.general) or bool(job.datasets)
-        or bool(job.stages) or getattr(job, "search", None) is not None or job.output.combine is not None
-        or job.output.merge or evaluation.maxPerplexityRatio is not None)
+    if not evaluation.only:
+        return False
+    candidate_model = evaluation.candidateModel is not None
+    return ((job.method.adapter is not None) == candidate_model or (candidate_model and job.method.type != "full")
+            or not (evaluation.tasks or evaluation.general) or bool(job.datasets)
+            or bool(job.stages) or getattr(job, "search", None) is not None or job.output.combine is not None
+            or job.output.merge or evaluation.maxPerplexityRatio is not None)
+
+
+class CandidateModel(ApiModel):
+    uri: S3Uri = Field(
+        description="S3 prefix of a whole model in Hugging Face format (config.json and safetensors weights, as a "
+        "full fine-tune or output.merge writes to <output.uri>merged/) of the same architecture "
+        "and vocabulary as model.uri; it answers with model.uri's tokenizer, so that both see the same prompts.")
 
 
 class Evaluation(ApiModel):
@@ -693,6 +709,8 @@ class Evaluation(ApiModel):
             ("!has(self.tasks) || !has(self.compareToBase) || self.compareToBase || "
              "self.tasks.all(t, !has(t.gate) || !has(t.gate.minGain))",
              "evaluation.tasks[].gate.minGain needs evaluation.compareToBase true"),
+            ("!has(self.candidateModel) || (has(self.only) && self.only)",
+             "evaluation.candidateModel needs evaluation.only (it is evaluated, not trained)"),
         )
     )
     compareToBase: bool = Field(default=True, description="Measure the base model's validation perplexity before training.")
@@ -715,9 +733,13 @@ class Evaluation(ApiModel):
         default=None, description="Forgetting check: general-domain perplexity before and after training.")
     only: bool = Field(
         default=False,
-        description="Evaluate without training: the adapter in method.adapter (the candidate) against its base "
-        "model (model.uri) on evaluation.tasks and evaluation.general, with the gates and the report; no "
-        "datasets, stages, search, output.combine, output.merge or maxPerplexityRatio (no validation split).")
+        description="Evaluate without training: a candidate, the adapter in method.adapter or the whole model in "
+        "candidateModel (with method full), against the base model (model.uri) on evaluation.tasks and "
+        "evaluation.general, with the gates and the report; no datasets, stages, search, output.combine, "
+        "output.merge or maxPerplexityRatio (no validation split).")
+    candidateModel: CandidateModel | None = Field(
+        default=None, description="The whole model an evaluate-only job compares with model.uri (only with "
+        "evaluation.only and method full; for an adapter use method.adapter).")
     reportSamples: int = Field(default=8, ge=0, le=50,
                                description="Rows per task shown side by side (prompt, reference, base and tuned "
                                "answer) in the evaluation report.")

@@ -78,21 +78,56 @@ class Preemption:
 
 
 def load_model_and_tokenizer(storage: Storage, model_source: cfg.ModelSource, local_dir: Path, method_spec, device_type):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    if not storage.download_prefix(model_source.uri, local_dir):
-        raise DataError(f"{model_source.uri}: no model files under this prefix")
+    download_model(storage, model_source.uri, local_dir)
     gguf = {"gguf_file": model_source.ggufFile} if model_source.ggufFile else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(local_dir, **gguf)
-        model = AutoModelForCausalLM.from_pretrained(local_dir, **gguf, **method_spec.load_kwargs(device_type))
     except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, TrainerError):
-            raise
-        raise DataError(f"{model_source.uri}: cannot load a Hugging Face causal LM and tokenizer: {e}") from None
+        raise DataError(f"{model_source.uri}: cannot load a Hugging Face tokenizer: {e}") from None
+    model = load_causal_lm(model_source, local_dir, method_spec, device_type)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def download_model(storage: Storage, uri: str, local_dir: Path) -> None:
+    if not storage.download_prefix(uri, local_dir):
+        raise DataError(f"{uri}: no model files under this prefix")
+
+
+def load_causal_lm(model_source: cfg.ModelSource, local_dir: Path, method_spec, device_type):
+    from transformers import AutoModelForCausalLM
+
+    gguf = {"gguf_file": model_source.ggufFile} if model_source.ggufFile else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(local_dir, **gguf, **method_spec.load_kwargs(device_type))
+    except (OSError, ValueError, KeyError) as e:
+        if isinstance(e, TrainerError):
+            raise
+        raise DataError(f"{model_source.uri}: cannot load a Hugging Face causal LM: {e}") from None
+
+
+# What a candidate model must share with its base to answer the same prompts through the base's tokenizer.
+SAME_ARCHITECTURE_FIELDS = ("model_type", "vocab_size")
+
+
+def check_same_architecture(base_config, candidate_dir: Path, candidate_uri: str, model_uri: str) -> None:
+    """Before the candidate's weights are loaded: its config.json against the base model's config."""
+    from transformers import AutoConfig
+
+    try:
+        candidate_config = AutoConfig.from_pretrained(candidate_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"evaluation.candidateModel.uri {candidate_uri}: no readable Hugging Face config.json: "
+                        f"{str(e)[:300]}") from None
+    differences = [f"{name} {getattr(candidate_config, name, None)!r} (base {getattr(base_config, name, None)!r})"
+                   for name in SAME_ARCHITECTURE_FIELDS
+                   if getattr(candidate_config, name, None) != getattr(base_config, name, None)]
+    if differences:
+        raise ConfigError(f"evaluation.candidateModel.uri {candidate_uri} is not a model of the same architecture "
+                          f"and vocabulary as {model_uri}: {', '.join(differences)}")
 
 
 class Run:
@@ -458,8 +493,10 @@ class Run:
         return uri
 
     def _evaluate_only(self) -> RunSummary:
-        """evaluation.only: the adapter of method.adapter against its base model, no training; evaluation.json, the
-        report and result.json are the outputs (the gates fail the run as after training)."""
+        """evaluation.only: a candidate against its base model, no training; evaluation.json, the report and
+        result.json are the outputs (the gates fail the run as after training). An adapter (method.adapter) is
+        measured on and off its base; a whole model (evaluation.candidateModel) after the base, which is freed
+        first, so that one model is in memory at a time."""
         config, ctx = self.config, self.ctx
         method_spec = methods.get(config.method.type)
         self.base_dir = self.work_dir / f"rank-{ctx.rank}" / "base-model"
@@ -467,12 +504,26 @@ class Run:
                                                          ctx.device_type)
         self.eval_inputs = task_evaluation.load_inputs(self.storage, config.evaluation, self.tokenizer,
                                                        config.preprocessing.maxSeqLength, config.hyperparameters.seed)
-        model = adapters.continue_from(self.storage, model, config.method, config.model.uri,
-                                       self.work_dir / f"rank-{ctx.rank}" / "candidate-adapter", ctx.device_type)
-        candidate = _Evaluated(model.to(ctx.device))
         self.eval_history, self.learning_rates, self.data_reports = [], [], {}
-        self.base_measurement = self._measure(candidate, base=True, uses_adapter=True)
-        tuned = self._measure(candidate, base=False, uses_adapter=True)
+        candidate_model = config.evaluation.candidateModel
+        if candidate_model is None:
+            model = adapters.continue_from(self.storage, model, config.method, config.model.uri,
+                                           self.work_dir / f"rank-{ctx.rank}" / "candidate-adapter", ctx.device_type)
+            candidate = _Evaluated(model.to(ctx.device))
+            self.base_measurement = self._measure(candidate, base=True, uses_adapter=True)
+            tuned = self._measure(candidate, base=False, uses_adapter=True)
+            candidate_uri = config.method.adapter.uri
+        else:
+            base_config = model.config
+            self.base_measurement = self._measure(_Evaluated(model.to(ctx.device)), base=True, uses_adapter=False)
+            del model
+            candidate_dir = self.work_dir / f"rank-{ctx.rank}" / "candidate-model"
+            download_model(self.storage, candidate_model.uri, candidate_dir)
+            check_same_architecture(base_config, candidate_dir, candidate_model.uri, config.model.uri)
+            candidate = load_causal_lm(cfg.ModelSource(uri=candidate_model.uri), candidate_dir, method_spec,
+                                       ctx.device_type)
+            tuned = self._measure(_Evaluated(candidate.to(ctx.device)), base=False, uses_adapter=False)
+            candidate_uri = candidate_model.uri
         result_eval = self._evaluation_result(None, None, tuned)
         self.rejected = [g.message for g in result_eval.gates if not g.passed]
         if ctx.is_main:
@@ -483,7 +534,7 @@ class Run:
         if self.rejected:
             raise EvaluationGateFailed("; ".join(self.rejected) + " (see the evaluation report)")
         result = cfg.RunResult(succeeded=True, reason="Succeeded",
-                               message=f"evaluated {config.method.adapter.uri} against {config.model.uri} (no training)")
+                               message=f"evaluated {candidate_uri} against {config.model.uri} (no training)")
         self.write_result(result)
         return RunSummary(SUCCEEDED, result, {}, result_eval)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import TrainerConfig, evaluate_only_conflicts
+from .config import EVALUATE_ONLY_RULE, TrainerConfig, evaluate_only_conflicts
 from .errors import ConfigError
 
 
@@ -38,9 +38,9 @@ def problems(config: TrainerConfig) -> list[str]:
         found.append("datasets: at least one dataset (or stages) is required, unless output.combine has "
                      "includeTrained false (a combine-only job) or evaluation.only is set (an evaluate-only job)")
     if evaluate_only_conflicts(config):
-        found.append("evaluation.only: an evaluate-only job needs method.adapter (the candidate) and evaluation.tasks "
-                     "or evaluation.general, and no datasets, stages, output.combine, output.merge or "
-                     "evaluation.maxPerplexityRatio")
+        found.append(EVALUATE_ONLY_RULE)
+    if evaluation.candidateModel is not None and not evaluation.only:
+        found.append("evaluation.candidateModel needs evaluation.only (it is evaluated, not trained)")
     if method.adapter is not None and method.type == "full":
         found.append("method.adapter is only allowed with an adapter method (not full)")
     if method.adapter is not None and (method.lora is not None or method.virtualTokens is not None):

@@ -85,6 +85,7 @@ class PolicyStorage(ApiModel):
     modelURIs: list[UriPattern] = Field(
         default_factory=list, max_length=MAX_LIST,
         description="Patterns spec.model.uri must match, and every other source of weights: method.adapter.uri, "
+        "evaluation.candidateModel.uri, "
         "output.combine.adapters[].uri, a content filter's classifier modelUri (`*` matches within one path "
         "segment, a trailing `*` anything below). Empty: any.")
     datasetURIs: list[UriPattern] = Field(

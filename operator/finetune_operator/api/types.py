@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from finetune_operator.api.search import Search
 from finetune_trainer.config import (
     DNS_LABEL_PATTERN,
+    EVALUATE_ONLY_RULE as TRAINER_EVALUATE_ONLY_RULE,
     MAX_CONTENT_FILTERS,
     MAX_EVALUATION_TASKS,
     ApiModel,
@@ -132,9 +133,7 @@ class RunPolicy(ApiModel):
                                    "(allowedPriorityClasses); empty means none.")
 
 
-EVALUATE_ONLY_RULE = ("spec.evaluation.only: an evaluate-only job needs method.adapter (the candidate) and "
-                      "evaluation.tasks or evaluation.general, and no datasets, stages, search, output.combine, "
-                      "output.merge or evaluation.maxPerplexityRatio")
+EVALUATE_ONLY_RULE = "spec." + TRAINER_EVALUATE_ONLY_RULE
 
 _SPEC_RULES = cel(
     (
@@ -146,7 +145,8 @@ _SPEC_RULES = cel(
     ),
     (
         "!has(self.evaluation) || !has(self.evaluation.only) || !self.evaluation.only || "
-        "(has(self.method) && has(self.method.adapter) && "
+        "(has(self.method) && (has(self.method.adapter) != has(self.evaluation.candidateModel)) && "
+        "(!has(self.evaluation.candidateModel) || (has(self.method.type) && self.method.type == 'full')) && "
         "((has(self.evaluation.tasks) && size(self.evaluation.tasks) > 0) || has(self.evaluation.general)) && "
         "(!has(self.datasets) || size(self.datasets) == 0) && (!has(self.stages) || size(self.stages) == 0) && "
         "!has(self.search) && !has(self.output.combine) && (!has(self.output.merge) || !self.output.merge) && "

@@ -169,6 +169,18 @@ def save_lora_adapter(base_dir: str | Path, directory: str | Path, rank: int = 8
     return Path(directory)
 
 
+def save_merged_model(base_dir: str | Path, adapter_dir: str | Path, directory: str | Path) -> Path:
+    """The model in base_dir with the LoRA adapter in adapter_dir merged into its weights (a whole model, as a
+    full fine-tune or output.merge writes one), with the base's tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).merge_and_unload()
+    merged.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(directory)
+    return Path(directory)
+
+
 def upload_tiny_model(storage, uri: str, arch: str = "llama", **model_kwargs) -> str:
     """Save a tiny model into a temporary folder and upload it under uri; storage is a finetune_trainer Storage."""
     with tempfile.TemporaryDirectory() as tmp:
