@@ -16,6 +16,18 @@ from e2e.localcluster.cluster import TENANT_GROUP, LocalCluster
 from e2e.localcluster.operator_release import OperatorRelease
 
 
+def pytest_collection_modifyitems(config, items):
+    """The cluster tier in three groups, each in collection order: the KWOK tier (mostly waiting: the unit tier
+    runs beside it in `make test`), then real training (CPU-bound), then tests that measure times (`quiet`), when
+    nothing else runs. Items outside e2e/ keep their place in front."""
+    def group(item) -> int:
+        if not item.nodeid.startswith("e2e/"):
+            return 0
+        return 3 if item.get_closest_marker("quiet") else 2 if item.get_closest_marker("e2e") else 1
+
+    items[:] = sorted(items, key=group)
+
+
 class Kube:
     """kubectl against the local cluster, as admin or as another kubeconfig's user."""
 
@@ -83,10 +95,9 @@ def tenant_kubeconfig(local_cluster) -> Path:
     return local_cluster.tenant_kubeconfig
 
 
-@pytest.fixture
-def namespace(kube, request) -> str:
-    """A fresh namespace for one test, where tenant users have the built-in `edit` role."""
-    name = f"t-{request.node.name[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:6]}"
+def make_namespace(kube: Kube, label: str) -> str:
+    """A fresh namespace named after label, where tenant users have the built-in `edit` role."""
+    name = f"t-{label[:30].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:6]}"
     name = "".join(c for c in name if c.isalnum() or c == "-")
     kube.apply(
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"finetune.dev/test": "true"}}},
@@ -95,6 +106,13 @@ def namespace(kube, request) -> str:
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
          "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": TENANT_GROUP}]},
     )
+    return name
+
+
+@pytest.fixture
+def namespace(kube, request) -> str:
+    """A fresh namespace for one test."""
+    name = make_namespace(kube, request.node.name)
     yield name
     kube.run("delete", "namespace", name, "--wait=false", check=False)
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Every test tier: unit (tests/), the control plane and end to end (e2e/tests/).
 # Starts the local cluster when none is running and stops it again afterwards.
+# Without arguments the unit tier runs beside the cluster tier (two pytest processes): the cluster tier
+# starts with its KWOK tests, which mostly wait, and leaves real training and timed tests for later
+# (e2e/conftest.py orders them). With arguments: one pytest with those arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -9,6 +12,29 @@ if ! $py -m e2e.localcluster status >/dev/null 2>&1; then
   started_here=1
   $py -m e2e.localcluster up
 fi
-cleanup() { if [ "$started_here" = 1 ]; then $py -m e2e.localcluster down || true; fi; }
+unit_pid=""
+cleanup() {
+  if [ -n "$unit_pid" ]; then kill "$unit_pid" 2>/dev/null || true; fi
+  if [ "$started_here" = 1 ]; then $py -m e2e.localcluster down || true; fi
+}
 trap cleanup EXIT
-$py -m pytest "$@"
+if [ $# -gt 0 ]; then
+  $py -m pytest "$@"
+  exit
+fi
+mkdir -p .cache
+unit_log=.cache/unit-tier.log
+start=$(date +%s)
+$py -m pytest tests >"$unit_log" 2>&1 &
+unit_pid=$!
+set +e
+$py -m pytest e2e/tests
+cluster_rc=$?
+wait "$unit_pid"
+unit_rc=$?
+unit_pid=""
+set -e
+echo "==== the unit tier (tests/), run beside the cluster tier: $unit_log ===="
+cat "$unit_log"
+echo "test.sh: unit tier exit $unit_rc, cluster tier exit $cluster_rc, $(( $(date +%s) - start ))s"
+[ "$unit_rc" = 0 ] && [ "$cluster_rc" = 0 ]

@@ -262,14 +262,46 @@ VARIANTS = {
          "datasets": [{"uri": "s3://team-a/data/support.jsonl", "format": "chat"}]},
     ]),
 }
+GATED = {
+    "task-gated": dict(evaluation={"compareToBase": True, "maxSamples": 24, "tasks": [
+        {"name": "helpdesk", "uri": "s3://team-a/data/eval/helpdesk-questions.jsonl", "maxSamples": 8,
+         "maxNewTokens": 16, "gate": {"metric": "exactMatch", "minScore": 1.0}}]}),
+    "gated": dict(evaluation={"compareToBase": True, "maxSamples": 24, "maxPerplexityRatio": 0.01}),
+}
+
+
+@pytest.fixture(scope="module")
+def side_by_side(kube, local_cluster, operator):
+    """The variants and the gated jobs, applied at once into one namespace and left to run side by side: a
+    job's pods are limited to their CPU request, here 2 x 400m, so that the 2-CPU node runs two jobs at a time
+    (beside CoreDNS and the operator) and the scheduler queues the rest. Returns namespace, the jobs and their
+    settled statuses (a job that did not settle in time has its last status, which its test reports)."""
+    from e2e.conftest import make_namespace
+
+    namespace = make_namespace(kube, "side-by-side")
+    resources = {**_demo_documents()[1]["spec"]["resources"], "cpu": "400m"}
+    jobs = {name: small_job(name, resources=resources, **changes)[1]
+            for name, changes in {**VARIANTS, **GATED}.items()}
+    kube.apply(small_job("secret-only")[0], *jobs.values(), namespace=namespace)
+    statuses: dict[str, dict] = {}
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and len(statuses) < len(jobs):
+        for name in set(jobs) - set(statuses):
+            status = _status(kube, namespace, name)
+            if status.get("phase") in ("Succeeded", "Failed"):
+                statuses[name] = status
+        time.sleep(2)
+    for name in set(jobs) - set(statuses):
+        statuses[name] = _status(kube, namespace, name)
+    yield namespace, jobs, statuses
+    kube.run("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_variants_train_for_real_and_succeed(kube, local_cluster, operator, namespace, variant):
-    secret, job = small_job(variant, **VARIANTS[variant])
-    kube.apply(secret, job, namespace=namespace)
-    status = _wait_phase(kube, namespace, variant)
-    assert status["phase"] == "Succeeded", _explain_failure(local_cluster, status)
+def test_variants_train_for_real_and_succeed(local_cluster, side_by_side, variant):
+    _, jobs, statuses = side_by_side
+    job, status = jobs[variant], statuses[variant]
+    assert status.get("phase") == "Succeeded", _explain_failure(local_cluster, status)
     assert status["output"]["adapterUri"]
     assert _keys(local_cluster, status["output"]["adapterUri"])
     if variant == "two-stage":
@@ -286,26 +318,22 @@ def test_variants_train_for_real_and_succeed(kube, local_cluster, operator, name
         assert stage["datasets"][0]["droppedByContentFilters"] == filters["no-errors"][0]
 
 
-def test_an_unreachable_task_gate_fails_the_job_naming_the_metric_and_keeps_the_outputs(kube, local_cluster, operator,
-                                                                                        namespace):
-    task = {"name": "helpdesk", "uri": "s3://team-a/data/eval/helpdesk-questions.jsonl", "maxSamples": 8,
-            "maxNewTokens": 16, "gate": {"metric": "exactMatch", "minScore": 1.0}}
-    secret, job = small_job("task-gated", evaluation={"compareToBase": True, "maxSamples": 24, "tasks": [task]})
-    kube.apply(secret, job, namespace=namespace)
-    status = _wait_phase(kube, namespace, "task-gated")
-    assert status["phase"] == "Failed"
+def test_an_unreachable_task_gate_fails_the_job_naming_the_metric_and_keeps_the_outputs(local_cluster, side_by_side):
+    _, jobs, statuses = side_by_side
+    status = statuses["task-gated"]
+    assert status.get("phase") == "Failed", _explain_failure(local_cluster, status)
     failed = _conditions(status)["Failed"]
     assert "EvaluationGateFailed" in failed["reason"] + failed["message"], failed
     assert "task helpdesk: exactMatch" in failed["message"] and "below the minimum 1.000" in failed["message"], failed
     assert status["evaluation"]["tasks"][0]["metric"] == "exactMatch"
-    assert _keys(local_cluster, job["spec"]["output"]["uri"] + "adapter/"), "a rejected model's outputs are kept"
+    assert _keys(local_cluster, jobs["task-gated"]["spec"]["output"]["uri"] + "adapter/"), \
+        "a rejected model's outputs are kept"
 
 
-def test_a_failed_evaluation_gate_fails_the_job_with_the_reason(kube, local_cluster, operator, namespace):
-    secret, job = small_job("gated", evaluation={"compareToBase": True, "maxSamples": 24, "maxPerplexityRatio": 0.01})
-    kube.apply(secret, job, namespace=namespace)
-    status = _wait_phase(kube, namespace, "gated")
-    assert status["phase"] == "Failed"
+def test_a_failed_evaluation_gate_fails_the_job_with_the_reason(local_cluster, side_by_side):
+    _, _, statuses = side_by_side
+    status = statuses["gated"]
+    assert status.get("phase") == "Failed", _explain_failure(local_cluster, status)
     failed = _conditions(status)["Failed"]
     assert failed["status"] == "True"
     assert "EvaluationGateFailed" in failed["reason"] + failed["message"], failed

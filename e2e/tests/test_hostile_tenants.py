@@ -55,6 +55,7 @@ def operator_restarts(operator) -> int:
 
 # ---- tenant storage never stalls the operator -----------------------------------------------------
 
+@pytest.mark.quiet
 def test_hostile_endpoints_cost_their_tenant_only(local_cluster, operator):
     results = bench.measure(local_cluster, operator, jobs=50, samples=2, settle_seconds=15)
     print(bench.report([results]))

@@ -194,13 +194,29 @@ def test_every_example_but_the_real_training_demo_runs_on_kwok_pools():
         assert job["spec"]["resources"]["nodePool"] in ("a100", "cpu"), name
 
 
+@pytest.fixture(scope="module")
+def applied_examples(kube, operator):
+    """Every KWOK example applied as it is into one namespace at once (their Secrets are the same), each waited
+    for to succeed: namespace and example -> job name."""
+    from e2e.conftest import make_namespace
+
+    namespace = make_namespace(kube, "examples")
+    names = {}
+    for example in KWOK_EXAMPLES:
+        path = EXAMPLES / example
+        names[example] = [d for d in yaml.safe_load_all(path.read_text())
+                          if d["kind"] == "FineTuneJob"][0]["metadata"]["name"]
+        kube.run("apply", "-n", namespace, "-f", str(path))
+    yield namespace, names
+    kube.run("delete", "namespace", namespace, "--wait=false", check=False)
+
+
 @pytest.mark.parametrize("example", KWOK_EXAMPLES)
-def test_an_example_applies_as_it_is_succeeds_and_shows_no_diff(kube, operator, namespace, example):
-    path = EXAMPLES / example
-    name = [d for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "FineTuneJob"][0]["metadata"]["name"]
-    kube.run("apply", "-n", namespace, "-f", str(path))
-    wait = kube.run("wait", "-n", namespace, "--for=condition=Succeeded", f"finetunejob/{name}", "--timeout=120s",
-                    timeout=150)
+def test_an_example_applies_as_it_is_succeeds_and_shows_no_diff(kube, applied_examples, example):
+    namespace, names = applied_examples
+    path, name = EXAMPLES / example, names[example]
+    wait = kube.run("wait", "-n", namespace, "--for=condition=Succeeded", f"finetunejob/{name}", "--timeout=180s",
+                    timeout=210)
     assert "condition met" in wait.stdout
     status = status_of(kube, namespace, name)
     assert status["phase"] == "Succeeded"
