@@ -10,6 +10,7 @@ import pytest
 
 from e2e.localcluster import s3 as local_s3
 from e2e.localcluster.paths import REPO_ROOT
+from finetune_operator import s3
 from finetune_operator.api.types import parse_spec
 from finetune_operator.validation import s3_uris_to_check
 
@@ -22,15 +23,10 @@ JOBS = [(f"{source}:{doc['metadata']['name']}", doc) for source, doc in example_
         if doc["kind"] == "FineTuneJob"]
 
 
-def _exists(client, uri: str) -> bool:
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    listed = client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
-    return listed.get("KeyCount", 0) > 0
-
-
 @pytest.mark.parametrize("name,job", JOBS, ids=[j[0] for j in JOBS])
 def test_the_local_s3_holds_every_input_an_example_names(local_cluster, name, job):
-    client = local_s3.client(local_cluster.s3_endpoint)
-    missing = {field: uri for field, uri in s3_uris_to_check(parse_spec(job["spec"])).items()
-               if not _exists(client, uri)}
+    uris = s3_uris_to_check(parse_spec(job["spec"]))
+    checks = s3.check_inputs(local_cluster.s3_endpoint, local_s3.REGION,
+                             s3.Credentials(local_s3.ACCESS_KEY, local_s3.SECRET_KEY), uris)
+    missing = {field: uri for field, uri in uris.items() if not checks[field].exists}
     assert not missing, f"{name}: not in the local S3 (e2e/localcluster/seed.py seeds what examples name): {missing}"

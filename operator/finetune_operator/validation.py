@@ -18,7 +18,7 @@ from finetune_operator.api.types import EVALUATE_ONLY_RULE, FineTuneJobSpec, par
 from finetune_operator.problems import DIGEST, Problem
 from finetune_operator.builders.names import CREDENTIAL_KEYS, CREDENTIALS_OPT_IN_LABEL
 from finetune_operator.config import OperatorConfig
-from finetune_trainer.config import evaluate_only_conflicts
+from finetune_trainer.config import CANDIDATE_MODEL_RULE, evaluate_only_conflicts
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,7 @@ def check_evaluate_only(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Prob
     if evaluate_only_conflicts(spec):
         return [Problem("InvalidSpec", EVALUATE_ONLY_RULE)]
     if spec.evaluation.candidateModel is not None and not spec.evaluation.only:
-        return [Problem("InvalidSpec", "spec.evaluation.candidateModel: needs evaluation.only (it is evaluated, "
-                                       "not trained)")]
+        return [Problem("InvalidSpec", "spec." + CANDIDATE_MODEL_RULE)]
     return []
 
 

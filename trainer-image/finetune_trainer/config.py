@@ -680,6 +680,9 @@ EVALUATE_ONLY_RULE = ("evaluation.only: an evaluate-only job needs one candidate
                       "datasets, stages, search, output.combine, output.merge or evaluation.maxPerplexityRatio")
 
 
+CANDIDATE_MODEL_RULE = "evaluation.candidateModel needs evaluation.only (it is evaluated, not trained)"
+
+
 def evaluate_only_conflicts(job) -> bool:
     """evaluation.only set on a job (a TrainerConfig or a FineTuneJobSpec) that cannot be evaluate-only: not exactly
     one candidate (method.adapter, or evaluation.candidateModel with method full), nothing to evaluate it on, or
@@ -709,8 +712,7 @@ class Evaluation(ApiModel):
             ("!has(self.tasks) || !has(self.compareToBase) || self.compareToBase || "
              "self.tasks.all(t, !has(t.gate) || !has(t.gate.minGain))",
              "evaluation.tasks[].gate.minGain needs evaluation.compareToBase true"),
-            ("!has(self.candidateModel) || (has(self.only) && self.only)",
-             "evaluation.candidateModel needs evaluation.only (it is evaluated, not trained)"),
+            ("!has(self.candidateModel) || (has(self.only) && self.only)", CANDIDATE_MODEL_RULE),
         )
     )
     compareToBase: bool = Field(default=True, description="Measure the base model's validation perplexity before training.")

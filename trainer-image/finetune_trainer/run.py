@@ -544,8 +544,7 @@ class Run:
 
         self.base_dir = self.work_dir / f"rank-{self.ctx.rank}" / "base-model"
         if self.ctx.is_main:
-            if not self.storage.download_prefix(self.config.model.uri, self.base_dir):
-                raise DataError(f"{self.config.model.uri}: no model files under this prefix")
+            download_model(self.storage, self.config.model.uri, self.base_dir)
             gguf = {"gguf_file": self.config.model.ggufFile} if self.config.model.ggufFile else {}
             self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir, **gguf)
         combined_uri = self._combine(include_trained=False)

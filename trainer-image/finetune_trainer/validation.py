@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import EVALUATE_ONLY_RULE, TrainerConfig, evaluate_only_conflicts
+from .config import CANDIDATE_MODEL_RULE, EVALUATE_ONLY_RULE, TrainerConfig, evaluate_only_conflicts
 from .errors import ConfigError
 
 
@@ -40,7 +40,7 @@ def problems(config: TrainerConfig) -> list[str]:
     if evaluate_only_conflicts(config):
         found.append(EVALUATE_ONLY_RULE)
     if evaluation.candidateModel is not None and not evaluation.only:
-        found.append("evaluation.candidateModel needs evaluation.only (it is evaluated, not trained)")
+        found.append(CANDIDATE_MODEL_RULE)
     if method.adapter is not None and method.type == "full":
         found.append("method.adapter is only allowed with an adapter method (not full)")
     if method.adapter is not None and (method.lora is not None or method.virtualTokens is not None):
