@@ -39,6 +39,9 @@ def local_operator_config(cluster: LocalCluster, overrides: dict | None = None) 
     config.update(s3Endpoint=cluster.s3_endpoint, trainerImage=cluster.image("trainer"),
                   imagePullPolicy="Never")
     config.setdefault("s3Egress", {})["ports"] = [cluster.state.ports["s3"]]
+    # Every Service name on the S3 port is allowed by wildcard: each resolves into the cluster's own
+    # ranges, so the operator must refuse it by its address (test_hostile_tenants.py).
+    config["allowedS3Endpoints"] = [f"http://*.svc.cluster.local:{cluster.state.ports['s3']}"]
     return {**config, **(overrides or {})}
 
 

@@ -209,6 +209,9 @@ CAN_I_CASES = [
     ("get", "secrets", "TENANT", True),
     ("create", "events", "TENANT", True),
     ("list", "events", "ftj-any-sandbox", True),
+    ("get", "endpointslices.discovery.k8s.io#kubernetes", "default", True),  # the API server's addresses
+    ("get", "endpointslices.discovery.k8s.io", "default", False),  # that one only
+    ("get", "endpointslices.discovery.k8s.io#kubernetes", "kube-system", False),
     ("list", "secrets", "", False),
     ("watch", "secrets", "", False),
     ("list", "secrets", "TENANT", False),
@@ -235,11 +238,13 @@ CAN_I_CASES = [
 
 
 @pytest.mark.parametrize("verb, resource, namespace, allowed", CAN_I_CASES,
-                         ids=[f"{v}-{r.split('.')[0]}-{n or 'cluster'}" for v, r, n, _ in CAN_I_CASES])
+                         ids=[f"{v}-{r.split('.')[0]}{'-' + r.split('#')[1] if '#' in r else ''}-{n or 'cluster'}"
+                              for v, r, n, _ in CAN_I_CASES])
 def test_service_account_can_do_only_what_the_operator_needs(kube, release, tenant_namespace, verb, resource,
                                                              namespace, allowed):
     resource, _, subresource = resource.partition("/")  # kubectl reads TYPE/NAME: pass a subresource apart
-    args = ["auth", "can-i", verb, resource, f"--as={operator_sa(release)}"]
+    resource, _, name = resource.partition("#")
+    args = ["auth", "can-i", verb, f"{resource}/{name}" if name else resource, f"--as={operator_sa(release)}"]
     if subresource:
         args.append(f"--subresource={subresource}")
     if namespace == "":
@@ -274,9 +279,44 @@ def test_admission_guard_confines_the_operators_writes_to_sandboxes(kube, releas
     wait_for(denied, 30, f"the admission guard to deny {attempt}")
 
 
+MANAGED = {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/test": "true"}
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
+POD_SECURITY_CASES = [
+    # (what the operator's service account tries: the labels of a sandbox namespace it creates)
+    ("no Pod Security label", MANAGED, False),
+    ("Pod Security privileged", {**MANAGED, "pod-security.kubernetes.io/enforce": "privileged"}, False),
+    ("Pod Security baseline", {**MANAGED, "pod-security.kubernetes.io/enforce": "baseline"}, False),
+    ("restricted at an old version", {**MANAGED, **RESTRICTED, "pod-security.kubernetes.io/enforce-version": "v1.20"},
+     False),
+    ("restricted, latest", {**MANAGED, **RESTRICTED}, True),
+]
+
+
+@pytest.mark.parametrize("what, labels, allowed", POD_SECURITY_CASES, ids=[c[0] for c in POD_SECURITY_CASES])
+def test_admission_guard_lets_the_operator_make_only_restricted_sandboxes(kube, release, what, labels, allowed):
+    """A stolen operator token cannot make a namespace where privileged pods are admitted."""
+    namespace = {"apiVersion": "v1", "kind": "Namespace",
+                 "metadata": {"name": f"ftj-helm-psa-{uuid.uuid4().hex[:6]}", "labels": labels}}
+    result = kube.run("create", "--dry-run=server", f"--as={operator_sa(release)}", "-f", "-",
+                      input=json.dumps(namespace), check=False)
+    if allowed:
+        assert result.returncode == 0 and "created (server dry run)" in result.stdout, result.stderr
+    else:
+        assert result.returncode != 0 and "must enforce Pod Security restricted" in result.stderr, result
+
+
+def test_admission_guard_keeps_a_sandboxs_pod_security(kube, release):
+    sandbox = make_namespace(kube, f"ftj-helm-psa-{uuid.uuid4().hex[:6]}", {**MANAGED, **RESTRICTED})
+    try:
+        result = kube.run("label", "namespace", sandbox, "pod-security.kubernetes.io/enforce=privileged",
+                          "--overwrite", "--dry-run=server", f"--as={operator_sa(release)}", check=False)
+        assert result.returncode != 0 and "must enforce Pod Security restricted" in result.stderr, result
+    finally:
+        kube.run("delete", "namespace", sandbox, "--wait=false", check=False)
+
+
 def test_admission_guard_lets_the_operator_write_in_its_sandboxes(kube, release):
-    sandbox = make_namespace(kube, f"ftj-helm-guard-{uuid.uuid4().hex[:6]}",
-                             {"app.kubernetes.io/managed-by": "finetune-operator", "finetune.dev/test": "true"})
+    sandbox = make_namespace(kube, f"ftj-helm-guard-{uuid.uuid4().hex[:6]}", {**MANAGED, **RESTRICTED})
     try:
         result = kube.run("create", "secret", "generic", "s3-credentials", "--from-literal=k=v", "-n", sandbox,
                           "--dry-run=server", f"--as={operator_sa(release)}")
@@ -302,7 +342,10 @@ def test_a_finetunejob_from_examples_succeeds_with_the_helm_installation(kube, r
     assert 'finetune_jobs{phase="Succeeded"} 1.0' in metrics, metrics
     pod = operator_pod(kube, release)
     log = kube.run("logs", "-n", release, pod["metadata"]["name"], "-c", "operator").stdout
-    assert "forbidden" not in log.lower() and "[ERROR" not in log, log[-4000:]
+    # A request kopf retries (the API server answering 429 "storage is (re)initializing" right after
+    # a CRD was applied) is no refusal; anything else at ERROR is.
+    errors = [line for line in log.splitlines() if "[ERROR" in line and "failed; will retry" not in line]
+    assert "forbidden" not in log.lower() and not errors, log[-4000:]
     kube.run("delete", "finetunejob", name, "-n", tenant_namespace, "--timeout=120s", timeout=150)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import string
 import time
 import uuid
@@ -16,7 +17,9 @@ import uuid
 import pytest
 
 from bench import hostile_tenants as bench
+from e2e.localcluster import network
 from e2e.localcluster import s3 as local_s3
+from e2e.localcluster.hostile_s3 import HostileS3
 from e2e.tests.test_control_plane import _wait_for
 from e2e.tests.test_operator_cluster import (
     credentials,
@@ -94,6 +97,48 @@ def test_a_hostile_endpoint_is_refused_by_name_and_nothing_is_created(kube, loca
     assert owned_namespaces(kube, job_uid(kube, namespace, "endpoint")) == []
 
 
+def bait_service(namespace: str, port: int, target: HostileS3) -> list[dict]:
+    """A Service `bait` on the S3 port whose only endpoint is the hostile server on the host: a name
+    under the local operator's wildcard (*.svc.cluster.local) that resolves into the cluster's own
+    ranges, the way a tenant's own DNS name may lead to an internal address."""
+    host, target_port = target.server.server_address[:2]
+    return [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bait", "namespace": namespace},
+         "spec": {"ports": [{"name": "s3", "port": port, "targetPort": target_port, "protocol": "TCP"}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "bait-host", "namespace": namespace, "labels": {"kubernetes.io/service-name": "bait"}},
+         "addressType": "IPv4", "endpoints": [{"addresses": [host]}],
+         "ports": [{"name": "s3", "port": target_port, "protocol": "TCP"}]},
+    ]
+
+
+def test_a_wildcard_endpoint_is_judged_by_where_it_resolves_before_any_request(kube, local_cluster, operator,
+                                                                               namespace):
+    """The allow-list admits every *.svc.cluster.local name on the S3 port; what the name resolves to
+    is judged before the operator sends it anything: a name leading to a cluster address is refused
+    and the server behind it never hears from the operator; a name that does not resolve waits."""
+    port = local_cluster.state.ports["s3"]
+    with HostileS3(host=network.NODE_IP) as server:
+        kube.apply(*bait_service(namespace, port, server), namespace=namespace)
+        bait = ftj("bait", storage={"endpoint": f"http://bait.{namespace}.svc.cluster.local:{port}"})
+        absent = ftj("absent", storage={"endpoint": f"http://absent.{namespace}.svc.cluster.local:{port}"})
+        kube.apply(credentials(), bait, absent, namespace=namespace)
+        cond = validated(kube, namespace, "bait")
+        assert cond["status"] == "False" and cond["reason"] == "EndpointAddressBlocked", cond
+        assert not re.search(r"\d+\.\d+\.\d+\.\d+", cond["message"]), cond  # no DNS oracle: no address named
+
+        def waiting():
+            conds = status_of(kube, namespace, "absent").get("conditions") or []
+            return next((c for c in conds if c["type"] == "Validated" and c.get("reason") == "EndpointUnresolvable"),
+                        None)
+        cond = _wait_for(waiting, 90, "the unresolvable endpoint to be reported", interval=1)
+        assert cond["status"] == "Unknown", cond
+        time.sleep(5)  # a few more passes of both jobs
+        assert server.requests == [], server.requests
+        for name in ("bait", "absent"):
+            assert owned_namespaces(kube, job_uid(kube, namespace, name)) == []
+
+
 # ---- sandbox identity -----------------------------------------------------------------------------
 
 def test_tenants_whose_names_join_alike_run_in_separate_sandboxes(kube, operator, cfg):
@@ -116,6 +161,42 @@ def test_tenants_whose_names_join_alike_run_in_separate_sandboxes(kube, operator
     finally:
         for tenant, _ in pairs:
             kube.run("delete", "namespace", tenant, "--wait=false", check=False)
+
+
+def kube_calls(local_cluster, calls):
+    """Run `calls(k8s.Kube)` with the operator's own client against the real API server."""
+    from lightkube import AsyncClient, KubeConfig
+
+    from finetune_operator import k8s
+
+    async def run():
+        client = AsyncClient(KubeConfig.from_file(str(local_cluster.kubeconfig)), field_manager=n.MANAGER)
+        try:
+            return await calls(k8s.Kube(client))
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def test_a_delete_whose_uid_names_another_object_removes_nothing(kube, local_cluster):
+    """Deletes of sandboxes carry the namespace's uid: a namespace of the same name that is another
+    object now (deleted and made again by someone else) is left alone."""
+    from finetune_operator import k8s
+
+    name = f"t-uid-{uuid.uuid4().hex[:8]}"
+    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {"finetune.dev/test": "true"}}})
+    uid = kube.get("namespace", name)["metadata"]["uid"]
+    other = str(uuid.uuid4())
+    assert kube_calls(local_cluster, lambda api: api.delete(k8s.Namespace, name, uid=other)) is False
+    assert kube.get("namespace", name)["metadata"]["uid"] == uid and "deletionTimestamp" not in kube.get(
+        "namespace", name)["metadata"]
+    assert kube_calls(local_cluster, lambda api: api.delete(k8s.Namespace, name, uid=uid)) is True
+    assert kube_calls(local_cluster, lambda api: api.delete(k8s.Namespace, f"{name}-absent", uid=uid)) is False
+
+
+def test_the_operator_reads_the_api_servers_addresses(local_cluster):
+    """What the operator excepts from every sandbox's S3 egress: the API server's own endpoint."""
+    assert kube_calls(local_cluster, lambda api: api.api_server_endpoints()) == (network.NODE_IP,)
 
 
 def test_a_pass_delayed_between_observe_and_apply_never_takes_another_namespace(kube, local_cluster, operator, cfg,

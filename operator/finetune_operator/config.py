@@ -59,7 +59,13 @@ class ClusterDNS(ConfigModel):
 
 class OperatorConfig(ConfigModel):
     trainerImage: str = Field(description="Trainer image used when spec.image is empty.")
-    imagePullPolicy: str = Field(default="IfNotPresent", description="Pull policy of the trainer container.")
+    imagePullPolicy: str = Field(default="IfNotPresent", description="Pull policy of the trainer container when it "
+                                 "runs trainerImage.")
+    tenantImagePullPolicy: str = Field(
+        default="Always", pattern=r"^(Always|IfNotPresent|Never)$",
+        description="Pull policy of the trainer container when it runs a job's own spec.image. Always (the default): "
+        "the registry checks the sandbox's right to the image on every start, so another tenant's private image "
+        "cached on the node is not run from the cache (what the AlwaysPullImages admission plugin does).")
     nodePools: dict[str, NodePool] = Field(description="Node pools a FineTuneJob may name in resources.nodePool.")
     defaultNodePool: str = Field(description="Pool used when resources.nodePool is empty.")
     sandboxPrefix: str = Field(default="ftj", max_length=10, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",

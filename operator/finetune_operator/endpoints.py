@@ -140,11 +140,12 @@ def needs_resolution(url: str, cfg: OperatorConfig) -> str | None:
 
 
 def check_endpoint(url: str, cfg: OperatorConfig, resolved: tuple[Address, ...] | None = None,
-                   api_server: tuple[Address, ...] = ()) -> list[EndpointProblem]:
+                   api_server: tuple[Address, ...] = (), *, unanswered: bool = False) -> list[EndpointProblem]:
     """Problems of a tenant's `spec.storage.endpoint` (the empty endpoint is the configured one).
 
-    `resolved`: the addresses the host resolved to (None: not resolved yet, so only the written
-    form is judged; an empty tuple: it did not resolve)."""
+    `resolved`: the addresses the host resolved to (None: not asked yet, so only the written form is
+    judged; an empty tuple: it did not resolve). `unanswered`: it was asked and gave no answer in
+    time, which is no pass (a transient problem: asked again on the next pass)."""
     if not url:
         return []
     origin = parse_origin(url)
@@ -167,7 +168,10 @@ def check_endpoint(url: str, cfg: OperatorConfig, resolved: tuple[Address, ...] 
     wildcard = match.host.startswith("*.")
     addresses = (literal,) if literal is not None else (resolved if wildcard else ())
     if addresses is None:
-        return problems  # resolved on the next pass
+        if unanswered:
+            return [EndpointProblem("EndpointUnresolvable", f"{origin.host} gave no DNS answer in time; asked again "
+                                                            "on the next pass")]
+        return problems  # not asked yet: the reconcile resolves it before any request goes there
     if wildcard and literal is None and not addresses:
         return [EndpointProblem("EndpointUnresolvable", f"{origin.host} does not resolve")]
     forbidden = NEVER_NETWORKS if not wildcard else NEVER_NETWORKS + blocked_networks(cfg, api_server)
@@ -195,6 +199,15 @@ def resolve(host: str) -> tuple[Address, ...]:
         if address is not None and address not in addresses:
             addresses.append(address)
     return tuple(addresses)
+
+
+def excepting_api_server(cfg: OperatorConfig, api_server: tuple[Address, ...]) -> OperatorConfig:
+    """The configuration with the API server's addresses among the cluster's own ranges: excepted from
+    every S3 ipBlock of a sandbox's egress (a default of 0.0.0.0/0 on port 443 would otherwise reach an
+    API server that listens on 443), and never where a wildcard endpoint may lead."""
+    extra = [str(ipaddress.ip_network(a)) for a in api_server]
+    merged = list(dict.fromkeys([*cfg.clusterNetworks, *extra]))
+    return cfg.model_copy(update={"clusterNetworks": merged})
 
 
 def api_server_addresses(env: dict[str, str] | None = None) -> tuple[Address, ...]:

@@ -20,7 +20,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from finetune_operator import k8s, tenancy
+from finetune_operator import endpoints, k8s, tenancy
 from finetune_operator.api import tenant
 from finetune_operator.api import types as t
 from finetune_operator.builders import names as n
@@ -49,6 +49,21 @@ def plain(body: Any) -> dict[str, Any]:
     return copy.deepcopy({key: body[key] for key in body})
 
 
+async def api_server_endpoints(kube: k8s.Kube) -> tuple[endpoints.Address, ...]:
+    """The API server's endpoint addresses (read once at start); none when they cannot be read (the
+    `kubernetes` Service address from the pod's environment is still excepted)."""
+    try:
+        found = await kube.api_server_endpoints()
+    except Exception as exc:  # noqa: BLE001 - RBAC or a transient error: start without them, say so
+        log.warning("cannot read the API server's endpoints (EndpointSlice default/kubernetes): %s; sandboxes "
+                    "except only the kubernetes Service address and clusterNetworks from S3 egress", exc)
+        return ()
+    addresses = tuple(a for a in map(endpoints.ip_literal, found) if a is not None)
+    log.info("the API server's addresses, excepted from every sandbox's S3 egress: %s",
+             ", ".join(map(str, addresses)) or "none found")
+    return addresses
+
+
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metrics_server: bool = True) -> None:
     """Register every handler on `registry` (kopf's decorators, bound to this configuration)."""
     resource = dict(group=t.GROUP, version=t.VERSION, plural=t.PLURAL, registry=registry)
@@ -62,7 +77,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
         metrics = Metrics()
         if start_metrics_server:
             start_http_server(cfg.operatorMetricsPort, registry=metrics.registry)
-        memo.reconciler = Reconciler(kube, cfg, metrics)
+        api_server = endpoints.api_server_addresses() + await api_server_endpoints(kube)
+        memo.reconciler = Reconciler(kube, endpoints.excepting_api_server(cfg, api_server), metrics,
+                                     api_server=api_server)
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

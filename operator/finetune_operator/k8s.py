@@ -20,6 +20,7 @@ from lightkube.resources.core_v1 import (
     Secret,
     ServiceAccount,
 )
+from lightkube.resources.discovery_v1 import EndpointSlice
 from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.types import CascadeType, PatchType
 
@@ -86,6 +87,13 @@ class Kube:
             if is_not_found(exc):
                 return None
             raise
+
+    async def api_server_endpoints(self) -> tuple[str, ...]:
+        """The API server's own addresses: the EndpointSlice `kubernetes` in `default`, which the API
+        server keeps and where kube-proxy leads the `kubernetes` Service."""
+        endpoint_slice = await self.get(EndpointSlice, "kubernetes", "default")
+        return tuple(address for endpoint in (endpoint_slice or {}).get("endpoints") or []
+                     for address in endpoint.get("addresses") or [])
 
     async def list(self, res: Any, namespace: str, labels: dict[str, Any] | None = None,
                    fields: dict[str, str] | None = None) -> list[dict[str, Any]]:

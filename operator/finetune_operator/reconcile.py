@@ -101,6 +101,7 @@ class View:
     policy: tenancy.Policy | None = None  # the TenantPolicy governing the job's namespace
     hold: Problem | None = None  # why the run may not start yet (budget, running-job limit)
     trials: dict[int, driver.TrialRun] = field(default_factory=dict)  # a search's trials with a PyTorchJob
+    endpoint_addresses: tuple[Any, ...] = ()  # the judged addresses of a wildcard endpoint: the only ones dialled
 
 
 @dataclass
@@ -357,10 +358,11 @@ class Outcome:
 
 class Reconciler:
     def __init__(self, kube: k8s.Kube, cfg: OperatorConfig, metrics: Metrics,
-                 clock: Callable[[], datetime] = utcnow, io: TenantIO | None = None) -> None:
+                 clock: Callable[[], datetime] = utcnow, io: TenantIO | None = None,
+                 api_server: tuple[Any, ...] | None = None) -> None:
         self.kube, self.cfg, self.metrics, self.clock = kube, cfg, metrics, clock
         self.io = io or TenantIO()
-        self.api_server = endpoints.api_server_addresses()
+        self.api_server = endpoints.api_server_addresses() if api_server is None else api_server
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_read: dict[str, float] = {}
         self._input_checks: dict[str, tuple[tuple[int, str], dict[str, Any]]] = {}
@@ -439,6 +441,12 @@ class Reconciler:
         host = endpoints.needs_resolution(spec.storage.endpoint, tenancy.effective_config(self.cfg, policy))
         if host:
             facts.endpoint_addresses = await self._resolve(meta["namespace"], host)
+            facts.endpoint_unanswered = facts.endpoint_addresses is None
+            # The answer is judged before any request goes to that host, and only those addresses are dialled.
+            view.spec, view.problems = self._validated(raw_spec, facts, started)
+            if view.spec is None or view.problems:
+                return view
+            view.endpoint_addresses = facts.endpoint_addresses or ()
         if view.namespace is not None:
             pods = await self.kube.list(k8s.Pod, sandbox, labels={n.LABEL_JOB_UID: uid})
             view.run_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(n.LABEL_RUN_ID) == run_id]
@@ -448,7 +456,7 @@ class Reconciler:
         needs_inputs = (facts.secret_found and not started and not run_finished(status, run_id))
         if needs_inputs and not view.other_runs:
             facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.secret,
-                                                meta["namespace"])
+                                                meta["namespace"], view.endpoint_addresses)
         view.spec, view.problems = self._validated(raw_spec, facts, started)
         if view.spec is not None and not view.problems and not started and not run_finished(status, run_id):
             view.hold = tenancy.start_hold(tenancy.job_summary(body), policy, tenants)
@@ -478,7 +486,8 @@ class Reconciler:
             try:
                 trial.documents = await self.io.run(
                     meta["namespace"], DOCUMENTS_TIMEOUT, s3.read_documents, spec.storage.endpoint or self.cfg.s3Endpoint,
-                    spec.storage.region, creds, n.trial_output_uri(spec.output.uri, number), spec.runId)
+                    spec.storage.region, creds, n.trial_output_uri(spec.output.uri, number), spec.runId,
+                    addresses=view.endpoint_addresses)
             except TenantIOTimeout as exc:
                 log.warning("%s/%s trial %d: %s", meta["namespace"], meta["name"], number, exc)
 
@@ -499,17 +508,19 @@ class Reconciler:
         source = n.trial_output_uri(spec.output.uri, best.number)
         try:
             copied = await self.io.run(meta["namespace"], PROMOTE_TIMEOUT, promote.promote, endpoint, spec.storage.region,
-                                       creds, source, spec.output.uri, spec.runId)
+                                       creds, source, spec.output.uri, spec.runId, addresses=view.endpoint_addresses)
             if copied.error:
                 return driver.Promotion(error=f"promoting trial {best.number} from {source}: {copied.error}")
             search_status = driver.summary(spec.search, plan.search, {})
             document = report.report_document(meta["name"], spec.runId, spec.search, search_status, spec.output.uri)
             written = await self.io.run(meta["namespace"], PROMOTE_TIMEOUT, promote.write_report, endpoint,
-                                        spec.storage.region, creds, run_prefix(spec.output.uri, spec.runId), document)
+                                        spec.storage.region, creds, run_prefix(spec.output.uri, spec.runId), document,
+                                        addresses=view.endpoint_addresses)
             if written.error:
                 return driver.Promotion(error=f"writing the search report: {written.error}")
             docs = await self.io.run(meta["namespace"], DOCUMENTS_TIMEOUT, s3.read_documents, endpoint,
-                                     spec.storage.region, creds, spec.output.uri, spec.runId)
+                                     spec.storage.region, creds, spec.output.uri, spec.runId,
+                                     addresses=view.endpoint_addresses)
         except TenantIOTimeout as exc:
             return driver.Promotion(error=str(exc))
         return driver.Promotion(promoted=True, report_uri=written.uri, documents=docs)
@@ -533,7 +544,7 @@ class Reconciler:
             return None
 
     async def _check_inputs(self, uid: str, generation: int, spec: FineTuneJobSpec, raw_spec: dict[str, Any],
-                            secret: dict[str, Any] | None, tenant: str) -> dict[str, Any]:
+                            secret: dict[str, Any] | None, tenant: str, addresses: tuple[Any, ...]) -> dict[str, Any]:
         key = (generation, n.spec_hash(raw_spec))
         cached = self._input_checks.get(uid)
         if cached and cached[0] == key and all(c.exists for c in cached[1].values()):
@@ -543,7 +554,7 @@ class Reconciler:
         uris = s3_uris_to_check(spec)
         try:
             checks = await self.io.run(tenant, INPUT_CHECK_TIMEOUT, s3.check_inputs, endpoint, spec.storage.region,
-                                       creds, uris)
+                                       creds, uris, addresses=addresses)
         except TenantIOTimeout as exc:
             checks = {path: S3Check(None, str(exc)) for path in uris}
         self._input_checks[uid] = (key, checks)
@@ -685,7 +696,7 @@ class Reconciler:
         try:
             docs = await self.io.run(view.body["metadata"]["namespace"], DOCUMENTS_TIMEOUT, s3.read_documents,
                                      spec.storage.endpoint or self.cfg.s3Endpoint, spec.storage.region, creds,
-                                     spec.output.uri, spec.runId)
+                                     spec.output.uri, spec.runId, addresses=view.endpoint_addresses)
         except TenantIOTimeout as exc:
             log.warning("%s/%s: %s", view.body["metadata"]["namespace"], view.body["metadata"]["name"], exc)
             return

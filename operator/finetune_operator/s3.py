@@ -60,6 +60,24 @@ class _Body(io.BytesIO):
             yield chunk
 
 
+def _pinned(addresses: tuple[Any, ...], deadline: float):
+    """A connect function for http.client that dials only `addresses` (the ones the reconcile resolved
+    and judged), never the name again: a DNS answer that changes after the check (rebinding) cannot
+    send the operator elsewhere. TLS still verifies the certificate against the name."""
+    def create_connection(address: tuple[str, int], timeout: Any = None, source_address: Any = None, *_: Any) -> socket.socket:
+        end, error = time.monotonic() + deadline, OSError(f"no address to connect to for {address[0]}")
+        for ip in addresses:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                return socket.create_connection((str(ip), address[1]), min(left, timeout or left), source_address)
+            except OSError as exc:
+                error = exc
+        raise error
+    return create_connection
+
+
 def _abort(connection: http.client.HTTPConnection, fired: threading.Event) -> None:
     fired.set()
     sock = connection.sock
@@ -72,10 +90,12 @@ class BoundedHTTP:
     """Sends botocore's prepared requests itself (the `before-send` hook): one deadline over the
     whole exchange, enforced by a watchdog that shuts the socket down (so a server that sends its
     headers or body one byte at a time, or nothing at all, cannot hold the call), and a cap on the
-    body, read in chunks. One connection per request, no redirects, no retries."""
+    body, read in chunks. One connection per request, no redirects, no retries. With `addresses`, it
+    connects only to those (see _pinned)."""
 
-    def __init__(self, deadline: float = REQUEST_DEADLINE_SECONDS, max_bytes: int = MAX_RESPONSE_BYTES) -> None:
-        self.deadline, self.max_bytes = deadline, max_bytes
+    def __init__(self, deadline: float = REQUEST_DEADLINE_SECONDS, max_bytes: int = MAX_RESPONSE_BYTES,
+                 addresses: tuple[Any, ...] = ()) -> None:
+        self.deadline, self.max_bytes, self.addresses = deadline, max_bytes, tuple(addresses)
         self.tls = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
 
     def __call__(self, request: Any, **_: Any) -> AWSResponse:
@@ -85,6 +105,9 @@ class BoundedHTTP:
                 url.hostname, url.port, timeout=min(self.deadline, 5.0), context=self.tls)
         else:
             connection = http.client.HTTPConnection(url.hostname, url.port, timeout=min(self.deadline, 5.0))
+        if self.addresses:
+            # http.client dials through this attribute (connect(); HTTPS wraps the socket afterwards).
+            connection._create_connection = _pinned(self.addresses, self.deadline)  # type: ignore[attr-defined]
         fired = threading.Event()
         watchdog = threading.Timer(self.deadline, _abort, (connection, fired))
         watchdog.daemon = True
@@ -136,7 +159,9 @@ def split_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def client(endpoint: str, region: str, creds: Credentials, http: BoundedHTTP | None = None) -> Any:
+def client(endpoint: str, region: str, creds: Credentials, http: BoundedHTTP | None = None,
+           addresses: tuple[Any, ...] = ()) -> Any:
+    """A client whose every request goes through `http` (or a BoundedHTTP dialling only `addresses`)."""
     s3 = boto3.client(
         "s3",
         endpoint_url=endpoint or None,
@@ -147,7 +172,7 @@ def client(endpoint: str, region: str, creds: Credentials, http: BoundedHTTP | N
         config=BotoConfig(connect_timeout=3, read_timeout=5, retries={"total_max_attempts": 1},
                           s3={"addressing_style": "path"}),
     )
-    s3.meta.events.register("before-send.s3", http or BoundedHTTP())
+    s3.meta.events.register("before-send.s3", http or BoundedHTTP(addresses=addresses))
     return s3
 
 
@@ -230,23 +255,26 @@ def blank(encoded: str) -> bool:
         return True
 
 
-def _tenant_client(endpoint: str, region: str, creds: Credentials) -> tuple[Any, str]:
+def _tenant_client(endpoint: str, region: str, creds: Credentials, addresses: tuple[Any, ...]) -> tuple[Any, str]:
     """(client, "") or (None, why not): botocore refuses some regions and endpoints when the client is
     made; the schema refuses them too, but a storage function never raises."""
     try:
-        return client(endpoint, region, creds), ""
+        return client(endpoint, region, creds, addresses=addresses), ""
     except (BotoCoreError, ValueError) as exc:
         return None, f"cannot configure an S3 client: {exc}"
 
 
-def check_inputs(endpoint: str, region: str, creds: Credentials, uris: dict[str, str]) -> dict[str, S3Check]:
-    """check_uris with a client of its own (for the I/O executor: nothing of it runs on the event loop)."""
-    s3, error = _tenant_client(endpoint, region, creds)
+def check_inputs(endpoint: str, region: str, creds: Credentials, uris: dict[str, str],
+                 addresses: tuple[Any, ...] = ()) -> dict[str, S3Check]:
+    """check_uris with a client of its own (for the I/O executor: nothing of it runs on the event loop).
+    `addresses`: the endpoint's judged addresses, the only ones dialled (empty: the name as written)."""
+    s3, error = _tenant_client(endpoint, region, creds, addresses)
     return check_uris(s3, uris) if s3 is not None else {path: S3Check(None, error) for path in uris}
 
 
-def read_documents(endpoint: str, region: str, creds: Credentials, output_uri: str, run_id: str) -> RunDocuments:
-    s3, error = _tenant_client(endpoint, region, creds)
+def read_documents(endpoint: str, region: str, creds: Credentials, output_uri: str, run_id: str,
+                   addresses: tuple[Any, ...] = ()) -> RunDocuments:
+    s3, error = _tenant_client(endpoint, region, creds, addresses)
     if s3 is None:
         log.warning("%s: %s", output_uri, error)
         return RunDocuments()

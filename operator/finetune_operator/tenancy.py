@@ -36,7 +36,7 @@ from finetune_operator.api.tenant import (
 )
 from finetune_operator.api.types import FineTuneJobSpec, Phase
 from finetune_operator.config import OperatorConfig
-from finetune_operator.problems import DIGEST, Problem
+from finetune_operator.problems import DIGEST, Problem, image_from
 
 POLICY_VIOLATION = "PolicyViolation"
 NO_POLICY = "NoTenantPolicy"
@@ -279,7 +279,7 @@ def check_image(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
     images = policy.spec.images
     if not spec.image:
         return []
-    if not any(spec.image.startswith(prefix) for prefix in images.registries):
+    if not image_from(spec.image, images.registries):
         return [_violation(policy, "spec.image", f"{spec.image!r} is not from an allowed registry",
                            f"allowed: {', '.join(images.registries) or 'only the operator trainer image'}")]
     if images.requireDigest and not DIGEST.search(spec.image):

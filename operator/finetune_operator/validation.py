@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from finetune_operator import endpoints, quantity, tenancy
 from finetune_operator.api.types import EVALUATE_ONLY_RULE, FineTuneJobSpec, parse_spec
-from finetune_operator.problems import DIGEST, Problem
+from finetune_operator.problems import DIGEST, Problem, image_from
 from finetune_operator.builders.names import CREDENTIAL_KEYS, CREDENTIALS_OPT_IN_LABEL
 from finetune_operator.config import OperatorConfig
 from finetune_trainer.config import CANDIDATE_MODEL_RULE, evaluate_only_conflicts
@@ -40,6 +40,7 @@ class Facts:
     secret_opted_in: bool = False  # the Secret carries CREDENTIALS_OPT_IN_LABEL=true
     s3: dict[str, S3Check] = field(default_factory=dict)  # spec field path -> check
     endpoint_addresses: tuple[Any, ...] | None = None  # what spec.storage.endpoint's host resolved to
+    endpoint_unanswered: bool = False  # the resolver gave no answer in time (the endpoint is not judged as valid)
     api_server_addresses: tuple[Any, ...] = ()
     policy: tenancy.Policy | None = None  # the TenantPolicy governing the job's namespace
     policy_problem: Problem | None = None  # no policy where one is required, or more than one
@@ -225,7 +226,7 @@ def check_image_allowed(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Prob
     image = spec.image
     if not image:
         return []
-    if not any(image.startswith(prefix) for prefix in cfg.allowedImages):
+    if not image_from(image, cfg.allowedImages):
         allowed = ", ".join(cfg.allowedImages) or "none: only the operator's trainer image"
         return [Problem("ImageNotAllowed", f"spec.image: {image!r} is not from an allowed registry prefix ({allowed})")]
     if cfg.requireImageDigest and not DIGEST.search(image):
@@ -261,7 +262,8 @@ def check_storage_endpoint(spec: FineTuneJobSpec, cfg: OperatorConfig, facts: Fa
     policy = facts.policy
     out = []
     for p in endpoints.check_endpoint(spec.storage.endpoint, tenancy.effective_config(cfg, policy),
-                                      facts.endpoint_addresses, facts.api_server_addresses):
+                                      facts.endpoint_addresses, facts.api_server_addresses,
+                                      unanswered=facts.endpoint_unanswered):
         if policy is not None and p.reason == "EndpointNotAllowed":
             out.append(Problem(tenancy.POLICY_VIOLATION, f"spec.storage.endpoint: {p.message} "
                                                          f"(TenantPolicy {policy.name}: storage.endpoints)"))

@@ -50,8 +50,9 @@ def test_rendered_names_are_unique(rendered):
 
 
 @pytest.mark.parametrize("value_set, expected_kinds", [
-    ("default", {"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service",
-                 "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding", "NetworkPolicy"}),
+    ("default", {"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
+                 "Deployment", "Service", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
+                 "NetworkPolicy"}),
     ("all-features", {"ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding",
                       "Deployment", "Service", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding",
                       "NetworkPolicy", "ServiceMonitor", "PodMonitor", "PrometheusRule"}),
@@ -177,6 +178,9 @@ def test_secret_access_is_read_by_name_and_confined_when_namespaces_are_listed(h
     objects = helm_cli.render(*VALUE_SETS[value_set])
     assert rules_for(objects, "", "secrets") == secret_verbs
     roles = {r["metadata"]["namespace"]: r["rules"] for r in by_kind(objects, "Role")}
+    # The one Role in default reads the API server's EndpointSlice by name, nothing else.
+    assert roles.pop("default") == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                                     "resourceNames": ["kubernetes"], "verbs": ["get"]}]
     assert set(roles) == namespaced_secret_reads
     for rules in roles.values():
         assert rules == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]

@@ -250,6 +250,28 @@ def test_s3_egress_excepts_the_cluster_ranges_around_it(cidr, excepted):
     assert block.get("except") == excepted
 
 
+def test_s3_egress_excepts_the_api_server_even_with_no_cluster_networks_configured():
+    """The chart's defaults (0.0.0.0/0 on 443, clusterNetworks empty): the API server's own addresses,
+    read at start, are excepted, so a sandbox cannot reach an API server that listens on 443."""
+    import ipaddress
+
+    from finetune_operator import endpoints
+
+    chart_defaults = CFG.model_copy(update={"clusterNetworks": [],
+                                            "s3Egress": CFG.s3Egress.model_copy(update={"cidrs": ["0.0.0.0/0", "::/0"]})})
+    api_server = (ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("10.96.0.1"), ipaddress.ip_address("2001:db8::5"))
+    cfg = endpoints.excepting_api_server(chart_defaults, api_server)
+    allow = sandbox_objects(JobRef.from_body(job()), cfg, SECRET)[2]
+    s3_rule = next(rule for rule in allow["spec"]["egress"] if any("ipBlock" in peer for peer in rule["to"]))
+    excepts = {peer["ipBlock"]["cidr"]: peer["ipBlock"]["except"] for peer in s3_rule["to"]}
+    assert {"10.0.0.5/32", "10.96.0.1/32"} <= set(excepts["0.0.0.0/0"]) and "169.254.0.0/16" in excepts["0.0.0.0/0"]
+    assert "2001:db8::5/128" in excepts["::/0"]
+    # and a wildcard endpoint resolving to the API server is refused with no cluster range configured
+    wildcard = cfg.model_copy(update={"allowedS3Endpoints": ["http://*.objects.example.com:9000"]})
+    problems = endpoints.check_endpoint("http://x.objects.example.com:9000", wildcard, (ipaddress.ip_address("10.0.0.5"),))
+    assert [p.reason for p in problems] == ["EndpointAddressBlocked"]
+
+
 def test_sandbox_dns_goes_to_the_cluster_dns_only():
     allow = sandbox_objects(JobRef.from_body(job()), CFG, SECRET)[2]
     dns = next(rule for rule in allow["spec"]["egress"] if any(p.get("port") == 53 for p in rule.get("ports", [])))

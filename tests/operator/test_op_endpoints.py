@@ -26,7 +26,7 @@ def ips(*addresses: str):
 
 
 CASES = [
-    # (what, endpoint, resolved addresses (None: not resolved), expected reasons)
+    # (what, endpoint, resolved addresses (None: not asked yet; NO_ANSWER: asked, no answer in time), expected reasons)
     ("empty: the configured endpoint", "", None, []),
     ("the configured endpoint by name", "http://minio.storage.svc:9000", None, []),
     ("an allowed origin", "https://s3.eu-west-1.amazonaws.com", None, []),
@@ -35,6 +35,8 @@ CASES = [
     ("an allowed IP literal", "http://10.0.5.7:9000", None, []),
     ("a subdomain of a wildcard, public address", "https://team-a.objects.example.com", ips("203.0.113.10"), []),
     ("a subdomain of a wildcard, not resolved yet", "https://team-a.objects.example.com", None, []),
+    ("a subdomain of a wildcard whose DNS gave no answer in time", "https://team-a.objects.example.com", "NO_ANSWER",
+     ["EndpointUnresolvable"]),
     ("the wildcard's own domain", "https://objects.example.com", None, ["EndpointNotAllowed"]),
     ("a subdomain resolving into the pod network", "https://x.objects.example.com", ips("10.244.3.4"),
      ["EndpointAddressBlocked"]),
@@ -73,7 +75,8 @@ CASES = [
 
 @pytest.mark.parametrize("what, url, resolved, expected", CASES, ids=[c[0] for c in CASES])
 def test_endpoint_policy(what, url, resolved, expected):
-    problems = endpoints.check_endpoint(url, CFG, resolved, API_SERVER)
+    unanswered = resolved == "NO_ANSWER"
+    problems = endpoints.check_endpoint(url, CFG, None if unanswered else resolved, API_SERVER, unanswered=unanswered)
     assert [p.reason for p in problems] == expected, problems
     for problem in problems:
         assert problem.reason in endpoints.REASONS and problem.message

@@ -9,6 +9,7 @@ import pytest
 
 from e2e.localcluster import s3 as local_s3
 from finetune_operator import s3
+from finetune_operator.validation import S3Check
 from finetune_trainer.config import Progress, progress_uri, result_uri
 
 
@@ -90,6 +91,23 @@ def test_unreachable_endpoint_is_not_a_verdict():
     check = s3.check_uri(client, "s3://bucket/x.jsonl")
     assert check.exists is None and check.error
     assert s3.read_document(client, "s3://bucket/progress.json", Progress) is None
+
+
+def test_a_pinned_client_dials_only_the_judged_addresses(s3_endpoint, s3_bucket):
+    """The reconcile judges what a wildcard endpoint's name resolved to; the requests then go to those
+    addresses and the name is never resolved again (a DNS answer that changes after the check, i.e.
+    rebinding, has nothing to change). `.invalid` never resolves, so only the pinned address can answer."""
+    import ipaddress
+
+    _, name = s3_bucket
+    port = s3_endpoint.rsplit(":", 1)[1]
+    creds = s3.Credentials(local_s3.ACCESS_KEY, local_s3.SECRET_KEY)
+    uris = {"spec.dataset.uri": f"s3://{name}/nothing-here.jsonl"}
+    pinned = s3.check_inputs(f"http://objects.pinned.invalid:{port}", local_s3.REGION, creds, uris,
+                             addresses=(ipaddress.ip_address("::1"), ipaddress.ip_address("127.0.0.1")))
+    assert pinned["spec.dataset.uri"] == S3Check(False)  # answered by the local S3, after the first address failed
+    by_name = s3.check_inputs(f"http://objects.pinned.invalid:{port}", local_s3.REGION, creds, uris)
+    assert by_name["spec.dataset.uri"].exists is None
 
 
 DEEP = "[" * 100_000 + "]" * 100_000

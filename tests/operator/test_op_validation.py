@@ -6,6 +6,7 @@ import pytest
 
 from finetune_operator.config import OperatorConfig
 from finetune_operator.validation import Facts, S3Check, s3_uris_to_check, validate
+from finetune_operator.problems import image_from
 from op_testdata import ROOT, job, minimal_spec
 
 CFG = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml")
@@ -78,6 +79,31 @@ CASES = [
 def test_validate(name, raw, facts, expected):
     _, problems = validate(raw, CFG, facts)
     assert [(p.reason, p.message.split(":")[0]) for p in problems] == expected
+
+
+IMAGE_CASES = [
+    # (allowed prefixes, image, allowed?)
+    (["registry.example.com"], "registry.example.com/trainer:1", True),
+    (["registry.example.com"], "registry.example.com.evil.io/trainer:1", False),
+    (["registry.example.com"], "registry.example.com-mirror/trainer:1", False),
+    (["registry.example.com/"], "registry.example.com/", False),
+    (["registry.example.com/"], "registry.example.com/team/trainer@sha256:" + "a" * 64, True),
+    (["registry.example.com/team"], "registry.example.com/team/trainer:2", True),
+    (["registry.example.com/team"], "registry.example.com/team:2", True),
+    (["registry.example.com/team"], "registry.example.com/team@sha256:" + "a" * 64, True),
+    (["registry.example.com/team"], "registry.example.com/team-b/trainer:2", False),
+    (["registry.example.com/team"], "registry.example.com/teamx", False),
+    ([""], "anything/at:all", False),
+    ([], "registry.example.com/trainer:1", False),
+]
+
+
+@pytest.mark.parametrize("prefixes, image, allowed", IMAGE_CASES, ids=[f"{c[0]}-{c[1]}" for c in IMAGE_CASES])
+def test_an_allowed_prefix_matches_at_a_boundary(prefixes, image, allowed):
+    assert image_from(image, prefixes) is allowed
+    cfg = CFG.model_copy(update={"allowedImages": prefixes})
+    _, problems = validate(spec(image=image), cfg, GOOD_SECRET)
+    assert ("ImageNotAllowed" in [p.reason for p in problems]) is not allowed
 
 
 def test_messages_explain_the_problem():

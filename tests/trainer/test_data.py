@@ -179,3 +179,41 @@ def test_sample_rows_are_valid_rows_of_their_format():
     for fmt in ("text", "instruction", "chat", "preference"):
         for number, row in enumerate(tiny.sample_rows(fmt, 5), start=1):
             parse_line(json.dumps(row), fmt, "sample", number)
+
+
+def test_training_rows_are_packed_and_held_out_rows_are_scored_alone(storage, bucket, tokenizer):
+    """Packing is for training only: every held-out item is one document (a Sequence, never a packed
+    row), so each validation row is scored by itself."""
+    tiny.upload_rows(storage, f"{bucket}packed/rows.jsonl", tiny.sample_rows("text", 60, seed=4))
+    data = prepare(storage, tokenizer, [_dataset(f"{bucket}packed/rows.jsonl", "text")], Validation(splitRatio=0.2),
+                   Preprocessing(maxSeqLength=64, packing=True), "causal-lm", seed=0)
+    assert data.report["packed"] and data.validation
+    assert all(isinstance(row, packing.PackedRow) for row in data.train)
+    assert any(len(row.documents()) > 1 for row in data.train)
+    assert all(type(item) is Sequence for item in data.validation)
+    assert data.report["validationSequences"] == len(data.validation) == data.report["sources"][0]["validationRows"]
+
+
+def test_each_epoch_packs_a_fresh_subset_of_a_down_sampled_dataset(storage, bucket, tokenizer):
+    """PreparedData.epoch: the down-sampled dataset's rows differ from epoch to epoch and together
+    cover more of it than one epoch does; each epoch is packed again into rows that fit; an epoch is
+    the same on every rank and every restart (a pure function of the seed and the epoch)."""
+    big = upload_dataset(storage, bucket, "big", "text", 60, seed=5)
+    small = upload_dataset(storage, bucket, "small", "text", 20, seed=6)
+    data = prepare(storage, tokenizer, [_dataset(big["uri"], "text", 0.25), _dataset(small["uri"], "text", 0.75)],
+                   Validation(splitRatio=0.0), Preprocessing(maxSeqLength=64, packing=True, deduplicate=False),
+                   "causal-lm", seed=3)
+    big_rows = {tuple(s.input_ids) for s in data.sources[0]}
+
+    def big_docs(items) -> frozenset:
+        return frozenset(tuple(ids) for row in items for ids, _ in row.documents() if tuple(ids) in big_rows)
+
+    epochs = [data.epoch(e) for e in range(4)]
+    assert epochs[0] is data.train
+    for items in epochs:
+        assert all(isinstance(row, packing.PackedRow) and len(row) <= 64 for row in items)
+        assert len(big_docs(items)) == data.report["mixture"][big["uri"]]
+    assert len({big_docs(items) for items in epochs}) == 4
+    assert len(frozenset().union(*map(big_docs, epochs))) > len(big_docs(epochs[0])) * 2
+    again = data.epoch(2)
+    assert [row.documents() for row in again] == [row.documents() for row in epochs[2]]

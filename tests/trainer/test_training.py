@@ -92,6 +92,37 @@ def test_dpo_loss_starts_at_log_two():
                                      "rewards/margins": 0.0}, abs=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_dpo_reference_of_untrained_virtual_tokens_is_the_base_model(kind, tiny_model_dirs):
+    """A DPO stage on fresh prefix/prompt tuning takes its reference log-probs with the adapter
+    disabled (run.py): they must be the base model's own, not the base with random virtual tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer import methods
+    from finetune_trainer.data.tokenize import PreferencePair
+    from finetune_trainer.distributed import DistContext
+    from finetune_trainer.objectives import dpo
+    from finetune_trainer.train import attach_reference_log_probs
+
+    directory = tiny_model_dirs["llama"]
+    torch.manual_seed(0)
+    peft_model = methods.get(kind).apply(AutoModelForCausalLM.from_pretrained(directory),
+                                         cfg.Method(type=kind, virtualTokens=4), "cpu")
+    base = AutoModelForCausalLM.from_pretrained(directory)
+    cpu = DistContext(0, 1, 0, torch.device("cpu"))
+
+    def references(model) -> list[float]:
+        pairs = [PreferencePair([5, 17, 42], [99, 3], [8, 61, 2]), PreferencePair([7, 7], [11], [12, 13])]
+        attach_reference_log_probs(model, pairs, dpo.collate, dpo.pair_log_probs, 0, 2, cpu)
+        return [value for pair in pairs for value in pair.reference]
+
+    with peft_model.disable_adapter():
+        disabled = references(peft_model)
+    assert disabled == pytest.approx(references(base), abs=1e-5)
+    assert references(peft_model) != pytest.approx(disabled, abs=1e-3)  # the virtual tokens do change them
+
+
 def test_second_architecture_qwen2_trains(storage, model_bucket, bucket, s3_endpoint, tmp_path):
     ds = upload_dataset(storage, bucket, "chat", "chat", 40)
     config = make_config(bucket, model_bucket + "qwen2/", s3_endpoint, [ds],

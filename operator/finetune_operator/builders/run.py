@@ -120,7 +120,7 @@ def _container(job: n.JobRef, cfg: OperatorConfig, *, serves_metrics: bool) -> d
     return {
         "name": CONTAINER_NAME,
         "image": job.spec.image or cfg.trainerImage,
-        "imagePullPolicy": cfg.imagePullPolicy,
+        "imagePullPolicy": cfg.tenantImagePullPolicy if job.spec.image else cfg.imagePullPolicy,
         # The training-operator sets PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT,
         # which torchrun reads; the launcher runs torchrun (one trainer process per GPU, one on CPU)
         # and exits with the trainer's own exit code, so the ExitCode restart policy sees it.
