@@ -202,6 +202,38 @@ def test_only_the_monitoring_namespace_reaches_the_operator_metrics_port(kube, w
     probes.eventually(tenant, "client", world["operator_ip"], world["operator_metrics_port"], "refused")
 
 
+@pytest.mark.parametrize("cluster_networks, expected", [([], "open"), (["10.244.0.0/16"], "refused")],
+                         ids=["nothing-excepted", "pod-network-excepted"])
+def test_a_range_excepted_inside_an_s3_block_is_refused_on_the_real_network(kube, local_cluster, operator, world,
+                                                                            cluster_networks, expected):
+    """The `except` of an S3 ipBlock is enforced, not only rendered: with S3 egress to 10.0.0.0/8 on a
+    port where a tenant's pod listens, that pod is reachable from the sandbox's policies until the pod
+    network is a cluster range (then excepted from the block). The policies are the builder's own,
+    applied to a fresh namespace."""
+    from finetune_operator.builders import JobRef
+    from finetune_operator.builders.sandbox import network_policies
+    from finetune_operator.config import OperatorConfig, S3Egress
+
+    cfg = OperatorConfig.model_validate(operator.config()).model_copy(update={
+        "clusterNetworks": cluster_networks, "s3Egress": S3Egress(cidrs=["10.0.0.0/8"], ports=[JOB_PORT])})
+    namespace = f"t-except-{uuid.uuid4().hex[:6]}"
+    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace,
+                                                                      "labels": {"finetune.dev/test": "true"}}})
+    try:
+        job = {"metadata": {"name": "isolated", "namespace": namespace, "uid": str(uuid.uuid4())},
+               "spec": _suspended_job("isolated")[1]["spec"]}
+        policies = network_policies(JobRef.from_body(job), cfg)
+        for policy in policies:
+            policy["metadata"]["namespace"] = namespace
+        s3_blocks = [peer["ipBlock"] for rule in policies[1]["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer]
+        assert s3_blocks == [{"cidr": "10.0.0.0/8", **({"except": cluster_networks} if cluster_networks else {})}]
+        kube.apply(*policies, _client(local_cluster, "client"), namespace=namespace)
+        _running(kube, namespace, "client")
+        Probes(kube).eventually(namespace, "client", world["tenant"][1]["server"], JOB_PORT, expected)
+    finally:
+        kube.run("delete", "namespace", namespace, "--wait=false", check=False)
+
+
 @pytest.mark.parametrize("address", ["169.254.169.254", "100.100.100.200"])
 def test_a_sandbox_pod_cannot_reach_a_metadata_address(kube, world, address):
     # No route and no policy lead there (the S3 ipBlocks except the metadata ranges).

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from finetune_operator import endpoints
 from finetune_operator import quantity
+from finetune_operator.api.tenant import PolicyLimits
 
 
 class ConfigModel(BaseModel):
@@ -86,6 +87,18 @@ class OperatorConfig(ConfigModel):
         description="Prefixes (registry/repository) a FineTuneJob's spec.image must start with; empty: spec.image "
         "must stay empty (only trainerImage runs).")
     requireImageDigest: bool = Field(default=False, description="spec.image must be pinned by digest (@sha256:...).")
+    tenantIOThreads: int = Field(
+        default=16, ge=2, le=256,
+        description="Threads for tenants' I/O (S3 checks and document reads, DNS lookups); a namespace holds at "
+        "most tenantIOThreadsPerNamespace of them, and when all are busy free ones go to the waiting namespaces "
+        "in turn. More threads let more hostile namespaces wait at once without slowing the others.")
+    tenantIOThreadsPerNamespace: int = Field(default=2, ge=1, le=64,
+                                             description="Most of tenantIOThreads one namespace holds at once.")
+    defaultLimits: PolicyLimits = Field(
+        default_factory=PolicyLimits,
+        description="Per-job ceilings (workers, GPUs, CPU, memory, deadline) and a default deadline for jobs in "
+        "namespaces no TenantPolicy governs; a governing policy's limits replace them. A job beyond them is refused "
+        "with reason LimitExceeded. Empty: no ceiling.")
     allowedPriorityClasses: list[str] = Field(
         default_factory=list,
         description="PriorityClasses a FineTuneJob may name in runPolicy.priorityClassName; empty: none.")
@@ -157,6 +170,16 @@ class OperatorConfig(ConfigModel):
         if self.defaultNodePool not in self.nodePools:
             raise ValueError(f"defaultNodePool {self.defaultNodePool!r} is not one of nodePools {sorted(self.nodePools)}")
         return self
+
+    @field_validator("defaultLimits")
+    @classmethod
+    def _default_deadline_within_the_maximum(cls, lim: PolicyLimits) -> PolicyLimits:
+        if lim.maxActiveDeadlineSeconds and lim.defaultActiveDeadlineSeconds > lim.maxActiveDeadlineSeconds:
+            raise ValueError("defaultLimits.defaultActiveDeadlineSeconds must not exceed maxActiveDeadlineSeconds")
+        for name in ("maxCPUPerWorker", "maxMemoryPerWorker"):
+            if getattr(lim, name) is not None:
+                quantity.split(str(getattr(lim, name)))
+        return lim
 
     @classmethod
     def from_yaml(cls, text: str) -> "OperatorConfig":

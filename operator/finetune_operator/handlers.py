@@ -13,9 +13,10 @@ its status (jobs, GPUs, GPU-hour usage) and per-tenant metrics.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from typing import Any
+from typing import Any, AsyncIterator
 
 import kopf
 from prometheus_client import start_http_server
@@ -47,6 +48,26 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
 
 def plain(body: Any) -> dict[str, Any]:
     return copy.deepcopy({key: body[key] for key in body})
+
+
+# kopf keeps a failed handler's message in the job's annotations, which its tenant reads.
+INTERNAL_ERROR = "the operator hit an internal error (the details are in its log); retrying"
+INTERNAL_ERROR_DELAY = 60.0
+
+
+@contextlib.asynccontextmanager
+async def internal_errors_hidden(body: Any) -> AsyncIterator[None]:
+    """An unexpected exception is logged with its traceback and reaches kopf as a retry with a fixed
+    message: its text (an API error naming another namespace, a URL, an address) never lands in the
+    annotations of a tenant's object."""
+    try:
+        yield
+    except (kopf.TemporaryError, kopf.PermanentError):
+        raise
+    except Exception:
+        meta = body.get("metadata") or {}
+        log.exception("%s/%s: the reconcile failed", meta.get("namespace"), meta.get("name"))
+        raise kopf.TemporaryError(INTERNAL_ERROR, delay=INTERNAL_ERROR_DELAY) from None
 
 
 async def api_server_endpoints(kube: k8s.Kube) -> tuple[endpoints.Address, ...]:
@@ -115,7 +136,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
         )
 
     async def run(body: Any, memo: kopf.Memo, kwargs: dict[str, Any]) -> None:
-        outcome = await memo.reconciler.reconcile(plain(body), snapshot(kwargs))
+        async with internal_errors_hidden(body):
+            outcome = await memo.reconciler.reconcile(plain(body), snapshot(kwargs))
         if outcome.permanent:
             raise kopf.PermanentError(outcome.permanent)
         if outcome.requeue_after:
@@ -160,6 +182,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
 
     @kopf.on.delete(**resource, id="cleanup")
     async def on_delete(body: kopf.Body, memo: kopf.Memo, runtime: Any, **_: Any) -> None:
-        released = await memo.reconciler.finalize(plain(body), runtime.total_seconds())
+        async with internal_errors_hidden(body):
+            released = await memo.reconciler.finalize(plain(body), runtime.total_seconds())
         if not released:
             raise kopf.TemporaryError("waiting for the sandbox namespace to go", delay=REQUEUE_SHORT)

@@ -361,7 +361,7 @@ class Reconciler:
                  clock: Callable[[], datetime] = utcnow, io: TenantIO | None = None,
                  api_server: tuple[Any, ...] | None = None) -> None:
         self.kube, self.cfg, self.metrics, self.clock = kube, cfg, metrics, clock
-        self.io = io or TenantIO()
+        self.io = io or TenantIO(cfg.tenantIOThreads, cfg.tenantIOThreadsPerNamespace)
         self.api_server = endpoints.api_server_addresses() if api_server is None else api_server
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_read: dict[str, float] = {}

@@ -39,13 +39,14 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.problems import DIGEST, Problem, image_from
 
 POLICY_VIOLATION = "PolicyViolation"
+LIMIT_EXCEEDED = "LimitExceeded"  # beyond the operator's defaultLimits (no TenantPolicy governs the job)
 NO_POLICY = "NoTenantPolicy"
 AMBIGUOUS_POLICY = "AmbiguousTenantPolicy"
 INVALID_POLICY = "InvalidTenantPolicy"
 QUEUE_NOT_ALLOWED = "QueueNotAllowed"
 BUDGET_EXHAUSTED = "BudgetExhausted"
 RUNNING_JOB_LIMIT = "RunningJobLimit"
-TENANCY_REASONS = {POLICY_VIOLATION, NO_POLICY, AMBIGUOUS_POLICY, INVALID_POLICY, QUEUE_NOT_ALLOWED}
+TENANCY_REASONS = {POLICY_VIOLATION, NO_POLICY, AMBIGUOUS_POLICY, INVALID_POLICY, QUEUE_NOT_ALLOWED, LIMIT_EXCEEDED}
 MAX_STATUS_NAMESPACES = 100
 
 
@@ -196,9 +197,13 @@ def cluster_queue(spec: FineTuneJobSpec, policy: Policy | None) -> str:
 
 def with_policy_defaults(spec: FineTuneJobSpec, policy: Policy | None, cfg: OperatorConfig) -> FineTuneJobSpec:
     """The spec the run is built from: the policy's defaults filled in where the job left a field empty
-    (node pool, priority class, deadline, queue). The stored spec is never written."""
+    (node pool, priority class, deadline, queue); without a policy, the operator's default deadline.
+    The stored spec is never written."""
     if policy is None or policy.spec is None:
-        return spec
+        if spec.runPolicy.activeDeadlineSeconds or not cfg.defaultLimits.defaultActiveDeadlineSeconds:
+            return spec
+        return spec.model_copy(update={"runPolicy": spec.runPolicy.model_copy(
+            update={"activeDeadlineSeconds": cfg.defaultLimits.defaultActiveDeadlineSeconds})})
     p = policy.spec
     resources = spec.resources.model_copy(update={"nodePool": spec.resources.nodePool or default_node_pool(policy, cfg)})
     run_policy = spec.runPolicy.model_copy(update={
@@ -306,35 +311,43 @@ def check_locations(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
     return out
 
 
-def _limit(policy: Policy, field_path: str, value: Any, limit: Any, limit_name: str, over: bool) -> list[Problem]:
-    if limit is None or not over:
-        return []
-    return [_violation(policy, field_path, f"{value} is above the limit", f"limits.{limit_name}: {limit}")]
+def limit_problems(spec: FineTuneJobSpec, lim: PolicyLimits, reason: str, source: str) -> list[Problem]:
+    """Per-job ceilings: a TenantPolicy's limits, or the operator's defaultLimits for a job no policy
+    governs. Each problem names the field, the value and the limit with where it was set."""
+    res, out = spec.resources, []
+
+    def over(field_path: str, value: Any, limit: Any, limit_name: str, exceeded: bool) -> None:
+        if limit is not None and exceeded:
+            out.append(Problem(reason, f"{field_path}: {value} is above the limit ({source}: limits.{limit_name}: {limit})"))
+
+    over("spec.resources.workers", res.workers, lim.maxWorkers, "maxWorkers",
+         lim.maxWorkers is not None and res.workers > lim.maxWorkers)
+    over("spec.resources.gpusPerWorker", res.gpusPerWorker, lim.maxGPUsPerWorker, "maxGPUsPerWorker",
+         lim.maxGPUsPerWorker is not None and res.gpusPerWorker > lim.maxGPUsPerWorker)
+    gpus = res.workers * res.gpusPerWorker
+    over("spec.resources", f"{gpus} GPUs in all (workers x gpusPerWorker)", lim.maxGPUsPerJob, "maxGPUsPerJob",
+         lim.maxGPUsPerJob is not None and gpus > lim.maxGPUsPerJob)
+    for name, limit_name in (("cpu", "maxCPUPerWorker"), ("memory", "maxMemoryPerWorker")):
+        limit, value = getattr(lim, limit_name), getattr(res, name)
+        over(f"spec.resources.{name}", value, limit, limit_name,
+             limit is not None and quantity.value(value) > quantity.value(limit))
+    deadline = spec.runPolicy.activeDeadlineSeconds
+    if lim.maxActiveDeadlineSeconds and not deadline:
+        out.append(Problem(reason, f"spec.runPolicy.activeDeadlineSeconds: a deadline is required ({source}: "
+                                   f"limits.maxActiveDeadlineSeconds: {lim.maxActiveDeadlineSeconds})"))
+    else:
+        over("spec.runPolicy.activeDeadlineSeconds", deadline, lim.maxActiveDeadlineSeconds, "maxActiveDeadlineSeconds",
+             bool(lim.maxActiveDeadlineSeconds) and deadline > lim.maxActiveDeadlineSeconds)
+    return out
 
 
 def check_limits(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
-    lim: PolicyLimits = policy.spec.limits
-    res, out = spec.resources, []
-    out += _limit(policy, "spec.resources.workers", res.workers, lim.maxWorkers, "maxWorkers",
-                  lim.maxWorkers is not None and res.workers > lim.maxWorkers)
-    out += _limit(policy, "spec.resources.gpusPerWorker", res.gpusPerWorker, lim.maxGPUsPerWorker, "maxGPUsPerWorker",
-                  lim.maxGPUsPerWorker is not None and res.gpusPerWorker > lim.maxGPUsPerWorker)
-    gpus = res.workers * res.gpusPerWorker
-    out += _limit(policy, "spec.resources", f"{gpus} GPUs in all (workers x gpusPerWorker)", lim.maxGPUsPerJob,
-                  "maxGPUsPerJob", lim.maxGPUsPerJob is not None and gpus > lim.maxGPUsPerJob)
-    for name, limit_name in (("cpu", "maxCPUPerWorker"), ("memory", "maxMemoryPerWorker")):
-        limit = getattr(lim, limit_name)
-        value = getattr(res, name)
-        out += _limit(policy, f"spec.resources.{name}", value, limit, limit_name,
-                      limit is not None and quantity.value(value) > quantity.value(limit))
-    deadline = spec.runPolicy.activeDeadlineSeconds
-    if lim.maxActiveDeadlineSeconds and not deadline:
-        out.append(_violation(policy, "spec.runPolicy.activeDeadlineSeconds", "a deadline is required",
-                              f"limits.maxActiveDeadlineSeconds: {lim.maxActiveDeadlineSeconds}"))
-    else:
-        out += _limit(policy, "spec.runPolicy.activeDeadlineSeconds", deadline, lim.maxActiveDeadlineSeconds,
-                      "maxActiveDeadlineSeconds", bool(lim.maxActiveDeadlineSeconds) and deadline > lim.maxActiveDeadlineSeconds)
-    return out
+    return limit_problems(spec, policy.spec.limits, POLICY_VIOLATION, f"TenantPolicy {policy.name}")
+
+
+def check_default_limits(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    """A job no TenantPolicy governs still meets the operator's defaultLimits."""
+    return limit_problems(spec, cfg.defaultLimits, LIMIT_EXCEEDED, "the operator's defaultLimits")
 
 
 def check_queue(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:

@@ -320,6 +320,7 @@ def validate_spec(raw_spec: dict[str, Any], cfg: OperatorConfig,
         problems.extend(tenancy.check_policy(spec, policy))
     else:
         problems.extend(tenancy.check_queue_without_policy(spec, cfg))
+        problems.extend(tenancy.check_default_limits(spec, cfg))
     return spec, problems
 
 

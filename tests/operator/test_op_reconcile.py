@@ -288,6 +288,32 @@ def test_kopf_wiring():
     assert settings.posting.enabled is False
 
 
+@pytest.mark.parametrize("handler_id", ["create", "update/spec", "resume", "cleanup"])
+def test_an_internal_error_reaches_kopf_without_its_text(handler_id, caplog):
+    """kopf stores a failed handler's message in the job's annotations, which the tenant reads: an
+    unexpected exception becomes a retry with a fixed message; its text goes to the operator's log only."""
+    import asyncio
+    import datetime as dt
+
+    registry = kopf.OperatorRegistry()
+    register(registry, CFG, start_metrics_server=False)
+    handler = next(h for h in registry._changing.get_all_handlers() if str(h.id) == handler_id)
+
+    class Failing:
+        async def fail(self, *_args):
+            raise RuntimeError('namespaces "ftj-other-tenant-x" is forbidden: 10.96.0.1')
+
+        reconcile = finalize = fail
+
+    memo = kopf.Memo(reconciler=Failing())
+    indexes = {"tenant_policies": {}, "namespace_labels": {}, "job_summaries": {}}
+    with pytest.raises(kopf.TemporaryError) as raised:
+        asyncio.run(handler.fn(body=job(), memo=memo, runtime=dt.timedelta(seconds=1), **indexes))
+    assert str(raised.value) == "the operator hit an internal error (the details are in its log); retrying"
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert "ftj-other-tenant-x" in caplog.text  # the details stay in the operator's log
+
+
 def _sandbox_ns(name: str, uid: str = "uid-b", managed: bool = True, annotated: bool = True) -> dict:
     labels = {names.LABEL_JOB_UID: uid}
     if managed:

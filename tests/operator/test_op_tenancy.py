@@ -347,3 +347,47 @@ def test_tenant_metrics_follow_the_policies():
     assert value("finetune_tenant_gpus_in_use", {"policy": "team-a"}) is None
     assert value("finetune_tenant_jobs", {"policy": "team-a", "phase": "Running"}) is None
     assert value("finetune_tenant_gpus_in_use", {"policy": "team-b"}) == 16
+
+
+# ---- the operator's defaultLimits: jobs no TenantPolicy governs ---------------------------------------
+
+DEFAULT_LIMITS = CFG.model_copy(update={"defaultLimits": tenancy.PolicyLimits(
+    maxWorkers=4, maxGPUsPerJob=8, maxMemoryPerWorker="64Gi", defaultActiveDeadlineSeconds=3600,
+    maxActiveDeadlineSeconds=86400)})
+CPU_POOL = {"nodePool": "cpu", "gpusPerWorker": 0}
+
+
+@pytest.mark.parametrize("what, overrides, facts, problems", [
+    ("within every limit", {"resources": {**CPU_POOL, "workers": 4}}, None, []),
+    ("too many workers", {"resources": {**CPU_POOL, "workers": 5}}, None,
+     [("LimitExceeded", "spec.resources.workers: 5 is above the limit (the operator's defaultLimits: limits.maxWorkers: 4)")]),
+    ("too many GPUs in all", {"resources": {"nodePool": "a100", "workers": 2, "gpusPerWorker": 8}}, None,
+     [("LimitExceeded", "spec.resources: 16 GPUs in all (workers x gpusPerWorker) is above the limit "
+                        "(the operator's defaultLimits: limits.maxGPUsPerJob: 8)")]),
+    ("too much memory", {"resources": {**CPU_POOL, "memory": "65Gi"}}, None,
+     [("LimitExceeded", "spec.resources.memory: 65Gi is above the limit (the operator's defaultLimits: "
+                        "limits.maxMemoryPerWorker: 64Gi)")]),
+    ("a deadline beyond the longest", {"resources": CPU_POOL, "runPolicy": {"activeDeadlineSeconds": 86401}}, None,
+     [("LimitExceeded", "spec.runPolicy.activeDeadlineSeconds: 86401 is above the limit (the operator's defaultLimits: "
+                        "limits.maxActiveDeadlineSeconds: 86400)")]),
+    ("a governed job meets its policy's limits instead", {"resources": {**CPU_POOL, "workers": 5}},
+     "policy", []),
+])
+def test_a_job_no_policy_governs_meets_the_operators_default_limits(what, overrides, facts, problems):
+    facts = facts_for(policy(limits={"maxWorkers": 8})) if facts == "policy" else facts_for(None)
+    _, found = validate(minimal_spec(**overrides), DEFAULT_LIMITS, facts)
+    assert [(p.reason, p.message) for p in found] == problems
+
+
+def test_a_job_no_policy_governs_gets_the_default_deadline():
+    spec, found = validate(minimal_spec(resources=CPU_POOL), DEFAULT_LIMITS, facts_for(None))
+    assert not found and spec.runPolicy.activeDeadlineSeconds == 3600
+    own, _ = validate(minimal_spec(resources=CPU_POOL, runPolicy={"activeDeadlineSeconds": 60}), DEFAULT_LIMITS,
+                      facts_for(None))
+    assert own.runPolicy.activeDeadlineSeconds == 60
+
+
+def test_a_default_deadline_beyond_the_longest_is_a_configuration_error():
+    with pytest.raises(ValueError, match="defaultActiveDeadlineSeconds must not exceed"):
+        OperatorConfig.model_validate({**CFG.model_dump(), "defaultLimits": {"defaultActiveDeadlineSeconds": 10,
+                                                                             "maxActiveDeadlineSeconds": 5}})

@@ -99,3 +99,18 @@ def test_callers_that_give_up_waiting_leave_no_slot_taken():
     results, value, free = asyncio.run(scenario())
     assert all(isinstance(r, TenantIOTimeout) and "no I/O slot" in str(r) for r in results)
     assert value == "served" and free == 1
+
+
+def test_the_pool_is_sized_by_the_operator_configuration():
+    from finetune_operator.config import OperatorConfig
+    from finetune_operator.metrics import Metrics
+    from finetune_operator.reconcile import Reconciler
+    from op_testdata import ROOT
+
+    cfg = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml").model_copy(
+        update={"tenantIOThreads": 40, "tenantIOThreadsPerNamespace": 3})
+    reconciler = Reconciler(None, cfg, Metrics())  # type: ignore[arg-type]  (no call reaches the API)
+    try:
+        assert (reconciler.io.free, reconciler.io.per_tenant, reconciler.io.pool._max_workers) == (40, 3, 40)
+    finally:
+        reconciler.io.shutdown()

@@ -36,6 +36,7 @@ def main(model_dir: str, out_dir: str, batch_size: int) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir).to(ctx.device)
     answers = generate(model, tokenizer, prompts(tokenizer), MAX_NEW_TOKENS, batch_size, ctx)
     Path(out_dir, f"answers-{ctx.rank}.json").write_text(json.dumps(answers))
+    distributed.barrier()  # every rank done before the group is torn down (see gradient_probe.py)
     distributed.destroy()
 
 

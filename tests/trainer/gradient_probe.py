@@ -75,6 +75,9 @@ def main(model_dir: str, out: str, engine_name: str, batch: int, accumulation: i
     run_loop(engine, objectives.get("sft"), items, hp, ctx, 0, 0, 1, 0, lambda: False, lambda report: None)
     if ctx.is_main:
         torch.save(captured, out)
+    # Every rank done before any tears the group down: a rank that destroyed it while its peer still
+    # held the connection was once aborted by gloo ("terminate called without an active exception").
+    distributed.barrier()
     distributed.destroy()
 
 
