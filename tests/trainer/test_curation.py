@@ -168,3 +168,57 @@ DEDUP_CASES = [
 def test_deduplication(texts, reasons):
     d = dedup.Deduplicator()
     assert [d.duplicate_reason(Example(kind="text", text=t)) for t in texts] == reasons
+
+
+# ---- validation rows that leak from training (overlap.py) -------------------------------------------
+
+def _chat(system: str, user: str, answer: str) -> Example:
+    import json
+
+    from finetune_trainer.data.formats import parse_line
+
+    row = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                        {"role": "assistant", "content": answer}]}
+    return parse_line(json.dumps(row), "chat", "rows.jsonl", 1)
+
+
+SYSTEM = "You are the support assistant of the platform team and you answer in two short sentences at most."
+
+
+def _distinct(i: int) -> str:
+    """A sentence of its own per i: no word 8-gram in common with another i."""
+    return " ".join(f"w{i}x{j}" for j in range(12))
+
+
+def test_a_prompt_every_training_row_holds_is_boilerplate_not_leakage():
+    from finetune_trainer.data import overlap
+
+    checker = overlap.OverlapChecker()
+    for i in range(overlap.BOILERPLATE_ROWS + 6):
+        checker.add_training(_chat(SYSTEM, _distinct(i), _distinct(1000 + i)))
+    training = checker.training_grams()
+    fresh = _chat(SYSTEM, _distinct(5000), _distinct(6000))       # the shared system prompt only
+    leaked = _chat(SYSTEM, _distinct(3), _distinct(1003))          # a training row again
+    assert checker.shared_fraction(fresh, training) == 0.0
+    assert checker.shared_fraction(leaked, training) == 1.0
+    rare = overlap.OverlapChecker()                                # the same prompt in few rows: it counts
+    for i in range(overlap.BOILERPLATE_ROWS):
+        rare.add_training(_chat(SYSTEM, _distinct(i), _distinct(1000 + i)))
+    assert rare.shared_fraction(fresh, rare.training_grams()) > 0.3
+
+
+def test_past_its_memory_bound_the_checker_samples_and_still_tells_leaks_apart(monkeypatch):
+    from finetune_trainer.data import overlap
+
+    monkeypatch.setattr(overlap, "MAX_TRAINING_GRAMS", 200)
+    checker = overlap.OverlapChecker()
+    for i in range(60):
+        checker.add_training(_chat(f"system {i}", _distinct(i) + " " + _distinct(100 + i), _distinct(200 + i)))
+    assert checker.modulus > 1 and checker._count <= 200
+    training = checker.training_grams()
+    leaked = [checker.shared_fraction(_chat(f"system {i}", _distinct(i) + " " + _distinct(100 + i), _distinct(200 + i)),
+                                      training) for i in range(60)]
+    fresh = [checker.shared_fraction(_chat("another", _distinct(700 + i), _distinct(800 + i)), training)
+             for i in range(60)]
+    assert sum(f >= overlap.LEAK_FRACTION for f in leaked) >= 55  # a row whose grams all fell outside the sample scores 0
+    assert max(fresh) == 0.0
