@@ -204,9 +204,7 @@ def test_a_pass_delayed_between_observe_and_apply_never_takes_another_namespace(
     """The operator's own reconcile (in this process, against the real API server), stopped right
     after it observed that the sandbox does not exist; meanwhile someone else creates a namespace of
     that name (a forced name collision). The pass must not adopt it, write into it or delete it."""
-    from lightkube import AsyncClient, KubeConfig
-
-    from finetune_operator import k8s, reconcile
+    from finetune_operator import reconcile
     from finetune_operator.metrics import Metrics
 
     operator.kill()  # this test's pass is the only one acting on the job
@@ -225,16 +223,8 @@ def test_a_pass_delayed_between_observe_and_apply_never_takes_another_namespace(
 
         monkeypatch.setattr(reconcile, "decide", decide_then_race)
 
-        async def one_pass():
-            client = AsyncClient(KubeConfig.from_file(str(local_cluster.kubeconfig)), field_manager=n.MANAGER)
-            reconciler = reconcile.Reconciler(k8s.Kube(client), cfg, Metrics())
-            try:
-                body = kube.get("finetunejob", "raced", namespace)
-                return await reconciler.reconcile(body)
-            finally:
-                await client.close()
-
-        outcome = asyncio.run(one_pass())
+        body = kube.get("finetunejob", "raced", namespace)
+        outcome = kube_calls(local_cluster, lambda api: reconcile.Reconciler(api, cfg, Metrics()).reconcile(body))
         assert "SandboxConflict" in outcome.permanent
         ns = kube.get("namespace", sandbox)
         assert ns["metadata"]["labels"].get("owner") == "someone-else"

@@ -171,16 +171,6 @@ class OperatorConfig(ConfigModel):
             raise ValueError(f"defaultNodePool {self.defaultNodePool!r} is not one of nodePools {sorted(self.nodePools)}")
         return self
 
-    @field_validator("defaultLimits")
-    @classmethod
-    def _default_deadline_within_the_maximum(cls, lim: PolicyLimits) -> PolicyLimits:
-        if lim.maxActiveDeadlineSeconds and lim.defaultActiveDeadlineSeconds > lim.maxActiveDeadlineSeconds:
-            raise ValueError("defaultLimits.defaultActiveDeadlineSeconds must not exceed maxActiveDeadlineSeconds")
-        for name in ("maxCPUPerWorker", "maxMemoryPerWorker"):
-            if getattr(lim, name) is not None:
-                quantity.split(str(getattr(lim, name)))
-        return lim
-
     @classmethod
     def from_yaml(cls, text: str) -> "OperatorConfig":
         return cls.model_validate(yaml.safe_load(text))

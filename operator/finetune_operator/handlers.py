@@ -98,9 +98,10 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
         metrics = Metrics()
         if start_metrics_server:
             start_http_server(cfg.operatorMetricsPort, registry=metrics.registry)
+        # The API server (its Service address and its endpoints) joins clusterNetworks: excepted from every
+        # sandbox's S3 egress, and never where a wildcard endpoint may lead.
         api_server = endpoints.api_server_addresses() + await api_server_endpoints(kube)
-        memo.reconciler = Reconciler(kube, endpoints.excepting_api_server(cfg, api_server), metrics,
-                                     api_server=api_server)
+        memo.reconciler = Reconciler(kube, endpoints.excepting_api_server(cfg, api_server), metrics)
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

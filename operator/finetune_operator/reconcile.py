@@ -358,11 +358,10 @@ class Outcome:
 
 class Reconciler:
     def __init__(self, kube: k8s.Kube, cfg: OperatorConfig, metrics: Metrics,
-                 clock: Callable[[], datetime] = utcnow, io: TenantIO | None = None,
-                 api_server: tuple[Any, ...] | None = None) -> None:
+                 clock: Callable[[], datetime] = utcnow, io: TenantIO | None = None) -> None:
         self.kube, self.cfg, self.metrics, self.clock = kube, cfg, metrics, clock
         self.io = io or TenantIO(cfg.tenantIOThreads, cfg.tenantIOThreadsPerNamespace)
-        self.api_server = endpoints.api_server_addresses() if api_server is None else api_server
+        self.api_server = endpoints.api_server_addresses()
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_read: dict[str, float] = {}
         self._input_checks: dict[str, tuple[tuple[int, str], dict[str, Any]]] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from finetune_operator.api.types import Condition, Quantity, StatusCount, StatusModel, obj_default
 from finetune_trainer.config import ApiModel, cel
@@ -100,12 +100,15 @@ class PolicyStorage(ApiModel):
         description="Patterns spec.output.uri must match. Empty: any.")
 
 
+DEFAULT_DEADLINE_RULE = "limits.defaultActiveDeadlineSeconds must not exceed limits.maxActiveDeadlineSeconds"
+
+
 class PolicyLimits(ApiModel):
     model_config = ConfigDict(json_schema_extra=cel(
         ("!has(self.maxActiveDeadlineSeconds) || self.maxActiveDeadlineSeconds == 0 || "
          "!has(self.defaultActiveDeadlineSeconds) || "
          "self.defaultActiveDeadlineSeconds <= self.maxActiveDeadlineSeconds",
-         "limits.defaultActiveDeadlineSeconds must not exceed limits.maxActiveDeadlineSeconds"),
+         DEFAULT_DEADLINE_RULE),
     ))
 
     maxWorkers: int | None = Field(default=None, ge=1, le=512, description="Most pods per job (resources.workers).")
@@ -120,6 +123,12 @@ class PolicyLimits(ApiModel):
         default=0, ge=0, le=31_536_000,
         description="Longest runPolicy.activeDeadlineSeconds a job may ask for; with a maximum, a job must have a "
         "deadline (its own or the default). 0: no maximum.")
+
+    @model_validator(mode="after")
+    def _default_deadline_within_the_maximum(self) -> "PolicyLimits":  # the CEL rule's Python twin
+        if self.maxActiveDeadlineSeconds and self.defaultActiveDeadlineSeconds > self.maxActiveDeadlineSeconds:
+            raise ValueError(DEFAULT_DEADLINE_RULE)
+        return self
 
 
 class BudgetPeriod(str, Enum):
