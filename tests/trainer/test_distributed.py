@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 from conftest import REPO, make_config, upload_dataset
 
 from finetune_trainer import config as cfg
@@ -57,12 +58,14 @@ def test_two_processes_train_checkpoint_and_finish(name, distributed, storage, m
 @pytest.mark.slow
 def test_zero3_carries_the_model_from_one_stage_to_the_next(storage, model_bucket, bucket, s3_endpoint, tmp_path):
     """DeepSpeed is initialised once per stage on the module the previous stage trained (ZeRO-3
-    partitions it): the second stage must start from the first one's weights and finish."""
+    partitions it): the second stage must start from the first one's weights and finish. Its
+    learning rate is too small to move them, so the final adapter is the first stage's output."""
     sft = upload_dataset(storage, bucket, "chat", "chat", 24)
     prefs = upload_dataset(storage, bucket, "preference", "preference", 24)
+    still = {"maxSteps": 3, "batchSize": 2, "learningRate": 1e-10, "warmupRatio": 0.0, "scheduler": "constant"}
     config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [], distributed={"engine": "deepspeed", "zeroStage": 3},
                          stages=[{"name": "sft", "datasets": [sft], "objective": "sft"},
-                                 {"name": "dpo", "datasets": [prefs], "objective": "dpo"}],
+                                 {"name": "dpo", "datasets": [prefs], "objective": "dpo", "hyperparameters": still}],
                          hyperparameters={"maxSteps": 3, "batchSize": 2, "learningRate": 1e-2})
     done = torchrun(config, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -71,6 +74,15 @@ def test_zero3_carries_the_model_from_one_stage_to_the_next(storage, model_bucke
     assert all(set(s["metrics"]) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
                for s in steps if s["stage"] == "dpo")
     assert storage.get_json(cfg.result_uri(config.output.uri, "1"))["succeeded"] is True
+
+    def adapter(output_uri: str) -> dict:
+        return safetensors.torch.load(storage.get_bytes(cfg.adapter_uri(output_uri) + "adapter_model.safetensors"))
+
+    after_sft, final = adapter(cfg.stage_output_uri(config.output.uri, "sft")), adapter(config.output.uri)
+    assert after_sft.keys() == final.keys()
+    lora_b = [k for k in after_sft if "lora_B" in k]
+    assert lora_b and all(after_sft[k].abs().max() > 1e-4 for k in lora_b)  # the first stage trained (B starts at 0)
+    assert max((final[k] - after_sft[k]).abs().max().item() for k in final) < 1e-6
 
 
 @pytest.mark.slow
