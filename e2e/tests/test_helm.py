@@ -21,11 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e.localcluster import build
+from e2e.localcluster import build, network
 from e2e.localcluster.cluster import TENANT_GROUP
 from e2e.localcluster.node import NODE_NAME
 from e2e.localcluster.operator_release import OperatorRelease, local_operator_config, local_values as chart_values
 from e2e.localcluster.paths import REPO_ROOT
+from e2e.tests.test_sandbox_network import JOB_PORT, RESOLVE, Probes, _client, _server
 
 pytestmark = pytest.mark.cluster
 
@@ -110,7 +111,9 @@ def local_values(local_cluster, tenant_namespace, tmp_path_factory) -> dict:
     """Values for the local cluster: the operator image on the real node, watching the tenant
     namespace only, talking to the local S3 server."""
     config = local_operator_config(local_cluster, {"reconcileIntervalSeconds": 3, "progressPollSeconds": 2})
-    return chart_values(local_cluster, config, [tenant_namespace])
+    # The operator's own egress restricted too: its API server addresses looked up at install.
+    return {**chart_values(local_cluster, config, [tenant_namespace]),
+            "networkPolicy": {"enabled": True, "egress": {"enabled": True}}}
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +188,33 @@ def test_operator_answers_its_health_and_metrics_endpoints(kube, release, local_
     metrics = wait_for(lambda: _read(_pod_url(kube, release, config["operatorMetricsPort"], "/metrics")), 30,
                        "the operator's metrics")
     assert 'finetune_jobs{phase="Running"}' in metrics
+
+
+def test_the_operators_egress_reaches_the_api_server_dns_and_s3_and_nothing_else(kube, release, local_cluster,
+                                                                                   tenant_namespace):
+    """With networkPolicy.egress.enabled (the API server's addresses looked up by helm on the real
+    cluster) the operator pod connects to S3 and the API server, resolves names, and cannot open a
+    port that a plain tenant pod serves to everyone else."""
+    kube.apply(_server(local_cluster, "egress-target", [JOB_PORT]), _client(local_cluster, "egress-client"),
+               namespace=tenant_namespace)
+    try:
+        target_ip = wait_for(lambda: (p := kube.get("pod", "egress-target", namespace=tenant_namespace))["status"]
+                             .get("phase") == "Running" and p["status"]["podIP"], 120, "the egress target pod")
+        wait_for(lambda: kube.get("pod", "egress-client", namespace=tenant_namespace)["status"].get("phase")
+                 == "Running", 120, "the egress client pod")
+        operator = Probes(kube)
+        name = operator_pod(kube, release)["metadata"]["name"]
+        # The control: the tenant's server is open to a pod that no egress policy restricts.
+        operator.eventually(tenant_namespace, "egress-client", target_ip, JOB_PORT, "open")
+        operator.eventually(release, name, network.NODE_IP, local_cluster.state.ports["s3"], "open")
+        operator.eventually(release, name, network.KUBERNETES_SERVICE_IP, 443, "open")
+        operator.eventually(release, name, target_ip, JOB_PORT, "refused")
+        resolved = kube.run("exec", "-n", release, name, "--", "python3", "-c", RESOLVE,
+                            "kube-dns.kube-system.svc.cluster.local", timeout=60).stdout.strip()
+        assert resolved == network.DNS_SERVICE_IP
+    finally:
+        kube.run("delete", "pod", "egress-target", "egress-client", "-n", tenant_namespace, "--wait=false",
+                 check=False)
 
 
 def _read(url: str) -> str | None:
@@ -346,6 +376,8 @@ def test_a_finetunejob_from_examples_succeeds_with_the_helm_installation(kube, r
     # a CRD was applied) is no refusal; anything else at ERROR is.
     errors = [line for line in log.splitlines() if "[ERROR" in line and "failed; will retry" not in line]
     assert "forbidden" not in log.lower() and not errors, log[-4000:]
+    # The chart's Role in `default` lets it read the API server's endpoint (excepted from sandbox egress).
+    assert f"excepted from every sandbox's S3 egress: {network.NODE_IP}" in log, log[-4000:]
     kube.run("delete", "finetunejob", name, "-n", tenant_namespace, "--timeout=120s", timeout=150)
 
 

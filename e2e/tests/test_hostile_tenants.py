@@ -7,6 +7,7 @@ specs never crash the operator, and no credential reaches its logs."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import random
 import re
@@ -197,6 +198,24 @@ def test_a_delete_whose_uid_names_another_object_removes_nothing(kube, local_clu
 def test_the_operator_reads_the_api_servers_addresses(local_cluster):
     """What the operator excepts from every sandbox's S3 egress: the API server's own endpoint."""
     assert kube_calls(local_cluster, lambda api: api.api_server_endpoints()) == (network.NODE_IP,)
+
+
+def test_an_api_server_that_moved_is_excepted_on_the_next_read(local_cluster, cfg, monkeypatch):
+    """A reconciler that knew other addresses (the API server moved since) picks up the real one from
+    the real EndpointSlice, and reading again changes nothing."""
+    from finetune_operator import handlers
+    from finetune_operator.metrics import Metrics
+    from finetune_operator.reconcile import Reconciler
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    base = cfg.model_copy(update={"clusterNetworks": ["10.244.0.0/16"]})
+
+    async def follow(api):
+        moved_from = handlers.excepting_api_server(base, (ipaddress.ip_address("192.0.2.10"),))
+        reconciler = Reconciler(api, moved_from, Metrics())
+        return [await handlers.refresh_api_server(reconciler, base) for _ in range(2)], reconciler.cfg.clusterNetworks
+
+    assert kube_calls(local_cluster, follow) == ([True, False], ["10.244.0.0/16", f"{network.NODE_IP}/32"])
 
 
 def test_a_pass_delayed_between_observe_and_apply_never_takes_another_namespace(kube, local_cluster, operator, cfg,

@@ -89,11 +89,13 @@ class OperatorConfig(ConfigModel):
     requireImageDigest: bool = Field(default=False, description="spec.image must be pinned by digest (@sha256:...).")
     tenantIOThreads: int = Field(
         default=16, ge=2, le=256,
-        description="Threads for tenants' I/O (S3 checks and document reads, DNS lookups); a namespace holds at "
-        "most tenantIOThreadsPerNamespace of them, and when all are busy free ones go to the waiting namespaces "
-        "in turn. More threads let more hostile namespaces wait at once without slowing the others.")
+        description="Threads for tenants' I/O (S3 checks and document reads, DNS lookups); a tenant holds at most "
+        "tenantIOThreadsPerNamespace of them, and when all are busy free ones go to the waiting tenants in turn. "
+        "A tenant is the set of namespaces one TenantPolicy governs, or a namespace no policy governs. More "
+        "threads let more hostile tenants wait at once without slowing the others.")
     tenantIOThreadsPerNamespace: int = Field(default=2, ge=1, le=64,
-                                             description="Most of tenantIOThreads one namespace holds at once.")
+                                             description="Most of tenantIOThreads one tenant holds at once: all the namespaces "
+                                             "one TenantPolicy governs together, or one namespace no policy governs.")
     defaultLimits: PolicyLimits = Field(
         default_factory=PolicyLimits,
         description="Per-job ceilings (workers, GPUs, CPU, memory, deadline) and a default deadline for jobs in "
@@ -139,6 +141,10 @@ class OperatorConfig(ConfigModel):
     resyncSeconds: float = Field(
         default=600.0, ge=0, description="An unchanged sandbox is applied again after this long (repairs hand edits "
         "inside it); in between, a pass applies only when the desired objects changed. 0: apply on every pass.")
+    apiServerRefreshSeconds: float = Field(
+        default=300.0, ge=0, description="How often the API server's addresses (EndpointSlice default/kubernetes) "
+        "are read again; they are excepted from every sandbox's S3 egress, and managed control planes replace them. "
+        "0: read once, at start.")
     deletionTimeoutSeconds: float = Field(
         default=300.0, gt=0, description="How long a deletion waits for the sandbox namespace before releasing the finalizer."
     )

@@ -13,6 +13,7 @@ its status (jobs, GPUs, GPU-hour usage) and per-tenant metrics.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
@@ -70,19 +71,47 @@ async def internal_errors_hidden(body: Any) -> AsyncIterator[None]:
         raise kopf.TemporaryError(INTERNAL_ERROR, delay=INTERNAL_ERROR_DELAY) from None
 
 
-async def api_server_endpoints(kube: k8s.Kube) -> tuple[endpoints.Address, ...]:
-    """The API server's endpoint addresses (read once at start); none when they cannot be read (the
-    `kubernetes` Service address from the pod's environment is still excepted)."""
+async def api_server_endpoints(kube: k8s.Kube) -> tuple[endpoints.Address, ...] | None:
+    """The API server's endpoint addresses; None when they cannot be read."""
     try:
         found = await kube.api_server_endpoints()
-    except Exception as exc:  # noqa: BLE001 - RBAC or a transient error: start without them, say so
-        log.warning("cannot read the API server's endpoints (EndpointSlice default/kubernetes): %s; sandboxes "
-                    "except only the kubernetes Service address and clusterNetworks from S3 egress", exc)
-        return ()
-    addresses = tuple(a for a in map(endpoints.ip_literal, found) if a is not None)
-    log.info("the API server's addresses, excepted from every sandbox's S3 egress: %s",
-             ", ".join(map(str, addresses)) or "none found")
-    return addresses
+    except Exception as exc:  # noqa: BLE001 - RBAC or a transient error: go on with what is known, say so
+        log.warning("cannot read the API server's endpoints (EndpointSlice default/kubernetes): %s", exc)
+        return None
+    return tuple(a for a in map(endpoints.ip_literal, found) if a is not None)
+
+
+def excepting_api_server(cfg: OperatorConfig, found: tuple[endpoints.Address, ...]) -> OperatorConfig:
+    """`cfg` with the API server (its Service address from the pod's environment and its endpoints) in
+    clusterNetworks: excepted from every sandbox's S3 egress, and never where a wildcard endpoint may lead."""
+    return endpoints.excepting_api_server(cfg, endpoints.api_server_addresses() + found)
+
+
+async def refresh_api_server(reconciler: Reconciler, cfg: OperatorConfig) -> bool:
+    """Read the API server's addresses again and give the reconciler `cfg` excepting them; True when
+    they changed. An unreadable or empty EndpointSlice keeps what is known (an API server always has an
+    endpoint, so none is a moment of change, not an API server that left). The next pass of each job
+    applies its sandbox's NetworkPolicy with the new excepts."""
+    found = await api_server_endpoints(reconciler.kube)
+    if not found:
+        return False
+    current = excepting_api_server(cfg, found)
+    if current.clusterNetworks == reconciler.cfg.clusterNetworks:
+        return False
+    log.warning("the API server's addresses changed; now excepted from every sandbox's S3 egress: %s",
+                ", ".join(map(str, found)))
+    reconciler.cfg = current
+    return True
+
+
+async def follow_api_server(reconciler: Reconciler, cfg: OperatorConfig) -> None:
+    """Managed control planes replace the API server's addresses: read them every apiServerRefreshSeconds."""
+    while True:
+        await asyncio.sleep(cfg.apiServerRefreshSeconds)
+        try:
+            await refresh_api_server(reconciler, cfg)
+        except Exception:  # noqa: BLE001 - the loop outlives any one failed read
+            log.exception("refreshing the API server's addresses failed")
 
 
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metrics_server: bool = True) -> None:
@@ -98,10 +127,15 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
         metrics = Metrics()
         if start_metrics_server:
             start_http_server(cfg.operatorMetricsPort, registry=metrics.registry)
-        # The API server (its Service address and its endpoints) joins clusterNetworks: excepted from every
-        # sandbox's S3 egress, and never where a wildcard endpoint may lead.
-        api_server = endpoints.api_server_addresses() + await api_server_endpoints(kube)
-        memo.reconciler = Reconciler(kube, endpoints.excepting_api_server(cfg, api_server), metrics)
+        found = await api_server_endpoints(kube)
+        if found:
+            log.info("the API server's addresses, excepted from every sandbox's S3 egress: %s", ", ".join(map(str, found)))
+        else:
+            log.warning("no endpoint of the API server found: sandboxes except only the kubernetes Service address "
+                        "and clusterNetworks from S3 egress until one is")
+        memo.reconciler = Reconciler(kube, excepting_api_server(cfg, found or ()), metrics)
+        if cfg.apiServerRefreshSeconds > 0:
+            memo.api_server_follower = asyncio.create_task(follow_api_server(memo.reconciler, cfg))
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -110,6 +144,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
 
     @kopf.on.cleanup(id="shutdown", registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        follower = memo.get("api_server_follower")
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
         await memo.reconciler.kube.close()
 
     @kopf.on.probe(id="reconciles", registry=registry)

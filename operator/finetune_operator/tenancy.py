@@ -115,6 +115,12 @@ class Policy:
                    status=dict(body.get("status") or {}), error=error)
 
 
+def io_tenant(namespace: str, policy: Policy | None) -> str:
+    """Whose share of the tenant I/O pool a job's calls take: the TenantPolicy's, so that the
+    namespaces one policy governs count as one tenant, else the namespace's own."""
+    return f"policy/{policy.name}" if policy is not None else namespace
+
+
 @dataclass
 class Tenancy:
     policies: list[Policy] = field(default_factory=list)

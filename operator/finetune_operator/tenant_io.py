@@ -1,6 +1,7 @@
 """Blocking I/O against what tenants name (their S3 endpoints, DNS names), bounded and fair.
 
-`workers` threads serve every tenant; a tenant (a namespace) holds at most `per_tenant` of them at
+`workers` threads serve every tenant; a tenant (the namespaces one TenantPolicy governs, or a
+namespace no policy governs) holds at most `per_tenant` of them at
 a time, and a call keeps its tenant's slot until its thread is really done (a call the caller
 stopped waiting for still occupies it). When every thread is busy, the next free one goes to the
 tenants in turn (round robin), not to whoever queued first: an ordinary tenant waits for one call of
@@ -78,7 +79,7 @@ class TenantIO:
         try:
             await self._acquire(tenant, timeout)
         except TimeoutError:
-            raise TenantIOTimeout(f"no I/O slot for namespace {tenant} within {timeout:.0f}s") from None
+            raise TenantIOTimeout(f"no I/O slot for tenant {tenant} within {timeout:.0f}s") from None
         try:
             future = loop.run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
         except BaseException:

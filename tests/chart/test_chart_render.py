@@ -249,16 +249,55 @@ def test_tenant_roles_extend_the_built_in_namespace_roles_with_finetunejobs(rend
 
 
 def test_only_the_monitoring_namespace_reaches_the_operator_metrics_port(rendered):
-    _, objects = rendered
+    value_set, objects = rendered
     policy = one(objects, "NetworkPolicy")
     deployment = one(objects, "Deployment")
     assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
-    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["policyTypes"] == (["Ingress"] if value_set == "default" else ["Ingress", "Egress"])
     (rule,) = policy["spec"]["ingress"]
     assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
     assert rule["ports"] == [{"protocol": "TCP", "port": "metrics"}]
     ports = {p["name"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
     assert "metrics" in ports
+
+
+DNS_RULE = {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                    "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+            "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+
+
+def test_the_operators_egress_is_open_by_default(helm_cli):
+    assert "egress" not in one(helm_cli.render(), "NetworkPolicy")["spec"]
+
+
+def test_the_operators_egress_reaches_only_the_api_server_dns_and_s3(helm_cli):
+    """all-features: the API server as given, the cluster DNS, config.s3Egress, and the extra rule."""
+    egress = one(helm_cli.render("--values", str(ALL_FEATURES)), "NetworkPolicy")["spec"]["egress"]
+    assert egress == [
+        {"to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}, {"ipBlock": {"cidr": "10.96.0.1/32"}}],
+         "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]},
+        DNS_RULE,
+        {"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"protocol": "TCP", "port": 9000}]},
+        {"to": [{"ipBlock": {"cidr": "198.51.100.0/24"}}], "ports": [{"protocol": "TCP", "port": 443}]},
+    ]
+
+
+def test_the_operators_s3_egress_never_reaches_cloud_metadata(helm_cli):
+    egress = one(helm_cli.render("--set", "networkPolicy.egress.enabled=true",
+                                 "--set", "networkPolicy.egress.apiServer.cidrs={192.0.2.10/32}",
+                                 "--set", "config.s3Egress.cidrs={0.0.0.0/0,::/0}"), "NetworkPolicy")["spec"]["egress"]
+    assert egress[0]["ports"] == [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]
+    assert egress[2]["to"] == [
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16", "100.100.100.200/32"]}},
+        {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10", "fd00:ec2::254/128"]}},
+    ]
+
+
+def test_egress_without_the_api_servers_addresses_fails_where_they_cannot_be_looked_up(helm_cli):
+    """helm template (and Argo CD) cannot look the API server up: the render says what to set."""
+    result = helm_cli.template("--set", "networkPolicy.egress.enabled=true", check=False)
+    assert result.returncode != 0
+    assert "networkPolicy.egress.apiServer.cidrs" in result.stderr
 
 
 # ---- Helm conventions ------------------------------------------------------------------------------------

@@ -114,3 +114,70 @@ def test_the_pool_is_sized_by_the_operator_configuration():
         assert (reconciler.io.free, reconciler.io.per_tenant, reconciler.io.pool._max_workers) == (40, 3, 40)
     finally:
         reconciler.io.shutdown()
+
+
+class _SecretsOnly:
+    """The API as the first pass of a new job sees it: its tenant's credentials, no sandbox yet."""
+
+    async def get(self, kind, name, namespace=None):
+        from finetune_operator import k8s
+        from finetune_operator.builders import names
+
+        if kind is not k8s.Secret:
+            return None
+        return {"metadata": {"name": name, "namespace": namespace, "labels": {names.CREDENTIALS_OPT_IN_LABEL: "true"}},
+                "data": {"AWS_ACCESS_KEY_ID": "eA==", "AWS_SECRET_ACCESS_KEY": "eQ=="}}
+
+    async def list(self, kind, namespace=None, labels=None, fields=None):
+        return []
+
+
+def test_the_namespaces_of_one_tenant_policy_share_one_tenants_io_slots(monkeypatch):
+    """A tenant spread over two namespaces that its TenantPolicy governs holds one tenant's slots: its
+    second namespace waits behind its first, while a namespace no policy governs is served at once."""
+    from datetime import datetime, timezone
+
+    from finetune_operator import reconcile, s3, tenancy
+    from finetune_operator.config import OperatorConfig
+    from finetune_operator.metrics import Metrics
+    from op_testdata import ROOT, job, minimal_spec
+
+    cfg = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml")
+    tarpit = threading.Event()
+
+    def check_inputs(endpoint, region, creds, uris, addresses=()):
+        if any(uri.startswith("s3://tarpit/") for uri in uris.values()):
+            tarpit.wait(5)  # a bucket that answers slowly
+        return {}
+
+    monkeypatch.setattr(s3, "check_inputs", check_inputs)
+    monkeypatch.setattr(reconcile, "INPUT_CHECK_TIMEOUT", 1.0)
+    selector = {"matchLabels": {"finetune.dev/tenant": "team-a"}}
+    tenants = tenancy.Tenancy(
+        policies=[tenancy.Policy.from_body({"metadata": {"name": "team-a", "generation": 1},
+                                            "spec": {"namespaceSelector": selector}})],
+        namespace_labels={"team-a": {"finetune.dev/tenant": "team-a"}, "team-a-dev": {"finetune.dev/tenant": "team-a"},
+                          "team-b": {}})
+
+    def new_job(namespace, uid, bucket="team-a"):
+        spec = minimal_spec(resources={"gpusPerWorker": 0, "nodePool": "cpu"},
+                            datasets=[{"uri": f"s3://{bucket}/data/support.jsonl", "format": "chat"}])
+        return job(spec, namespace=namespace, uid=uid)
+
+    async def scenario():
+        io = TenantIO(workers=4, per_tenant=1)
+        reconciler = reconcile.Reconciler(_SecretsOnly(), cfg, Metrics(), io=io)  # type: ignore[arg-type]
+        now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+        stalling = asyncio.create_task(reconciler._observe(new_job("team-a", "uid-1", "tarpit"),
+                                                           now, tenants))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(reconciler._observe(new_job("team-a-dev", "uid-2"), now, tenants),
+                             reconciler._observe(new_job("team-b", "uid-3"), now, tenants))
+        tarpit.set()
+        await stalling
+        io.shutdown()
+        return {uid: {c.error for c in checks.values()} for uid, (_, checks) in reconciler._input_checks.items()}
+
+    errors = asyncio.run(scenario())
+    assert errors["uid-2"] == {"no I/O slot for tenant policy/team-a within 1s"}, errors
+    assert errors["uid-3"] == set(), errors
