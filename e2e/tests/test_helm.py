@@ -202,13 +202,13 @@ def test_the_operators_egress_reaches_the_api_server_dns_and_s3_and_nothing_else
                              .get("phase") == "Running" and p["status"]["podIP"], 120, "the egress target pod")
         wait_for(lambda: kube.get("pod", "egress-client", namespace=tenant_namespace)["status"].get("phase")
                  == "Running", 120, "the egress client pod")
-        operator = Probes(kube)
+        probes = Probes(kube)
         name = operator_pod(kube, release)["metadata"]["name"]
         # The control: the tenant's server is open to a pod that no egress policy restricts.
-        operator.eventually(tenant_namespace, "egress-client", target_ip, JOB_PORT, "open")
-        operator.eventually(release, name, network.NODE_IP, local_cluster.state.ports["s3"], "open")
-        operator.eventually(release, name, network.KUBERNETES_SERVICE_IP, 443, "open")
-        operator.eventually(release, name, target_ip, JOB_PORT, "refused")
+        probes.eventually(tenant_namespace, "egress-client", target_ip, JOB_PORT, "open")
+        probes.eventually(release, name, network.NODE_IP, local_cluster.state.ports["s3"], "open")
+        probes.eventually(release, name, network.KUBERNETES_SERVICE_IP, 443, "open")
+        probes.eventually(release, name, target_ip, JOB_PORT, "refused")
         resolved = kube.run("exec", "-n", release, name, "--", "python3", "-c", RESOLVE,
                             "kube-dns.kube-system.svc.cluster.local", timeout=60).stdout.strip()
         assert resolved == network.DNS_SERVICE_IP

@@ -103,6 +103,11 @@ class View:
     trials: dict[int, driver.TrialRun] = field(default_factory=dict)  # a search's trials with a PyTorchJob
     endpoint_addresses: tuple[Any, ...] = ()  # the judged addresses of a wildcard endpoint: the only ones dialled
 
+    @property
+    def io_tenant(self) -> str:
+        """Whose share of the tenant I/O pool this job's calls take."""
+        return tenancy.io_tenant(self.body["metadata"]["namespace"], self.policy)
+
 
 @dataclass
 class Plan:
@@ -439,7 +444,7 @@ class Reconciler:
         facts.api_server_addresses = self.api_server
         host = endpoints.needs_resolution(spec.storage.endpoint, tenancy.effective_config(self.cfg, policy))
         if host:
-            facts.endpoint_addresses = await self._resolve(tenancy.io_tenant(meta["namespace"], policy), host)
+            facts.endpoint_addresses = await self._resolve(view.io_tenant, host)
             facts.endpoint_unanswered = facts.endpoint_addresses is None
             # The answer is judged before any request goes to that host, and only those addresses are dialled.
             view.spec, view.problems = self._validated(raw_spec, facts, started)
@@ -455,7 +460,7 @@ class Reconciler:
         needs_inputs = (facts.secret_found and not started and not run_finished(status, run_id))
         if needs_inputs and not view.other_runs:
             facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.secret,
-                                                tenancy.io_tenant(meta["namespace"], policy), view.endpoint_addresses)
+                                                view.io_tenant, view.endpoint_addresses)
         view.spec, view.problems = self._validated(raw_spec, facts, started)
         if view.spec is not None and not view.problems and not started and not run_finished(status, run_id):
             view.hold = tenancy.start_hold(tenancy.job_summary(body), policy, tenants)
@@ -484,7 +489,7 @@ class Reconciler:
             self._last_read[key] = mono
             try:
                 trial.documents = await self.io.run(
-                    tenancy.io_tenant(meta["namespace"], view.policy), DOCUMENTS_TIMEOUT, s3.read_documents, spec.storage.endpoint or self.cfg.s3Endpoint,
+                    view.io_tenant, DOCUMENTS_TIMEOUT, s3.read_documents, spec.storage.endpoint or self.cfg.s3Endpoint,
                     spec.storage.region, creds, n.trial_output_uri(spec.output.uri, number), spec.runId,
                     addresses=view.endpoint_addresses)
             except TenantIOTimeout as exc:
@@ -505,20 +510,19 @@ class Reconciler:
         creds = s3.Credentials.from_secret_data((view.secret or {}).get("data") or {})
         endpoint = spec.storage.endpoint or self.cfg.s3Endpoint
         source = n.trial_output_uri(spec.output.uri, best.number)
-        tenant = tenancy.io_tenant(meta["namespace"], view.policy)
         try:
-            copied = await self.io.run(tenant, PROMOTE_TIMEOUT, promote.promote, endpoint, spec.storage.region,
+            copied = await self.io.run(view.io_tenant, PROMOTE_TIMEOUT, promote.promote, endpoint, spec.storage.region,
                                        creds, source, spec.output.uri, spec.runId, addresses=view.endpoint_addresses)
             if copied.error:
                 return driver.Promotion(error=f"promoting trial {best.number} from {source}: {copied.error}")
             search_status = driver.summary(spec.search, plan.search, {})
             document = report.report_document(meta["name"], spec.runId, spec.search, search_status, spec.output.uri)
-            written = await self.io.run(tenant, PROMOTE_TIMEOUT, promote.write_report, endpoint,
+            written = await self.io.run(view.io_tenant, PROMOTE_TIMEOUT, promote.write_report, endpoint,
                                         spec.storage.region, creds, run_prefix(spec.output.uri, spec.runId), document,
                                         addresses=view.endpoint_addresses)
             if written.error:
                 return driver.Promotion(error=f"writing the search report: {written.error}")
-            docs = await self.io.run(tenant, DOCUMENTS_TIMEOUT, s3.read_documents, endpoint,
+            docs = await self.io.run(view.io_tenant, DOCUMENTS_TIMEOUT, s3.read_documents, endpoint,
                                      spec.storage.region, creds, spec.output.uri, spec.runId,
                                      addresses=view.endpoint_addresses)
         except TenantIOTimeout as exc:
@@ -694,8 +698,7 @@ class Reconciler:
         self._last_read[uid] = mono
         creds = s3.Credentials.from_secret_data(view.secret.get("data") or {})
         try:
-            docs = await self.io.run(tenancy.io_tenant(view.body["metadata"]["namespace"], view.policy),
-                                     DOCUMENTS_TIMEOUT, s3.read_documents,
+            docs = await self.io.run(view.io_tenant, DOCUMENTS_TIMEOUT, s3.read_documents,
                                      spec.storage.endpoint or self.cfg.s3Endpoint, spec.storage.region, creds,
                                      spec.output.uri, spec.runId, addresses=view.endpoint_addresses)
         except TenantIOTimeout as exc:
