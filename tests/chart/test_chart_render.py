@@ -4,12 +4,14 @@ test_alerts.py and test_metrics.py)."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 import pytest
 import yaml
 
-from finetune_operator import k8s
+from finetune_operator import endpoints, k8s
+from finetune_operator.builders.sandbox import s3_ip_block
 from finetune_operator.config import OperatorConfig
 from tests.chart.chartkit import ALL_FEATURES, CHART, REPO, RELEASE_NAMESPACE, by_kind, named, one
 
@@ -282,15 +284,36 @@ def test_the_operators_egress_reaches_only_the_api_server_dns_and_s3(helm_cli):
     ]
 
 
-def test_the_operators_s3_egress_never_reaches_cloud_metadata(helm_cli):
-    egress = one(helm_cli.render("--set", "networkPolicy.egress.enabled=true",
-                                 "--set", "networkPolicy.egress.apiServer.cidrs={192.0.2.10/32}",
-                                 "--set", "config.s3Egress.cidrs={0.0.0.0/0,::/0}"), "NetworkPolicy")["spec"]["egress"]
+# S3 blocks of the operator's egress, each against the block a sandbox gets for it (one render per
+# clusterNetworks): the whole internet, ranges holding one metadata address, private ranges holding
+# cluster ranges, a block that is itself a cluster address, ranges that hold nothing to except.
+S3_BLOCKS = ["0.0.0.0/0", "::/0", "100.64.0.0/10", "160.0.0.0/3", "10.0.0.0/8", "10.244.0.1/32", "10.244.0.0/16",
+             "192.168.0.0/16", "fc00::/7", "fe00::/7", "fd00:ec2::/32", "FD00:0EC2:0:0::/64", "2600:1f00::/24"]
+CLUSTER_NETWORK_SETS = {"none": [], "ipv4 and ipv6": ["10.244.0.0/16", "10.96.0.0/12", "fd00:10::/64", "fe80::/10"]}
+
+
+def normalised(block: dict) -> dict:
+    """An ipBlock with its ranges written as Python writes them (the chart keeps what it was given)."""
+    network = lambda cidr: str(ipaddress.ip_network(cidr, strict=False))  # noqa: E731
+    return {"cidr": network(block["cidr"]), **({"except": [network(c) for c in block["except"]]}
+                                                 if block.get("except") else {})}
+
+
+@pytest.mark.parametrize("cluster_networks", list(CLUSTER_NETWORK_SETS))
+def test_the_operators_s3_egress_excepts_what_a_sandboxs_does(helm_cli, cluster_networks):
+    """Metadata ranges and clusterNetworks inside each S3 block are excepted: the chart computes it with
+    bit strings (Helm has no CIDR functions), sandbox.s3_ip_block with ipaddress; both must agree."""
+    networks = CLUSTER_NETWORK_SETS[cluster_networks]
+    args = ["--set", "networkPolicy.egress.enabled=true", "--set", "networkPolicy.egress.apiServer.cidrs={192.0.2.10/32}",
+            "--set", f"config.s3Egress.cidrs={{{','.join(S3_BLOCKS)}}}"]
+    if networks:
+        args += ["--set", f"config.clusterNetworks={{{','.join(networks)}}}"]
+    egress = one(helm_cli.render(*args), "NetworkPolicy")["spec"]["egress"]
     assert egress[0]["ports"] == [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]
-    assert egress[2]["to"] == [
-        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16", "100.100.100.200/32"]}},
-        {"ipBlock": {"cidr": "::/0", "except": ["fe80::/10", "fd00:ec2::254/128"]}},
-    ]
+    rendered = [normalised(to["ipBlock"]) for to in egress[2]["to"]]
+    assert rendered == [s3_ip_block(cidr, networks)["ipBlock"] for cidr in S3_BLOCKS]
+    everything = {c for block in rendered[:2] for c in block["except"]}
+    assert {str(m) for m in endpoints.METADATA_NETWORKS} <= everything
 
 
 def test_egress_without_the_api_servers_addresses_fails_where_they_cannot_be_looked_up(helm_cli):

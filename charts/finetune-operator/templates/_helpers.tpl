@@ -50,3 +50,46 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{/* Label the sandbox namespaces carry (operator/finetune_operator/builders/names.py). */}}
 {{- define "finetune-operator.sandboxLabel" -}}app.kubernetes.io/managed-by{{- end -}}
+
+{{/* The cloud metadata ranges, as JSON: excepted from the operator's S3 egress as
+     endpoints.METADATA_NETWORKS is from a sandbox's (test_chart_render.py keeps the two equal). */}}
+{{- define "finetune-operator.metadataNetworks" -}}
+["169.254.0.0/16", "100.100.100.200/32", "fd00:ec2::254/128", "fe80::/10"]
+{{- end -}}
+
+{{/* An IP address as its bits: 32 characters 0 or 1 for IPv4, 128 for IPv6. Helm has no CIDR
+     functions; comparing bit strings is how the chart decides that one range lies inside another. */}}
+{{- define "finetune-operator.addressBits" -}}
+{{- $address := lower . -}}
+{{- if not (contains ":" $address) -}}
+{{- range splitList "." $address }}{{ printf "%08b" (atoi .) }}{{ end -}}
+{{- else -}}
+{{- if contains "." $address }}{{ fail (printf "%s: write an IPv6 range in hexadecimal groups (no embedded IPv4)" .) }}{{ end -}}
+{{- $halves := splitList "::" $address -}}
+{{- $head := list }}{{ if first $halves }}{{ $head = splitList ":" (first $halves) }}{{ end -}}
+{{- $tail := list }}{{ if and (gt (len $halves) 1) (last $halves) }}{{ $tail = splitList ":" (last $halves) }}{{ end -}}
+{{- $groups := $head -}}
+{{- range until (sub 8 (add (len $head) (len $tail)) | int) }}{{ $groups = append $groups "0" }}{{ end -}}
+{{- $nibbles := dict "0" "0000" "1" "0001" "2" "0010" "3" "0011" "4" "0100" "5" "0101" "6" "0110" "7" "0111"
+                     "8" "1000" "9" "1001" "a" "1010" "b" "1011" "c" "1100" "d" "1101" "e" "1110" "f" "1111" -}}
+{{- range concat $groups $tail }}{{ range splitList "" (trunc -4 (printf "0000%s" .)) }}{{ get $nibbles . }}{{ end }}{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ranges of .ranges that lie strictly inside .cidr, as a JSON list: what an ipBlock for .cidr
+     must except (sandbox.s3_ip_block in Python; a range equal to the block or containing it stays). */}}
+{{- define "finetune-operator.rangesInside" -}}
+{{- $block := splitList "/" .cidr -}}
+{{- $bits := include "finetune-operator.addressBits" (first $block) -}}
+{{- $prefix := ternary (last $block | atoi) (len $bits) (gt (len $block) 1) -}}
+{{- $inside := list -}}
+{{- range .ranges -}}
+{{- $range := splitList "/" . -}}
+{{- $rangeBits := include "finetune-operator.addressBits" (first $range) -}}
+{{- $rangePrefix := ternary (last $range | atoi) (len $rangeBits) (gt (len $range) 1) -}}
+{{- if and (eq (len $rangeBits) (len $bits)) (gt $rangePrefix $prefix) (eq (substr 0 $prefix $rangeBits) (substr 0 $prefix $bits)) (not (has . $inside)) -}}
+{{- $inside = append $inside . -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $inside -}}
+{{- end -}}
