@@ -142,7 +142,7 @@ TRAINER = ImageSpec(
     name="trainer",
     dockerfile=REPO_ROOT / "trainer-image" / "Dockerfile",
     context=REPO_ROOT,
-    inputs=("pyproject.toml", "operator/finetune_operator", "trainer-image/finetune_trainer"),
+    inputs=("pyproject.toml", "LICENSE", "operator/finetune_operator", "trainer-image/finetune_trainer"),
     build_args={"EXTRAS": "trainer", "PIP_UNINSTALL": "triton",
                 "DS_BUILD_ENV": "DS_ACCELERATOR=cpu DS_BUILD_SHM_COMM=1"},
     base=BASE,
@@ -152,7 +152,7 @@ OPERATOR = ImageSpec(
     name="operator",
     dockerfile=REPO_ROOT / "operator" / "Dockerfile",
     context=REPO_ROOT,
-    inputs=("pyproject.toml", "operator/finetune_operator", "trainer-image/finetune_trainer"),
+    inputs=("pyproject.toml", "LICENSE", "operator/finetune_operator", "trainer-image/finetune_trainer"),
     base=BASE,
 )
 
