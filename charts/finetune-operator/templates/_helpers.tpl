@@ -76,18 +76,22 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* A range as its family and network bits ("4" or "6", then the first prefix-length bits of the
+     address): one range lies inside another when its key starts with the other's. */}}
+{{- define "finetune-operator.networkKey" -}}
+{{- $parts := splitList "/" . -}}
+{{- $bits := include "finetune-operator.addressBits" (first $parts) -}}
+{{- ternary "6" "4" (contains ":" .) }}{{ trunc (ternary (last $parts | atoi) (len $bits) (gt (len $parts) 1)) $bits -}}
+{{- end -}}
+
 {{/* The ranges of .ranges that lie strictly inside .cidr, as a JSON list: what an ipBlock for .cidr
      must except (sandbox.s3_ip_block in Python; a range equal to the block or containing it stays). */}}
 {{- define "finetune-operator.rangesInside" -}}
-{{- $block := splitList "/" .cidr -}}
-{{- $bits := include "finetune-operator.addressBits" (first $block) -}}
-{{- $prefix := ternary (last $block | atoi) (len $bits) (gt (len $block) 1) -}}
+{{- $block := include "finetune-operator.networkKey" .cidr -}}
 {{- $inside := list -}}
 {{- range .ranges -}}
-{{- $range := splitList "/" . -}}
-{{- $rangeBits := include "finetune-operator.addressBits" (first $range) -}}
-{{- $rangePrefix := ternary (last $range | atoi) (len $rangeBits) (gt (len $range) 1) -}}
-{{- if and (eq (len $rangeBits) (len $bits)) (gt $rangePrefix $prefix) (eq (substr 0 $prefix $rangeBits) (substr 0 $prefix $bits)) (not (has . $inside)) -}}
+{{- $range := include "finetune-operator.networkKey" . -}}
+{{- if and (hasPrefix $block $range) (gt (len $range) (len $block)) (not (has . $inside)) -}}
 {{- $inside = append $inside . -}}
 {{- end -}}
 {{- end -}}
