@@ -15,9 +15,15 @@ from pathlib import Path
 from .child import emit_result, read_spec
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def train(spec: dict) -> dict:
     from finetune_trainer import config as cfg
-    from finetune_trainer.run import execute
+    from finetune_trainer.run import attention_implementation, execute
     from finetune_trainer.storage import from_config
 
     config = cfg.TrainerConfig.model_validate(spec["config"])
@@ -36,7 +42,10 @@ def train(spec: dict) -> dict:
         previous = e["time"]
     report = from_config(config.storage).get_json(cfg.data_report_uri(config.output.uri, config.job.runId)) or {}
     evaluation = summary.evaluation
+    device_type = "cuda" if torch_cuda_available() else "cpu"  # as distributed.init chooses
+    attention = attention_implementation(device_type).get("attn_implementation", "sdpa (transformers' default)")
     return {"steps": steps, "checkpoints": [e for e in events if e["event"] == "checkpoint"], "dataReport": report,
+            "attention": attention,
             "basePerplexity": evaluation.basePerplexity if evaluation else None,
             "perplexity": evaluation.perplexity if evaluation else None}
 

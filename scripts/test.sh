@@ -15,7 +15,11 @@ fi
 unit_pid=""
 cleanup() {
   if [ -n "$unit_pid" ]; then kill "$unit_pid" 2>/dev/null || true; fi
-  if [ "$started_here" = 1 ]; then $py -m e2e.localcluster down || true; fi
+  # `down` fails when anything of the cluster is left behind (processes, mounts, bridge, chains).
+  if [ "$started_here" = 1 ] && ! $py -m e2e.localcluster down; then
+    echo "test.sh: the local cluster did not stop cleanly" >&2
+    exit 1
+  fi
 }
 trap cleanup EXIT
 if [ $# -gt 0 ]; then

@@ -55,6 +55,14 @@ def test_isolation_drops_pod_traffic_through_any_other_interface():
     assert any(r.startswith(f"-d {network.CLUSTER_CIDR} ! -i {network.BRIDGE}") and r.endswith("-j DROP") for r in rules)
 
 
+def test_no_ipv6_enters_or_leaves_the_bridge():
+    rules = [" ".join(r) for r in network.ipv6_isolation_rules()]
+    assert [r.split(" -m ")[0] + " " + r.rsplit(" ", 2)[-2] + " " + r.rsplit(" ", 1)[-1] for r in rules] == [
+        f"-i {network.BRIDGE} -j DROP", f"-o {network.BRIDGE} -j DROP"]
+    tools = {tool: hooks for tool, _, hooks in network.HostNetwork.FIREWALLS}
+    assert tools == {"iptables": ("FORWARD",), "ip6tables": ("FORWARD", "INPUT")}
+
+
 def test_node_ports_lie_below_the_ephemeral_range_of_the_host_services():
     low, high = map(int, network.NODE_PORT_RANGE.split("-"))
     ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

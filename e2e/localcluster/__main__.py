@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from . import build
 from .cluster import LocalCluster
@@ -42,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
 
         OperatorProcess(cluster).down()
         cluster.down()
-        print("local cluster stopped")
+        left: list[str] = []
+        deadline = time.monotonic() + 30  # processes killed a moment ago may still be exiting
+        while time.monotonic() < deadline and (left := cluster.leftovers()):
+            time.sleep(1)
+        if left:
+            print("local cluster stopped, but these are left behind:\n  " + "\n  ".join(left), file=sys.stderr)
+            return 1
+        print("local cluster stopped; nothing of it is left behind")
         return 0
     print("\n".join(cluster.status_lines()))
     return 0 if cluster.is_running() else 1

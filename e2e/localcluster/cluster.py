@@ -622,6 +622,34 @@ class LocalCluster:
         for sub in ("etcd", "prometheus", "kwok", "training-operator", "kueue"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
 
+    def leftovers(self) -> list[str]:
+        """What of the cluster is still there: processes started from .cluster/ or running in a
+        container of the node, mounts under it, the pod bridge, the FTO-ISOLATE chains. Empty after
+        a clean `down`."""
+        root = str(self.root.resolve())
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                fs_root = os.readlink(proc / "root")
+            except OSError:  # gone meanwhile, or a kernel thread
+                continue
+            if cmdline and (root + "/" in cmdline or fs_root.startswith(root + "/")):
+                found.append(f"process {proc.name}: {cmdline[:160]}")
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            mount_point = line.split()[4].encode().decode("unicode_escape")
+            if mount_point.startswith(root + "/"):
+                found.append(f"mount {mount_point}")
+        if Path("/sys/class/net", network.BRIDGE).exists():
+            found.append(f"network interface {network.BRIDGE}")
+        for tool in ("iptables", "ip6tables"):
+            if subprocess.run([tool, "-w", "-n", "-L", network.ISOLATION_CHAIN], capture_output=True,
+                              check=False).returncode == 0:
+                found.append(f"{tool} chain {network.ISOLATION_CHAIN}")
+        return found
+
     def status_lines(self) -> list[str]:
         if not self.state.pids:
             return ["local cluster: not running"]

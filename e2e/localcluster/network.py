@@ -7,7 +7,8 @@ Prometheus, the kubelet) listen; the host reaches them there too. Pods get two r
 subnet (on the bridge) and the Service range via the bridge's address, and no default route; nothing
 is masqueraded. On top of that the chain FTO-ISOLATE drops anything that would leave the pod network
 through another interface, or enter it from one, so no pod can reach beyond this machine even if
-it found a route.
+it found a route; its IPv6 twin drops all IPv6 of the bridge (the pod network is IPv4 only, and
+IPv6 link-local addresses would bypass the IPv4 NetworkPolicies).
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def isolation_rules() -> list[list[str]]:
          "pod traffic stays on this machine", "-j", "DROP"],
         ["-d", CLUSTER_CIDR, "!", "-i", BRIDGE, "-m", "comment", "--comment",
          "nothing from outside reaches the pods", "-j", "DROP"],
+    ]
+
+
+def ipv6_isolation_rules() -> list[list[str]]:
+    """Rules of FTO-ISOLATE in ip6tables, a pure function. The pod network is IPv4 only, but the
+    kernel gives every pod interface (and the bridge) an IPv6 link-local address: without these,
+    pods would reach each other and the host's services over fe80:: with no NetworkPolicy applied
+    (kube-router enforces the IPv4 policies only)."""
+    return [
+        ["-i", BRIDGE, "-m", "comment", "--comment", "no IPv6 from the pods", "-j", "DROP"],
+        ["-o", BRIDGE, "-m", "comment", "--comment", "no IPv6 to the pods", "-j", "DROP"],
     ]
 
 
@@ -89,6 +101,7 @@ class HostNetwork:
             _run("ip", "addr", "add", f"{NODE_IP}/{NODE_POD_CIDR.split('/')[1]}", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
         for key, value in {
+            f"net/ipv6/conf/{BRIDGE}/disable_ipv6": "1",  # no link-local address of the host on the pod network
             "net/ipv4/ip_forward": "1",               # Service traffic DNATed back to a pod
             "net/bridge/bridge-nf-call-iptables": "1",  # policy on traffic between pods of the bridge
             "net/bridge/bridge-nf-call-ip6tables": "1",
@@ -99,20 +112,27 @@ class HostNetwork:
         self.ipam_dir.mkdir(parents=True, exist_ok=True)
         (self.cni_conf_dir / f"10-{CNI_NETWORK}.conflist").write_text(json.dumps(cni_config(self.ipam_dir), indent=2))
 
+    # (tool, rules, the built-in chains that jump to FTO-ISOLATE first, before kube-proxy's and
+    # kube-router's chains can accept anything)
+    FIREWALLS = (("iptables", isolation_rules, ("FORWARD",)), ("ip6tables", ipv6_isolation_rules, ("FORWARD", "INPUT")))
+
     def _isolate(self) -> None:
-        if _run("iptables", "-w", "-n", "-L", ISOLATION_CHAIN, check=False).returncode != 0:
-            _run("iptables", "-w", "-N", ISOLATION_CHAIN)
-        _run("iptables", "-w", "-F", ISOLATION_CHAIN)
-        for rule in isolation_rules():
-            _run("iptables", "-w", "-A", ISOLATION_CHAIN, *rule)
-        # First in FORWARD: before kube-proxy's and kube-router's chains can accept anything.
-        while _run("iptables", "-w", "-D", "FORWARD", "-j", ISOLATION_CHAIN, check=False).returncode == 0:
-            pass
-        _run("iptables", "-w", "-I", "FORWARD", "1", "-j", ISOLATION_CHAIN)
+        for tool, rules, hooks in self.FIREWALLS:
+            if _run(tool, "-w", "-n", "-L", ISOLATION_CHAIN, check=False).returncode != 0:
+                _run(tool, "-w", "-N", ISOLATION_CHAIN)
+            _run(tool, "-w", "-F", ISOLATION_CHAIN)
+            for rule in rules():
+                _run(tool, "-w", "-A", ISOLATION_CHAIN, *rule)
+            for hook in hooks:
+                while _run(tool, "-w", "-D", hook, "-j", ISOLATION_CHAIN, check=False).returncode == 0:
+                    pass
+                _run(tool, "-w", "-I", hook, "1", "-j", ISOLATION_CHAIN)
 
     def teardown(self) -> None:
-        while _run("iptables", "-w", "-D", "FORWARD", "-j", ISOLATION_CHAIN, check=False).returncode == 0:
-            pass
-        _run("iptables", "-w", "-F", ISOLATION_CHAIN, check=False)
-        _run("iptables", "-w", "-X", ISOLATION_CHAIN, check=False)
+        for tool, _, hooks in self.FIREWALLS:
+            for hook in hooks:
+                while _run(tool, "-w", "-D", hook, "-j", ISOLATION_CHAIN, check=False).returncode == 0:
+                    pass
+            _run(tool, "-w", "-F", ISOLATION_CHAIN, check=False)
+            _run(tool, "-w", "-X", ISOLATION_CHAIN, check=False)
         _run("ip", "link", "del", BRIDGE, check=False)

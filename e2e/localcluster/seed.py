@@ -99,6 +99,14 @@ def datasets() -> dict[str, list[dict]]:
     }
 
 
+# Files that examples name besides data sets: the term list of a content filter (termsUri).
+FILES = {
+    "s3://team-a/filters/blocked-terms.txt": (
+        "# Terms a help desk must never train on: one per line, matched word by word, ignoring case.\n"
+        "password\nsecret key\napi token\naccess key\n").encode(),
+}
+
+
 def seed(endpoint: str) -> None:
     from finetune_trainer.storage import Storage
     from finetune_trainer.testing import tiny
@@ -113,6 +121,8 @@ def seed(endpoint: str) -> None:
     storage = Storage(endpoint=endpoint, region=local_s3.REGION)
     for uri, rows in datasets().items():
         tiny.upload_rows(storage, uri, rows)
+    for uri, data in FILES.items():
+        storage.put_bytes(uri, data, content_type="text/plain")
     missing_adapters = [uri for uri in ADAPTERS if not storage.exists(uri + "adapter_config.json")]
     merged_uri, merged_from = MERGED_MODEL
     if (not storage.exists(DEMO_MODEL_URI + "config.json") or missing_adapters

@@ -253,6 +253,9 @@ VARIANTS = {
                                                                                      "temperature": 2.0}}),
     "kto-feedback": dict(objective="kto", datasets=[{"uri": "s3://team-a/data/feedback.jsonl", "format": "feedback"}],
                          preprocessing={"maxSeqLength": 128, "contentFilters": [
+                             # a term file in S3, read by the trainer: "access key" is in the 403 answers
+                             {"name": "term-file", "type": "terms", "termsUri": "s3://team-a/filters/blocked-terms.txt",
+                              "fields": "both", "action": "flag"},
                              {"name": "no-errors", "type": "regex", "patterns": [r"(?i)\berror 4\d\d\b"], "fields": "both"},
                              {"name": "plans", "type": "terms", "terms": ["plan"], "fields": "answer", "action": "flag"}]}),
     "two-stage": dict(datasets=None, stages=[
@@ -315,6 +318,7 @@ def test_variants_train_for_real_and_succeed(local_cluster, side_by_side, varian
         filters = {f["name"]: (f["rowsDropped"], f["rowsFlagged"]) for f in stage["contentFilters"]}
         assert filters["no-errors"][0] > 0 and filters["no-errors"][1] == 0, filters
         assert filters["plans"][0] == 0 and filters["plans"][1] > 0, filters
+        assert filters["term-file"][0] == 0 and filters["term-file"][1] > 0, filters
         assert stage["datasets"][0]["droppedByContentFilters"] == filters["no-errors"][0]
 
 

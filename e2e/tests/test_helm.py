@@ -371,6 +371,11 @@ def test_a_finetunejob_from_examples_succeeds_with_the_helm_installation(kube, r
     metrics = _read(_pod_url(kube, release, local_values["config"]["operatorMetricsPort"], "/metrics")) or ""
     assert 'finetune_jobs{phase="Succeeded"} 1.0' in metrics, metrics
     pod = operator_pod(kube, release)
+    # Its Events name the pod that wrote them (the pod's hostname), so two replicas' Events stay apart.
+    events = kube.get("events", namespace=tenant_namespace)["items"]
+    ours = [e for e in events if e.get("reportingComponent") == "finetune-operator"
+            and e["involvedObject"]["name"] == name]
+    assert ours and {e["reportingInstance"] for e in ours} == {f"finetune-operator-{pod['metadata']['name']}"}, ours
     log = kube.run("logs", "-n", release, pod["metadata"]["name"], "-c", "operator").stdout
     # A request kopf retries (the API server answering 429 "storage is (re)initializing" right after
     # a CRD was applied) is no refusal; anything else at ERROR is.

@@ -11,6 +11,7 @@ is a quick `connection refused`; a timeout counts as refused too.
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -180,6 +181,33 @@ def test_a_sandbox_pod_is_refused_everywhere_else(kube, local_cluster, world, ta
     probes = Probes(kube)
     probes.eventually(*allowed_from, host, port, "open")
     probes.eventually(sandbox, "client", host, port, "refused")
+
+
+SERVE_IPV6 = ("import socket\n"
+              "s = socket.socket(socket.AF_INET6); s.bind(('::', int(__import__('sys').argv[1]))); s.listen()\n"
+              "while True: s.accept()[0].close()\n")
+LINK_LOCAL = ("print(' '.join(l.split()[0] for l in open('/proc/net/if_inet6') if l.split()[5] == 'eth0' "
+              "and l.startswith('fe80')))")
+
+
+def test_no_pod_reaches_another_or_the_node_over_ipv6_link_local(kube, local_cluster, world):
+    """The kernel gives each pod's interface an IPv6 link-local address, and kube-router enforces the
+    IPv4 policies only: the node drops all IPv6 of the pod bridge, so fe80:: is no way around them."""
+    sandbox_b, _ = world["b"]
+    kube.apply(_restricted_pod(local_cluster, "server6", [SERVE_IPV6, str(JOB_PORT)]), namespace=sandbox_b)
+    _running(kube, sandbox_b, "server6")
+    hexed = kube.run("exec", "-n", sandbox_b, "server6", "--", "python3", "-c", LINK_LOCAL).stdout.strip()
+    assert hexed, "the pod has an IPv6 link-local address (the path exists at layer 2)"
+    address = ":".join(hexed[i:i + 4] for i in range(0, 32, 4)) + "%eth0"
+    probes = Probes(kube)
+    # The listener is up inside its own pod...
+    assert probes.connect(sandbox_b, "server6", "::1", JOB_PORT) == "open"
+    # ...and no pod reaches it over the pod network: not another sandbox, not a tenant namespace.
+    for namespace, pod in (world["a"][0], "client"), (world["tenant"][0], "client"):
+        outcome = probes.connect(namespace, pod, address, JOB_PORT)
+        assert outcome != "open", f"{namespace}/{pod} -> [{address}]:{JOB_PORT}: {outcome}"
+    # The node has no address of its own on the pod bridge to be reached at.
+    assert Path(f"/proc/sys/net/ipv6/conf/{network.BRIDGE}/disable_ipv6").read_text().strip() == "1"
 
 
 def test_nothing_outside_a_sandbox_reaches_into_it_but_monitoring_on_the_metrics_port(kube, world):

@@ -187,6 +187,53 @@ def test_a_gpu_hour_budget_counts_usage_holds_new_runs_and_survives_deletion(kub
     wait_phase(kube, namespace, "waiting", "Succeeded", timeout=120)
 
 
+def test_a_used_up_budget_holds_a_queued_run_kueue_has_not_admitted(kube, operator, cfg, namespace, suffix,
+                                                                     cluster_objects):
+    """A run created while the budget allowed it, still waiting in a ClusterQueue, waits for the budget
+    too once it is used up: Kueue would admit it whatever the budget, so its Workload is deactivated."""
+    tenant = f"kbudget-{suffix}"
+    tenant_namespace(kube, namespace, tenant)
+    flavor, open_queue, held_queue = f"a100-kb-{suffix}", f"kb-open-{suffix}", f"kb-held-{suffix}"
+    quota = {GPU: kueue.Quota(16), "cpu": "96", "memory": "1360Gi", "ephemeral-storage": "1Ti"}
+    held = kueue.cluster_queue(held_queue, {flavor: quota})
+    held["spec"]["stopPolicy"] = "Hold"  # admits nothing until the test says so
+    budget = policy(tenant, tenant, nodePools=["a100"], kueue={"clusterQueues": [open_queue, held_queue]},
+                    budget={"gpuHours": 0.02, "period": "Month"})
+    cluster_objects(kueue.pool_flavor("a100", flavor), kueue.cluster_queue(open_queue, {flavor: quota}), held, budget)
+
+    kube.apply(credentials(), gpu_job("queued", runPolicy={"queueName": held_queue}), namespace=namespace)
+    queued_sandbox = sandbox_of(kube, cfg, namespace, "queued")
+    _wait_for(lambda: get_or_none(kube, "pytorchjob", n.pytorchjob_name("1"), queued_sandbox), 60, "the queued run")
+    annotate_replicas(kube, queued_sandbox, n.pytorchjob_name("1"), {"Master": {SIM_DURATION: "5s"}})
+    wait_status(kube, namespace, "queued", lambda s: s.get("queue", {}).get("workload"), "its Workload")
+
+    # Another job of the tenant (the open queue, its default) uses the budget up.
+    start_suspended_and_annotate(kube, cfg, namespace, gpu_job("spender"), {"Master": {SIM_DURATION: "15s"}})
+    spent = wait_phase(kube, namespace, "spender", "Succeeded", timeout=120)
+    assert spent["gpuSeconds"] >= 8 * 14, spent
+    usage = wait_policy(kube, tenant, lambda s: s["usage"].get("gpuSeconds", 0) >= spent["gpuSeconds"],
+                        "the spender's GPU-seconds counted", timeout=120)["usage"]
+    assert usage["budgetExhausted"], usage
+
+    held_run = wait_status(kube, namespace, "queued", lambda s: running_reason(s) == "BudgetExhausted", "held")
+    workload = held_run["queue"]["workload"]
+    assert held_run["phase"] == "Queued" and f"Kueue Workload {workload} is deactivated" in \
+        conditions(held_run)["Running"]["message"]
+    assert kube.get("workload", workload, queued_sandbox)["spec"]["active"] is False
+
+    # The queue opens: the inactive Workload is not admitted while the budget is used up.
+    held["spec"]["stopPolicy"] = "None"
+    kube.apply(held)
+    time.sleep(3 * cfg.reconcileIntervalSeconds)
+    still = status_of(kube, namespace, "queued")
+    assert running_reason(still) == "BudgetExhausted" and not still["queue"]["admitted"], still
+
+    # A larger budget: the Workload is active again, admitted, and the run finishes.
+    budget["spec"]["budget"]["gpuHours"] = 100
+    kube.apply(budget)
+    wait_phase(kube, namespace, "queued", "Succeeded", timeout=120)
+
+
 # ---- Kueue ---------------------------------------------------------------------------------------
 
 

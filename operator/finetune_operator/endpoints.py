@@ -27,15 +27,17 @@ if TYPE_CHECKING:
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# Never a tenant's S3: instance metadata (AWS, GCP and Azure at 169.254.169.254, AWS IPv6
-# fd00:ec2::254, Alibaba 100.100.100.200), link-local, loopback, unspecified and multicast.
-NEVER_NETWORKS: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in (
-    "169.254.0.0/16", "100.100.100.200/32", "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32",
-    "fd00:ec2::254/128", "fe80::/10", "::1/128", "::/128", "ff00::/8",
-))
-# The cloud metadata ranges alone: excepted from every ipBlock of a sandbox's egress.
+# The cloud metadata ranges: instance metadata (AWS, GCP, Azure, Oracle and others at 169.254.169.254,
+# AWS IPv6 fd00:ec2::254, GCP IPv6 fd20:ce::254, Alibaba 100.100.100.200), Azure's WireServer
+# 168.63.129.16 (the VM agent's channel to the platform) and all link-local. Excepted from every
+# ipBlock of a sandbox's egress.
 METADATA_NETWORKS: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in (
-    "169.254.0.0/16", "100.100.100.200/32", "fd00:ec2::254/128", "fe80::/10",
+    "169.254.0.0/16", "100.100.100.200/32", "168.63.129.16/32", "fd00:ec2::254/128", "fd20:ce::254/128",
+    "fe80::/10",
+))
+# Never a tenant's S3: the metadata ranges, loopback, unspecified and multicast.
+NEVER_NETWORKS: tuple[Network, ...] = METADATA_NETWORKS + tuple(ipaddress.ip_network(n) for n in (
+    "127.0.0.0/8", "0.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32", "::1/128", "::/128", "ff00::/8",
 ))
 SCHEMES = {"http": 80, "https": 443}
 

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 
 from finetune_operator import __version__
 from finetune_operator.api.types import Phase
-from finetune_operator.status import parse_time
+from finetune_operator.status import heartbeat, parse_time, running_since
 
 JOB_LABELS = ("namespace", "name")
 PHASES = tuple(phase.value for phase in Phase)
@@ -43,8 +43,8 @@ JOB_SERIES = {series.name: series for series in (
     JobSeries("finetune_job_eta_seconds", "Estimated seconds to the end of training (only while the job is Running)."),
     JobSeries("finetune_job_gpu_seconds_total", "GPU time used by the run (status.gpuSeconds).", counter=True),
     JobSeries("finetune_job_restarts_total", "Container restarts of the run's pods (status.restarts).", counter=True),
-    JobSeries("finetune_job_last_progress_timestamp_seconds", "When the trainer last reported progress "
-              "(status.progress.updatedAt, else status.startTime): the heartbeat of the stall condition."),
+    JobSeries("finetune_job_last_progress_timestamp_seconds", "The heartbeat of the stall condition: "
+              "status.progress.updatedAt, or the time Running last turned True if later (else status.startTime)."),
     JobSeries("finetune_job_completion_timestamp_seconds", "When the run finished (status.completionTime)."),
     JobSeries("finetune_job_perplexity", "Validation perplexity of the tuned model (status.evaluation)."),
     JobSeries("finetune_job_base_perplexity", "Validation perplexity of the base model (evaluation.compareToBase)."),
@@ -74,6 +74,7 @@ def job_state(status: dict[str, Any]) -> JobState:
     evaluation = status.get("evaluation") or {}
     running = phase == Phase.Running.value
     percent = progress.get("percent")
+    last_progress = heartbeat(progress, running_since(status.get("conditions") or [])) or parse_time(status.get("startTime"))
     values = {
         "finetune_job_progress_ratio": None if percent is None else percent / 100,
         "finetune_job_step": progress.get("step"),
@@ -83,7 +84,7 @@ def job_state(status: dict[str, Any]) -> JobState:
         "finetune_job_eta_seconds": progress.get("etaSeconds") if running else None,
         "finetune_job_gpu_seconds_total": status.get("gpuSeconds"),
         "finetune_job_restarts_total": status.get("restarts"),
-        "finetune_job_last_progress_timestamp_seconds": timestamp(progress.get("updatedAt") or status.get("startTime")),
+        "finetune_job_last_progress_timestamp_seconds": last_progress.timestamp() if last_progress else None,
         "finetune_job_completion_timestamp_seconds": timestamp(status.get("completionTime")),
         "finetune_job_perplexity": evaluation.get("perplexity"),
         "finetune_job_base_perplexity": evaluation.get("basePerplexity"),

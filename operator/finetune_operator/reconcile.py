@@ -39,7 +39,6 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.metrics import Metrics
 from finetune_operator.search import driver, promote, report
 from finetune_operator.status import (
-    pod_gpu_seconds,
     SANDBOX_ABSENT,
     SANDBOX_ACTIVE,
     SANDBOX_EXPIRED,
@@ -50,6 +49,7 @@ from finetune_operator.status import (
     derive_status,
     is_true,
     parse_time,
+    pod_gpu_times,
     ptj_condition,
     run_id_of,
 )
@@ -252,11 +252,12 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
         for old in view.other_runs:
             old_id = old["metadata"].get("labels", {}).get(n.LABEL_RUN_ID, "")
             number = driver.trial_number(old)
-            plan.delete.append(_ref("kubeflow.org/v1", "PyTorchJob", old["metadata"]["name"], sandbox))
+            plan.delete.append(_ref("kubeflow.org/v1", "PyTorchJob", old["metadata"]["name"], sandbox,
+                                    uid=old["metadata"].get("uid")))
             plan.delete.append(_ref("v1", "ConfigMap", n.configmap_name(old_id) if number is None else
                                     n.trial_configmap_name(old_id, number), sandbox))
-        plan.replacing_run = ", ".join(sorted(o["metadata"].get("labels", {}).get(n.LABEL_RUN_ID, "?")
-                                              for o in view.other_runs)) or "(pods)"
+        plan.replacing_run = ", ".join(sorted({o["metadata"].get("labels", {}).get(n.LABEL_RUN_ID, "?")
+                                               for o in view.other_runs})) or "(pods)"
         plan.requeue_after = REQUEUE_SHORT
         return plan
 
@@ -301,8 +302,9 @@ def _decide_search(view: View, ref: n.JobRef, cfg: OperatorConfig, plan: Plan, f
         for number, params in search.start:
             plan.apply.extend(run_objects(ref, cfg, Trial(number, params)))
     for number in search.stop:
+        observed = view.trials[number].pytorchjob if number in view.trials else None  # its uid: that very one
         plan.delete.append(_ref("kubeflow.org/v1", "PyTorchJob", n.trial_pytorchjob_name(spec.runId, number),
-                                plan.sandbox))
+                                plan.sandbox, uid=observed["metadata"].get("uid") if observed else None))
     stopped = set(search.stop)
     if owns_suspend(ref):
         for number, trial in view.trials.items():
@@ -478,7 +480,7 @@ class Reconciler:
         for number, trial in sorted(view.trials.items()):
             ptj = trial.pytorchjob
             pods = [p for p in view.run_pods if (p["metadata"].get("labels") or {}).get(n.LABEL_TRIAL) == str(number)]
-            trial.gpu_seconds = pod_gpu_seconds(pods, gpu_resource, view.now) if gpu_resource else 0.0
+            trial.gpu_pod_seconds = pod_gpu_times(pods, gpu_resource, view.now) if gpu_resource else {}
             if recorded.get(number) in driver.FINAL or view.secret is None:
                 continue
             key = f"{uid}/t{number}"
@@ -625,8 +627,14 @@ class Reconciler:
                 workload = await self._workload(plan.sandbox, ptj)
                 if workload is not None:
                     obs.queue = kueue.queue_state(workload, view.spec.runPolicy.queueName)
-                    activation = kueue.activation_patch(workload, active=not view.spec.runPolicy.suspend)
-                    if activation is not None:  # the user's suspend of a queued run: Kueue's way
+                    # A run Kueue has not admitted yet has not started: it waits for the tenant's
+                    # budget like a run not created yet (Kueue would admit it whatever the budget).
+                    never_ran = not obs.queue.admitted and not (previous.get("runId") == view.spec.runId
+                                                                and previous.get("startTime"))
+                    obs.hold = tenancy.budget_hold(view.policy) if never_ran else None
+                    activation = kueue.activation_patch(
+                        workload, active=not view.spec.runPolicy.suspend and obs.hold is None)
+                    if activation is not None:  # a suspend or hold of a queued run: Kueue's way
                         await self.kube.merge_patch(k8s.Workload, workload["metadata"]["name"], plan.sandbox, activation)
         if ptj is not None and plan.sandbox_state == SANDBOX_ACTIVE and view.spec is not None:
             # The pods were listed while observing; a pass that only applied objects sees them next time.

@@ -28,8 +28,8 @@ SANDBOX_ACTIVE = "active"
 SANDBOX_TERMINATING = "terminating"
 SANDBOX_EXPIRED = "expired"  # deleted after ttlSecondsAfterFinished
 
-RUN_SCOPED = ("search", "startTime", "completionTime", "restarts", "gpuSeconds", "progress", "checkpoints",
-              "latestCheckpoint", "resumedFromStep", "data", "evaluation", "output", "pytorchJob", "preemptions", "queue")
+RUN_SCOPED = ("search", "startTime", "completionTime", "restarts", "gpuSeconds", "gpuSecondsSettled", "gpuPodSeconds",
+              "progress", "checkpoints", "latestCheckpoint", "resumedFromStep", "data", "evaluation", "output", "pytorchJob", "preemptions", "queue")
 # Running=False reasons of a job that waits to start (its phase is Queued).
 WAITING_REASONS = ("BudgetExhausted", "RunningJobLimit", "Queued", "Preempted")
 
@@ -114,6 +114,21 @@ def is_true(status: dict[str, Any], type_: str) -> bool:
     return bool(c and c.get("status") == "True")
 
 
+def running_since(conditions: list[dict[str, Any]]) -> datetime | None:
+    """When Running last turned True (None while it is not True)."""
+    running = condition({"conditions": conditions}, C.Running.value) or {}
+    return parse_time(running.get("lastTransitionTime")) if running.get("status") == "True" else None
+
+
+def heartbeat(progress: dict[str, Any] | None, since: datetime | None) -> datetime | None:
+    """The stall clock: the trainer's latest progress, or the time the run last started running if later.
+
+    A run resumed after a suspension, a Kueue preemption or a pod restart gets a fresh window from
+    the moment it runs again, instead of being judged by the progress it wrote before it stopped.
+    """
+    return max((t for t in (parse_time((progress or {}).get("updatedAt")), since) if t), default=None)
+
+
 def ptj_condition(ptj: dict[str, Any] | None, type_: str) -> dict[str, Any] | None:
     if not ptj:
         return None
@@ -182,6 +197,24 @@ def pod_gpu_seconds(pods: list[dict[str, Any]], gpu_resource: str, now: datetime
     return total
 
 
+def pod_gpu_times(pods: list[dict[str, Any]], gpu_resource: str, now: datetime) -> dict[str, float]:
+    """GPU time of each pod with GPUs, by uid (a pod recreated under the same name is another pod)."""
+    times = {(p.get("metadata") or {}).get("uid") or (p.get("metadata") or {}).get("name") or str(i):
+             pod_gpu_seconds([p], gpu_resource, now) for i, p in enumerate(pods)}
+    return {uid: seconds for uid, seconds in times.items() if seconds > 0}
+
+
+def account_gpu_seconds(record: dict[str, Any], seen: dict[str, float]) -> None:
+    """Add the GPU time of the pods seen to a run's (or trial's) record: a pod that is gone (preempted,
+    suspended, recreated) is settled at the last value seen of it, and new pods count on top."""
+    before = {str(k): float(v) for k, v in (record.get("gpuPodSeconds") or {}).items()}
+    settled = float(record.get("gpuSecondsSettled") or 0.0) + sum(v for k, v in before.items() if k not in seen)
+    current = {k: round(max(v, before.get(k, 0.0)), 1) for k, v in seen.items()}
+    record["gpuSecondsSettled"] = round(settled, 1)
+    record["gpuPodSeconds"] = current
+    record["gpuSeconds"] = round(max(float(record.get("gpuSeconds") or 0.0), settled + sum(current.values())), 1)
+
+
 def failed_exit_code(pods: list[dict[str, Any]]) -> int | None:
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
@@ -226,7 +259,7 @@ def _progress_status(progress: Progress, succeeded: bool) -> dict[str, Any]:
         "evalLoss": _rounded(progress.evalLoss, 4),
         "learningRate": _finite(progress.learningRate),
         "tokensPerSecond": _rounded(progress.tokensPerSecond, 1),
-        "etaSeconds": None if _finite(progress.etaSeconds) is None else int(progress.etaSeconds),
+        "etaSeconds": None if _finite(progress.etaSeconds) is None else _count(int(progress.etaSeconds)),
         "updatedAt": progress.updatedAt,
         "datasetLosses": [{k: v for k, v in {"stage": d.stage[:63], "index": d.index, "uri": d.uri[:MAX_STATUS_URI],
                                              "loss": _rounded(d.loss, 4), "steps": d.steps}.items() if v is not None}
@@ -385,8 +418,7 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
     if ptj and obs.pods:
         status["restarts"] = max(int(status.get("restarts") or 0), pod_restarts(obs.pods),
                                  restarts_from_events(obs.exit_events, retryable_exit_codes))
-        status["gpuSeconds"] = round(max(float(status.get("gpuSeconds") or 0.0),
-                                         pod_gpu_seconds(obs.pods, obs.gpu_resource, now)), 1)
+        account_gpu_seconds(status, pod_gpu_times(obs.pods, obs.gpu_resource, now))
 
     if search is not None and search.outcome is not None:
         outcome, reason, message = search.outcome
@@ -442,12 +474,12 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         elif running_c and not ptj_suspended:
             status.setdefault("startTime", ptj_status.get("startTime") or rfc3339(now))
             p = status.get("progress")
-            # The heartbeat: the trainer's latest progress document, or the start of the run before its first.
-            heartbeat = parse_time((p or {}).get("updatedAt")) or parse_time(status.get("startTime"))
-            quiet = (now - heartbeat).total_seconds() if heartbeat else 0.0
+            since = running_since(conds) or now  # Running turns True in this pass if it was not
+            beat = heartbeat(p, since)
+            quiet = (now - beat).total_seconds()
             if obs.stall_after_seconds and quiet > obs.stall_after_seconds:
-                last = f"last: step {p.get('step', 0)} at {p.get('updatedAt')}" if p else \
-                    f"none since the run started at {status.get('startTime')}"
+                last = f"last: step {p.get('step', 0)} at {p.get('updatedAt')}" if p and \
+                    parse_time(p.get("updatedAt")) == beat else f"none since the run started running at {rfc3339(since)}"
                 put(C.Running, True, "ProgressStalled",
                     f"no progress reported for {int(quiet)}s ({last}); threshold {int(obs.stall_after_seconds)}s")
             else:
@@ -455,6 +487,9 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
                     f"step {p.get('step', 0)}/{p.get('totalSteps', 0)}" if p else "training; no progress reported yet")
         elif restarting_c:
             put(C.Running, False, "Restarting", restarting_c.get("message") or "pods are restarting; the trainer resumes from the latest checkpoint")
+        elif ptj and ptj_suspended and queue is not None and obs.hold is not None:
+            put(C.Running, False, obs.hold.reason, f"{obs.hold.message} (its Kueue Workload {queue.workload} is "
+                "deactivated until then)")
         elif ptj and ptj_suspended and queue is not None and queue.evicted_by_preemption:
             resume = status.get("checkpoints", [{}])[-1].get("step") if status.get("checkpoints") else 0
             put(C.Running, False, "Preempted", f"preempted by Kueue in ClusterQueue {queue.cluster_queue} "

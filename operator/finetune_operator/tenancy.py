@@ -222,13 +222,14 @@ def with_policy_defaults(spec: FineTuneJobSpec, policy: Policy | None, cfg: Oper
 
 def effective_config(cfg: OperatorConfig, policy: Policy | None) -> OperatorConfig:
     """The operator's configuration as a governed job sees it: the policy's lists replace the
-    operator-wide allow-lists (images, priority classes, S3 endpoints when the policy names some)."""
+    operator-wide allow-lists (images, priority classes, S3 endpoints when the policy names some); a
+    requirement (an image digest) the policy can only add to, never lift."""
     if policy is None or policy.spec is None:
         return cfg
     p = policy.spec
     update: dict[str, Any] = {
         "allowedImages": list(p.images.registries),
-        "requireImageDigest": p.images.requireDigest,
+        "requireImageDigest": cfg.requireImageDigest or p.images.requireDigest,
         "allowedPriorityClasses": list(p.priorityClasses.allowed),
     }
     if p.storage.endpoints:
@@ -391,9 +392,9 @@ def check_queue_without_policy(spec: FineTuneJobSpec, cfg: OperatorConfig) -> li
 # ---- may a run start now -------------------------------------------------------------------------
 
 
-def start_hold(job: JobSummary, policy: Policy | None, tenancy: Tenancy) -> Problem | None:
-    """Why a job whose run does not exist yet must wait (None: it may start). Jobs wait for the budget
-    and for a free slot under maxRunningJobs; slots go to waiting jobs oldest first."""
+def budget_hold(policy: Policy | None) -> Problem | None:
+    """Why no new run of the policy's tenant may start now: its GPU-hour budget is used up (None: it may).
+    Holds a run that does not exist yet, and a queued run Kueue has not admitted yet."""
     if policy is None or policy.spec is None:
         return None
     p = policy.spec
@@ -402,6 +403,18 @@ def start_hold(job: JobSummary, policy: Policy | None, tenancy: Tenancy) -> Prob
         return Problem(BUDGET_EXHAUSTED, f"TenantPolicy {policy.name} has used {usage.get('gpuHours', 0)} of its "
                                          f"{p.budget.gpuHours:g} GPU-hours this {p.budget.period.lower()}; the run "
                                          "starts when the next period begins or the budget is raised")
+    return None
+
+
+def start_hold(job: JobSummary, policy: Policy | None, tenancy: Tenancy) -> Problem | None:
+    """Why a job whose run does not exist yet must wait (None: it may start). Jobs wait for the budget
+    and for a free slot under maxRunningJobs; slots go to waiting jobs oldest first."""
+    if policy is None or policy.spec is None:
+        return None
+    p = policy.spec
+    exhausted = budget_hold(policy)
+    if exhausted is not None:
+        return exhausted
     if p.maxRunningJobs is None:
         return None
     jobs = tenancy.jobs_in(governed_namespaces(policy, tenancy))

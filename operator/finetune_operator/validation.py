@@ -229,7 +229,14 @@ def check_image_allowed(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Prob
     if not image_from(image, cfg.allowedImages):
         allowed = ", ".join(cfg.allowedImages) or "none: only the operator's trainer image"
         return [Problem("ImageNotAllowed", f"spec.image: {image!r} is not from an allowed registry prefix ({allowed})")]
-    if cfg.requireImageDigest and not DIGEST.search(image):
+    return check_image_digest(spec, cfg)
+
+
+def check_image_digest(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Problem]:
+    """The operator-wide requireImageDigest: a TenantPolicy replaces the allowed registries, not this
+    (validate_spec checks it under a policy too; the policy's own requireDigest is its PolicyViolation)."""
+    image = spec.image
+    if image and cfg.requireImageDigest and not DIGEST.search(image):
         return [Problem("ImageNotAllowed", f"spec.image: {image!r} must be pinned by digest (@sha256:<64 hex>)")]
     return []
 
@@ -317,6 +324,7 @@ def validate_spec(raw_spec: dict[str, Any], cfg: OperatorConfig,
         if policy is None or validator not in REPLACED_BY_POLICY:
             problems.extend(validator(spec, effective))
     if policy is not None:
+        problems.extend(check_image_digest(spec, cfg))  # the operator's requirement: no policy lifts it
         problems.extend(tenancy.check_policy(spec, policy))
     else:
         problems.extend(tenancy.check_queue_without_policy(spec, cfg))

@@ -33,7 +33,7 @@ from finetune_trainer.config import CheckpointRecord, Progress, RunResult
 from finetune_trainer.errors import EvaluationGateFailed
 from finetune_trainer.scoring.gates import PerplexityGate, evaluate_gates
 from tests.chart.chartkit import ARGOCD
-from tests.operator.op_testdata import job, minimal_spec
+from tests.operator.op_testdata import job, minimal_spec, seen_earlier
 
 CHECK_DIR = ARGOCD / "resource_customizations" / "finetune.dev" / "FineTuneJob"
 HEALTH_LUA = CHECK_DIR / "health.lua"
@@ -232,8 +232,9 @@ def suspended() -> dict[str, Any]:
 
 
 def progress_stalled() -> dict[str, Any]:
-    return written(observation(pytorchjob=pytorchjob(RUNNING), pods=[pod(MASTER), pod(WORKER)],
-                               progress=progress(150, updated="2026-11-21T09:20:00Z")))
+    observed = observation(pytorchjob=pytorchjob(RUNNING), pods=[pod(MASTER), pod(WORKER)],
+                           progress=progress(150, updated="2026-11-21T09:20:00Z"))
+    return written(observed, previous=seen_earlier(job(minimal_spec()), observed, 7200)["status"])
 
 
 def queued() -> dict[str, Any]:

@@ -55,10 +55,14 @@ class Job:
     phases: list[tuple[Phase, int]]
     heartbeat: float | None = None  # finetune_job_last_progress_timestamp_seconds
     completed: tuple[float, int] | None = None  # (completion timestamp, first minute exported)
+    operator_pod: str = "finetune-operator-5c9f7d-x2k4p"  # the target that exports the series
 
     @property
     def labels(self) -> str:
-        return f'namespace="{self.namespace}", name="{self.name}"'
+        """The job's labels and the target labels a scrape through the chart's ServiceMonitor adds."""
+        return (f'namespace="{self.namespace}", name="{self.name}", job="finetune-operator-metrics", '
+                f'service="finetune-operator-metrics", endpoint="metrics", pod="{self.operator_pod}", '
+                f'instance="{self.operator_pod}:8080"')
 
     def series(self) -> list[dict]:
         out = []
@@ -144,6 +148,17 @@ def test_progress_stalled_fires_per_job_among_others(helm_cli, promtool, tmp_pat
     run_promtool_test(promtool, tmp_path, groups, alert_test(
         "FineTuneJobProgressStalled", 30, [s for job in jobs for s in job.series()],
         [stalled_alert(stuck, 1800)]))
+
+
+def replaced(job: Job) -> Job:
+    """The same job as exported by the operator's next pod (after a crash, a reschedule or an upgrade)."""
+    return Job(job.namespace, job.name, job.phases, job.heartbeat, job.completed, "finetune-operator-5c9f7d-q8m2z")
+
+
+def test_progress_stalled_fires_once_whichever_operator_pod_exports_the_job(helm_cli, promtool, tmp_path):
+    stuck = Job("team-a", "stuck", RUNNING, heartbeat=0)
+    run_promtool_test(promtool, tmp_path, rule_groups(helm_cli), alert_test(
+        "FineTuneJobProgressStalled", 30, stuck.series() + replaced(stuck).series(), [stalled_alert(stuck, 1800)]))
 
 
 def test_progress_stalled_rule_is_left_out_when_the_threshold_is_zero(helm_cli):
@@ -269,6 +284,13 @@ def test_failed_fires_once_per_failed_job_with_its_namespace_and_name(helm_cli, 
     expected = [failed_alert(job, eval_minute * 60 - int(job.completed[0])) for job in firing]
     run_promtool_test(promtool, tmp_path, groups, alert_test(
         "FineTuneJobFailed", eval_minute, [s for job in jobs for s in job.series()], expected))
+
+
+def test_failed_fires_once_whichever_operator_pod_exports_the_job(helm_cli, promtool, tmp_path):
+    """One alert per failed run, not one per operator pod: the alert carries no target labels, so a new
+    operator pod exporting the same job continues the alert instead of starting a second one."""
+    run_promtool_test(promtool, tmp_path, rule_groups(helm_cli), alert_test(
+        "FineTuneJobFailed", 10, FAILED_A.series() + replaced(FAILED_A).series(), [failed_alert(FAILED_A, 300)]))
 
 
 def test_failed_window_is_a_chart_value(helm_cli, promtool, tmp_path):

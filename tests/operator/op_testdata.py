@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from finetune_operator.api.crd import openapi_schema
+from finetune_operator.status import Observation, derive_status
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -63,6 +66,16 @@ def job(spec: dict[str, Any] | None = None, *, name: str = "support-bot", namesp
     if status is not None:
         obj["status"] = status
     return obj
+
+
+def seen_earlier(body: dict[str, Any], observation: Observation, seconds: float = 3600,
+                 retryable_exit_codes: list[int] | None = None) -> dict[str, Any]:
+    """`body` with the status the operator wrote `seconds` before `observation`, seeing the same.
+
+    A running run is then Running since that pass: the stall clock starts when a run turns Running.
+    """
+    earlier = replace(observation, now=observation.now - timedelta(seconds=seconds))
+    return dict(body, status=derive_status(body, earlier, retryable_exit_codes))
 
 
 def example_documents() -> list[tuple[str, dict[str, Any]]]:

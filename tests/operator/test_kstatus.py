@@ -15,15 +15,18 @@ from finetune_operator.api import crd
 from finetune_operator.status import condition, derive_status
 from finetune_operator.validation import Problem
 from finetune_trainer.config import RunResult
-from op_testdata import job, minimal_spec
+from op_testdata import job, minimal_spec, seen_earlier
 from test_op_status import PROGRESS, obs, pod, ptj, unschedulable_pod
 
 CURRENT, IN_PROGRESS, FAILED = "Current", "InProgress", "Failed"
 
 
-def ftj(observation, *, generation: int = 1, **spec) -> dict:
-    """A FineTuneJob as the API server returns it after the operator wrote its status."""
+def ftj(observation, *, generation: int = 1, seen_before: bool = False, **spec) -> dict:
+    """A FineTuneJob as the API server returns it after the operator wrote its status (and, if
+    seen_before, one an hour earlier from the same observation)."""
     obj = job(minimal_spec(**spec), generation=generation)
+    if seen_before:
+        obj = seen_earlier(obj, observation, retryable_exit_codes=[137])
     obj["status"] = derive_status(obj, observation, [137])
     return json.loads(json.dumps(obj))
 
@@ -52,7 +55,8 @@ CASES = [
     ("running", ftj(obs(pytorchjob=RUNNING, pods=[pod()], progress=PROGRESS)), IN_PROGRESS, "Reconciling"),
     ("restarting", ftj(obs(pytorchjob=ptj("Created", "Restarting"), pods=[pod(phase="Failed", exit_code=137)])),
      IN_PROGRESS, "Reconciling"),
-    ("progress stalled", ftj(obs(pytorchjob=RUNNING, pods=[pod()], progress=STALE, stall_after_seconds=900)),
+    ("progress stalled", ftj(obs(pytorchjob=RUNNING, pods=[pod()], progress=STALE, stall_after_seconds=900),
+                              seen_before=True),
      FAILED, "Stalled"),
     ("succeeded", ftj(obs(pytorchjob=ptj("Created", "Succeeded", completion="2026-01-01T11:58:00Z"),
                           pods=[pod(phase="Succeeded", exit_code=0)],

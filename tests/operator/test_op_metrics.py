@@ -44,6 +44,13 @@ CASES = {
         {"phase": "Running", "startTime": STARTED, "gpuSeconds": 0.0, "restarts": 0}, {
             "finetune_job_gpu_seconds_total": 0.0, "finetune_job_restarts_total": 0,
             "finetune_job_last_progress_timestamp_seconds": unix(STARTED)}),
+    "resumed-beats-from-when-it-runs-again": (
+        {**RUNNING, "conditions": [{"type": "Running", "status": "True", "reason": "Training",
+                                    "lastTransitionTime": FINISHED}]}, {
+            "finetune_job_progress_ratio": 0.25, "finetune_job_step": 150, "finetune_job_total_steps": 600,
+            "finetune_job_loss": 1.5, "finetune_job_tokens_per_second": 900.0, "finetune_job_eta_seconds": 60,
+            "finetune_job_gpu_seconds_total": 3600.0, "finetune_job_restarts_total": 2,
+            "finetune_job_last_progress_timestamp_seconds": unix(FINISHED)}),
     "stalled-shows-no-throughput-or-eta": ({**RUNNING, "phase": "Stalled"}, {
         "finetune_job_progress_ratio": 0.25, "finetune_job_step": 150, "finetune_job_total_steps": 600,
         "finetune_job_loss": 1.5, "finetune_job_gpu_seconds_total": 3600.0, "finetune_job_restarts_total": 2,

@@ -224,6 +224,35 @@ def test_old_run_objects_are_named_by_their_run_id():
     assert plan.replacing_run == "1"
 
 
+def observed_as(obj, uid):
+    """`obj` as read back from the API server, with its uid."""
+    obj = copy.deepcopy(obj)
+    obj["metadata"]["uid"] = uid
+    return obj
+
+
+DELETE_CASES = [
+    # name, view, expected (kind, uid precondition) of each delete -- None: by name
+    ("old run: the PyTorchJob as observed; its ConfigMap, never read, by name",
+     view(body(runId="2"), namespace=ACTIVE_NS, other_runs=[observed_as(existing_run(B), "uid-old-run")]),
+     [("PyTorchJob", "uid-old-run"), ("ConfigMap", None)]),
+    ("old run observed without a uid: by name", view(body(runId="2"), namespace=ACTIVE_NS, other_runs=[existing_run(B)]),
+     [("PyTorchJob", None), ("ConfigMap", None)]),
+    ("ttl passed: the namespace as observed",
+     view(body(status=SUCCEEDED, runPolicy={"ttlSecondsAfterFinished": 60}), namespace=observed_as(ACTIVE_NS, "uid-ns")),
+     [("Namespace", "uid-ns")]),
+    ("the Secret went: its copy, never read, by name",
+     view(B, problems=[Problem("SecretNotFound", "x")], namespace=ACTIVE_NS), [("Secret", None)]),
+]
+
+
+@pytest.mark.parametrize("name, v, expected", DELETE_CASES, ids=[c[0] for c in DELETE_CASES])
+def test_deletes_carry_the_uid_of_the_object_observed(name, v, expected):
+    """A delete of an object the pass observed has its uid as precondition (Reconciler -> Kube.delete(uid=)):
+    an object of the same name made since is not deleted."""
+    assert [(o["kind"], o["metadata"].get("uid")) for o in decide(v, CFG).delete] == expected
+
+
 def ptj_with(*conds):
     return {"metadata": {"name": "train-1"}, "status": {"conditions": [{"type": c, "status": "True"} for c in conds]}}
 

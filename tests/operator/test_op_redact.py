@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 
-from finetune_operator import redact
+import pytest
+
+from finetune_operator import redact, s3
 
 
 def test_registered_values_are_redacted_in_messages_arguments_and_tracebacks(caplog):
@@ -24,6 +27,21 @@ def test_registered_values_are_redacted_in_messages_arguments_and_tracebacks(cap
     text = caplog.text
     assert "AKIAEXAMPLEKEY" not in text and "s3cr3t-value" not in text
     assert text.count(redact.MASK) >= 2
+
+
+@pytest.mark.parametrize("key", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"])
+def test_each_credential_decoded_from_a_secret_is_redacted_from_the_logs(caplog, key):
+    values = {k: f"{k.lower()}-value-of-test-{key.lower()}" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                                       "AWS_SESSION_TOKEN")}
+    s3.Credentials.from_secret_data({k: base64.b64encode(v.encode()).decode() for k, v in values.items()})
+    logger = logging.getLogger("test.redact.secret")
+    logger.addFilter(redact.REDACTOR)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="test.redact.secret"):
+            logger.warning("S3 request failed: %s=%s", key, values[key])
+    finally:
+        logger.removeFilter(redact.REDACTOR)
+    assert values[key] not in caplog.text and redact.MASK in caplog.text
 
 
 def test_short_values_are_not_registered():

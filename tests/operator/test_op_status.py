@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -14,11 +15,14 @@ from finetune_operator.status import (
     condition,
     derive_status,
     pod_gpu_seconds,
+    rfc3339,
     set_condition,
 )
+from finetune_operator.api.types import MAX_COUNT
+from finetune_operator.kueue import QueueState
 from finetune_operator.validation import Problem
 from finetune_trainer.config import CheckpointRecord, EvaluationResult, Progress, RunResult
-from op_testdata import job, minimal_spec
+from op_testdata import job, minimal_spec, seen_earlier
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 SANDBOX = "ftj-team-a-support-bot"
@@ -108,10 +112,21 @@ KSTATUS = {
     "progress stalled": ("False", "False", "True", "ProgressStalled"),
 }
 
+# Cases the operator has seen before (an hour earlier, the same observation): a run stalls only after
+# it has been running for longer than the threshold.
+SEEN_EARLIER = {"progress stalled"}
+
+
+def derived(name: str, observation: Observation, overrides: dict) -> dict:
+    body = job(minimal_spec(**overrides))
+    if name in SEEN_EARLIER:
+        body = seen_earlier(body, observation, retryable_exit_codes=[137])
+    return derive_status(body, observation, [137])
+
 
 @pytest.mark.parametrize("name,observation,overrides,phase,conditions", CASES, ids=[c[0] for c in CASES])
 def test_derive_status(name, observation, overrides, phase, conditions):
-    status = derive_status(job(minimal_spec(**overrides)), observation, [137])
+    status = derived(name, observation, overrides)
     assert status["phase"] == phase
     got = {c["type"]: c["status"] for c in status["conditions"]}
     assert {k: got.get(k) for k in conditions} == conditions
@@ -125,7 +140,7 @@ def test_every_case_has_its_kstatus_conditions():
 
 @pytest.mark.parametrize("name,observation,overrides", [c[:3] for c in CASES], ids=[c[0] for c in CASES])
 def test_kstatus_conditions(name, observation, overrides):
-    status = derive_status(job(minimal_spec(**overrides)), observation, [137])
+    status = derived(name, observation, overrides)
     ready, reconciling, stalled, reason = KSTATUS[name]
     got = {c["type"]: c for c in status["conditions"]}
     assert (got["Ready"]["status"], got["Reconciling"]["status"], got["Stalled"]["status"]) == (ready, reconciling, stalled)
@@ -147,10 +162,12 @@ def test_an_unschedulable_pod_is_named_with_the_schedulers_message():
 def test_a_run_that_never_reported_progress_stalls_from_its_start():
     started = ptj("Created", "Running")
     started["status"]["startTime"] = "2026-01-01T11:00:00Z"
-    status = derive_status(job(), obs(pytorchjob=started, pods=[pod()], stall_after_seconds=900))
+    observation = obs(pytorchjob=started, pods=[pod()], stall_after_seconds=900)
+    assert derive_status(job(), observation)["phase"] == "Running"  # not stalled the moment it starts running
+    status = derive_status(seen_earlier(job(), observation), observation)
     assert status["phase"] == "Stalled"
     assert condition(status, "Stalled")["message"] == (
-        "no progress reported for 3600s (none since the run started at 2026-01-01T11:00:00Z); threshold 900s")
+        "no progress reported for 3600s (none since the run started running at 2026-01-01T11:00:00Z); threshold 900s")
 
 
 def test_no_sandbox_is_named_before_one_exists():
@@ -172,15 +189,74 @@ def test_running_status_has_progress_and_checkpoints():
     ("2026-01-01T11:59:58Z", 900, "Training"),
     ("2026-01-01T11:00:00Z", 900, "ProgressStalled"),
     ("2026-01-01T11:00:00Z", 0, "Training"),  # disabled
-    ("", 900, "Training"),  # no timestamp: nothing to judge
+    ("", 900, "ProgressStalled"),  # no timestamp: judged from when the run started running
 ])
 def test_stalled_progress(updated, stall, reason):
     progress = PROGRESS.model_copy(update={"updatedAt": updated})
-    status = derive_status(job(), obs(pytorchjob=ptj("Created", "Running"), progress=progress, stall_after_seconds=stall))
+    observation = obs(pytorchjob=ptj("Created", "Running"), progress=progress, stall_after_seconds=stall)
+    status = derive_status(seen_earlier(job(), observation), observation)
     running = condition(status, "Running")
     assert running["status"] == "True" and running["reason"] == reason
     if reason == "ProgressStalled":
         assert "3600s" in running["message"]
+
+
+INTERRUPTIONS = {
+    "suspended by the user": (obs(pytorchjob=ptj("Created", "Suspended", suspend=True)), {"runPolicy": {"suspend": True}},
+                              "Suspended"),
+    "preempted by Kueue": (obs(pytorchjob=ptj("Created", "Suspended", suspend=True), queue=QueueState(
+        workload="pytorchjob-train-1", cluster_queue="team-a", admitted=False, reason="Preempted",
+        message="preempted to accommodate a higher priority workload", preemptions=1, evicted_by_preemption=True)),
+        {}, "Preempted"),
+    "pods restarting": (obs(pytorchjob=ptj("Created", "Restarting"), pods=[pod(phase="Failed", exit_code=137)]), {},
+                        "Restarting"),
+}
+
+
+@pytest.mark.parametrize("name", INTERRUPTIONS)
+def test_a_run_that_runs_again_gets_a_fresh_stall_window(name):
+    """Progress written before a suspension, preemption or restart does not make the resumed run stalled;
+    it stalls a threshold after it runs again without reporting."""
+    interruption, overrides, reason = INTERRUPTIONS[name]
+    stale = PROGRESS.model_copy(update={"updatedAt": rfc3339(NOW - timedelta(hours=3))})
+    running = obs(pytorchjob=ptj("Created", "Running"), pods=[pod()], progress=stale, stall_after_seconds=900)
+    body = job(status=derive_status(job(), replace(running, now=NOW - timedelta(hours=3))))
+    body = job(minimal_spec(**overrides), status=derive_status(
+        job(minimal_spec(**overrides), status=body["status"]), replace(interruption, now=NOW - timedelta(hours=2))))
+    assert condition(body["status"], "Running")["reason"] == reason
+
+    resumed = derive_status(job(status=body["status"]), running)
+    assert (resumed["phase"], condition(resumed, "Running")["reason"]) == ("Running", "Training")
+    assert condition(resumed, "Running")["lastTransitionTime"] == rfc3339(NOW)
+
+    later = derive_status(job(status=resumed), replace(running, now=NOW + timedelta(seconds=901)))
+    assert later["phase"] == "Stalled"
+    assert condition(later, "Running")["message"] == (
+        f"no progress reported for 901s (none since the run started running at {rfc3339(NOW)}); threshold 900s")
+
+
+def with_uid(p: dict, uid: str) -> dict:
+    return dict(p, metadata={"name": "train-1-master-0", "uid": uid})
+
+
+def test_gpu_time_of_pods_that_are_gone_is_kept():
+    """8 GPUs for an hour, preempted (pods deleted), then 30 minutes on a new pod of the same name: 1.5 h,
+    not the longest stretch alone."""
+    running = obs(pytorchjob=ptj("Created", "Running"), pods=[with_uid(pod(start="2026-01-01T11:00:00Z"), "a")])
+    first = derive_status(job(), running)
+    assert first["gpuSeconds"] == 3600 * 8
+    preempted = derive_status(job(status=first), obs(now=NOW + timedelta(minutes=10), pytorchjob=ptj(
+        "Created", "Suspended", suspend=True)))
+    assert preempted["gpuSeconds"] == 3600 * 8
+    readmitted = replace(running, now=NOW + timedelta(hours=1),
+                         pods=[with_uid(pod(start="2026-01-01T12:30:00Z"), "b")])
+    again = derive_status(job(status=preempted), readmitted)
+    assert (again["gpuSeconds"], again["gpuSecondsSettled"], again["gpuPodSeconds"]) == (
+        3600 * 8 * 1.5, 3600 * 8, {"b": 1800 * 8})
+    # A pod seen again is not counted twice, and a run of a new runId starts from zero.
+    assert derive_status(job(status=again), readmitted)["gpuSeconds"] == 3600 * 8 * 1.5
+    rerun = derive_status(job(minimal_spec(runId="2"), status=again, generation=2), obs())
+    assert (rerun["gpuSeconds"], rerun["gpuSecondsSettled"], rerun["gpuPodSeconds"]) == (0, 0, {})
 
 
 def test_failure_message_names_reason_and_exit_code():
@@ -239,6 +315,15 @@ def test_a_new_run_id_resets_run_scoped_fields():
 def test_documents_out_of_bounds_are_refused(document):
     with pytest.raises(ValueError):
         Progress.model_validate_json(document)
+
+
+@pytest.mark.parametrize("eta, shown", [(1e300, MAX_COUNT), (-5.0, 0), (600.4, 600)])
+def test_an_eta_from_the_trainer_stays_within_what_the_status_schema_accepts(eta, shown):
+    """The trainer's progress.json is the tenant's to write: an integer of 301 digits would make the API
+    server refuse the whole status write on every pass."""
+    progress = Progress.model_validate_json(f'{{"step": 5, "totalSteps": 10, "etaSeconds": {eta!r}}}')
+    status = derive_status(job(), obs(pytorchjob=ptj("Created", "Running"), pods=[pod()], progress=progress))
+    assert status["progress"]["etaSeconds"] == shown
 
 
 def test_long_strings_of_a_document_are_cut():

@@ -6,13 +6,15 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
+import yaml
 
 from finetune_operator import tenancy
 from finetune_operator.api.tenant import LabelSelector, parse_policy_spec
 from finetune_operator.api.types import parse_spec
+from finetune_operator.builders.names import CREDENTIALS_OPT_IN_LABEL
 from finetune_operator.config import OperatorConfig
 from finetune_operator.validation import Facts, validate
-from op_testdata import ROOT, SPEC_SCHEMA, apply_schema_defaults, minimal_spec
+from op_testdata import EXAMPLES, ROOT, SPEC_SCHEMA, apply_schema_defaults, minimal_spec
 
 CFG = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml")
 NOW = datetime(2026, 3, 18, 12, 0, 0, tzinfo=timezone.utc)  # a Wednesday
@@ -126,6 +128,8 @@ def spec_under_policy(**overrides):
      "storage.datasetURIs: s3://team-a/data/"),
     ({"resources": {"nodePool": "a100", "workers": 5, "gpusPerWorker": 1}}, "spec.resources.workers",
      "limits.maxWorkers: 4"),
+    ({"resources": {"nodePool": "a100", "workers": 1, "gpusPerWorker": 12}}, "spec.resources.gpusPerWorker",
+     "limits.maxGPUsPerWorker: 8"),
     ({"resources": {"nodePool": "a100", "workers": 3, "gpusPerWorker": 8}}, "spec.resources",
      "limits.maxGPUsPerJob: 16"),
     ({"resources": {"nodePool": "a100", "cpu": "32"}}, "spec.resources.cpu", "limits.maxCPUPerWorker: 16"),
@@ -170,6 +174,18 @@ def test_default_node_pool(pools, job_pool, effective):
     assert spec.resources.nodePool == effective
 
 
+@pytest.mark.parametrize("operator_wide, policy_requires, effective", [
+    (False, False, False),
+    (False, True, True),   # a policy can add the requirement
+    (True, False, True),   # ... but not lift the operator's
+    (True, True, True),
+])
+def test_a_policy_can_only_tighten_the_image_digest_requirement(operator_wide, policy_requires, effective):
+    cfg = CFG.model_copy(update={"requireImageDigest": operator_wide})
+    p = policy(images={"registries": ["registry.team-a.example/"], "requireDigest": policy_requires})
+    assert tenancy.effective_config(cfg, p).requireImageDigest is effective
+
+
 @pytest.mark.parametrize("pattern, uri, matches", [
     ("s3://team-a/data/", "s3://team-a/data/a/b.jsonl", True),
     ("s3://team-a/data/", "s3://team-a/database.jsonl", False),
@@ -207,6 +223,38 @@ def test_validate_under_a_policy(overrides, facts, reasons):
                                                 **overrides}), SPEC_SCHEMA)
     _, problems = validate(raw, CFG, facts)
     assert [p.reason for p in problems] == reasons, problems
+
+
+def _example(relative):
+    return [doc for doc in yaml.safe_load_all((EXAMPLES / relative).read_text()) if doc]
+
+
+def test_the_example_team_a_job_meets_the_example_team_a_policy():
+    """examples/tenants/team-a-job.yaml, in namespace team-a, under the TenantPolicies of
+    examples/tenants/platform.yaml: governed by team-a, valid, and given the defaults its comments name."""
+    platform = _example("tenants/platform.yaml")
+    labels = {d["metadata"]["name"]: d["metadata"].get("labels") or {} for d in platform if d["kind"] == "Namespace"}
+    policies = {d["metadata"]["name"]: tenancy.Policy.from_body(d) for d in platform if d["kind"] == "TenantPolicy"}
+    assert set(policies) == {"team-a", "team-b"} and all(p.spec for p in policies.values()), policies
+    governing, problem = tenancy.policy_of("team-a", tenancy.Tenancy(policies=list(policies.values()),
+                                                                     namespace_labels=labels), require=True)
+    assert problem is None and governing.name == "team-a"
+
+    example = {d["kind"]: d for d in _example("tenants/team-a-job.yaml")}
+    secret = example["Secret"]
+    raw = apply_schema_defaults(example["FineTuneJob"]["spec"], SPEC_SCHEMA)
+
+    def facts(p):
+        return Facts(secret_found=True, secret_keys=frozenset(secret["stringData"]), policy=p,
+                     secret_opted_in=(secret["metadata"].get("labels") or {}).get(CREDENTIALS_OPT_IN_LABEL) == "true")
+
+    spec, problems = validate(raw, CFG, facts(governing))
+    assert problems == [], problems
+    run = spec.runPolicy
+    assert (run.queueName, run.priorityClassName, run.activeDeadlineSeconds) == ("team-a", "training-low", 86400)
+    # the same job under team-b's policy is refused: team-a's bucket is not team-b's
+    _, elsewhere = validate(raw, CFG, facts(policies["team-b"]))
+    assert elsewhere and {p.reason for p in elsewhere} == {"PolicyViolation"}, elsewhere
 
 
 def test_a_policy_endpoint_is_still_refused_when_it_leads_to_metadata():

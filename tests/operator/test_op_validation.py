@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from finetune_operator import tenancy
 from finetune_operator.config import OperatorConfig
 from finetune_operator.validation import Facts, S3Check, s3_uris_to_check, validate
 from finetune_operator.problems import image_from
@@ -109,6 +110,35 @@ def test_an_allowed_prefix_matches_at_a_boundary(prefixes, image, allowed):
 def test_messages_explain_the_problem():
     _, problems = validate(spec(resources={"nodePool": "h100", "gpusPerWorker": 0}), CFG, GOOD_SECRET)
     assert "h100" in problems[0].message and "a100, cpu, local" in problems[0].message
+
+
+TAGGED, PINNED = "registry.example.com/trainer:1", "registry.example.com/trainer@sha256:" + "a" * 64
+DIGEST_CASES = [
+    # (operator-wide requireImageDigest, the governing TenantPolicy's images.requireDigest (None: no policy),
+    #  image, expected (reason, field) pairs)
+    (True, None, TAGGED, [("ImageNotAllowed", "spec.image")]),
+    (True, None, PINNED, []),
+    (False, None, TAGGED, []),
+    (True, False, TAGGED, [("ImageNotAllowed", "spec.image")]),  # a policy that says nothing does not lift it
+    (True, False, PINNED, []),
+    (False, True, TAGGED, [("PolicyViolation", "spec.image")]),  # a policy can add the requirement
+    (False, False, TAGGED, []),
+]
+
+
+@pytest.mark.parametrize("operator_wide, policy_requires, image, expected", DIGEST_CASES,
+                         ids=[f"operator-{c[0]}-policy-{c[1]}-{'pinned' if '@' in c[2] else 'tagged'}"
+                              for c in DIGEST_CASES])
+def test_require_image_digest(operator_wide, policy_requires, image, expected):
+    cfg = CFG.model_copy(update={"allowedImages": ["registry.example.com/"], "requireImageDigest": operator_wide})
+    policy = None if policy_requires is None else tenancy.Policy.from_body({
+        "metadata": {"name": "team-a"},
+        "spec": {"namespaceSelector": {}, "images": {"registries": ["registry.example.com/"],
+                                                     "requireDigest": policy_requires}}})
+    _, problems = validate(spec(image=image), cfg, secret_facts(policy=policy))
+    assert [(p.reason, p.message.split(":")[0]) for p in problems] == expected, problems
+    if expected and expected[0][0] == "ImageNotAllowed":
+        assert "must be pinned by digest" in problems[0].message
 
 
 def test_s3_inputs_cover_models_datasets_validation_and_stages():

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from finetune_operator.api.types import MAX_TRIAL_HISTORY
 from finetune_operator.builders import JobRef, names
 from finetune_operator.builders.events import search_events
 from finetune_operator.builders.run import Trial, run_objects
@@ -17,7 +18,7 @@ from finetune_operator.s3 import RunDocuments
 from finetune_operator.search import driver
 from finetune_operator.status import SANDBOX_ACTIVE, Observation, derive_status
 from finetune_operator.validation import Facts, validate
-from finetune_trainer.config import EvalPoint, EvaluationResult, Progress, TrainerConfig
+from finetune_trainer.config import EvalPoint, EvaluationResult, GateResult, Progress, TrainerConfig
 from op_testdata import job, minimal_spec
 from test_op_reconcile import ACTIVE_NS, CFG, CPU, NOW, SANDBOX_KINDS, SECRET
 
@@ -88,11 +89,21 @@ def test_a_new_search_makes_the_sandbox_and_its_first_parallelism_trials():
         config = TrainerConfig.from_json(cm["data"][names.CONFIG_KEY])
         assert config.hyperparameters.learningRate == params["learningRate"] and params["learningRate"] in RATES
         assert config.output.uri.endswith(f"/trials/t{number}/")
-        assert config.evaluation.maxPerplexityRatio is None and config.evaluation.everySteps == 5
+        # The trial evaluates the job's gates without failing on them: the search judges the promoted one.
+        assert config.evaluation.maxPerplexityRatio == 1.0 and config.evaluation.everySteps == 5
+        assert config.runtime.enforceGates is False
         volume = ptj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"][0]
         assert volume["configMap"]["name"] == cm["metadata"]["name"]
         assert ptj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"][names.LABEL_TRIAL] == str(number)
     assert plan.search.planned == 4 and not plan.promote
+
+
+def test_each_trial_checkpoints_under_its_own_prefix_of_an_explicit_checkpoint_uri():
+    b = body()
+    b["spec"]["checkpoint"] = {**b["spec"].get("checkpoint", {}), "uri": "s3://team-a/ckpt/bot/"}
+    config_maps = [o for o in decide(view_of(b), CFG).apply if o["kind"] == "ConfigMap"]
+    assert [TrainerConfig.from_json(c["data"][names.CONFIG_KEY]).checkpoint.uri for c in config_maps] == [
+        "s3://team-a/ckpt/bot/trials/t0/", "s3://team-a/ckpt/bot/trials/t1/"]
 
 
 def test_trial_parameters_are_the_same_on_every_pass():
@@ -134,10 +145,12 @@ def test_a_bad_trial_is_pruned_its_pytorchjob_deleted_and_the_next_one_started()
     b = body(status=status_with(trial_status(0, 3e-3, "Succeeded", 1.0, [(5, 1.5), (10, 1.0)]),
                                 trial_status(1, 1e-4, "Running")))
     trials = {1: driver.TrialRun(trial_ptj(b, 1, {"learningRate": 1e-4}, "Running"), docs([2.5]))}
+    trials[1].pytorchjob["metadata"]["uid"] = "uid-t1"  # as observed: the delete is of that very one
     plan = decide(view_of(b, trials=trials), CFG)
     pruned = plan.search.trials[1]
     assert pruned["phase"] == "Pruned" and pruned["pruned"] and "step 5" in pruned["message"]
-    assert [(d["kind"], d["metadata"]["name"]) for d in plan.delete] == [("PyTorchJob", "train-1-t1")]
+    assert [(d["kind"], d["metadata"]["name"], d["metadata"].get("uid")) for d in plan.delete] == [
+        ("PyTorchJob", "train-1-t1", "uid-t1")]
     assert applied_trials(plan) == [2, 3]  # both slots free again
 
 
@@ -183,7 +196,8 @@ def conditions(status):
 def test_the_status_of_a_running_search():
     b = body(status=status_with(trial_status(0, 1e-3, "Running"), trial_status(1, 3e-4, "Running")))
     trials = {0: driver.TrialRun(trial_ptj(b, 0, {"learningRate": 1e-3}, "Succeeded"), docs([2.0], final=1.4)),
-              1: driver.TrialRun(trial_ptj(b, 1, {"learningRate": 3e-4}, "Running"), docs([1.9]), gpu_seconds=12.0)}
+              1: driver.TrialRun(trial_ptj(b, 1, {"learningRate": 3e-4}, "Running"), docs([1.9]),
+                                 gpu_pod_seconds={"pod-a": 12.0})}
     status = _status_after(b, decide(view_of(b, trials=trials), CFG))
     assert status["phase"] == "Running"
     running = conditions(status)["Running"]
@@ -191,6 +205,28 @@ def test_the_status_of_a_running_search():
     search = status["search"]
     assert search["progress"] == "1/4" and search["best"]["number"] == 0 and search["running"] == 2
     assert search["trials"][1]["gpuSeconds"] == 12.0 and status["gpuSeconds"] == 12.0
+
+
+def test_a_trials_gpu_time_keeps_its_pods_that_are_gone():
+    """A trial preempted by Kueue comes back on new pods: their time adds to the old pods' time."""
+    b = body(status=status_with(dict(trial_status(0, 1e-3, "Running"), gpuSeconds=100.0, gpuSecondsSettled=0.0,
+                                     gpuPodSeconds={"old-master": 60.0, "old-worker": 40.0})))
+    trials = {0: driver.TrialRun(trial_ptj(b, 0, {"learningRate": 1e-3}, "Running"), None,
+                                 gpu_pod_seconds={"new-master": 6.0, "new-worker": 4.0})}
+    trial = _status_after(b, decide(view_of(b, trials=trials), CFG))["search"]["trials"][0]
+    assert (trial["gpuSeconds"], trial["gpuSecondsSettled"], trial["gpuPodSeconds"]) == (
+        110.0, 100.0, {"new-master": 6.0, "new-worker": 4.0})
+
+
+def test_a_long_trial_shows_its_latest_step_and_best_value_beyond_the_kept_history():
+    """The status keeps the first MAX_TRIAL_HISTORY points; the trial's step and best value come from all."""
+    losses = [3.0 - 0.01 * i for i in range(MAX_TRIAL_HISTORY + 18)]
+    b = body(status=status_with(trial_status(0, 1e-3, "Running")))
+    trials = {0: driver.TrialRun(trial_ptj(b, 0, {"learningRate": 1e-3}, "Running"), docs(losses))}
+    trial = _status_after(b, decide(view_of(b, trials=trials), CFG))["search"]["trials"][0]
+    assert len(trial["history"]) == MAX_TRIAL_HISTORY and trial["history"][-1]["step"] == 5 * MAX_TRIAL_HISTORY
+    assert trial["step"] == 5 * len(losses)
+    assert trial["bestValue"] == pytest.approx(min(losses), abs=1e-6)
 
 
 @pytest.mark.parametrize("ratio_limit, outcome, reason", [
@@ -212,6 +248,24 @@ def test_a_promoted_search_succeeds_or_fails_its_gate(ratio_limit, outcome, reas
     if outcome == "Failed":
         assert "maxPerplexityRatio 0.01" in cond["message"]
     assert status["search"]["promoted"] and status["search"]["reportUri"].endswith("search-report.md")
+
+
+def test_a_promoted_trial_that_failed_a_task_or_forgetting_gate_fails_the_search():
+    """Every gate the trial's trainer recorded decides, not only the perplexity ratio."""
+    b = body(status=status_with(trial_status(0, 1e-3, "Succeeded", 1.2), trial_status(1, 3e-4, "Succeeded", 1.6),
+                                trial_status(2, 1e-4, "Pruned"), trial_status(3, 3e-3, "Failed")))
+    gates = [GateResult(name="perplexity maxRatio", passed=True),
+             GateResult(name="task helpdesk minScore", metric="rougeL", value=0.12, limit=0.3, passed=False,
+                        message="task helpdesk: rougeL 0.12 is below the limit 0.3"),
+             GateResult(name="general maxPerplexityRise", passed=False,
+                        message="general perplexity rose 40% (20 -> 28), above the limit 10%")]
+    promotion = driver.Promotion(promoted=True, report_uri="s3://b/o/runs/1/search-report.md", documents=RunDocuments(
+        evaluation=EvaluationResult(basePerplexity=20.0, perplexity=math.exp(1.2), gates=gates)))
+    status = _status_after(b, decide(view_of(b), CFG), promotion)
+    failed = conditions(status)["Failed"]
+    assert (status["phase"], failed["reason"]) == ("Failed", "EvaluationGateFailed")
+    assert failed["message"].startswith("task helpdesk: rougeL 0.12 is below the limit 0.3; general perplexity rose "
+                                        "40% (20 -> 28), above the limit 10%; best trial t0")
 
 
 def test_a_search_without_a_single_value_fails():
@@ -256,3 +310,77 @@ def test_a_trial_lost_before_it_was_recorded_counts_as_failed_and_numbers_stay_d
     assert [(t["number"], t["phase"]) for t in plan.search.trials] == [(0, "Succeeded"), (1, "Failed"), (2, "Running"),
                                                                        (3, "Pending")]
     assert applied_trials(plan) == [3]
+
+
+RUN_1_RESULTS = [("Succeeded", 1.2), ("Succeeded", 1.6), ("Pruned", None), ("Failed", None)]
+
+
+def run_1_search_status():
+    """The status of run 1's search: over, its best trial promoted (the search report written)."""
+    status = status_with(*(trial_status(i, lr, phase, value) for i, (lr, (phase, value)) in
+                           enumerate(zip(RATES, RUN_1_RESULTS))),
+                         metric="evalLoss", planned=4, progress="4/4", promoted=True,
+                         best={"number": 0, "value": 1.2, "parameters": {"learningRate": RATES[0]}},
+                         reportUri="s3://team-a/models/support-bot/runs/1/search-report.md")
+    status["conditions"] = [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "best trial t0"}]
+    return status
+
+
+def run_1_trial_ptjs():
+    """Run 1's trial PyTorchJobs as a pass lists them in the sandbox (the job's uid label, runId 1)."""
+    run_1 = body(status=run_1_search_status())
+    out = []
+    for number, (lr, (phase, _)) in enumerate(zip(RATES, RUN_1_RESULTS)):
+        ptj = trial_ptj(run_1, number, {"learningRate": lr}, "Failed" if phase != "Succeeded" else "Succeeded")
+        ptj["metadata"]["uid"] = f"uid-run-1-t{number}"
+        out.append(ptj)
+    return out
+
+
+def test_a_new_run_id_deletes_the_old_trials_then_starts_a_fresh_search():
+    """spec.runId 1 -> 2 after a search: run 1's trial PyTorchJobs and their ConfigMaps (trainer-config-1-tN, not the
+    plain run's trainer-config-1) are deleted first; then run 2's search starts at trial 0, as a new search
+    would, and its status has nothing of run 1's trials, best or promotion."""
+    b = body(status=run_1_search_status(), runId="2")
+    old = run_1_trial_ptjs()
+    assert {p["metadata"]["labels"][names.LABEL_RUN_ID] for p in old} == {"1"}
+
+    # Pass 1: run 1's objects are still in the sandbox: deleted (each PyTorchJob by its uid), nothing started.
+    replacing = decide(view_of(b, other_runs=old), CFG)
+    assert [(d["kind"], d["metadata"]["name"], d["metadata"].get("uid")) for d in replacing.delete] == [
+        x for n in range(4) for x in (("PyTorchJob", f"train-1-t{n}", f"uid-run-1-t{n}"),
+                                      ("ConfigMap", f"trainer-config-1-t{n}", None))]
+    assert all(d["metadata"]["namespace"] == replacing.sandbox for d in replacing.delete)
+    assert applied_trials(replacing) == [] and replacing.search is None
+    assert replacing.replacing_run == "1"  # one run, however many trial jobs it had
+
+    # Pass 2: run 1's objects are gone; the status may still be run 1's (the replacing pass's status write lost, or
+    # run 1's sandbox removed after its TTL): run 2 is a fresh search all the same.
+    fresh = decide(view_of(body(runId="2")), CFG)  # what a brand-new search of run 2 starts
+    spec = validate(b["spec"], CFG, Facts())[0]
+    for namespace in (ACTIVE_NS, None):
+        view = View(body=b, now=NOW, spec=spec, problems=[], secret=SECRET, namespace=namespace)
+        plan = decide(view, CFG)
+        assert applied_trials(plan) == [0, 1], f"sandbox {'kept' if namespace else 'removed'}"
+        assert [o["metadata"]["name"] for o in plan.apply if o["kind"] == "PyTorchJob"] == ["train-2-t0", "train-2-t1"]
+        assert [o["metadata"]["name"] for o in plan.apply if o["kind"] == "ConfigMap"] == [
+            "trainer-config-2-t0", "trainer-config-2-t1"]
+        assert plan.search.start == fresh.search.start
+        assert [(t["number"], t["phase"]) for t in plan.search.trials] == [(0, "Pending"), (1, "Pending")]
+        assert not plan.search.finished and not plan.promote and plan.delete == []
+
+        status = _status_after(b, plan)
+        search = status["search"]
+        assert status["runId"] == "2" and status["phase"] not in ("Succeeded", "Failed")
+        assert [(t["number"], t["phase"], t["parameters"]) for t in search["trials"]] == [
+            (n, "Pending", p) for n, p in fresh.search.start]
+        assert all("value" not in t and not t.get("history") for t in search["trials"])
+        assert search["promoted"] is False and "reportUri" not in search and "best" not in search
+        assert (search["progress"], search["succeeded"], search["pruned"], search["failed"]) == ("0/4", 0, 0, 0)
+
+    # The status written by the replacing pass is already run 2's, without run 1's search.
+    replaced = derive_status(b, Observation(now=NOW, sandbox=replacing.sandbox, sandbox_state=SANDBOX_ACTIVE,
+                                            applied=True, replacing_run=replacing.replacing_run))
+    assert replaced["runId"] == "2" and "search" not in replaced
+    after = decide(view_of(body(status=replaced, runId="2")), CFG)
+    assert applied_trials(after) == [0, 1] and after.search.start == fresh.search.start

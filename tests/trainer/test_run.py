@@ -92,6 +92,21 @@ def test_evaluation_gate_fails_the_run_with_a_clear_reason(storage, model_bucket
     assert "REJECTED" in storage.get_bytes(cfg.report_uri(config.output.uri, "1") + "report.md").decode()
 
 
+def test_a_trial_records_a_failed_gate_without_failing(storage, model_bucket, bucket, s3_endpoint, tmp_path):
+    """runtime.enforceGates false (a search's trial): the gate is evaluated and recorded for the search to
+    judge the promoted trial by, and the trial succeeds."""
+    ds = upload_dataset(storage, bucket, "chat", "chat", 30)
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], evaluation={"maxPerplexityRatio": 0.01},
+                         hyperparameters={"maxSteps": 3}, runtime={"metricsPort": 0, "progressIntervalSeconds": 0.2,
+                                                                   "enforceGates": False})
+    summary = execute(config, tmp_path)
+    assert summary.exit_code == exit_codes.SUCCEEDED
+    assert storage.get_json(cfg.result_uri(config.output.uri, "1"))["succeeded"] is True
+    evaluation = storage.get_json(cfg.evaluation_uri(config.output.uri, "1"))
+    assert [(g["name"], g["passed"]) for g in evaluation["gates"]] == [("perplexity maxRatio", False)]
+    assert "above the limit 0.01" in evaluation["gates"][0]["message"]
+
+
 BAD_INPUT_CASES = [
     ("bad row", lambda bucket: (f"{bucket}data/bad.jsonl", b'{"text": "ok"}\n{"text": "broken\n'),
      exit_codes.INVALID_DATA, "bad.jsonl:2: not valid JSON"),

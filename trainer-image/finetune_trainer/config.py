@@ -784,6 +784,9 @@ class Runtime(ApiModel):
         default=9090, ge=0, le=65535, description="Port of rank 0's Prometheus metrics endpoint; 0 disables it."
     )
     progressIntervalSeconds: float = Field(default=5.0, gt=0, description="How often rank 0 writes progress.json.")
+    enforceGates: bool = Field(
+        default=True, description="A failed evaluation gate fails the run. False for the trials of a search: their "
+        "gates are evaluated and recorded in evaluation.json, and the search judges the promoted trial by them.")
 
 
 class TrainerConfig(ApiModel):

@@ -7,6 +7,7 @@ checkpoints its own part and evaluates its share of the validation set.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -97,12 +98,23 @@ def download_model(storage: Storage, uri: str, local_dir: Path) -> None:
         raise DataError(f"{uri}: no model files under this prefix")
 
 
+def attention_implementation(device_type: str) -> dict:
+    """Varlen flash-attention on a GPU when the flash_attn package is in the image: a packed row then
+    costs only its documents' own causal blocks. Otherwise transformers' default (SDPA where the model
+    has it), with the block-diagonal mask it builds from the position_ids: the same result, but the
+    masked blocks are computed too."""
+    if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return {"attn_implementation": "flash_attention_2"}
+    return {}
+
+
 def load_causal_lm(model_source: cfg.ModelSource, local_dir: Path, method_spec, device_type):
     from transformers import AutoModelForCausalLM
 
     gguf = {"gguf_file": model_source.ggufFile} if model_source.ggufFile else {}
+    kwargs = {**attention_implementation(device_type), **method_spec.load_kwargs(device_type)}
     try:
-        return AutoModelForCausalLM.from_pretrained(local_dir, **gguf, **method_spec.load_kwargs(device_type))
+        return AutoModelForCausalLM.from_pretrained(local_dir, **gguf, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         if isinstance(e, TrainerError):
             raise
@@ -421,7 +433,7 @@ class Run:
         adapter_uri, merged_uri = self._save_outputs(engine, method_spec, self.out, merge=config.output.merge)
         if self.ctx.is_main:
             self._write_report(result_eval, plans, losses, tuned)
-        if failed:
+        if failed and config.runtime.enforceGates:
             raise EvaluationGateFailed("; ".join(g.message for g in failed) + " (the outputs are written, marked "
                                        "rejected in the model card; see the evaluation report)")
         combined_uri = self._combine(include_trained=True) if config.output.combine else None

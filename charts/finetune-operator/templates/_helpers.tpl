@@ -54,7 +54,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{/* The cloud metadata ranges, as JSON: excepted from the operator's S3 egress as
      endpoints.METADATA_NETWORKS is from a sandbox's (test_chart_render.py keeps the two equal). */}}
 {{- define "finetune-operator.metadataNetworks" -}}
-["169.254.0.0/16", "100.100.100.200/32", "fd00:ec2::254/128", "fe80::/10"]
+["169.254.0.0/16", "100.100.100.200/32", "168.63.129.16/32", "fd00:ec2::254/128", "fd20:ce::254/128", "fe80::/10"]
 {{- end -}}
 
 {{/* An IP address as its bits: 32 characters 0 or 1 for IPv4, 128 for IPv6. Helm has no CIDR

@@ -515,8 +515,12 @@ class TrialStatus(StatusModel):
     step: StatusCount = Field(default=0, description="The latest step the trial reported a validation value for.")
     pruned: bool = Field(default=False, description="Stopped early by the pruning rule.")
     history: list[TrialPoint] = Field(default_factory=list, max_length=MAX_TRIAL_HISTORY,
-                                      description="The metric at evaluation steps (the latest ones).")
-    gpuSeconds: float = Field(default=0.0, description="GPU time of the trial's pods.")
+                                      description="The metric at evaluation steps (the first "
+                                      f"{MAX_TRIAL_HISTORY}: pruning compares trials at the same steps).")
+    gpuSeconds: float = Field(default=0.0, description="GPU time of the trial's pods, including pods gone since.")
+    gpuSecondsSettled: float = Field(default=0.0, description="GPU time of the trial's pods that are gone.")
+    gpuPodSeconds: dict[str, float] = Field(default_factory=dict, max_length=1024, description="GPU time of each "
+                                            "of the trial's current pods, by pod uid.")
     message: str = Field(default="", max_length=1024, description="Why the trial was pruned or failed.")
 
 
@@ -553,7 +557,12 @@ class FineTuneJobStatus(StatusModel):
     startTime: str | None = Field(default=None, description="When the run started (RFC 3339).")
     completionTime: str | None = Field(default=None, description="When the run finished (RFC 3339).")
     restarts: int = Field(default=0, description="Container restarts of the run's pods.")
-    gpuSeconds: float = Field(default=0.0, description="GPU time used by the run's pods (running time x GPUs).")
+    gpuSeconds: float = Field(default=0.0, description="GPU time used by the run's pods (running time x GPUs), "
+                              "including pods gone since (preempted, suspended, restarted).")
+    gpuSecondsSettled: float = Field(default=0.0, description="GPU time of the run's pods that are gone, at the "
+                                     "last value the operator saw of each.")
+    gpuPodSeconds: dict[str, float] = Field(default_factory=dict, max_length=1024, description="GPU time of each of "
+                                            "the run's current pods, by pod uid (settled once the pod is gone).")
     progress: ProgressStatus | None = Field(default=None, description="Training progress (from progress.json).")
     data: DataStatus | None = Field(
         default=None, description="What preprocessing did to the training data: rows read, dropped, de-duplicated, "

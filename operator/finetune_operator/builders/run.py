@@ -25,7 +25,7 @@ CONTAINER_NAME = "pytorch"  # the name the training-operator looks for
 ANNOTATION_JOB_NAME = "finetune.dev/job-name"
 
 
-def trainer_config(job: n.JobRef, cfg: OperatorConfig) -> TrainerConfig:
+def trainer_config(job: n.JobRef, cfg: OperatorConfig, enforce_gates: bool = True) -> TrainerConfig:
     spec = job.spec
     return TrainerConfig(
         job=JobIdentity(namespace=job.namespace, name=job.name, uid=job.uid, runId=spec.runId),
@@ -42,7 +42,8 @@ def trainer_config(job: n.JobRef, cfg: OperatorConfig) -> TrainerConfig:
         output=spec.output,
         evaluation=spec.evaluation,
         storage=Storage(endpoint=s3_endpoint(job, cfg), region=spec.storage.region),
-        runtime=Runtime(metricsPort=cfg.trainerMetricsPort, progressIntervalSeconds=cfg.progressIntervalSeconds),
+        runtime=Runtime(metricsPort=cfg.trainerMetricsPort, progressIntervalSeconds=cfg.progressIntervalSeconds,
+                        enforceGates=enforce_gates),
     )
 
 
@@ -82,7 +83,8 @@ def _pytorchjob_name(job: n.JobRef, trial: Trial | None) -> str:
 
 def trial_job(job: n.JobRef, trial: Trial) -> n.JobRef:
     """The job as one trial runs it: the trial's hyperparameters, its own output and checkpoint prefixes,
-    no gate of its own (the search gates the promoted best trial), no search."""
+    no search. Its gates are evaluated but do not fail it (config_map): the search gates the promoted
+    best trial by them."""
     from finetune_operator.search import space
 
     spec = space.trial_spec(job.spec, trial.parameters)
@@ -90,7 +92,6 @@ def trial_job(job: n.JobRef, trial: Trial) -> n.JobRef:
         "output": spec.output.model_copy(update={"uri": n.trial_output_uri(spec.output.uri, trial.number)}),
         "checkpoint": spec.checkpoint.model_copy(
             update={"uri": n.trial_checkpoint_uri(spec.checkpoint.uri, trial.number)}),
-        "evaluation": spec.evaluation.model_copy(update={"maxPerplexityRatio": None}),
         "search": None,
     })
     return dataclasses.replace(job, spec=spec)
@@ -102,7 +103,7 @@ def config_map(job: n.JobRef, cfg: OperatorConfig, trial: Trial | None = None) -
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _run_meta(job, cfg, _configmap_name(job, trial), trial),
-        "data": {n.CONFIG_KEY: trainer_config(rendered, cfg).to_json()},
+        "data": {n.CONFIG_KEY: trainer_config(rendered, cfg, enforce_gates=trial is None).to_json()},
     }
 
 

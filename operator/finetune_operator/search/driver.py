@@ -18,7 +18,7 @@ from finetune_operator.api.types import MAX_TRIAL_HISTORY, TrialPhase
 from finetune_operator.builders import names as n
 from finetune_operator.s3 import RunDocuments
 from finetune_operator.search import space, study
-from finetune_operator.status import ptj_condition
+from finetune_operator.status import account_gpu_seconds, ptj_condition
 
 FINAL = (TrialPhase.Succeeded.value, TrialPhase.Pruned.value, TrialPhase.Failed.value)
 ACTIVE = (TrialPhase.Pending.value, TrialPhase.Running.value)
@@ -33,7 +33,7 @@ class TrialRun:
 
     pytorchjob: dict[str, Any] | None = None
     documents: RunDocuments | None = None
-    gpu_seconds: float = 0.0
+    gpu_pod_seconds: dict[str, float] = field(default_factory=dict)  # GPU time of each of its pods, by uid
 
 
 @dataclass
@@ -71,21 +71,21 @@ def metric_value(metric: str, eval_loss: float | None) -> float | None:
 
 
 def _history(search: Search, documents: RunDocuments) -> list[dict[str, Any]]:
-    """The trial's validation metric by step: the first MAX_TRIAL_HISTORY evaluations (pruning compares
-    trials at the same step, so the early steps are the ones kept)."""
+    """The trial's validation metric by step, every evaluation it reported (the status keeps the first
+    MAX_TRIAL_HISTORY: pruning compares trials at the same step, so the early steps are the ones kept)."""
     points: dict[int, float] = {}
     for point in (documents.progress.evalHistory if documents.progress else []):
         value = metric_value(search.metric, point.evalLoss)
         if value is not None:
             points[point.step] = value
-    return [{"step": step, "value": round(value, 6)} for step, value in sorted(points.items())][:MAX_TRIAL_HISTORY]
+    return [{"step": step, "value": round(value, 6)} for step, value in sorted(points.items())]
 
 
 def _final_value(search: Search, documents: RunDocuments | None, trial: dict[str, Any]) -> float | None:
     evaluation = documents.evaluation if documents else None
     if evaluation is not None and evaluation.perplexity:
         return metric_value(search.metric, math.log(evaluation.perplexity))
-    history = trial.get("history") or []
+    history = (_history(search, documents) if documents else None) or trial.get("history") or []
     return history[-1]["value"] if history else None
 
 
@@ -103,12 +103,12 @@ def _observe_trial(search: Search, trial: dict[str, Any], run: TrialRun | None) 
     if documents is not None and documents.progress is not None:
         history = _history(search, documents)
         if history:
-            trial["history"] = history
+            trial["history"] = history[:MAX_TRIAL_HISTORY]
             trial["step"] = history[-1]["step"]
             pick = min if search.direction == "minimize" else max
             trial["bestValue"] = pick(p["value"] for p in history)
-    if run is not None:
-        trial["gpuSeconds"] = round(max(float(trial.get("gpuSeconds") or 0.0), run.gpu_seconds), 1)
+    if run is not None and run.gpu_pod_seconds:
+        account_gpu_seconds(trial, run.gpu_pod_seconds)
     ptj = run.pytorchjob if run else None
     if ptj is None:
         return trial
@@ -221,9 +221,14 @@ class SearchObservation:
 
 
 def gate(spec, documents: RunDocuments | None) -> tuple[bool, str]:
-    """evaluation.maxPerplexityRatio on the promoted trial's evaluation: (passed, message)."""
-    limit = spec.evaluation.maxPerplexityRatio
+    """The job's evaluation gates on the promoted trial's evaluation: (passed, message). The trial's
+    trainer evaluated every gate (perplexity ratio, tasks, forgetting) without failing on them; an
+    evaluation without gate results (a trainer before they were recorded) is judged by the ratio."""
     evaluation = documents.evaluation if documents else None
+    if evaluation is not None and evaluation.gates:
+        failed = [g.message for g in evaluation.gates if not g.passed]
+        return not failed, "; ".join(failed)
+    limit = spec.evaluation.maxPerplexityRatio
     if limit is None or evaluation is None or not evaluation.basePerplexity or evaluation.perplexity is None:
         return True, ""
     ratio = evaluation.perplexity / evaluation.basePerplexity

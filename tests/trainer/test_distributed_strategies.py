@@ -1,0 +1,126 @@
+"""Two processes on CPU, checked against what the rule or one process gives: layer-wise learning rates under
+DeepSpeed ZeRO-2, and the quantities the ranks sum (KTO's reference point, interleaved per-dataset losses).
+
+Launched like test_distributed.py (its torchrun helper: gloo, DeepSpeed's CPU accelerator)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+from conftest import make_config, upload_dataset
+from test_distributed import torchrun
+
+from finetune_trainer import config as cfg
+from finetune_trainer.testing import tiny
+
+
+def step_events(stdout: str) -> list[dict]:
+    return [json.loads(l) for l in stdout.splitlines() if l.startswith('{"event": "step"')]
+
+
+# ---- layer-wise learning-rate decay under DeepSpeed ZeRO-2 -------------------------------------------------
+
+BLOCKS, DECAY, LR = 4, 0.5, 1e-3
+
+
+def expected_scale(name: str) -> float:
+    """The documented rule (config.FullSettings.layerwiseLRDecay), written out independently of layerwise_lr:
+    block i of L at d^(L-1-i), the (untied) input embeddings at d^L, final norm and output head at 1."""
+    if name.startswith("model.layers."):
+        return DECAY ** (BLOCKS - 1 - int(name.split(".")[2]))
+    if name == "model.embed_tokens.weight":
+        return DECAY ** BLOCKS
+    assert name in ("model.norm.weight", "lm_head.weight"), name
+    return 1.0
+
+
+@pytest.mark.slow
+def test_zero2_steps_every_layer_at_its_decayed_learning_rate(storage, bucket, s3_endpoint, tmp_path):
+    """One optimizer step of method full with layerwiseLRDecay under 2-process ZeRO-2. The optimizer is torch's
+    AdamW, whose first step moves every element by lr_group * g / (|g| + eps): with weight decay 0, the largest
+    move of each weight is its parameter group's learning rate. So the weights written out show which rate
+    DeepSpeed's partitioned optimizer applied to each layer: the head's, then a factor DECAY less per block down,
+    and DECAY^BLOCKS for the embeddings; and nearly every element of a dense weight moves by about that much,
+    whichever rank's partition of the flattened group holds it. (The rule itself, on the optimizer's param
+    groups without DeepSpeed: test_full_strategies.py.)"""
+    base_dir = tiny.save_tiny_model(tmp_path / "base", "llama", layers=BLOCKS)
+    model_uri = f"{bucket}models/llama-{BLOCKS}-blocks/"
+    storage.upload_dir(base_dir, model_uri)
+    ds = upload_dataset(storage, bucket, "chat", "chat", 16)
+    config = make_config(bucket, model_uri, s3_endpoint, [ds],
+                         method={"type": "full", "full": {"layerwiseLRDecay": DECAY}},
+                         distributed={"engine": "deepspeed", "zeroStage": 2},
+                         hyperparameters={"maxSteps": 1, "batchSize": 4, "learningRate": LR, "weightDecay": 0.0},
+                         evaluation={"compareToBase": False}, output={"uri": bucket + "layerwise-zero2/"})
+    done = torchrun(config, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    (step,) = step_events(done.stdout)
+    assert step["learningRate"] == pytest.approx(LR)  # the reported rate is the head's
+
+    before = safetensors.torch.load_file(base_dir / "model.safetensors")
+    after = safetensors.torch.load(storage.get_bytes(cfg.merged_uri(config.output.uri) + "model.safetensors"))
+    assert after.keys() == before.keys()
+    applied, moved = {}, {}
+    for name, weight in before.items():
+        delta = (after[name].float() - weight.float()).abs()
+        rate = LR * expected_scale(name)
+        applied[name] = delta.max().item()
+        assert applied[name] == pytest.approx(rate, rel=1e-3), name  # 1e-3: rounding where a weight is ~1 (norms)
+        moved[name] = (delta > 0.5 * rate).float().mean().item()
+    # every kind of layer is there: 4 blocks, the embeddings, the final norm and the head
+    assert {expected_scale(n) for n in before} == {1.0, DECAY, DECAY ** 2, DECAY ** 3, DECAY ** 4}
+    # the ratio between consecutive blocks is the decay (same-shaped weights of blocks i and i+1)
+    for block in range(BLOCKS - 1):
+        for kind in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            lower, upper = (applied[f"model.layers.{i}.{kind}"] for i in (block, block + 1))
+            assert lower / upper == pytest.approx(DECAY, rel=1e-3)
+    assert applied["model.embed_tokens.weight"] / applied["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(
+        DECAY, rel=1e-3)
+    # dense weights: almost every element has a gradient well above Adam's eps (the embeddings: only the rows of
+    # the tokens in the batch), so a rank whose partition stepped at another rate would show here
+    assert min(v for n, v in moved.items() if n != "model.embed_tokens.weight") > 0.95, moved
+
+
+# ---- KTO's reference point and interleaved per-dataset losses: 2 processes as 1 -------------------------------
+
+@pytest.mark.slow
+def test_two_processes_report_the_kto_reference_point_and_dataset_losses_of_one(storage, model_bucket, bucket,
+                                                                                 s3_endpoint, tmp_path, capfd):
+    """Interleaved KTO over two feedback datasets: 2 processes with batchSize 2 train on the same rows at each
+    micro-batch as 1 process with batchSize 4 (the rows of a global micro-batch are split between the ranks).
+    KTO's reference point z is the mean over every rank's mismatched pairs, and a step's per-dataset losses
+    are means over every rank's rows of that dataset: each step's loss, `kl` (z) and per-dataset losses
+    must be those of the single process (run in this process, engine ddp with one rank). At the first step the
+    policy is the reference (r = z = 0, every loss 0.5); from the second on z and the losses depend on which
+    rows each rank averages, so a rank that used only its own rows would report other values."""
+    from finetune_trainer.run import execute
+
+    datasets = [upload_dataset(storage, bucket, "fb-a", "feedback", 20, seed=0),
+                upload_dataset(storage, bucket, "fb-b", "feedback", 12, seed=1)]
+
+    def kto_config(output: str, batch_size: int):
+        return make_config(bucket, model_bucket + "llama/", s3_endpoint, datasets, objective="kto",
+                           preprocessing={"multiTask": {"strategy": "interleave"}},
+                           hyperparameters={"maxSteps": 4, "batchSize": batch_size, "gradientAccumulationSteps": 2,
+                                            "learningRate": 2e-2, "ktoBeta": 0.5},
+                           evaluation={"compareToBase": False}, output={"uri": bucket + output})
+
+    one = execute(kto_config("kto-one/", 4), tmp_path / "one")
+    one_out = capfd.readouterr().out
+    assert one.exit_code == 0, one.result.message
+    done = torchrun(kto_config("kto-two/", 2), tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    single, double = step_events(one_out), step_events(done.stdout)
+    assert len(single) == len(double) == 4
+    for a, b in zip(single, double):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), (a, b)
+        assert b["metrics"]["kl"] == pytest.approx(a["metrics"]["kl"], rel=1e-4, abs=1e-6), (a, b)
+        assert b["metrics"] == pytest.approx(a["metrics"], rel=1e-4, abs=1e-6), (a, b)  # rewards, label share
+        assert [d["index"] for d in b["datasetLosses"]] == [d["index"] for d in a["datasetLosses"]]
+        for x, y in zip(a["datasetLosses"], b["datasetLosses"]):
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6), (a, b)
+    # the comparison means something: the policy moved (z > 0 at some step) and some step has both datasets
+    assert any(s["metrics"]["kl"] > 1e-3 for s in single[1:]), single
+    assert any(len(s["datasetLosses"]) == 2 for s in single[1:]), single
