@@ -23,6 +23,10 @@ from e2e.tests.test_tenancy import policy, tenant_namespace
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
+# Enough steps that Kueue's preemption (about 10 s from the preemptor's creation to SIGTERM) lands
+# mid-run on a fast machine too: at 0.3 s a step, 40 steps were over before it arrived.
+MAX_STEPS = 120
+
 
 def priority_class(name: str, value: int) -> dict:
     return {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name},
@@ -77,10 +81,12 @@ def test_a_preempted_run_checkpoints_within_its_grace_period_and_resumes(kube, l
                     kueue.cluster_queue(queue, {f"node-{suffix}": quota}, within_cluster_queue="LowerPriority"),
                     policy(tenant, tenant, nodePools=["local"], kueue={"clusterQueues": [queue]},
                            priorityClasses={"allowed": [low, high], "default": low}))
-    hyperparameters = {**_demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": 40}
+    hyperparameters = {**_demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": MAX_STEPS}
     secret, job = small_job("preempted", hyperparameters=hyperparameters,
                             checkpoint={"everySteps": 10, "keep": 2, "preemptionGraceSeconds": 90})
-    kube.apply(secret, job, namespace=namespace)
+    # The preemptor's LocalQueue exists before the run starts, so that its admission is all that
+    # stands between its creation and the preemption.
+    kube.apply(kueue.local_queue(queue, namespace, queue), secret, job, namespace=namespace)
 
     status = _wait_for(lambda: (s := _status(kube, namespace, "preempted")).get("progress", {}).get("step", 0) >= 12
                        and s, 420, "training past its first checkpoint", interval=1)
@@ -90,9 +96,7 @@ def test_a_preempted_run_checkpoints_within_its_grace_period_and_resumes(kube, l
     assert ptj["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["priorityClassName"] == low
     follower = LogFollower(local_cluster, sandbox, "train-1-master-0")
 
-    kube.apply(kueue.local_queue(queue, namespace, queue), preemptor("preemptor", queue, high,
-                                                                      local_cluster.image("base")),
-               namespace=namespace)
+    kube.apply(preemptor("preemptor", queue, high, local_cluster.image("base")), namespace=namespace)
     events = follower.events(timeout=180)  # ends when the preempted pod is gone
     steps = [e["step"] for e in events if e["event"] == "step"]
     saved = [e["step"] for e in events if e["event"] == "preempted"]
@@ -108,7 +112,7 @@ def test_a_preempted_run_checkpoints_within_its_grace_period_and_resumes(kube, l
     assert final["resumedFromStep"] == saved[-1]
     lost = last_step_before_sigterm - final["resumedFromStep"]
     assert lost <= 1, (last_step_before_sigterm, final["resumedFromStep"])
-    assert final["progress"]["step"] == 40
+    assert final["progress"]["step"] == MAX_STEPS
     print(f"\npreemption: SIGTERM after step {last_step_before_sigterm}, checkpoint at step {saved[-1]}, "
           f"resumed from step {final['resumedFromStep']}: {lost} step(s) lost")
     newest = str(final["checkpoints"][-1]["step"])
