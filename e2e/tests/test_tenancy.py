@@ -197,9 +197,11 @@ def test_a_used_up_budget_holds_a_queued_run_kueue_has_not_admitted(kube, operat
     quota = {GPU: kueue.Quota(16), "cpu": "96", "memory": "1360Gi", "ephemeral-storage": "1Ti"}
     held = kueue.cluster_queue(held_queue, {flavor: quota})
     held["spec"]["stopPolicy"] = "Hold"  # admits nothing until the test says so
+    spending = kueue.cluster_queue(open_queue, {flavor: quota})
+    spending["spec"]["stopPolicy"] = "Hold"  # until the spender's run is annotated
     budget = policy(tenant, tenant, nodePools=["a100"], kueue={"clusterQueues": [open_queue, held_queue]},
                     budget={"gpuHours": 0.02, "period": "Month"})
-    cluster_objects(kueue.pool_flavor("a100", flavor), kueue.cluster_queue(open_queue, {flavor: quota}), held, budget)
+    cluster_objects(kueue.pool_flavor("a100", flavor), spending, held, budget)
 
     kube.apply(credentials(), gpu_job("queued", runPolicy={"queueName": held_queue}), namespace=namespace)
     queued_sandbox = sandbox_of(kube, cfg, namespace, "queued")
@@ -207,10 +209,21 @@ def test_a_used_up_budget_holds_a_queued_run_kueue_has_not_admitted(kube, operat
     annotate_replicas(kube, queued_sandbox, n.pytorchjob_name("1"), {"Master": {SIM_DURATION: "5s"}})
     wait_status(kube, namespace, "queued", lambda s: s.get("queue", {}).get("workload"), "its Workload")
 
-    # Another job of the tenant (the open queue, its default) uses the budget up.
-    start_suspended_and_annotate(kube, cfg, namespace, gpu_job("spender"), {"Master": {SIM_DURATION: "15s"}})
+    # Another job of the tenant (the open queue, its default) uses the budget up. A queued run made
+    # suspended gets no PyTorchJob until resumed (Kueue would admit it at once): the queue holds it instead.
+    kube.apply(gpu_job("spender"), gpu_job("paused", runPolicy={"suspend": True}), namespace=namespace)
+    spender_sandbox = sandbox_of(kube, cfg, namespace, "spender")
+    _wait_for(lambda: get_or_none(kube, "pytorchjob", n.pytorchjob_name("1"), spender_sandbox), 60, "the spender's run")
+    annotate_replicas(kube, spender_sandbox, n.pytorchjob_name("1"), {"Master": {SIM_DURATION: "15s"}})
+    spending["spec"]["stopPolicy"] = "None"
+    kube.apply(spending)
     spent = wait_phase(kube, namespace, "spender", "Succeeded", timeout=120)
     assert spent["gpuSeconds"] >= 8 * 14, spent
+    # The run made suspended, in the same open queue all along: its sandbox and LocalQueue, no run.
+    paused_sandbox = sandbox_of(kube, cfg, namespace, "paused")
+    assert get_or_none(kube, "localqueue", open_queue, paused_sandbox) is not None
+    assert get_or_none(kube, "pytorchjob", n.pytorchjob_name("1"), paused_sandbox) is None
+    assert status_of(kube, namespace, "paused")["phase"] == "Suspended"
     usage = wait_policy(kube, tenant, lambda s: s["usage"].get("gpuSeconds", 0) >= spent["gpuSeconds"],
                         "the spender's GPU-seconds counted", timeout=120)["usage"]
     assert usage["budgetExhausted"], usage

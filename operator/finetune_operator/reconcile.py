@@ -266,7 +266,9 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
 
     ptj = view.pytorchjob
     if ptj is None:
-        if not finished and view.hold is None:
+        if not finished and view.hold is None and not (spec.runPolicy.suspend and spec.runPolicy.queueName):
+            # A queued run is created only when not suspended: Kueue admits a new Workload at once
+            # when its queue has room, before the operator could deactivate it.
             plan.apply.extend(run_objects(ref, cfg))
         elif view.hold is not None:
             plan.requeue_after = HOLD_RECHECK

@@ -120,7 +120,8 @@ class RunPolicy(ApiModel):
     suspend: bool = Field(
         default=False,
         description="Suspend the run: its pods are removed, checkpoints stay; unsuspending resumes from "
-        "the latest checkpoint. With queueName, Kueue suspends the run until it is admitted.",
+        "the latest checkpoint. With queueName, Kueue suspends the run until it is admitted; a "
+        "queued run created suspended is created (and queued) only when unsuspended.",
     )
     queueName: str = Field(
         default="", max_length=63,
