@@ -161,16 +161,23 @@ def annotate_replicas(kube, sandbox: str, pytorchjob: str, annotations: dict[str
     kube.run("apply", "--server-side", f"--field-manager={HARNESS}", "-f", "-", input=yaml.safe_dump(patch))
 
 
-def start_suspended_and_annotate(kube, cfg, namespace: str, job: dict, annotations: dict[str, dict[str, str]]) -> str:
-    """Create `job` suspended, annotate its PyTorchJob's replicas ({replica: annotations}), resume it.
+def annotate_run(kube, cfg, namespace: str, name: str, annotations: dict[str, dict[str, str]],
+                 run_id: str = "1") -> str:
+    """Wait for the PyTorchJob of FineTuneJob `name` and annotate its replicas ({replica: annotations}).
     Returns the sandbox namespace."""
-    name = job["metadata"]["name"]
-    job["spec"].setdefault("runPolicy", {})["suspend"] = True
-    kube.apply(credentials(), job, namespace=namespace)
     sandbox = sandbox_of(kube, cfg, namespace, name)
-    ptj_name = n.pytorchjob_name(job["spec"].get("runId", "1"))
+    ptj_name = n.pytorchjob_name(run_id)
     _wait_for(lambda: get_or_none(kube, "pytorchjob", ptj_name, sandbox), 60, f"PyTorchJob {sandbox}/{ptj_name}")
     annotate_replicas(kube, sandbox, ptj_name, annotations)
+    return sandbox
+
+
+def start_suspended_and_annotate(kube, cfg, namespace: str, job: dict, annotations: dict[str, dict[str, str]]) -> str:
+    """Create `job` suspended, annotate its PyTorchJob's replicas ({replica: annotations}), resume it.
+    Returns the sandbox namespace. Not for a queued job: it gets no PyTorchJob while suspended."""
+    job["spec"].setdefault("runPolicy", {})["suspend"] = True
+    kube.apply(credentials(), job, namespace=namespace)
+    sandbox = annotate_run(kube, cfg, namespace, job["metadata"]["name"], annotations, job["spec"].get("runId", "1"))
     job["spec"]["runPolicy"]["suspend"] = False
     kube.apply(job, namespace=namespace)
     return sandbox

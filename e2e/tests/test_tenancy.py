@@ -20,6 +20,7 @@ from e2e.tests.test_control_plane import _wait_for
 from e2e.tests.test_operator_cluster import (
     SIM_DURATION,
     annotate_replicas,
+    annotate_run,
     cfg,  # noqa: F401 - a fixture
     conditions,
     credentials,
@@ -204,17 +205,13 @@ def test_a_used_up_budget_holds_a_queued_run_kueue_has_not_admitted(kube, operat
     cluster_objects(kueue.pool_flavor("a100", flavor), spending, held, budget)
 
     kube.apply(credentials(), gpu_job("queued", runPolicy={"queueName": held_queue}), namespace=namespace)
-    queued_sandbox = sandbox_of(kube, cfg, namespace, "queued")
-    _wait_for(lambda: get_or_none(kube, "pytorchjob", n.pytorchjob_name("1"), queued_sandbox), 60, "the queued run")
-    annotate_replicas(kube, queued_sandbox, n.pytorchjob_name("1"), {"Master": {SIM_DURATION: "5s"}})
+    queued_sandbox = annotate_run(kube, cfg, namespace, "queued", {"Master": {SIM_DURATION: "5s"}})
     wait_status(kube, namespace, "queued", lambda s: s.get("queue", {}).get("workload"), "its Workload")
 
     # Another job of the tenant (the open queue, its default) uses the budget up. A queued run made
     # suspended gets no PyTorchJob until resumed (Kueue would admit it at once): the queue holds it instead.
     kube.apply(gpu_job("spender"), gpu_job("paused", runPolicy={"suspend": True}), namespace=namespace)
-    spender_sandbox = sandbox_of(kube, cfg, namespace, "spender")
-    _wait_for(lambda: get_or_none(kube, "pytorchjob", n.pytorchjob_name("1"), spender_sandbox), 60, "the spender's run")
-    annotate_replicas(kube, spender_sandbox, n.pytorchjob_name("1"), {"Master": {SIM_DURATION: "15s"}})
+    annotate_run(kube, cfg, namespace, "spender", {"Master": {SIM_DURATION: "15s"}})
     spending["spec"]["stopPolicy"] = "None"
     kube.apply(spending)
     spent = wait_phase(kube, namespace, "spender", "Succeeded", timeout=120)

@@ -266,9 +266,10 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
 
     ptj = view.pytorchjob
     if ptj is None:
-        if not finished and view.hold is None and not (spec.runPolicy.suspend and spec.runPolicy.queueName):
-            # A queued run is created only when not suspended: Kueue admits a new Workload at once
-            # when its queue has room, before the operator could deactivate it.
+        # Kueue owns a queued run's suspend and admits a new Workload at once when its queue has
+        # room, before the operator could deactivate it: a suspended queued run is not created yet.
+        suspended_in_queue = spec.runPolicy.suspend and not owns_suspend(ref)
+        if not finished and view.hold is None and not suspended_in_queue:
             plan.apply.extend(run_objects(ref, cfg))
         elif view.hold is not None:
             plan.requeue_after = HOLD_RECHECK
