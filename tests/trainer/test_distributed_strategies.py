@@ -124,3 +124,62 @@ def test_two_processes_report_the_kto_reference_point_and_dataset_losses_of_one(
     # the comparison means something: the policy moved (z > 0 at some step) and some step has both datasets
     assert any(s["metrics"]["kl"] > 1e-3 for s in single[1:]), single
     assert any(len(s["datasetLosses"]) == 2 for s in single[1:]), single
+
+
+# ---- L2-SP under DeepSpeed ZeRO: each rank anchors only its partition ----------------------------------------
+
+L2SP_CASES = [("ddp", {"engine": "ddp"}), ("zero2", {"engine": "deepspeed", "zeroStage": 2}),
+              ("zero3", {"engine": "deepspeed", "zeroStage": 3})]
+
+
+def l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, name: str, distributed: dict,
+             strength: float | None, steps: int = 6, output: str | None = None) -> tuple[list[dict], dict | None]:
+    """`steps` steps of method full on 2 processes (a checkpoint every 3); the step events and the l2sp-anchor event
+    (rank 0's)."""
+    ds = upload_dataset(storage, bucket, "chat", "chat", 24)
+    full = {"l2sp": {"strength": strength}} if strength else {"layerwiseLRDecay": 1.0}
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], method={"type": "full", "full": full},
+                         distributed=distributed, evaluation={"compareToBase": False},
+                         hyperparameters={"maxSteps": steps, "batchSize": 2, "learningRate": 1e-2, "weightDecay": 0.0},
+                         checkpoint={"everySteps": 3, "keep": 2}, output={"uri": f"{bucket}{output or name}/"})
+    (tmp_path / name).mkdir()
+    done = torchrun(config, tmp_path / name)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    events = [json.loads(l) for l in done.stdout.splitlines() if l.startswith('{"event": "l2sp-anchor"')]
+    return step_events(done.stdout), (events[0] if events else None)
+
+
+@pytest.mark.slow
+def test_zero_trains_with_l2sp_as_ddp_does_and_anchors_a_partition_per_rank(storage, model_bucket, bucket,
+                                                                             s3_endpoint, tmp_path):
+    """The same six steps with L2-SP under DDP, ZeRO-2 and ZeRO-3 (2 processes): the same losses and penalties
+    (the penalty moves the weights: without it the losses differ), while under ZeRO a rank anchors half of the
+    trained weights, not a full copy (DDP's gradient is checked against autograd in test_full_strategies.py)."""
+    without, _ = l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, "plain", {"engine": "ddp"}, None)
+    runs = {name: l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, name, distributed, 1.0)
+            for name, distributed in L2SP_CASES}
+    reference, anchor = runs["ddp"]
+    assert anchor["partitioned"] is False
+    trained = anchor["anchoredElements"]  # every weight: method full freezes nothing here
+    assert abs(reference[-1]["loss"] - without[-1]["loss"]) > 1e-3
+    # the penalty at the weights each step's gradient is taken at: 0 at the base, then not
+    assert reference[0]["l2spPenalty"] == 0 and all(s["l2spPenalty"] > 0 for s in reference[1:])
+    for name in ("zero2", "zero3"):
+        steps, anchor = runs[name]
+        assert anchor["partitioned"] is True
+        assert abs(anchor["anchoredElements"] - trained / 2) <= 0.01 * trained, (name, anchor, trained)
+        assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in reference], rel=1e-4), name
+        assert [s["l2spPenalty"] for s in steps] == pytest.approx([s["l2spPenalty"] for s in reference], rel=1e-3), name
+
+    # A ZeRO-3 run lost after step 4 resumes from its step-3 checkpoint: the new engine anchors the base weights
+    # before the checkpoint is loaded, so steps 4-6 are those of the run that never stopped (anchored at the
+    # restored weights, the penalty would start again from 0).
+    first, _ = l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, "zero3-part1", dict(L2SP_CASES)["zero3"],
+                        1.0, steps=4, output="zero3-resumed")
+    storage.delete_prefix(cfg.result_uri(f"{bucket}zero3-resumed/", "1"))  # as if it was killed before finishing
+    resumed, _ = l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, "zero3-part2", dict(L2SP_CASES)["zero3"],
+                          1.0, steps=6, output="zero3-resumed")
+    uninterrupted = runs["zero3"][0]
+    assert [s["step"] for s in first] == [1, 2, 3, 4] and [s["step"] for s in resumed] == [4, 5, 6]
+    for key in ("loss", "l2spPenalty"):
+        assert [s[key] for s in resumed] == pytest.approx([s[key] for s in uninterrupted[3:]], rel=1e-4), key

@@ -193,42 +193,83 @@ def test_the_schedule_scales_every_group_and_the_reported_rate_is_the_heads(toke
 
 # ---- L2-SP ------------------------------------------------------------------------------------------
 
-def test_l2sp_penalty_and_gradient_match_hand_computation(tokenizer):
+CPU = engines.DistContext(0, 1, 0, torch.device("cpu"))
+STILL = cfg.Hyperparameters(learningRate=1e-3, warmupRatio=0.0, scheduler="constant", maxGradNorm=0.0)
+
+
+def test_l2sp_adds_the_penalty_gradient_before_the_optimizer_steps(tokenizer):
+    """The optimizer steps on data gradient + the gradient autograd gives the penalty, and the reported value is
+    the penalty computed by hand; blocks gradual unfreezing has not released get neither."""
     model = tiny_model(tokenizer)
     m = method(l2sp={"strength": 0.3}, unfreeze={"startTopBlocks": 2, "everySteps": 10})
     full.apply(model, m, "cpu")
     strategies = full.strategies(model, m)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = engines.create(model, STILL, 4, CPU, cfg.Distributed(), strategies)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    trained = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
+    trained = [n for n, p in params.items() if p.requires_grad]
     by_hand = 0.3 * sum(float(((params[n].detach() - base[n]) ** 2).sum()) for n in trained)
-    assert float(strategies.l2sp.penalty(model).detach()) == pytest.approx(by_hand, rel=1e-5)
-
-    model.zero_grad(set_to_none=True)
-    strategies.l2sp.penalty(model).backward()
+    penalty = 0.3 * sum(((params[n] - base[n]) ** 2).sum() for n in trained)
+    penalty.backward()
     autograd = {n: params[n].grad.clone() for n in trained}
+    data = {n: torch.randn_like(params[n]) for n in trained}
     model.zero_grad(set_to_none=True)
-    strategies.l2sp.add_gradient(model)
-    assert strategies.l2sp.value == pytest.approx(by_hand, rel=1e-5)
     for n in trained:
-        assert torch.allclose(params[n].grad, 2 * 0.3 * (params[n].detach() - base[n]), atol=1e-7)
-        assert torch.allclose(params[n].grad, autograd[n], atol=1e-7)
-    assert all(params[n].grad is None for n in params if n not in trained)  # frozen blocks: no penalty
+        params[n].grad = data[n].clone()
+    stepped = {}
+    engine.optimizer.register_step_pre_hook(  # runs after L2-SP's hook: what AdamW is about to use
+        lambda optimizer, args, kwargs: stepped.update({n: p.grad.clone() for n, p in params.items() if p.grad is not None}))
+    engine.optimizer.step()
+    assert strategies.l2sp.value(CPU.device) == pytest.approx(by_hand, rel=1e-5)
+    assert sorted(stepped) == sorted(trained)  # frozen blocks: no gradient, no penalty
+    for n in trained:
+        assert torch.allclose(stepped[n], data[n] + autograd[n], atol=1e-6), n
 
 
-def test_l2sp_anchors_only_what_will_train_and_can_keep_them_on_cpu(tokenizer):
+def test_l2sp_anchors_only_what_will_train_and_can_keep_them_on_cpu(tokenizer, capsys):
     model = tiny_model(tokenizer)
     m = method(l2sp={"strength": 1.0, "anchorDevice": "cpu"}, unfreeze={"startTopBlocks": 1, "everySteps": 1,
                                                                           "floor": 2})
     full.apply(model, m, "cpu")
-    anchor = full.strategies(model, m).l2sp.anchor
-    assert not any(n.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens")) for n in anchor)
-    assert any(n.startswith("model.layers.2.") for n in anchor) and "lm_head.weight" in anchor
-    assert all(t.device.type == "cpu" for t in anchor.values())
+    strategies = full.strategies(model, m)
+    engines.create(model, STILL, 4, CPU, cfg.Distributed(), strategies)
+    never_trained = ("model.layers.0.", "model.layers.1.", "model.embed_tokens")
+    will_train = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(never_trained))
+    assert strategies.l2sp.anchored_elements == will_train < sum(p.numel() for p in model.parameters())
+    assert all(a.device.type == "cpu" and a.dtype == torch.float32 for a in strategies.l2sp.anchors)
+    anchor_events = [json.loads(l) for l in capsys.readouterr().out.splitlines() if '"l2sp-anchor"' in l]
+    assert [(e["anchoredElements"], e["partitioned"], e["device"]) for e in anchor_events] == [(will_train, False, "cpu")]
+
+
+def test_l2sp_keeps_its_base_anchors_when_a_later_stage_creates_a_new_engine(tokenizer):
+    """Sequential stages create one engine per stage on the weights the last one trained: the anchors stay the
+    base weights (bound again by position), and an engine stepping other shapes is an error."""
+    model = tiny_model(tokenizer)
+    m = method(l2sp={"strength": 1.0})
+    full.apply(model, m, "cpu")
+    strategies = full.strategies(model, m)
+    base = {id(p): p.detach().clone() for p in model.parameters()}
+    engines.create(model, STILL, 4, CPU, cfg.Distributed(), strategies)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    second = engines.create(model, STILL, 4, CPU, cfg.Distributed(), strategies)
+    stepped = [p for group in second.optimizer.param_groups for p in group["params"]]
+    assert len(stepped) == len(strategies.l2sp.anchors) == len(base)
+    assert all(torch.equal(a, base[id(p)]) for a, p in zip(strategies.l2sp.anchors, stepped))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    second.optimizer.step()
+    assert strategies.l2sp.value(CPU.device) == pytest.approx(sum(0.25 * p.numel() for p in base.values()), rel=1e-4)
+
+    other = L2SP(1.0)
+    other.anchors = [torch.zeros(3)]
+    with pytest.raises(RuntimeError, match="other shapes"):
+        other.attach(second.optimizer, lambda: [p for p in model.parameters()], partitioned=False)
 
 
 @pytest.mark.parametrize("strength,closer", [(0.0, False), (50.0, True)], ids=["without", "with"])
@@ -241,8 +282,7 @@ def test_l2sp_keeps_the_weights_near_the_base(strength, closer, tokenizer):
         full.apply(model, m, "cpu")
         base = {n: p.detach().clone() for n, p in model.named_parameters()}
         hp = cfg.Hyperparameters(learningRate=1e-2, warmupRatio=0.0, scheduler="constant", maxGradNorm=0.0)
-        engine = engines.create(model, hp, 10, engines.DistContext(0, 1, 0, torch.device("cpu")), cfg.Distributed(),
-                                full.strategies(model, m))
+        engine = engines.create(model, hp, 10, CPU, cfg.Distributed(), full.strategies(model, m))
         ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
         for _ in range(10):
             engine.backward(model(input_ids=ids, labels=ids).loss)
@@ -262,9 +302,11 @@ RULE_CASES = [
     ("two release periods", {"type": "full", "full": {"unfreeze": {"everySteps": 2, "everyEpochs": 1}}}, {},
      "exactly one of everySteps and everyEpochs"),
     ("unfreeze with deepspeed", {"type": "full", "full": {"unfreeze": {"everySteps": 2}}},
-     {"engine": "deepspeed"}, "need distributed.engine ddp"),
+     {"engine": "deepspeed"}, "unfreeze needs distributed.engine ddp"),
     ("l2sp with zero-3", {"type": "full", "full": {"l2sp": {"strength": 0.1}}},
-     {"engine": "deepspeed", "zeroStage": 3}, "need distributed.engine ddp"),
+     {"engine": "deepspeed", "zeroStage": 3}, None),
+    ("l2sp and unfreeze with deepspeed", {"type": "full", "full": {"l2sp": {"strength": 0.1}, "unfreeze": {
+        "everySteps": 2}}}, {"engine": "deepspeed"}, "unfreeze needs distributed.engine ddp"),
     ("layerwise decay with deepspeed", {"type": "full", "full": {"layerwiseLRDecay": 0.9}}, {"engine": "deepspeed"}, None),
     ("everything with ddp", {"type": "full", "full": {"unfreeze": {"everyEpochs": 1, "floor": 1},
                                                      "l2sp": {"strength": 0.1}, "layerwiseLRDecay": 0.9}}, {}, None),

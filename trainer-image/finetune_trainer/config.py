@@ -383,15 +383,17 @@ class L2SPSettings(ApiModel):
                             "trained weights, w0 the base model's.")
     anchorDevice: AnchorDevice = Field(
         default=AnchorDevice.accelerator,
-        description="Where the copy of the base weights w0 lives: accelerator (fast; one more copy of the trained "
-        "weights in GPU memory) or cpu (host memory; copied to the GPU one tensor at a time at every step).")
+        description="Where the copy of the base weights w0 lives: accelerator (next to the weights the optimizer "
+        "steps: GPU memory, or host memory under DeepSpeed's optimizer offload) or cpu (host memory; copied to the "
+        "GPU one tensor at a time at every step).")
 
 
 class FullSettings(ApiModel):
     unfreeze: GradualUnfreezing | None = Field(
         default=None, description="Gradual unfreezing (not with freezeLayers: use floor; engine ddp only).")
     l2sp: L2SPSettings | None = Field(
-        default=None, description="L2-SP: stay close to the base weights (engine ddp only).")
+        default=None, description="L2-SP: stay close to the base weights (DDP: each rank keeps a copy of the "
+        "trained weights; DeepSpeed ZeRO: each rank anchors only its partition of the fp32 master weights).")
     layerwiseLRDecay: float | None = Field(
         default=None, gt=0, le=1,
         description="Layer-wise learning-rate decay d: block i of L trains at learningRate * d^(L-1-i), the input "

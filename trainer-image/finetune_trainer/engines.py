@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -65,9 +66,8 @@ class DDPEngine:
     name = "ddp"
 
     def __init__(self, module, hyperparameters, total_steps: int, ctx: DistContext, precision: str,
-                 optimizer_options: dict | None = None, gradient_hooks: list | None = None):
+                 optimizer_options: dict | None = None, l2sp=None):
         self.module = module.to(ctx.device)
-        self.gradient_hooks = gradient_hooks or []  # fn(module) on the step's averaged, unscaled gradients
         self.ctx = ctx
         self.max_grad_norm = hyperparameters.maxGradNorm
         self.autocast_dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else None
@@ -75,6 +75,9 @@ class DDPEngine:
         self.model = self._wrap()
         self.optimizer = make_optimizer(self.module, hyperparameters, **(optimizer_options or {}))
         self.scheduler = make_scheduler(self.optimizer, hyperparameters, total_steps)
+        if l2sp is not None:  # every rank steps the whole module: its anchor is a full copy of the trained weights
+            members = [p for group in self.optimizer.param_groups for p in group["params"]]
+            l2sp.attach(self.optimizer, lambda: members, partitioned=False)
 
     def _wrap(self):
         if self.ctx.world_size == 1:
@@ -113,8 +116,6 @@ class DDPEngine:
     def step(self) -> None:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        for hook in self.gradient_hooks:
-            hook(self.module)
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
         stepped = True
@@ -176,11 +177,32 @@ def deepspeed_config(hyperparameters, distributed, precision: str, device_type: 
     }
 
 
+# Where DeepSpeed's optimizer wrappers keep the fp32 master weights they hand our torch optimizer to step,
+# and whether a rank holds only its partition of them. A wrapper not listed (stage 0 in fp32) steps the
+# module's own parameters on every rank.
+MASTER_WEIGHTS = (
+    ("fp32_partitioned_groups_flat", True),  # ZeRO-3 (one flat partition per sub-group)
+    ("single_partition_of_fp32_groups", True),  # ZeRO-1 and 2 (one flat partition per group)
+    ("fp32_groups_flat_partition", True),  # BF16_Optimizer (bf16 at stage 0/1)
+    ("fp32_groups_flat", False),  # FP16_Optimizer (fp16 at stage 0): a full copy on every rank
+)
+
+
+def master_weights(ds_optimizer) -> tuple[Callable[[], list[torch.Tensor]], bool]:
+    """A function returning the tensors DeepSpeed's optimizer steps now (read at every step: loading a
+    checkpoint may replace them), and whether they are partitioned over the ranks."""
+    for attribute, partitioned in MASTER_WEIGHTS:
+        if hasattr(ds_optimizer, attribute):
+            return (lambda: list(getattr(ds_optimizer, attribute))), partitioned
+    members = [p for group in ds_optimizer.param_groups for p in group["params"]]
+    return (lambda: members), False
+
+
 class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, module, hyperparameters, total_steps: int, ctx: DistContext, precision: str, distributed,
-                 optimizer_options: dict | None = None):
+                 optimizer_options: dict | None = None, l2sp=None):
         import deepspeed
 
         self.ctx = ctx
@@ -191,6 +213,9 @@ class DeepSpeedEngine:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
         self.module = self.model.module
         self.zero_stage = self.config["zero_optimization"]["stage"]
+        if l2sp is not None:  # DeepSpeed steps our torch optimizer on its master weights: anchor those
+            stepped, partitioned = master_weights(self.optimizer)
+            l2sp.attach(optimizer, stepped, partitioned)
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -228,14 +253,15 @@ class DeepSpeedEngine:
 
 
 def create(module, hyperparameters, total_steps: int, ctx: DistContext, distributed, strategies=None):
-    """strategies: method full's (methods.full.Strategies): optimizer members and learning-rate factors,
-    gradient hooks; gradual unfreezing and L2-SP are refused with DeepSpeed before this (validation.py)."""
+    """strategies: method full's (methods.full.Strategies): optimizer members and learning-rate factors, and
+    L2-SP, attached to the new optimizer; gradual unfreezing is refused with DeepSpeed before this
+    (validation.py)."""
     precision = resolve_precision(distributed.precision, ctx.device_type)
     options = strategies.optimizer_options() if strategies else None
+    l2sp = strategies.l2sp if strategies else None
     if distributed.engine == "deepspeed":
-        return DeepSpeedEngine(module, hyperparameters, total_steps, ctx, precision, distributed, options)
-    return DDPEngine(module, hyperparameters, total_steps, ctx, precision, options,
-                     strategies.gradient_hooks() if strategies else None)
+        return DeepSpeedEngine(module, hyperparameters, total_steps, ctx, precision, distributed, options, l2sp)
+    return DDPEngine(module, hyperparameters, total_steps, ctx, precision, options, l2sp)
 
 
 def resolve_precision(precision: str, device_type: str) -> str:

@@ -205,7 +205,8 @@ class Run:
                                            self.work_dir / f"rank-{ctx.rank}" / "continue-adapter", ctx.device_type)
         else:
             model = method_spec.apply(model, config.method, ctx.device_type)
-        # method.full's strategies (None for other methods); L2-SP anchors the base weights here, before any restore.
+        # method.full's strategies (None for other methods); L2-SP anchors the base weights when the first engine is
+        # created, before any restore.
         full_strategies = methods.full.strategies(model, config.method, stage_epoch_starts(plans, ctx.world_size))
 
         checkpoints = CheckpointManager(self.storage, cfg.checkpoint_prefix(config.checkpoint.uri, self.out, self.run_id),
@@ -293,7 +294,7 @@ class Run:
                 events.emit("step", stage=plan.name, step=global_step, stageStep=report.step, loss=report.loss,
                             learningRate=report.learning_rate, tokens=report.tokens, seconds=round(report.seconds, 4),
                             **({"metrics": report.metrics} if report.metrics else {}),
-                            **(full_strategies.step_fields() if full_strategies else {}),
+                            **(full_strategies.step_fields(ctx.device) if full_strategies else {}),
                             **({"datasetLosses": [{"index": i, "uri": plan.datasets[i].uri, "loss": loss}
                                                   for i, loss in sorted(report.dataset_losses.items())]}
                                if report.dataset_losses else {}))

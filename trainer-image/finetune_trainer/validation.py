@@ -22,9 +22,9 @@ def problems(config: TrainerConfig) -> list[str]:
         found.append("method.full.unfreeze: set exactly one of everySteps and everyEpochs")
     if method.full is not None and method.full.unfreeze is not None and method.freezeLayers is not None:
         found.append("method.full.unfreeze replaces method.freezeLayers: set unfreeze.floor instead")
-    if method.full is not None and (method.full.unfreeze or method.full.l2sp) and distributed.engine == "deepspeed":
-        found.append("method.full.unfreeze and method.full.l2sp need distributed.engine ddp (DeepSpeed fixes the "
-                     "trained parameters at start and owns the gradients)")
+    if method.full is not None and method.full.unfreeze and distributed.engine == "deepspeed":
+        found.append("method.full.unfreeze needs distributed.engine ddp (DeepSpeed fixes the trained parameters "
+                     "when it partitions them)")
     if distributed.zeroStage is not None and distributed.engine != "deepspeed":
         found.append("distributed.zeroStage is only allowed with engine deepspeed")
     if distributed.offload != "none" and distributed.engine != "deepspeed":

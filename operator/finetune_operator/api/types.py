@@ -219,11 +219,10 @@ _SPEC_RULES = cel(
         "spec.evaluation.maxPerplexityRatio needs spec.evaluation.compareToBase true",
     ),
     (
-        "!has(self.method) || !has(self.method.full) || "
-        "(!has(self.method.full.unfreeze) && !has(self.method.full.l2sp)) || "
+        "!has(self.method) || !has(self.method.full) || !has(self.method.full.unfreeze) || "
         "!has(self.distributed) || !has(self.distributed.engine) || self.distributed.engine != 'deepspeed'",
-        "spec.method.full.unfreeze and spec.method.full.l2sp need spec.distributed.engine ddp (DeepSpeed fixes the "
-        "trained parameters at start and owns the gradients)",
+        "spec.method.full.unfreeze needs spec.distributed.engine ddp (DeepSpeed fixes the trained parameters "
+        "when it partitions them)",
     ),
     (
         "!has(self.search) || !has(self.stages) || size(self.stages) == 0",

@@ -81,8 +81,8 @@ def apply(model, method, device_type: str):
 
 @dataclass
 class Strategies:
-    """method.full's strategies for one run: the optimizer's members and learning-rate factors, the
-    gradient hook (L2-SP) and the step hook (gradual unfreezing)."""
+    """method.full's strategies for one run: the optimizer's members and learning-rate factors, L2-SP (which
+    each engine attaches to its optimizer) and the step hook (gradual unfreezing)."""
 
     depths: dict[str, int]
     blocks: int
@@ -95,9 +95,6 @@ class Strategies:
     def optimizer_options(self) -> dict:
         return {"members": self.members, "lr_scales": self.lr_scales}
 
-    def gradient_hooks(self) -> list:
-        return [self.l2sp.add_gradient] if self.l2sp else []
-
     def before_step(self, module, global_step: int) -> bool:
         """Set the trainable blocks for the step after global_step steps; True when they changed."""
         if self.schedule is None:
@@ -109,36 +106,35 @@ class Strategies:
             self.top = top
         return changed
 
-    def step_fields(self) -> dict:
+    def step_fields(self, device: torch.device) -> dict:
+        """The step event's fields; collective (every rank calls it: L2-SP sums ZeRO's partitions)."""
         out = {}
         if self.schedule is not None:
             out["trainableTopBlocks"] = self.top
         if self.l2sp is not None:
-            out["l2spPenalty"] = self.l2sp.value
+            out["l2spPenalty"] = self.l2sp.value(device)
         return out
 
 
 def strategies(model, method, epoch_starts: tuple[int, ...] = ()) -> Strategies | None:
-    """The run's Strategies for method full with method.full set (None otherwise); call after apply,
-    before the engine is created (L2-SP anchors the weights as they are now: the base model's)."""
+    """The run's Strategies for method full with method.full set (None otherwise); call after apply. L2-SP
+    anchors the weights the first engine's optimizer steps when that engine is created (engines.create)."""
     settings = method.full if method.type == "full" else None
     if settings is None:
         return None
     depths, blocks = parameter_depths(model), len(transformer_blocks(model))
     out = Strategies(depths, blocks)
-    ever_trained = {n for n, p in model.named_parameters() if p.requires_grad}
     if settings.unfreeze is not None:
         u = settings.unfreeze
         out.schedule = unfreezing.UnfreezeSchedule(blocks, u.startTopBlocks, u.blocksPerRelease, u.floor,
                                                    u.everySteps, u.everyEpochs, epoch_starts)
         final = out.schedule.final_top_blocks()
-        ever_trained = {n for n, d in depths.items() if unfreezing.trainable(d, final, blocks)}
-        out.members = ever_trained
+        out.members = {n for n, d in depths.items() if unfreezing.trainable(d, final, blocks)}
     if settings.layerwiseLRDecay is not None:
         out.lr_scales = layerwise_lr.lr_scales(depths, blocks, settings.layerwiseLRDecay)
     if settings.l2sp is not None:
         device = "cpu" if settings.l2sp.anchorDevice == "cpu" else None
-        out.l2sp = L2SP(model, settings.l2sp.strength, ever_trained, device)
+        out.l2sp = L2SP(settings.l2sp.strength, device)
     return out
 
 
