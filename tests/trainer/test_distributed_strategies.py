@@ -129,7 +129,8 @@ def test_two_processes_report_the_kto_reference_point_and_dataset_losses_of_one(
 # ---- L2-SP under DeepSpeed ZeRO: each rank anchors only its partition ----------------------------------------
 
 L2SP_CASES = [("ddp", {"engine": "ddp"}), ("zero2", {"engine": "deepspeed", "zeroStage": 2}),
-              ("zero3", {"engine": "deepspeed", "zeroStage": 3})]
+              ("zero3", {"engine": "deepspeed", "zeroStage": 3}),
+              ("zero3-offload", {"engine": "deepspeed", "zeroStage": 3, "offload": "optimizer"})]
 
 
 def l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, name: str, distributed: dict,
@@ -152,7 +153,8 @@ def l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, name: str, di
 @pytest.mark.slow
 def test_zero_trains_with_l2sp_as_ddp_does_and_anchors_a_partition_per_rank(storage, model_bucket, bucket,
                                                                              s3_endpoint, tmp_path):
-    """The same six steps with L2-SP under DDP, ZeRO-2 and ZeRO-3 (2 processes): the same losses and penalties
+    """The same six steps with L2-SP under DDP, ZeRO-2, ZeRO-3 and ZeRO-3 with the optimizer offloaded (its master
+    weights, and so the anchor, in host memory) on 2 processes: the same losses and penalties
     (the penalty moves the weights: without it the losses differ), while under ZeRO a rank anchors half of the
     trained weights, not a full copy (DDP's gradient is checked against autograd in test_full_strategies.py)."""
     without, _ = l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, "plain", {"engine": "ddp"}, None)
@@ -164,7 +166,7 @@ def test_zero_trains_with_l2sp_as_ddp_does_and_anchors_a_partition_per_rank(stor
     assert abs(reference[-1]["loss"] - without[-1]["loss"]) > 1e-3
     # the penalty at the weights each step's gradient is taken at: 0 at the base, then not
     assert reference[0]["l2spPenalty"] == 0 and all(s["l2spPenalty"] > 0 for s in reference[1:])
-    for name in ("zero2", "zero3"):
+    for name in ("zero2", "zero3", "zero3-offload"):
         steps, anchor = runs[name]
         assert anchor["partitioned"] is True
         assert abs(anchor["anchoredElements"] - trained / 2) <= 0.01 * trained, (name, anchor, trained)
