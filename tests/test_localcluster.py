@@ -202,7 +202,7 @@ def test_an_edited_harness_gets_a_new_cache_key(tmp_path):
 # ---- Kueue ----------------------------------------------------------------------------------------------
 
 KUEUE_CONFIG = kueue.configuration(webhook_port=9443, cert_dir=Path("/c/kueue/certs"), metrics_port=8443,
-                                   health_port=8081)
+                                   health_port=8081, visibility_address="10.244.0.1", visibility_port=8082)
 
 
 @pytest.mark.parametrize("path, expected", [
@@ -215,7 +215,8 @@ KUEUE_CONFIG = kueue.configuration(webhook_port=9443, cert_dir=Path("/c/kueue/ce
     (("internalCertManagement", "enable"), False),
     (("manageJobsWithoutQueueName",), False),
     (("integrations", "frameworks"), ["kubeflow.org/pytorchjob", "batch/job"]),
-    (("featureGates", "VisibilityOnDemand"), False),
+    (("featureGates", "VisibilityOnDemand"), True),
+    (("visibilityServer",), {"bindAddress": "10.244.0.1", "bindPort": 8082}),
 ])
 def test_kueue_configuration(path, expected):
     value = KUEUE_CONFIG
@@ -233,7 +234,22 @@ def test_kueue_configuration_leaves_off(absent):
 def test_kueue_refuses_frameworks_without_group_and_kind(framework):
     with pytest.raises(ValueError, match="group/kind"):
         kueue.configuration(webhook_port=1, cert_dir=Path("/c"), metrics_port=2, health_port=3,
-                            frameworks=(framework,))
+                            visibility_address="10.244.0.1", visibility_port=4, frameworks=(framework,))
+
+
+def test_kueue_visibility_api_is_aggregated_from_the_host_process_with_a_verified_certificate():
+    service, endpoints, api_service = kueue.visibility_objects(address="10.244.0.1", port=8082, ca_bundle=b"CA")
+    assert (service["kind"], service["metadata"]) == ("Service", {"name": "visibility-server",
+                                                                   "namespace": "kueue-system"})
+    assert "selector" not in service["spec"]  # its endpoint is ours, not a pod's
+    assert service["spec"]["ports"] == [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 8082}]
+    assert endpoints["metadata"]["labels"]["kubernetes.io/service-name"] == "visibility-server"
+    assert endpoints["endpoints"] == [{"addresses": ["10.244.0.1"], "conditions": {"ready": True}}]
+    assert endpoints["ports"] == [{"name": "https", "port": 8082, "protocol": "TCP"}]  # the Service port's name
+    assert api_service["metadata"]["name"] == "v1beta2.visibility.kueue.x-k8s.io"
+    assert api_service["spec"]["service"] == {"name": "visibility-server", "namespace": "kueue-system", "port": 443}
+    assert api_service["spec"]["caBundle"] == "Q0E=" and "insecureSkipTLSVerify" not in api_service["spec"]
+    assert kueue.visibility_dns_name() == "visibility-server.kueue-system.svc"
 
 
 def _webhook(name: str, group: str, resource: str, path: str) -> dict:

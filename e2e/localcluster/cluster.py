@@ -38,6 +38,7 @@ SERVICE_CLUSTER_IP_RANGE = network.SERVICE_CIDR
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
 # Fixed by the training-operator (pkg/cert): where it expects its mounted webhook certificates.
 TRAINING_OPERATOR_CERT_DIR = Path("/tmp/k8s-webhook-server/serving-certs")
+FRONT_PROXY_CLIENT = "front-proxy-client"  # the aggregator's client certificate, the only name it may have
 TRAINING_OPERATOR_INIT_CONTAINER = REPO_ROOT / "operator/config/training-operator/pytorch-init-container.yaml"
 TENANT_USER = "tenant-alice"
 TENANT_GROUP = "finetune:tenants"
@@ -174,7 +175,8 @@ class LocalCluster:
         self._reset_dirs()
         self.state = State(ports=free_ports([*COMPONENT_ORDER, "etcd-peer", "kwok-server", "kcm-secure",
                                              "scheduler-secure", "training-operator-webhook", "training-operator-probe",
-                                             "kueue-webhook", "kueue-probe", "kubelet-healthz", "kube-proxy-metrics",
+                                             "kueue-webhook", "kueue-probe", "kueue-visibility", "kubelet-healthz",
+                                             "kube-proxy-metrics",
                                              "kube-router-health"]),
                            started_at=time.time())
         self._link_binaries()
@@ -263,6 +265,13 @@ class LocalCluster:
         ca.issue("prometheus", addons.PROMETHEUS_USER)
         # Kueue's webhook and metrics servers on loopback, where the API server calls them.
         ca.issue("kueue-serving", "kueue-webhook", server=True, ips=("127.0.0.1",))
+        # Kueue's visibility API, where the aggregator proxies to (it checks the Service's DNS name).
+        ca.issue("kueue-visibility", "kueue-visibility", server=True, dns_names=(kueue.visibility_dns_name(),),
+                 ips=(network.NODE_IP,))
+        # The aggregation layer: a CA of its own for the front proxy's client certificate (as kubeadm does),
+        # so that no other certificate of the cluster CA can assert a user in request headers.
+        certs.CertificateAuthority(self.pki / "front-proxy", "finetune-local-front-proxy-ca").issue(
+            "front-proxy-client", FRONT_PROXY_CLIENT)
         identities = {
             "kubeconfig": ("admin", "finetune-admin", "system:masters"),
             "kube-controller-manager.kubeconfig": ("kcm", "system:kube-controller-manager", None),
@@ -329,6 +338,14 @@ class LocalCluster:
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--authorization-mode=Node,RBAC",
+            # The aggregation layer (Kueue's visibility API), routed to the Service's endpoints.
+            f"--requestheader-client-ca-file={pki / 'front-proxy' / 'ca.crt'}",
+            f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+            "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki / 'front-proxy' / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy' / 'front-proxy-client.key'}",
+            "--enable-aggregator-routing=true",
             # The defaults (PodSecurity, ResourceQuota, LimitRanger, ServiceAccount, ...) plus these.
             "--enable-admission-plugins=NodeRestriction,PodSecurity,ResourceQuota,LimitRanger",
             "--allow-privileged=true",
@@ -428,15 +445,21 @@ class LocalCluster:
     def _start_kueue(self) -> None:
         p, kueue_dir = self.state.ports, self.root / "kueue"
         cert_dir = kueue_dir / "certs"
-        for directory in (cert_dir, kueue.METRICS_CERT_DIR):
+        for directory, pair in ((cert_dir, "kueue-serving"), (kueue.METRICS_CERT_DIR, "kueue-serving"),
+                                (kueue.VISIBILITY_CERT_DIR, "kueue-visibility")):
             directory.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.pki / "kueue-serving.crt", directory / "tls.crt")
-            shutil.copyfile(self.pki / "kueue-serving.key", directory / "tls.key")
+            shutil.copyfile(self.pki / f"{pair}.crt", directory / "tls.crt")
+            shutil.copyfile(self.pki / f"{pair}.key", directory / "tls.key")
         config_file = kueue_dir / "config.yaml"
         config_file.write_text(yaml.safe_dump(kueue.configuration(
-            webhook_port=p["kueue-webhook"], cert_dir=cert_dir, metrics_port=p["kueue"], health_port=p["kueue-probe"])))
-        env = dict(os.environ, KUBECONFIG=str(self.root / "kueue.kubeconfig"))
-        self._start("kueue", [str(self.bin / "kueue"), f"--config={config_file}", "--zap-log-level=2"], env=env)
+            webhook_port=p["kueue-webhook"], cert_dir=cert_dir, metrics_port=p["kueue"], health_port=p["kueue-probe"],
+            visibility_address=network.NODE_IP, visibility_port=p["kueue-visibility"])))
+        kubeconfig = self.root / "kueue.kubeconfig"
+        env = dict(os.environ, KUBECONFIG=str(kubeconfig))
+        # --kubeconfig as a flag too: the visibility server delegates authentication and authorization
+        # through the kubeconfig the flag names (in-cluster config otherwise).
+        self._start("kueue", [str(self.bin / "kueue"), f"--config={config_file}", f"--kubeconfig={kubeconfig}",
+                              "--zap-log-level=2"], env=env)
 
     def _register_kueue_webhooks(self) -> None:
         """Kueue's webhooks fail closed (failurePolicy Fail): registered only once Kueue serves them,
@@ -451,8 +474,14 @@ class LocalCluster:
         wait_until(ready, 120, "Kueue ready")
         configurations = kueue.webhooks(build.KUEUE.module_dir(), port=self.state.ports["kueue-webhook"],
                                         ca_bundle=(self.pki / "ca.crt").read_bytes())
+        visibility = kueue.visibility_objects(address=network.NODE_IP, port=self.state.ports["kueue-visibility"],
+                                              ca_bundle=(self.pki / "ca.crt").read_bytes())
         self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
-                     input=yaml.safe_dump_all(configurations))
+                     input=yaml.safe_dump_all(configurations + visibility))
+        # Registered only now that Kueue serves it: an unavailable aggregated API fails discovery, and
+        # with it the namespace controller's deletions.
+        self.kubectl("wait", "--for=condition=Available", f"apiservice/{visibility[-1]['metadata']['name']}",
+                     "--timeout=60s")
 
     def _start_s3(self) -> None:
         proc = self._start("s3", [sys.executable, "-m", "moto.server", "-H", network.NODE_IP,

@@ -40,8 +40,10 @@ GPU_TOLERATION = {"key": nodes.GPU_RESOURCE, "operator": "Exists", "effect": "No
 # ---- Kueue's own configuration ----------------------------------------------------------------------
 
 def configuration(*, webhook_port: int, cert_dir: Path, metrics_port: int, health_port: int,
-                  frameworks: tuple[str, ...] = FRAMEWORKS) -> dict:
-    """Kueue's Configuration file for one process on this machine: every server on loopback."""
+                  visibility_address: str, visibility_port: int, frameworks: tuple[str, ...] = FRAMEWORKS) -> dict:
+    """Kueue's Configuration file for one process on this machine: every server on loopback but the
+    visibility API's, which the API server's aggregator reaches through a Service endpoint (and an
+    endpoint cannot be a loopback address)."""
     for framework in frameworks:
         _framework_group_resource(framework)
     return {
@@ -55,9 +57,51 @@ def configuration(*, webhook_port: int, cert_dir: Path, metrics_port: int, healt
         "internalCertManagement": {"enable": False},
         "manageJobsWithoutQueueName": False,
         "integrations": {"frameworks": list(frameworks)},
-        # The visibility API would listen on 0.0.0.0:8082 and needs an APIService the cluster lacks.
-        "featureGates": {"VisibilityOnDemand": False},
+        # The visibility API (pending workloads and their positions) behind an APIService: see
+        # visibility_objects. Its certificate is read from VISIBILITY_CERT_DIR.
+        "featureGates": {"VisibilityOnDemand": True},
+        "visibilityServer": {"bindAddress": visibility_address, "bindPort": visibility_port},
     }
+
+
+# ---- the visibility API, aggregated by the API server --------------------------------------------------------
+
+VISIBILITY_GROUP = "visibility.kueue.x-k8s.io"
+VISIBILITY_VERSION = "v1beta2"
+VISIBILITY_SERVICE = "visibility-server"  # upstream's name (config/components/visibility/service.yaml)
+# Fixed in Kueue's main: without its internal certificate management the visibility server reads its
+# serving certificate from here.
+VISIBILITY_CERT_DIR = Path("/visibility")
+
+
+def visibility_dns_name() -> str:
+    """The name the aggregator checks the visibility server's certificate against."""
+    return f"{VISIBILITY_SERVICE}.{NAMESPACE}.svc"
+
+
+def visibility_objects(*, address: str, port: int, ca_bundle: bytes) -> list[dict]:
+    """What makes the API server serve Kueue's visibility API: upstream's Service without a selector, its
+    endpoint (the host process at address:port, the API server routes to endpoints), and upstream's
+    APIService, verifying the server's certificate against the cluster CA instead of skipping it."""
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": VISIBILITY_SERVICE, "namespace": NAMESPACE},
+               "spec": {"ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]}}
+    endpoints = {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": VISIBILITY_SERVICE, "namespace": NAMESPACE,
+                     "labels": {"kubernetes.io/service-name": VISIBILITY_SERVICE,
+                                "endpointslice.kubernetes.io/managed-by": "finetune-local"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    }
+    api_service = {
+        "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+        "metadata": {"name": f"{VISIBILITY_VERSION}.{VISIBILITY_GROUP}"},
+        "spec": {"group": VISIBILITY_GROUP, "version": VISIBILITY_VERSION, "groupPriorityMinimum": 100,
+                 "versionPriority": 100, "caBundle": base64.b64encode(ca_bundle).decode(),
+                 "service": {"name": VISIBILITY_SERVICE, "namespace": NAMESPACE, "port": 443}},
+    }
+    return [service, endpoints, api_service]
 
 
 def _framework_group_resource(framework: str) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """The real Kueue in the local cluster: its webhooks suspend queued jobs, quota admits them onto the
-flavor's KWOK pool, a full queue keeps the next one waiting, and a cohort lends idle quota that its
-owner reclaims by preemption.
+flavor's KWOK pool, a full queue keeps the next one waiting (its visibility API shows the line), and a
+cohort lends idle quota that its owner reclaims by preemption.
 
 Every test makes its own flavor and queues (cluster-scoped, so named with a per-test suffix) and
 deletes them afterwards; Kueue removes their finalizers once nothing uses them.
@@ -8,6 +8,7 @@ deletes them afterwards; Kueue removes their finalizers once nothing uses them.
 
 from __future__ import annotations
 
+import json
 
 import pytest
 
@@ -134,6 +135,21 @@ def test_quota_admits_one_8_gpu_job_onto_the_pool_and_keeps_the_next_waiting(kub
     assert "insufficient unused quota" in cond["message"] and GPU_RESOURCE in cond["message"], cond
     assert kube.get("pytorchjob", "second", namespace)["spec"]["runPolicy"]["suspend"] is True
     assert not kube.get("pods", namespace=namespace, selector="training.kubeflow.org/job-name=second")["items"]
+
+    # Kueue's visibility API, aggregated by the API server: the two waiting jobs are in line in the
+    # ClusterQueue (0 and 1 ahead; which first is Kueue's tie-break when created in the same second), the
+    # admitted one is not listed.
+    kube.apply(_queued_pytorchjob("third", "team"), namespace=namespace)
+    path = (f"/apis/{kueue.VISIBILITY_GROUP}/{kueue.VISIBILITY_VERSION}/namespaces/{namespace}/localqueues/team/"
+            "pendingworkloads")
+
+    def in_line():
+        items = json.loads(kube.run("get", "--raw", path).stdout)["items"]
+        places = {job: (w := kueue.owned_workload(items, "PyTorchJob", job)) and w["positionInClusterQueue"]
+                  for job in ("first", "second", "third")}
+        return places if places["first"] is None and sorted((places["second"], places["third"])) == [0, 1] else None
+
+    _wait_for(in_line, "the second and third jobs in line in the ClusterQueue")
 
 
 def test_a_queue_reclaims_its_lent_quota_by_preempting_the_borrower(kube, cluster_objects, namespace, suffix):

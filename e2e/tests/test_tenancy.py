@@ -300,6 +300,9 @@ def test_two_tenants_share_gpus_through_kueue_borrow_and_reclaim(kube, operator,
         raise AssertionError(f"{exc}; the jobs: {states}") from None
     assert waiting["phase"] == "Queued" and running_reason(waiting) == "Queued"
     assert f"quota for {GPU} in flavor {flavor}" in conditions(waiting)["Running"]["message"], waiting
+    # Its place in the ClusterQueue, from Kueue's visibility API through the chart's RBAC: next in line.
+    waiting = wait_status(kube, ns_a, third, lambda s: s.get("queue", {}).get("workloadsAhead") == 0, "its place")
+    assert "(Pending, next in line)" in conditions(waiting)["Running"]["message"], waiting
     first_two = tuple(job for job in jobs if job != third)
     running = {job: wait_phase(kube, ns_a, job, "Running", timeout=60) for job in first_two}
     assert all(s["queue"]["admitted"] for s in running.values())

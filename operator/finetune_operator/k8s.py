@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any, AsyncIterator
 
 from lightkube import ApiError, AsyncClient
-from lightkube.generic_resource import create_global_resource, create_namespaced_resource
+from lightkube.core import resource as lkr
+from lightkube.generic_resource import Generic, create_global_resource, create_namespaced_resource
 from lightkube.resources.core_v1 import (
     ConfigMap,
     Event,
@@ -34,6 +35,18 @@ TenantPolicy = create_global_resource(t.GROUP, t.VERSION, tenant.KIND, tenant.PL
 KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
 LocalQueue = create_namespaced_resource("kueue.x-k8s.io", "v1beta2", "LocalQueue", "localqueues")
 Workload = create_namespaced_resource("kueue.x-k8s.io", "v1beta2", "Workload", "workloads")
+
+
+
+class PendingWorkloads(lkr.NamespacedSubResource, Generic):
+    """Kueue's visibility API (an aggregated API served by Kueue): the pending Workloads of a LocalQueue with
+    their positions, GET /apis/visibility.kueue.x-k8s.io/v1beta2/namespaces/<ns>/localqueues/<name>/pendingworkloads."""
+
+    _api_info = lkr.ApiInfo(
+        resource=lkr.ResourceDef("visibility.kueue.x-k8s.io", "v1beta2", "PendingWorkloadsSummary"),
+        parent=lkr.ResourceDef("visibility.kueue.x-k8s.io", "v1beta2", "LocalQueue"),
+        plural="localqueues", verbs=["get"], action="pendingworkloads")
+
 
 RESOURCES: dict[tuple[str, str], Any] = {
     ("v1", "Namespace"): Namespace,
@@ -94,6 +107,10 @@ class Kube:
         endpoint_slice = await self.get(EndpointSlice, "kubernetes", "default")
         return tuple(address for endpoint in (endpoint_slice or {}).get("endpoints") or []
                      for address in endpoint.get("addresses") or [])
+
+    async def pending_workloads(self, namespace: str, local_queue: str) -> dict[str, Any]:
+        """Kueue's PendingWorkloadsSummary of a LocalQueue (visibility API; ApiError 404 where it is not served)."""
+        return as_dict(await self.client.get(PendingWorkloads, local_queue, namespace=namespace))
 
     async def list(self, res: Any, namespace: str, labels: dict[str, Any] | None = None,
                    fields: dict[str, str] | None = None) -> list[dict[str, Any]]:

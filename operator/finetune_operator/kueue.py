@@ -3,7 +3,8 @@
 Kueue makes one Workload per PyTorchJob (owned by it) in the sandbox. While the run waits, the
 Workload's QuotaReserved condition carries Kueue's reason and message ("couldn't assign flavors to
 pod set master: insufficient quota for nvidia.com/gpu in flavor a100 ..."); a preempted run's
-Workload is Evicted with reason Preempted and counts its evictions in status.schedulingStats.
+Workload is Evicted with reason Preempted and counts its evictions in status.schedulingStats. Where
+Kueue serves its visibility API, a pending Workload's position in its ClusterQueue comes from there.
 """
 
 from __future__ import annotations
@@ -23,6 +24,27 @@ class QueueState:
     message: str
     preemptions: int
     evicted_by_preemption: bool  # evicted by preemption and not admitted again yet
+    workloads_ahead: int | None = None  # in the ClusterQueue, from the visibility API; None: not known
+
+
+def workloads_ahead(summary: dict[str, Any], workload: str) -> int | None:
+    """How many Workloads are ahead of `workload` in its ClusterQueue, from the visibility API's
+    PendingWorkloadsSummary of its LocalQueue (positionInClusterQueue counts from 0); None when it is
+    not listed (admitted meanwhile, or not in Kueue's queue yet)."""
+    for item in summary.get("items") or []:
+        if isinstance(item, dict) and (item.get("metadata") or {}).get("name") == workload:
+            position = item.get("positionInClusterQueue")
+            return position if isinstance(position, int) and not isinstance(position, bool) and position >= 0 else None
+    return None
+
+
+def describe_wait(queue: QueueState) -> str:
+    """'Pending, 2 workloads ahead' for the Queued condition's message."""
+    if queue.workloads_ahead is None:
+        return queue.reason
+    ahead = ("next in line" if queue.workloads_ahead == 0 else
+             f"{queue.workloads_ahead} workload{'s' if queue.workloads_ahead != 1 else ''} ahead")
+    return f"{queue.reason}, {ahead}"
 
 
 def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:

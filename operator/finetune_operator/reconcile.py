@@ -68,6 +68,7 @@ from finetune_operator.validation import (
 log = logging.getLogger(__name__)
 
 REQUEUE_SHORT = 5.0
+VISIBILITY_TIMEOUT = 3.0  # seconds for Kueue's visibility API (a queue position is a nicety, never a wait)
 PROMOTE_TIMEOUT = 600.0  # server-side copies of the best trial's files (a merged model may be large)
 HOLD_RECHECK = 30.0  # a job waiting for its tenant's budget or a running-job slot looks again this often
 # Waits for a tenant's storage (its slot in the I/O executor included): an input check, a read of the
@@ -630,6 +631,9 @@ class Reconciler:
                 workload = await self._workload(plan.sandbox, ptj)
                 if workload is not None:
                     obs.queue = kueue.queue_state(workload, view.spec.runPolicy.queueName)
+                    if not obs.queue.admitted:
+                        obs.queue = dataclasses.replace(obs.queue, workloads_ahead=await self._workloads_ahead(
+                            plan.sandbox, view.spec.runPolicy.queueName, obs.queue.workload))
                     # A run Kueue has not admitted yet has not started: it waits for the tenant's
                     # budget like a run not created yet (Kueue would admit it whatever the budget).
                     never_ran = not obs.queue.admitted and not (previous.get("runId") == view.spec.runId
@@ -666,6 +670,16 @@ class Reconciler:
         except ApiError as exc:  # Kueue not installed (no Workload API): the run shows as queued
             log.warning("cannot read Kueue workloads in %s: %s", sandbox, exc)
             return None
+
+    async def _workloads_ahead(self, sandbox: str, local_queue: str, workload: str) -> int | None:
+        """The run's place in its ClusterQueue from Kueue's visibility API, or None where it is not known: the
+        API not served (it is optional in Kueue), not allowed, or slow (bounded: never a stalled pass)."""
+        try:
+            summary = await asyncio.wait_for(self.kube.pending_workloads(sandbox, local_queue), VISIBILITY_TIMEOUT)
+        except (ApiError, asyncio.TimeoutError) as exc:  # 404/403/503 from the aggregator, or slow
+            log.debug("no queue position for %s/%s from Kueue's visibility API: %r", sandbox, workload, exc)
+            return None
+        return kueue.workloads_ahead(summary, workload)
 
     async def _activate_trials(self, sandbox: str, view: View) -> None:
         """A queued search suspended by its user: its trials' Workloads are deactivated (Kueue's way, as

@@ -19,7 +19,7 @@ from finetune_operator.api.types import ConditionType as C
 from finetune_operator.api.types import (MAX_CONTENT_FILTERS, MAX_COUNT, MAX_DATASETS, MAX_EVALUATION_TASKS, MAX_STAGES,
                                          MAX_STATUS_URI, ContentFilterStatus, DatasetDataStatus, FineTuneJobStatus, OverlapStatus, Phase,
                                          PiiStatus, StageDataStatus)
-from finetune_operator.kueue import QueueState
+from finetune_operator.kueue import QueueState, describe_wait
 from finetune_operator.validation import TRANSIENT_REASONS, Problem
 from finetune_trainer.config import DataSummary, EvaluationResult, Progress, RunResult
 
@@ -405,6 +405,8 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
     if queue is not None:
         status["queue"] = {"clusterQueue": queue.cluster_queue, "workload": queue.workload, "admitted": queue.admitted,
                            "reason": queue.reason, "message": queue.message[:4096]}
+        if queue.workloads_ahead is not None:
+            status["queue"]["workloadsAhead"] = queue.workloads_ahead
         status["preemptions"] = max(int(status.get("preemptions") or 0), queue.preemptions)
 
     search = obs.search
@@ -495,8 +497,8 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
             put(C.Running, False, "Preempted", f"preempted by Kueue in ClusterQueue {queue.cluster_queue} "
                 f"({queue.message}); resumes from checkpoint step {resume} when admitted again")
         elif ptj and ptj_suspended and queue is not None:
-            put(C.Running, False, "Queued", f"waiting in Kueue ClusterQueue {queue.cluster_queue} ({queue.reason}): "
-                f"{queue.message}")
+            put(C.Running, False, "Queued", f"waiting in Kueue ClusterQueue {queue.cluster_queue} "
+                f"({describe_wait(queue)}): {queue.message}")
         elif ptj and ptj_suspended:
             put(C.Running, False, "Queued", "waiting for admission (the PyTorchJob is suspended by its queue)")
         elif obs.replacing_run:

@@ -153,6 +153,7 @@ EXPECTED_CLUSTER_VERBS = [
     ("finetune.dev", "tenantpolicies/status", {"get", "patch"}),
     ("kueue.x-k8s.io", "localqueues", {"create", "patch"}),
     ("kueue.x-k8s.io", "workloads", {"list", "patch"}),
+    ("visibility.kueue.x-k8s.io", "localqueues/pendingworkloads", {"get"}),
 ]
 
 

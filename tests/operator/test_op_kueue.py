@@ -3,6 +3,8 @@ how a run held by its tenant's policy (budget, running-job limit) shows."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from finetune_operator import kueue
@@ -81,6 +83,40 @@ def test_status_of_a_queued_run_says_why_from_kueue(wl, phase, reason, in_messag
     assert status["phase"] == phase and running["reason"] == reason and in_message in running["message"]
     assert status["queue"]["clusterQueue"] == "team-a" and status["queue"]["workload"] == "pytorchjob-train-1-abcde"
     assert status["queue"]["admitted"] is False
+
+
+def pending_summary(*items):
+    """Kueue's visibility API answer (PendingWorkloadsSummary) for a LocalQueue."""
+    return {"kind": "PendingWorkloadsSummary", "apiVersion": "visibility.kueue.x-k8s.io/v1beta2",
+            "items": [{"metadata": {"name": name, "namespace": "ft-team-a-tiny"}, "priority": 0, "localQueueName": "team-a",
+                       "positionInClusterQueue": position, "positionInLocalQueue": 0} for name, position in items]}
+
+
+@pytest.mark.parametrize("summary, ahead", [
+    (pending_summary(("pytorchjob-train-1-abcde", 2)), 2),
+    (pending_summary(("other", 0), ("pytorchjob-train-1-abcde", 0)), 0),
+    (pending_summary(("other", 0)), None),  # admitted meanwhile, or not queued yet
+    ({"items": []}, None),
+    ({}, None),
+    ({"items": [None, "x", {"metadata": None}]}, None),  # nothing of it is trusted to have a shape
+    (pending_summary(("pytorchjob-train-1-abcde", -1)), None),
+    (pending_summary(("pytorchjob-train-1-abcde", "3")), None),
+    (pending_summary(("pytorchjob-train-1-abcde", True)), None),
+])
+def test_workloads_ahead_from_the_visibility_api(summary, ahead):
+    assert kueue.workloads_ahead(summary, "pytorchjob-train-1-abcde") == ahead
+
+
+@pytest.mark.parametrize("ahead, shown", [
+    (None, "(Pending): "), (0, "(Pending, next in line): "), (1, "(Pending, 1 workload ahead): "),
+    (7, "(Pending, 7 workloads ahead): "),
+])
+def test_a_queued_run_shows_its_place_in_the_cluster_queue_when_kueue_knows_it(ahead, shown):
+    queue = dataclasses.replace(kueue.queue_state(PENDING, "team-a"), workloads_ahead=ahead)
+    status = derive_status(QUEUED_JOB, obs(pytorchjob=ptj("Created", "Suspended", suspend=True), queue=queue))
+    assert condition(status, "Running")["message"] == (f"waiting in Kueue ClusterQueue team-a {shown}"
+                                                       f"{PENDING_MESSAGE}")
+    assert status["queue"].get("workloadsAhead") == ahead
 
 
 def test_preemptions_are_counted_and_never_go_down():

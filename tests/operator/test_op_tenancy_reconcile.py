@@ -10,11 +10,14 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
+from lightkube import ApiError
+from lightkube.models import meta_v1
 
 from finetune_operator import k8s, s3, tenancy
 from finetune_operator.builders import names
 from finetune_operator.config import OperatorConfig
 from finetune_operator.metrics import Metrics
+from finetune_operator import reconcile
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.validation import S3Check
 from op_testdata import ROOT, job, minimal_spec
@@ -47,6 +50,10 @@ def tenants(policy_spec: dict[str, Any] | None) -> tenancy.Tenancy:
     return tenancy.Tenancy(policies=policies, namespace_labels=LABELS)
 
 
+def api_error(code: int, message: str) -> ApiError:
+    return ApiError(status=meta_v1.Status(code=code, message=message))
+
+
 class FakeKube:
     """The API server as the reconcile uses it: objects by (resource, namespace, name); the Secret the
     job names is there, opted in. Namespaces it creates are Active at once."""
@@ -55,6 +62,9 @@ class FakeKube:
         self.store: dict[tuple[Any, str | None, str], dict[str, Any]] = {}
         self.deleted: list[tuple[str, str]] = []
         self.patches: list[tuple[str, str, dict[str, Any]]] = []
+        # Kueue's visibility API by (namespace, LocalQueue): a PendingWorkloadsSummary, an exception to raise,
+        # or a delay in seconds; not served (404) where absent, as in a Kueue without it.
+        self.pending: dict[tuple[str, str], Any] = {}
         for obj in objects:
             self._put(obj)
 
@@ -88,6 +98,15 @@ class FakeKube:
 
     async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         return self._put(obj)
+
+    async def pending_workloads(self, namespace: str, local_queue: str) -> dict[str, Any]:
+        answer = self.pending.get((namespace, local_queue), api_error(404, "the server could not find the requested resource"))
+        if isinstance(answer, (int, float)):
+            await asyncio.sleep(answer)
+            return {"items": []}
+        if isinstance(answer, Exception):
+            raise answer
+        return copy.deepcopy(answer)
 
     async def apply_status(self, namespace: str | None, name: str, status: dict[str, Any], kind: str = "FineTuneJob") -> None:
         self.store[self._key(k8s.FineTuneJob, name, namespace)]["status"] = copy.deepcopy(status)
@@ -282,6 +301,29 @@ def test_a_queued_run_waits_for_the_budget_until_kueue_admits_it():
     [released] = passes(kube, CFG, budget(False))  # a new period, or a larger budget
     assert kube.patches[-1] == ("Workload", name, {"spec": {"active": True}})
     assert running(released.status)["reason"] != "BudgetExhausted"
+
+
+@pytest.mark.parametrize("answer, ahead", [
+    ({"items": [{"metadata": {"name": "WORKLOAD"}, "positionInClusterQueue": 3}]}, 3),
+    ({"items": []}, None),  # not in Kueue's queue (yet)
+    (None, None),  # the visibility API not served: 404
+    (api_error(403, "forbidden"), None),  # not granted
+    (api_error(503, "the server is currently unable to handle the request"), None),  # Kueue down
+    (30.0, None),  # too slow: the pass goes on without it
+], ids=["position", "not-listed", "not-served", "forbidden", "unavailable", "slow"])
+def test_a_queued_run_shows_its_place_from_kueues_visibility_api_when_it_can(answer, ahead, monkeypatch):
+    monkeypatch.setattr(reconcile, "VISIBILITY_TIMEOUT", 0.2)
+    kube = new_job()
+    passes(kube, CFG, budget(False))
+    name = with_workload(kube, admitted=False)
+    sandbox = kube.objects("Workload")[0]["metadata"]["namespace"]
+    if answer is not None:
+        if isinstance(answer, dict):
+            answer["items"] = [{**i, "metadata": {"name": name}} for i in answer["items"]]
+        kube.pending[(sandbox, "team-a")] = answer
+    [outcome] = passes(kube, CFG, budget(False))
+    assert outcome.status["queue"].get("workloadsAhead") == ahead
+    assert (f"{ahead} workloads ahead" in running(outcome.status)["message"]) is (ahead is not None)
 
 
 def test_an_admitted_run_is_not_held_by_the_budget():

@@ -488,6 +488,9 @@ class QueueStatus(StatusModel):
     admitted: bool = Field(default=False, description="Kueue admitted the run (it may have pods).")
     reason: str = Field(default="", description="Kueue's reason for the run's state (Pending, Admitted, Preempted, ...).")
     message: str = Field(default="", max_length=4096, description="Kueue's message, such as which quota is short.")
+    workloadsAhead: int | None = Field(
+        default=None, ge=0, description="Workloads ahead of the run in its ClusterQueue while it waits (0: next in "
+        "line), from Kueue's visibility API; absent when Kueue does not serve it or the run is not pending.")
 
 
 class TrialPhase(str, Enum):
