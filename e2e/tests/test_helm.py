@@ -160,6 +160,19 @@ def test_rendered_manifests_pass_server_side_dry_run(helm, kube, release_namespa
     assert result.stdout.count("(server dry run)") == len(checked), result.stdout
 
 
+@pytest.mark.parametrize("values, warned", [
+    ([], True),  # the chart's defaults: clusterNetworks empty
+    (["--set", "config.clusterNetworks={10.244.0.0/16,10.96.0.0/16}"], False),
+], ids=["default", "cluster-networks-set"])
+def test_install_notes_warn_while_cluster_networks_are_not_set(helm, release_namespace, values, warned):
+    notes = helm("install", "notes", str(CHART), "--namespace", release_namespace, "--dry-run=client",
+                 *values).stdout.split("NOTES:", 1)[1]
+    assert "kubectl get finetunejobs -A" in notes
+    assert ("WARNING: config.clusterNetworks is empty" in notes) is warned, notes
+    if warned:  # what the sandboxes reach, in the chart's values
+        assert "Trainer pods may connect to 0.0.0.0/0\non port(s) 443" in notes, notes
+
+
 # ---- helm install ----------------------------------------------------------------------------------------
 
 def test_operator_pod_runs_on_the_real_node_with_the_chart_service_account(kube, release, local_cluster):
@@ -240,6 +253,8 @@ CAN_I_CASES = [
     ("create", "events", "TENANT", True),
     ("list", "events", "ftj-any-sandbox", True),
     ("get", "endpointslices.discovery.k8s.io#kubernetes", "default", True),  # the API server's addresses
+    ("get", "localqueues.visibility.kueue.x-k8s.io/pendingworkloads", "ftj-any-sandbox", True),  # queue positions
+    ("list", "localqueues.visibility.kueue.x-k8s.io", "ftj-any-sandbox", False),
     ("get", "endpointslices.discovery.k8s.io", "default", False),  # that one only
     ("get", "endpointslices.discovery.k8s.io#kubernetes", "kube-system", False),
     ("list", "secrets", "", False),

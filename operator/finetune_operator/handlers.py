@@ -87,6 +87,17 @@ def excepting_api_server(cfg: OperatorConfig, found: tuple[endpoints.Address, ..
     return endpoints.excepting_api_server(cfg, endpoints.api_server_addresses() + found)
 
 
+def cluster_networks_warning(cfg: OperatorConfig) -> str | None:
+    """What to tell the platform team when no clusterNetworks are configured (the chart's default): the S3
+    egress then reaches, inside the cluster, every pod that has no NetworkPolicy of its own."""
+    if cfg.clusterNetworks:
+        return None
+    return (f"config.clusterNetworks is empty: trainer pods may connect to {', '.join(cfg.s3Egress.cidrs)} on port(s) "
+            f"{', '.join(map(str, cfg.s3Egress.ports))} with only the cloud metadata ranges and the API server "
+            "excepted, which inside the cluster reaches every pod listening there without a NetworkPolicy of its own; "
+            "set it to the cluster's pod, Service and node CIDRs, or narrow s3Egress.cidrs to the S3 service")
+
+
 async def refresh_api_server(reconciler: Reconciler, cfg: OperatorConfig) -> bool:
     """Read the API server's addresses again and give the reconciler `cfg` excepting them; True when
     they changed. An unreadable or empty EndpointSlice keeps what is known (an API server always has an
@@ -127,6 +138,9 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
         metrics = Metrics()
         if start_metrics_server:
             start_http_server(cfg.operatorMetricsPort, registry=metrics.registry)
+        warning = cluster_networks_warning(cfg)
+        if warning:
+            log.warning(warning)
         found = await api_server_endpoints(kube)
         if found:
             log.info("the API server's addresses, excepted from every sandbox's S3 egress: %s", ", ".join(map(str, found)))

@@ -90,3 +90,15 @@ def test_the_follower_keeps_reading_after_a_failure(monkeypatch):
 
     asyncio.run(run())
     assert reconciler.cfg.clusterNetworks == ["10.244.0.0/16", "192.0.2.40/32"]
+
+
+@pytest.mark.parametrize("overrides, warned", [
+    ({}, True),
+    ({"clusterNetworks": ["10.244.0.0/16", "10.96.0.0/12"]}, False),
+])
+def test_an_operator_without_cluster_networks_says_what_its_sandboxes_reach(overrides, warned):
+    cfg = CFG.model_copy(update={"clusterNetworks": []}).model_copy(update=overrides)
+    warning = handlers.cluster_networks_warning(cfg)
+    assert (warning is not None) is warned
+    if warned:
+        assert "0.0.0.0/0" in warning and "443" in warning and "clusterNetworks" in warning
