@@ -124,9 +124,12 @@ def test_pytorchjob_pods_are_scheduled_on_the_gpu_pool_and_succeed(kube, namespa
     env = {e["name"] for e in pods[0]["spec"]["containers"][0]["env"]}
     assert {"MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"} <= env
 
-    job = _wait_for(lambda: (j := kube.get("pytorchjob", "ok", namespace)) and _condition(j, "Succeeded") and j,
-                    240, "PyTorchJob Succeeded")
-    assert job["status"]["replicaStatuses"]["Worker"]["succeeded"] == 2
+    _wait_for(lambda: (j := kube.get("pytorchjob", "ok", namespace)) and _condition(j, "Succeeded") and j,
+              240, "PyTorchJob Succeeded")
+    # The job succeeds with its master; the training-operator counts the workers as succeeded on a later
+    # sync of the finished job (a CI run read the status between the two).
+    _wait_for(lambda: (kube.get("pytorchjob", "ok", namespace)["status"]["replicaStatuses"].get("Worker") or {})
+              .get("succeeded") == 2, 60, "both workers counted as succeeded")
     wait = kube.run("wait", "-n", namespace, "--for=condition=Succeeded", "pytorchjob/ok", "--timeout=5s")
     assert "condition met" in wait.stdout
 
