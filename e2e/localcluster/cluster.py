@@ -472,10 +472,11 @@ class LocalCluster:
             return http_ok(f"http://127.0.0.1:{self.state.ports['kueue-probe']}/readyz")
 
         wait_until(ready, 120, "Kueue ready")
+        ca_bundle = (self.pki / "ca.crt").read_bytes()
         configurations = kueue.webhooks(build.KUEUE.module_dir(), port=self.state.ports["kueue-webhook"],
-                                        ca_bundle=(self.pki / "ca.crt").read_bytes())
+                                        ca_bundle=ca_bundle)
         visibility = kueue.visibility_objects(address=network.NODE_IP, port=self.state.ports["kueue-visibility"],
-                                              ca_bundle=(self.pki / "ca.crt").read_bytes())
+                                              ca_bundle=ca_bundle)
         self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
                      input=yaml.safe_dump_all(configurations + visibility))
         # Registered only now that Kueue serves it: an unavailable aggregated API fails discovery, and

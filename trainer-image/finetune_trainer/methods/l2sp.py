@@ -80,6 +80,7 @@ class L2SP:
     def value(self, device: torch.device) -> float:
         """The penalty strength * sum ||w - w0||^2 at the last step; collective when partitioned (every rank
         calls it)."""
-        local = [float(p) for p in self.partials if p is not None]
-        total = self.strength * sum(local)
+        local = [p for p in self.partials if p is not None]
+        # summed where they are, read once (not one device sync per tensor)
+        total = self.strength * float(torch.stack([p.to(local[0].device, torch.float64) for p in local]).sum()) if local else 0.0
         return distributed.sum_all([total], device)[0] if self.partitioned else total
