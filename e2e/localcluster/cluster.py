@@ -85,6 +85,13 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """A failed kubectl whose message carries what kubectl said (CalledProcessError's omits it)."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstderr: {(self.stderr or '').strip()[-2000:]}"
+
+
 class LocalCluster:
     def __init__(self, root: Path | None = None):
         self.root = root or cluster_dir()
@@ -133,10 +140,13 @@ class LocalCluster:
 
     def kubectl(self, *args: str, kubeconfig: Path | None = None, input: str | None = None,
                 check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        result = subprocess.run(
             [str(self.kubectl_path), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
-            input=input, capture_output=True, text=True, check=check, timeout=timeout,
+            input=input, capture_output=True, text=True, timeout=timeout,
         )
+        if check and result.returncode != 0:
+            raise KubectlError(result.returncode, result.args, result.stdout, result.stderr)
+        return result
 
     def alive(self) -> dict[str, bool]:
         return {name: _pid_alive(pid) for name, pid in self.state.pids.items()}
