@@ -12,6 +12,7 @@ meanwhile, so that exactly one operator acts on the tenant namespace.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -163,7 +164,8 @@ def test_rendered_manifests_pass_server_side_dry_run(helm, kube, release_namespa
 @pytest.mark.parametrize("values, warned", [
     ([], True),  # the chart's defaults: clusterNetworks empty
     (["--set", "config.clusterNetworks={10.244.0.0/16,10.96.0.0/16}"], False),
-], ids=["default", "cluster-networks-set"])
+    (["--set", "config.discoverClusterNetworks=true"], False),
+], ids=["default", "cluster-networks-set", "discovered"])
 def test_install_notes_warn_while_cluster_networks_are_not_set(helm, release_namespace, values, warned):
     notes = helm("install", "notes", str(CHART), "--namespace", release_namespace, "--dry-run=client",
                  *values).stdout.split("NOTES:", 1)[1]
@@ -256,6 +258,10 @@ CAN_I_CASES = [
     ("get", "localqueues.visibility.kueue.x-k8s.io/pendingworkloads", "ftj-any-sandbox", True),  # queue positions
     ("list", "localqueues.visibility.kueue.x-k8s.io", "ftj-any-sandbox", False),
     ("get", "endpointslices.discovery.k8s.io", "default", False),  # that one only
+    ("list", "nodes", None, True),  # config.discoverClusterNetworks: the nodes' pod ranges and addresses
+    ("list", "servicecidrs.networking.k8s.io", None, True),  # and the Service ranges
+    ("watch", "nodes", None, False),
+    ("patch", "nodes", None, False),
     ("get", "endpointslices.discovery.k8s.io#kubernetes", "kube-system", False),
     ("list", "secrets", "", False),
     ("watch", "secrets", "", False),
@@ -397,7 +403,10 @@ def test_a_finetunejob_from_examples_succeeds_with_the_helm_installation(kube, r
     errors = [line for line in log.splitlines() if "[ERROR" in line and "failed; will retry" not in line]
     assert "forbidden" not in log.lower() and not errors, log[-4000:]
     # The chart's Role in `default` lets it read the API server's endpoint (excepted from sandbox egress).
-    assert f"excepted from every sandbox's S3 egress: {network.NODE_IP}" in log, log[-4000:]
+    assert f"excepted from every sandbox's S3 egress besides clusterNetworks: the API server ({network.NODE_IP})" \
+        in log, log[-4000:]
+    # discoverClusterNetworks (on in the local configuration): read with the chart's RBAC.
+    assert re.search(rf"the ranges the cluster reports \([^)]*{re.escape(network.SERVICE_CIDR)}", log), log[-4000:]
     kube.run("delete", "finetunejob", name, "-n", tenant_namespace, "--timeout=120s", timeout=150)
 
 

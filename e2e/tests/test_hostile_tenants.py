@@ -200,22 +200,32 @@ def test_the_operator_reads_the_api_servers_addresses(local_cluster):
     assert kube_calls(local_cluster, lambda api: api.api_server_endpoints()) == (network.NODE_IP,)
 
 
+def test_the_operator_reads_what_the_cluster_reports_of_itself(local_cluster):
+    """discoverClusterNetworks: the Service range (the ServiceCIDR the API server made of its flag) and the
+    real node's address, as the operator's client reads them."""
+    assert network.SERVICE_CIDR in kube_calls(local_cluster, lambda api: api.service_cidrs())
+    assert network.NODE_IP in kube_calls(local_cluster, lambda api: api.node_networks())
+
+
 def test_an_api_server_that_moved_is_excepted_on_the_next_read(local_cluster, cfg, monkeypatch):
     """A reconciler that knew other addresses (the API server moved since) picks up the real one from
-    the real EndpointSlice, and reading again changes nothing."""
-    from finetune_operator import handlers
+    the real EndpointSlice, with the ranges the cluster reports, and reading again changes nothing."""
+    from finetune_operator import cluster_networks
     from finetune_operator.metrics import Metrics
     from finetune_operator.reconcile import Reconciler
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    base = cfg.model_copy(update={"clusterNetworks": ["10.244.0.0/16"]})
+    base = cfg.model_copy(update={"clusterNetworks": ["10.244.0.0/16"], "discoverClusterNetworks": True})
 
     async def follow(api):
-        moved_from = handlers.excepting_api_server(base, (ipaddress.ip_address("192.0.2.10"),))
-        reconciler = Reconciler(api, moved_from, Metrics())
-        return [await handlers.refresh_api_server(reconciler, base) for _ in range(2)], reconciler.cfg.clusterNetworks
+        known = cluster_networks.ClusterNetworks(base, api_server=(ipaddress.ip_address("192.0.2.10"),))
+        reconciler = Reconciler(api, known.excepting(), Metrics())
+        return [await cluster_networks.refresh(reconciler, known) for _ in range(2)], reconciler.cfg.clusterNetworks
 
-    assert kube_calls(local_cluster, follow) == ([True, False], ["10.244.0.0/16", f"{network.NODE_IP}/32"])
+    answers, networks = kube_calls(local_cluster, follow)
+    assert answers == [True, False]
+    assert networks[:2] == ["10.244.0.0/16", f"{network.NODE_IP}/32"] and network.SERVICE_CIDR in networks
+    assert "192.0.2.10/32" not in networks
 
 
 def test_a_pass_delayed_between_observe_and_apply_never_takes_another_namespace(kube, local_cluster, operator, cfg,

@@ -81,6 +81,14 @@ class OperatorConfig(ConfigModel):
         default_factory=list,
         description="The cluster's own address ranges (pods, Services, nodes): a tenant's S3 endpoint may not "
         "lead there unless its exact origin is allowed. The API server's address is always excluded.")
+    discoverClusterNetworks: bool = Field(
+        default=False,
+        description="Add to clusterNetworks what the cluster reports of itself, read at start and every "
+        "apiServerRefreshSeconds: its Service ranges (ServiceCIDR objects) and each node's pod ranges "
+        "(spec.podCIDRs) and addresses (InternalIP, ExternalIP). Needs list on nodes and servicecidrs (the chart "
+        "grants it). Pod ranges that a CNI keeps elsewhere (its own IPAM objects) are not seen: name them in "
+        "clusterNetworks. An S3 served inside the cluster is then reached only through an s3Egress.cidrs block "
+        "narrower than those ranges (its own addresses).")
     clusterDNS: ClusterDNS = Field(default_factory=ClusterDNS, description="The only DNS servers a sandbox may ask.")
     allowedImages: list[str] = Field(
         default_factory=list,
@@ -142,9 +150,9 @@ class OperatorConfig(ConfigModel):
         default=600.0, ge=0, description="An unchanged sandbox is applied again after this long (repairs hand edits "
         "inside it); in between, a pass applies only when the desired objects changed. 0: apply on every pass.")
     apiServerRefreshSeconds: float = Field(
-        default=300.0, ge=0, description="How often the API server's addresses (EndpointSlice default/kubernetes) "
-        "are read again; they are excepted from every sandbox's S3 egress, and managed control planes replace them. "
-        "0: read once, at start.")
+        default=300.0, ge=0, description="How often the API server's addresses (EndpointSlice default/kubernetes), "
+        "and with discoverClusterNetworks the ranges the cluster reports, are read again; they are excepted from "
+        "every sandbox's S3 egress, and managed control planes replace them. 0: read once, at start.")
     deletionTimeoutSeconds: float = Field(
         default=300.0, gt=0, description="How long a deletion waits for the sandbox namespace before releasing the finalizer."
     )

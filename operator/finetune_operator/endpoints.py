@@ -18,7 +18,7 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -203,13 +203,31 @@ def resolve(host: str) -> tuple[Address, ...]:
     return tuple(addresses)
 
 
-def excepting_api_server(cfg: OperatorConfig, api_server: tuple[Address, ...]) -> OperatorConfig:
-    """The configuration with the API server's addresses among the cluster's own ranges: excepted from
-    every S3 ipBlock of a sandbox's egress (a default of 0.0.0.0/0 on port 443 would otherwise reach an
-    API server that listens on 443), and never where a wildcard endpoint may lead."""
-    extra = [str(ipaddress.ip_network(a)) for a in api_server]
+def excepting_cluster(cfg: OperatorConfig, api_server: tuple[Address, ...],
+                      discovered: tuple[Network, ...] = ()) -> OperatorConfig:
+    """The configuration with the API server's addresses, and the ranges the cluster reports of itself
+    (`reported_networks`, where discoverClusterNetworks is on), among the cluster's own ranges: excepted
+    from every S3 ipBlock of a sandbox's egress (a default of 0.0.0.0/0 on port 443 would otherwise reach
+    an API server that listens on 443), and never where a wildcard endpoint may lead."""
+    extra = [str(ipaddress.ip_network(a)) for a in api_server] + [str(n) for n in discovered]
     merged = list(dict.fromkeys([*cfg.clusterNetworks, *extra]))
     return cfg.model_copy(update={"clusterNetworks": merged})
+
+
+def reported_networks(reported: Iterable[str]) -> tuple[Network, ...]:
+    """Ranges and addresses the cluster reports of itself (ServiceCIDRs, nodes' pod ranges and addresses)
+    as networks: what is no address or range is skipped, a default route is never one (it would except
+    all of S3), and neighbours merge (the /24s of a node pool become one range)."""
+    networks: list[Network] = []
+    for text in reported:
+        try:
+            network = ipaddress.ip_network(str(text).strip(), strict=False)
+        except ValueError:
+            continue
+        if network.prefixlen > 0:
+            networks.append(network)
+    return tuple(n for version in (4, 6)
+                 for n in ipaddress.collapse_addresses(n for n in networks if n.version == version))
 
 
 def api_server_addresses(env: dict[str, str] | None = None) -> tuple[Address, ...]:

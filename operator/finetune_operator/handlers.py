@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 import kopf
 from prometheus_client import start_http_server
 
-from finetune_operator import endpoints, k8s, tenancy
+from finetune_operator import cluster_networks, k8s, tenancy
 from finetune_operator.api import tenant
 from finetune_operator.api import types as t
 from finetune_operator.builders import names as n
@@ -71,60 +71,6 @@ async def internal_errors_hidden(body: Any) -> AsyncIterator[None]:
         raise kopf.TemporaryError(INTERNAL_ERROR, delay=INTERNAL_ERROR_DELAY) from None
 
 
-async def api_server_endpoints(kube: k8s.Kube) -> tuple[endpoints.Address, ...] | None:
-    """The API server's endpoint addresses; None when they cannot be read."""
-    try:
-        found = await kube.api_server_endpoints()
-    except Exception as exc:  # noqa: BLE001 - RBAC or a transient error: go on with what is known, say so
-        log.warning("cannot read the API server's endpoints (EndpointSlice default/kubernetes): %s", exc)
-        return None
-    return tuple(a for a in map(endpoints.ip_literal, found) if a is not None)
-
-
-def excepting_api_server(cfg: OperatorConfig, found: tuple[endpoints.Address, ...]) -> OperatorConfig:
-    """`cfg` with the API server (its Service address from the pod's environment and its endpoints) in
-    clusterNetworks: excepted from every sandbox's S3 egress, and never where a wildcard endpoint may lead."""
-    return endpoints.excepting_api_server(cfg, endpoints.api_server_addresses() + found)
-
-
-def cluster_networks_warning(cfg: OperatorConfig) -> str | None:
-    """What to tell the platform team when no clusterNetworks are configured (the chart's default): the S3
-    egress then reaches, inside the cluster, every pod that has no NetworkPolicy of its own."""
-    if cfg.clusterNetworks:
-        return None
-    return (f"config.clusterNetworks is empty: trainer pods may connect to {', '.join(cfg.s3Egress.cidrs)} on port(s) "
-            f"{', '.join(map(str, cfg.s3Egress.ports))} with only the cloud metadata ranges and the API server "
-            "excepted, which inside the cluster reaches every pod listening there without a NetworkPolicy of its own; "
-            "set it to the cluster's pod, Service and node CIDRs, or narrow s3Egress.cidrs to the S3 service")
-
-
-async def refresh_api_server(reconciler: Reconciler, cfg: OperatorConfig) -> bool:
-    """Read the API server's addresses again and give the reconciler `cfg` excepting them; True when
-    they changed. An unreadable or empty EndpointSlice keeps what is known (an API server always has an
-    endpoint, so none is a moment of change, not an API server that left). The next pass of each job
-    applies its sandbox's NetworkPolicy with the new excepts."""
-    found = await api_server_endpoints(reconciler.kube)
-    if not found:
-        return False
-    current = excepting_api_server(cfg, found)
-    if current.clusterNetworks == reconciler.cfg.clusterNetworks:
-        return False
-    log.warning("the API server's addresses changed; now excepted from every sandbox's S3 egress: %s",
-                ", ".join(map(str, found)))
-    reconciler.cfg = current
-    return True
-
-
-async def follow_api_server(reconciler: Reconciler, cfg: OperatorConfig) -> None:
-    """Managed control planes replace the API server's addresses: read them every apiServerRefreshSeconds."""
-    while True:
-        await asyncio.sleep(cfg.apiServerRefreshSeconds)
-        try:
-            await refresh_api_server(reconciler, cfg)
-        except Exception:  # noqa: BLE001 - the loop outlives any one failed read
-            log.exception("refreshing the API server's addresses failed")
-
-
 def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metrics_server: bool = True) -> None:
     """Register every handler on `registry` (kopf's decorators, bound to this configuration)."""
     resource = dict(group=t.GROUP, version=t.VERSION, plural=t.PLURAL, registry=registry)
@@ -138,18 +84,16 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
         metrics = Metrics()
         if start_metrics_server:
             start_http_server(cfg.operatorMetricsPort, registry=metrics.registry)
-        warning = cluster_networks_warning(cfg)
+        warning = cluster_networks.warning(cfg)
         if warning:
             log.warning(warning)
-        found = await api_server_endpoints(kube)
-        if found:
-            log.info("the API server's addresses, excepted from every sandbox's S3 egress: %s", ", ".join(map(str, found)))
-        else:
-            log.warning("no endpoint of the API server found: sandboxes except only the kubernetes Service address "
-                        "and clusterNetworks from S3 egress until one is")
-        memo.reconciler = Reconciler(kube, excepting_api_server(cfg, found or ()), metrics)
+        known = cluster_networks.ClusterNetworks(cfg)
+        await known.read(kube)
+        (log.info if known.api_server else log.warning)(
+            "excepted from every sandbox's S3 egress besides clusterNetworks: %s", known.describe())
+        memo.reconciler = Reconciler(kube, known.excepting(), metrics)
         if cfg.apiServerRefreshSeconds > 0:
-            memo.api_server_follower = asyncio.create_task(follow_api_server(memo.reconciler, cfg))
+            memo.cluster_follower = asyncio.create_task(cluster_networks.follow(memo.reconciler, known))
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -158,7 +102,7 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
 
     @kopf.on.cleanup(id="shutdown", registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        follower = memo.get("api_server_follower")
+        follower = memo.get("cluster_follower")
         if follower is not None:
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -16,6 +16,7 @@ from lightkube.resources.core_v1 import (
     Event,
     LimitRange,
     Namespace,
+    Node,
     Pod,
     ResourceQuota,
     Secret,
@@ -35,6 +36,10 @@ TenantPolicy = create_global_resource(t.GROUP, t.VERSION, tenant.KIND, tenant.PL
 KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
 LocalQueue = create_namespaced_resource("kueue.x-k8s.io", "v1beta2", "LocalQueue", "localqueues")
 Workload = create_namespaced_resource("kueue.x-k8s.io", "v1beta2", "Workload", "workloads")
+# Generic, not lightkube's model: it exists in every lightkube-models release we may meet.
+ServiceCIDR = create_global_resource("networking.k8s.io", "v1", "ServiceCIDR", "servicecidrs")
+# Node addresses a sandbox must not reach (hostname-like types are no addresses).
+NODE_ADDRESS_TYPES = ("InternalIP", "ExternalIP")
 
 
 
@@ -64,6 +69,9 @@ RESOURCES: dict[tuple[str, str], Any] = {
     (t.API_VERSION, t.KIND): FineTuneJob,
     (t.API_VERSION, tenant.KIND): TenantPolicy,
 }
+
+
+LIST_CHUNK = 500
 
 
 def resource_of(obj: dict[str, Any]) -> Any:
@@ -107,6 +115,22 @@ class Kube:
         endpoint_slice = await self.get(EndpointSlice, "kubernetes", "default")
         return tuple(address for endpoint in (endpoint_slice or {}).get("endpoints") or []
                      for address in endpoint.get("addresses") or [])
+
+    async def service_cidrs(self) -> tuple[str, ...]:
+        """The cluster's Service ranges: the ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33+;
+        ApiError 404 on an older API server)."""
+        return tuple(cidr async for item in self.client.list(ServiceCIDR, chunk_size=LIST_CHUNK)
+                     for cidr in (as_dict(item).get("spec") or {}).get("cidrs") or [])
+
+    async def node_networks(self) -> tuple[str, ...]:
+        """Each node's pod ranges (spec.podCIDRs) and its internal and external addresses, read page by
+        page and reduced to those strings (a Node object is large: its image list, its conditions)."""
+        found: list[str] = []
+        async for node in self.client.list(Node, chunk_size=LIST_CHUNK):
+            found += (node.spec.podCIDRs or []) if node.spec else []
+            found += [a.address for a in (node.status.addresses or []) if a.type in NODE_ADDRESS_TYPES] \
+                if node.status else []
+        return tuple(found)
 
     async def pending_workloads(self, namespace: str, local_queue: str) -> dict[str, Any]:
         """Kueue's PendingWorkloadsSummary of a LocalQueue (visibility API; ApiError 404 where it is not served)."""

@@ -163,6 +163,16 @@ def test_cluster_role_grants_exactly_what_the_operator_uses(rendered, api_group,
     assert rules_for(objects, api_group, resource) == verbs
 
 
+@pytest.mark.parametrize("values, verbs", [
+    ((), set()),
+    (("--set", "config.discoverClusterNetworks=true"), {"list"}),
+], ids=["default", "discovering"])
+def test_nodes_and_service_ranges_are_listed_only_where_the_operator_discovers_them(helm_cli, values, verbs):
+    objects = helm_cli.render(*values)
+    assert rules_for(objects, "", "nodes") == verbs
+    assert rules_for(objects, "networking.k8s.io", "servicecidrs") == verbs
+
+
 def test_every_resource_the_operator_touches_is_in_the_cluster_role():
     plural = {"Namespace": "namespaces", "ConfigMap": "configmaps", "Secret": "secrets", "ServiceAccount": "serviceaccounts",
               "ResourceQuota": "resourcequotas", "LimitRange": "limitranges", "Pod": "pods", "Event": "events",

@@ -261,7 +261,7 @@ def test_s3_egress_excepts_the_api_server_even_with_no_cluster_networks_configur
     chart_defaults = CFG.model_copy(update={"clusterNetworks": [],
                                             "s3Egress": CFG.s3Egress.model_copy(update={"cidrs": ["0.0.0.0/0", "::/0"]})})
     api_server = (ipaddress.ip_address("10.0.0.5"), ipaddress.ip_address("10.96.0.1"), ipaddress.ip_address("2001:db8::5"))
-    cfg = endpoints.excepting_api_server(chart_defaults, api_server)
+    cfg = endpoints.excepting_cluster(chart_defaults, api_server)
     allow = sandbox_objects(JobRef.from_body(job()), cfg, SECRET)[2]
     s3_rule = next(rule for rule in allow["spec"]["egress"] if any("ipBlock" in peer for peer in rule["to"]))
     excepts = {peer["ipBlock"]["cidr"]: peer["ipBlock"]["except"] for peer in s3_rule["to"]}
