@@ -210,6 +210,7 @@ class LocalCluster:
         self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
                      input=yaml.safe_dump_all(addons.dns_objects(self.image("coredns"))))
         self._wait_nodes_ready()
+        self._record_node_pod_range()
         self._register_kueue_webhooks()
         log(f"local cluster up in {time.monotonic() - t0:.1f}s")
         return self
@@ -650,6 +651,16 @@ class LocalCluster:
         # The training-operator serves its health endpoint once its certificates are in place.
         wait_until(lambda: http_ok(f"http://127.0.0.1:{self.state.ports['training-operator-probe']}/readyz"), 120,
                    "training-operator ready")
+
+    def _record_node_pod_range(self) -> None:
+        """The real node's pod range in its spec.podCIDRs, as kube-controller-manager's range allocator records
+        it in a kubeadm or kind cluster (this cluster has no allocator: the CNI's range is fixed). Set once; the
+        field cannot change, so a restarted cluster finds it set. The operator's discoverClusterNetworks reads it."""
+        node = json.loads(self.kubectl("get", "node", NODE_NAME, "-o", "json").stdout)
+        if (node.get("spec") or {}).get("podCIDRs"):
+            return
+        self.kubectl("patch", "node", NODE_NAME, "--type=merge", "-p",
+                     json.dumps({"spec": {"podCIDR": network.NODE_POD_CIDR, "podCIDRs": [network.NODE_POD_CIDR]}}))
 
     # ---- down and status ----------------------------------------------------------------------
 

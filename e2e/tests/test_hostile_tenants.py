@@ -6,7 +6,6 @@ specs never crash the operator, and no credential reaches its logs."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import random
@@ -28,6 +27,7 @@ from e2e.tests.test_operator_cluster import (
     get_or_none,
     is_true,
     job_uid,
+    kube_calls,
     owned_namespaces,
     sandbox_of,
     status_of,
@@ -164,21 +164,6 @@ def test_tenants_whose_names_join_alike_run_in_separate_sandboxes(kube, operator
             kube.run("delete", "namespace", tenant, "--wait=false", check=False)
 
 
-def kube_calls(local_cluster, calls):
-    """Run `calls(k8s.Kube)` with the operator's own client against the real API server."""
-    from lightkube import AsyncClient, KubeConfig
-
-    from finetune_operator import k8s
-
-    async def run():
-        client = AsyncClient(KubeConfig.from_file(str(local_cluster.kubeconfig)), field_manager=n.MANAGER)
-        try:
-            return await calls(k8s.Kube(client))
-        finally:
-            await client.close()
-    return asyncio.run(run())
-
-
 def test_a_delete_whose_uid_names_another_object_removes_nothing(kube, local_cluster):
     """Deletes of sandboxes carry the namespace's uid: a namespace of the same name that is another
     object now (deleted and made again by someone else) is left alone."""
@@ -202,9 +187,9 @@ def test_the_operator_reads_the_api_servers_addresses(local_cluster):
 
 def test_the_operator_reads_what_the_cluster_reports_of_itself(local_cluster):
     """discoverClusterNetworks: the Service range (the ServiceCIDR the API server made of its flag) and the
-    real node's address, as the operator's client reads them."""
+    real node's pod range and address, as the operator's client reads them."""
     assert network.SERVICE_CIDR in kube_calls(local_cluster, lambda api: api.service_cidrs())
-    assert network.NODE_IP in kube_calls(local_cluster, lambda api: api.node_networks())
+    assert {network.NODE_POD_CIDR, network.NODE_IP} <= set(kube_calls(local_cluster, lambda api: api.node_networks()))
 
 
 def test_an_api_server_that_moved_is_excepted_on_the_next_read(local_cluster, cfg, monkeypatch):

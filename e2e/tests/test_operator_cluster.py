@@ -13,6 +13,7 @@ Every job gets its own output URI: `output.uri + runId` is a run's identity in S
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
@@ -185,6 +186,21 @@ def start_suspended_and_annotate(kube, cfg, namespace: str, job: dict, annotatio
 
 def pods_of(kube, sandbox: str) -> list[dict]:
     return items(kube, "pods", namespace=sandbox)
+
+
+def kube_calls(local_cluster, calls):
+    """Run `calls(k8s.Kube)` with the operator's own client against the real API server."""
+    from lightkube import AsyncClient, KubeConfig
+
+    from finetune_operator import k8s
+
+    async def run():
+        client = AsyncClient(KubeConfig.from_file(str(local_cluster.kubeconfig)), field_manager=n.MANAGER)
+        try:
+            return await calls(k8s.Kube(client))
+        finally:
+            await client.close()
+    return asyncio.run(run())
 
 
 def b64(text: str) -> str:

@@ -18,6 +18,7 @@ import pytest
 from e2e.localcluster import network
 from e2e.localcluster.node import NODE_TOLERATION
 from e2e.tests.test_control_plane import _wait_for
+from e2e.tests.test_operator_cluster import kube_calls
 
 pytestmark = pytest.mark.cluster
 
@@ -230,20 +231,15 @@ def test_only_the_monitoring_namespace_reaches_the_operator_metrics_port(kube, w
     probes.eventually(tenant, "client", world["operator_ip"], world["operator_metrics_port"], "refused")
 
 
-@pytest.mark.parametrize("cluster_networks, expected", [([], "open"), (["10.244.0.0/16"], "refused")],
-                         ids=["nothing-excepted", "pod-network-excepted"])
-def test_a_range_excepted_inside_an_s3_block_is_refused_on_the_real_network(kube, local_cluster, operator, world,
-                                                                            cluster_networks, expected):
-    """The `except` of an S3 ipBlock is enforced, not only rendered: with S3 egress to 10.0.0.0/8 on a
-    port where a tenant's pod listens, that pod is reachable from the sandbox's policies until the pod
-    network is a cluster range (then excepted from the block). The policies are the builder's own,
-    applied to a fresh namespace."""
+def _s3_block_probe(kube, local_cluster, world, cfg, expected: str) -> list[dict]:
+    """The builder's own policies for a job in a fresh namespace, with S3 egress to 10.0.0.0/8 on the port
+    where a tenant's pod listens: that pod is reached (or not) from the sandbox's client pod. Returns the
+    policies' S3 ipBlocks."""
     from finetune_operator.builders import JobRef
     from finetune_operator.builders.sandbox import network_policies
-    from finetune_operator.config import OperatorConfig, S3Egress
+    from finetune_operator.config import S3Egress
 
-    cfg = OperatorConfig.model_validate(operator.config()).model_copy(update={
-        "clusterNetworks": cluster_networks, "s3Egress": S3Egress(cidrs=["10.0.0.0/8"], ports=[JOB_PORT])})
+    cfg = cfg.model_copy(update={"s3Egress": S3Egress(cidrs=["10.0.0.0/8"], ports=[JOB_PORT])})
     namespace = f"t-except-{uuid.uuid4().hex[:6]}"
     kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace,
                                                                       "labels": {"finetune.dev/test": "true"}}})
@@ -253,13 +249,42 @@ def test_a_range_excepted_inside_an_s3_block_is_refused_on_the_real_network(kube
         policies = network_policies(JobRef.from_body(job), cfg)
         for policy in policies:
             policy["metadata"]["namespace"] = namespace
-        s3_blocks = [peer["ipBlock"] for rule in policies[1]["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer]
-        assert s3_blocks == [{"cidr": "10.0.0.0/8", **({"except": cluster_networks} if cluster_networks else {})}]
         kube.apply(*policies, _client(local_cluster, "client"), namespace=namespace)
         _running(kube, namespace, "client")
         Probes(kube).eventually(namespace, "client", world["tenant"][1]["server"], JOB_PORT, expected)
+        return [peer["ipBlock"] for rule in policies[1]["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer]
     finally:
         kube.run("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+@pytest.mark.parametrize("cluster_networks, expected", [([], "open"), (["10.244.0.0/16"], "refused")],
+                         ids=["nothing-excepted", "pod-network-excepted"])
+def test_a_range_excepted_inside_an_s3_block_is_refused_on_the_real_network(kube, local_cluster, operator, world,
+                                                                            cluster_networks, expected):
+    """The `except` of an S3 ipBlock is enforced, not only rendered: with S3 egress to 10.0.0.0/8 on a
+    port where a tenant's pod listens, that pod is reachable from the sandbox's policies until the pod
+    network is a cluster range (then excepted from the block)."""
+    from finetune_operator.config import OperatorConfig
+
+    cfg = OperatorConfig.model_validate(operator.config()).model_copy(update={"clusterNetworks": cluster_networks})
+    s3_blocks = _s3_block_probe(kube, local_cluster, world, cfg, expected)
+    assert s3_blocks == [{"cidr": "10.0.0.0/8", **({"except": cluster_networks} if cluster_networks else {})}]
+
+
+def test_the_pod_range_the_node_reports_is_refused_on_the_real_network(kube, local_cluster, operator, world,
+                                                                        monkeypatch):
+    """discoverClusterNetworks with no clusterNetworks configured: the operator's own reading of the real
+    cluster finds the node's pod range, and the S3 block that holds it excepts it, so the tenant's pod
+    there is refused."""
+    from finetune_operator import cluster_networks
+    from finetune_operator.config import OperatorConfig
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    known = cluster_networks.ClusterNetworks(OperatorConfig.model_validate(operator.config()).model_copy(
+        update={"clusterNetworks": [], "discoverClusterNetworks": True}))
+    assert kube_calls(local_cluster, known.read) is True
+    s3_blocks = _s3_block_probe(kube, local_cluster, world, known.excepting(), "refused")
+    assert network.NODE_POD_CIDR in s3_blocks[0]["except"], s3_blocks
 
 
 @pytest.mark.parametrize("address", ["169.254.169.254", "100.100.100.200"])

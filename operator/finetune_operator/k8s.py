@@ -119,8 +119,8 @@ class Kube:
     async def service_cidrs(self) -> tuple[str, ...]:
         """The cluster's Service ranges: the ServiceCIDR objects (networking.k8s.io/v1, Kubernetes 1.33+;
         ApiError 404 on an older API server)."""
-        return tuple(cidr async for item in self.client.list(ServiceCIDR, chunk_size=LIST_CHUNK)
-                     for cidr in (as_dict(item).get("spec") or {}).get("cidrs") or [])
+        return tuple([cidr async for item in self.client.list(ServiceCIDR, chunk_size=LIST_CHUNK)
+                      for cidr in (as_dict(item).get("spec") or {}).get("cidrs") or []])
 
     async def node_networks(self) -> tuple[str, ...]:
         """Each node's pod ranges (spec.podCIDRs) and its internal and external addresses, read page by
