@@ -148,6 +148,30 @@ class LocalCluster:
             raise KubectlError(result.returncode, result.args, result.stdout, result.stderr)
         return result
 
+    def wait_condition(self, condition: str, *resources: str, timeout: float = 120) -> None:
+        """Wait until each resource (`kind/name`) has `condition` True; a timeout names each one's conditions.
+
+        Polled rather than `kubectl wait`, whose one watch ends the wait on any hiccup of the API server (a
+        CI run on 2 busy cores failed there without saying why)."""
+        seen: dict[str, object] = {}
+
+        def met() -> bool:
+            out = self.kubectl("get", *resources, "-o", "json", check=False, timeout=30)
+            if out.returncode != 0:
+                seen["kubectl"] = out.stderr.strip()
+                return False
+            body = json.loads(out.stdout)
+            items = body["items"] if "items" in body else [body]  # one resource comes alone, several as a List
+            seen.clear()
+            seen.update({item["metadata"]["name"]: {c["type"]: c["status"]
+                                                    for c in (item.get("status") or {}).get("conditions") or []}
+                         for item in items})
+            return len(items) == len(resources) and all(c.get(condition) == "True" for c in seen.values())
+        try:
+            wait_until(met, timeout, f"{condition} of {', '.join(resources)}", interval=0.5)
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}: {seen}") from None
+
     def alive(self) -> dict[str, bool]:
         return {name: _pid_alive(pid) for name, pid in self.state.pids.items()}
 
@@ -408,8 +432,8 @@ class LocalCluster:
         self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
                      input=yaml.safe_dump_all([*kueue_crds, {"apiVersion": "v1", "kind": "Namespace",
                                                              "metadata": {"name": kueue.NAMESPACE}}]))
-        self.kubectl("wait", "--for=condition=Established", "crd/pytorchjobs.kubeflow.org",
-                     *(f"crd/{crd['metadata']['name']}" for crd in kueue_crds), "--timeout=60s")
+        self.wait_condition("Established", "crd/pytorchjobs.kubeflow.org",
+                            *(f"crd/{crd['metadata']['name']}" for crd in kueue_crds), timeout=60)
 
     def _start_kwok(self) -> None:
         p = self.state.ports
@@ -492,8 +516,7 @@ class LocalCluster:
                      input=yaml.safe_dump_all(configurations + visibility))
         # Registered only now that Kueue serves it: an unavailable aggregated API fails discovery, and
         # with it the namespace controller's deletions.
-        self.kubectl("wait", "--for=condition=Available", f"apiservice/{visibility[-1]['metadata']['name']}",
-                     "--timeout=60s")
+        self.wait_condition("Available", f"apiservice/{visibility[-1]['metadata']['name']}", timeout=60)
 
     def _start_s3(self) -> None:
         proc = self._start("s3", [sys.executable, "-m", "moto.server", "-H", network.NODE_IP,

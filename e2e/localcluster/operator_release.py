@@ -64,30 +64,10 @@ def local_values(cluster: LocalCluster, config: dict, watch_namespaces: list[str
     }
 
 
-def install_crds(cluster: LocalCluster, timeout: float = 120) -> None:
-    """Apply the working tree's CRDs (crds/) and wait until the API server serves them.
-
-    Polled rather than `kubectl wait`, whose one watch ends the wait on any hiccup of the API server (a
-    CI run on 2 busy cores failed there without saying why); a timeout names each CRD's conditions."""
+def install_crds(cluster: LocalCluster) -> None:
+    """Apply the working tree's CRDs (crds/) and wait until the API server serves them."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=finetune-local", "-f", str(CRDS))
-    seen: dict[str, str] = {}
-
-    def established() -> bool:
-        out = cluster.kubectl("get", *CRD_NAMES, "-o", "json", check=False, timeout=30)
-        if out.returncode != 0:
-            seen["kubectl"] = out.stderr.strip()
-            return False
-        crds = json.loads(out.stdout).get("items") or []
-        seen.clear()
-        seen.update({crd["metadata"]["name"]: json.dumps(crd.get("status", {}).get("conditions") or [])
-                     for crd in crds})
-        return len(crds) == len(CRD_NAMES) and all(
-            any(c["type"] == "Established" and c["status"] == "True" for c in crd.get("status", {}).get("conditions") or [])
-            for crd in crds)
-    try:
-        wait_until(established, timeout, "the CRDs to be established", interval=0.5)
-    except TimeoutError as error:
-        raise TimeoutError(f"{error}: {seen}") from None
+    cluster.wait_condition("Established", *CRD_NAMES, timeout=120)
 
 
 class OperatorRelease:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from finetune_operator import endpoints, k8s
@@ -69,7 +69,7 @@ class ClusterNetworks:
 
     cfg: OperatorConfig
     api_server: tuple[endpoints.Address, ...] = ()
-    reported: tuple[endpoints.Network, ...] = field(default=())
+    reported: tuple[endpoints.Network, ...] = ()
 
     def excepting(self) -> OperatorConfig:
         return endpoints.excepting_cluster(self.cfg, endpoints.api_server_addresses() + self.api_server,
