@@ -214,7 +214,7 @@ def verdict(ratio_padding: float, ratio_flattening: float, results: dict) -> str
                 f"({ratio_padding:.2f}x) and not slower than the flattening one ({ratio_flattening:.2f}x).")
         if ratio_flattening < 1.1:
             text += (f" Against the flattening Trainer that is parity, not a lead ({spread}): both compute the "
-                     "same padding-free rows; see below for what would make ours faster.")
+                     "same real tokens; see below for where the time goes.")
         return text
     missed = []
     if not met_padding:
@@ -405,14 +405,14 @@ in three batch layouts:
 {table}
 
 The flattened row costs {gain:.2f}x the time of the same packed rows kept as a batch of rows of at
-most {SETTINGS['max_seq_length']} tokens."""
+most {SETTINGS['max_seq_length']} tokens, the layout ours trains on (`objectives/common.py`); the flattening collator lays
+a whole micro-batch in one row."""
     if gain > 1.1:
         text += f""" SDPA on the CPU computes every block of the block-diagonal mask, so attention grows
-with the square of the row ({flat['width']} tokens here) instead of the square of {SETTINGS['max_seq_length']}. That is
-the lever left for ours: it packs rows of at most maxSeqLength already, and could hand them to the model
-as a batch of rows (per-row position_ids, the padding of the short rows a segment of its own) instead
-of one flattened row. On a GPU, flash-attention's variable-length kernels (`flash_attention_2`) skip
-the masked blocks; SDPA with a mask does not skip them there either."""
+with the square of the row ({flat['width']} tokens for the flattened one) instead of the square of {SETTINGS['max_seq_length']}. On a GPU,
+flash-attention's variable-length kernels (`flash_attention_2`) skip the masked blocks whatever the
+layout; for them ours lays its rows end to end in one row (transformers reads packed documents from
+position_ids only in a batch of one row)."""
     else:
         text += " At this size the row's length does not matter much: attention is a small part of the step."
     if pad["seconds"] < flat["seconds"]:

@@ -4,11 +4,12 @@ The same documents (ours' packed rows of a few steps), the same LoRA model, forw
 only, in three batch layouts:
 
 - flattened: every packed row of the step laid end to end in one row, position_ids restarting per
-  document, no attention_mask (what finetune_trainer's packing and `DataCollatorWithFlattening` do);
-  transformers builds a block-diagonal causal mask over the whole row;
+  document, no attention_mask (what `DataCollatorWithFlattening` does, and what finetune_trainer hands
+  a flash-attention model); transformers builds a block-diagonal causal mask over the whole row;
 - packed rows: the step's packed rows as a batch of rows (each at most maxSeqLength, the short ones
-  padded at the end, the padding a segment of its own), position_ids restarting per document;
-  the block-diagonal mask is per row, so attention covers a row, not the whole step;
+  padded at the end, the padding a segment of its own), position_ids restarting per document: what
+  finetune_trainer trains on (its own `padding_free_batch`); the block-diagonal mask is per row, so
+  attention covers a row, not the whole step;
 - padded: one document per row, padded to the longest (as the padding collator does).
 
 On CPU, SDPA computes every block of a masked attention, so the cost of attention grows with the
@@ -21,57 +22,26 @@ import json
 import time
 from pathlib import Path
 
+from finetune_trainer.objectives.common import IGNORE, language_model_batch, padding_free_batch
+
 from .child import emit_result, read_spec
 
-IGNORE = -100
+
+def documents(row: list[dict]) -> list[tuple[list[int], list[int]]]:
+    return [(d["input_ids"], d["loss_mask"]) for d in row]
 
 
-def labels_of(ids: list[int], mask: list[int]) -> list[int]:
-    labels = [t if m else IGNORE for t, m in zip(ids, mask)]
-    if labels:
-        labels[0] = IGNORE
-    return labels
-
-
-def flattened(rows: list[list[dict]]) -> dict:
-    import torch
-
-    ids, pos, labels = [], [], []
-    for row in rows:
-        for d in row:
-            ids += d["input_ids"]
-            pos += range(len(d["input_ids"]))
-            labels += labels_of(d["input_ids"], d["loss_mask"])
-    return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([pos]), "labels": torch.tensor([labels])}
+def flattened(rows: list[list[dict]], pad_id: int) -> dict:
+    return padding_free_batch([[d for row in rows for d in documents(row)]], pad_id)
 
 
 def packed_rows(rows: list[list[dict]], pad_id: int) -> dict:
-    import torch
-
-    width = max(sum(len(d["input_ids"]) for d in row) for row in rows)
-    ids, pos, labels = [], [], []
-    for row in rows:
-        r_ids, r_pos, r_labels = [], [], []
-        for d in row:
-            r_ids += d["input_ids"]
-            r_pos += range(len(d["input_ids"]))
-            r_labels += labels_of(d["input_ids"], d["loss_mask"])
-        pad = width - len(r_ids)
-        ids.append(r_ids + [pad_id] * pad)
-        pos.append(r_pos + list(range(pad)))
-        labels.append(r_labels + [IGNORE] * pad)
-    return {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(pos), "labels": torch.tensor(labels)}
+    return padding_free_batch([documents(row) for row in rows], pad_id)
 
 
 def padded(rows: list[list[dict]], pad_id: int) -> dict:
-    import torch
-
-    documents = [d for row in rows for d in row]
-    width = max(len(d["input_ids"]) for d in documents)
-    ids = [d["input_ids"] + [pad_id] * (width - len(d["input_ids"])) for d in documents]
-    mask = [[1] * len(d["input_ids"]) + [0] * (width - len(d["input_ids"])) for d in documents]
-    labels = [labels_of(d["input_ids"], d["loss_mask"]) + [IGNORE] * (width - len(d["input_ids"])) for d in documents]
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+    one_each = [d for row in rows for d in documents(row)]
+    return language_model_batch([ids for ids, _ in one_each], [mask for _, mask in one_each], pad_id)
 
 
 def measure(spec: dict) -> dict:
@@ -88,11 +58,11 @@ def measure(spec: dict) -> dict:
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     steps = json.loads(Path(spec["batches_file"]).read_text())
-    layouts = {"flattened": flattened, "packed rows": lambda r: packed_rows(r, spec["pad_id"]),
+    layouts = {"flattened": lambda r: flattened(r, spec["pad_id"]), "packed rows": lambda r: packed_rows(r, spec["pad_id"]),
                "padded": lambda r: padded(r, spec["pad_id"])}
 
     def forward_backward(batch: dict) -> None:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "real_tokens")}
         logits = model(**inputs, use_cache=False).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)

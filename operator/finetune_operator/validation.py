@@ -184,8 +184,6 @@ def check_method_settings(spec: FineTuneJobSpec, cfg: OperatorConfig) -> list[Pr
         out.append(Problem("InvalidSpec", "spec.method.full.unfreeze: set exactly one of everySteps and everyEpochs"))
     if m.full is not None and m.full.unfreeze is not None and m.freezeLayers is not None:
         out.append(Problem("InvalidSpec", "spec.method.full.unfreeze: replaces method.freezeLayers (set unfreeze.floor)"))
-    if m.full is not None and m.full.unfreeze and spec.distributed.engine == "deepspeed":
-        out.append(Problem("InvalidSpec", "spec.method.full.unfreeze: needs distributed.engine ddp, not deepspeed"))
     return out
 
 

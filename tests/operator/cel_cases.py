@@ -49,11 +49,11 @@ CEL_CASES = [
     ("unfreeze with two periods", minimal_spec(method={"type": "full", "full": {
         "unfreeze": {"everySteps": 10, "everyEpochs": 1}}}), False),
     ("unfreeze with deepspeed", minimal_spec(method={"type": "full", "full": {"unfreeze": {"everyEpochs": 1}}},
-                                             distributed={"engine": "deepspeed"}), False),
+                                             distributed={"engine": "deepspeed"}), True),
     ("l2sp with deepspeed", minimal_spec(method={"type": "full", "full": {"l2sp": {"strength": 0.1}}},
                                          distributed={"engine": "deepspeed", "zeroStage": 3}), True),
     ("l2sp and unfreeze with deepspeed", minimal_spec(method={"type": "full", "full": {
-        "l2sp": {"strength": 0.1}, "unfreeze": {"everySteps": 10}}}, distributed={"engine": "deepspeed"}), False),
+        "l2sp": {"strength": 0.1}, "unfreeze": {"everySteps": 10}}}, distributed={"engine": "deepspeed", "zeroStage": 3}), True),
     ("layerwise decay with deepspeed", minimal_spec(method={"type": "full", "full": {"layerwiseLRDecay": 0.9}},
                                                     distributed={"engine": "deepspeed"}), True),
     ("zeroStage with ddp", minimal_spec(distributed={"engine": "ddp", "zeroStage": 2}), False),

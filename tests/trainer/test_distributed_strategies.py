@@ -1,5 +1,6 @@
-"""Two processes on CPU, checked against what the rule or one process gives: layer-wise learning rates under
-DeepSpeed ZeRO-2, and the quantities the ranks sum (KTO's reference point, interleaved per-dataset losses).
+"""Two processes on CPU, checked against what the rule, one process or DDP gives: layer-wise learning rates under
+DeepSpeed ZeRO-2, the quantities the ranks sum (KTO's reference point, interleaved per-dataset losses), and L2-SP
+and gradual unfreezing under ZeRO-2 and ZeRO-3 against DDP.
 
 Launched like test_distributed.py (its torchrun helper: gloo, DeepSpeed's CPU accelerator)."""
 
@@ -9,6 +10,7 @@ import json
 
 import pytest
 import safetensors.torch
+import torch
 from conftest import make_config, upload_dataset
 from test_distributed import torchrun
 
@@ -133,21 +135,28 @@ L2SP_CASES = [("ddp", {"engine": "ddp"}), ("zero2", {"engine": "deepspeed", "zer
               ("zero3-offload", {"engine": "deepspeed", "zeroStage": 3, "offload": "optimizer"})]
 
 
-def l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, name: str, distributed: dict,
-             strength: float | None, steps: int = 6, output: str | None = None) -> tuple[list[dict], dict | None]:
-    """`steps` steps of method full on 2 processes (a checkpoint every 3); the step events and the l2sp-anchor event
-    (rank 0's)."""
+def full_run(storage, model_uri: str, bucket, s3_endpoint, tmp_path, name: str, distributed: dict, full: dict,
+             steps: int = 6, output: str | None = None, weight_decay: float = 0.0) -> tuple[list[dict], dict | None]:
+    """`steps` steps of method full with `full` (method.full) on 2 processes (a checkpoint every 3); the step events
+    and the l2sp-anchor event (rank 0's)."""
     ds = upload_dataset(storage, bucket, "chat", "chat", 24)
-    full = {"l2sp": {"strength": strength}} if strength else {"layerwiseLRDecay": 1.0}
-    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [ds], method={"type": "full", "full": full},
+    config = make_config(bucket, model_uri, s3_endpoint, [ds], method={"type": "full", "full": full},
                          distributed=distributed, evaluation={"compareToBase": False},
-                         hyperparameters={"maxSteps": steps, "batchSize": 2, "learningRate": 1e-2, "weightDecay": 0.0},
+                         hyperparameters={"maxSteps": steps, "batchSize": 2, "learningRate": 1e-2,
+                                          "weightDecay": weight_decay},
                          checkpoint={"everySteps": 3, "keep": 2}, output={"uri": f"{bucket}{output or name}/"})
     (tmp_path / name).mkdir()
     done = torchrun(config, tmp_path / name)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     events = [json.loads(l) for l in done.stdout.splitlines() if l.startswith('{"event": "l2sp-anchor"')]
     return step_events(done.stdout), (events[0] if events else None)
+
+
+def l2sp_run(storage, model_bucket, bucket, s3_endpoint, tmp_path, name: str, distributed: dict,
+             strength: float | None, steps: int = 6, output: str | None = None) -> tuple[list[dict], dict | None]:
+    full = {"l2sp": {"strength": strength}} if strength else {"layerwiseLRDecay": 1.0}
+    return full_run(storage, model_bucket + "llama/", bucket, s3_endpoint, tmp_path, name, distributed, full, steps,
+                    output)
 
 
 @pytest.mark.slow
@@ -185,3 +194,62 @@ def test_zero_trains_with_l2sp_as_ddp_does_and_anchors_a_partition_per_rank(stor
     assert [s["step"] for s in first] == [1, 2, 3, 4] and [s["step"] for s in resumed] == [4, 5, 6]
     for key in ("loss", "l2spPenalty"):
         assert [s[key] for s in resumed] == pytest.approx([s[key] for s in uninterrupted[3:]], rel=1e-4), key
+
+
+# ---- gradual unfreezing under DeepSpeed ZeRO: the blocks held back stay out of the optimizer ------------------
+
+UNFREEZE_CASES = [("ddp", {"engine": "ddp"}), ("zero2", {"engine": "deepspeed", "zeroStage": 2}),
+                  ("zero3", {"engine": "deepspeed", "zeroStage": 3}),
+                  ("zero3-offload", {"engine": "deepspeed", "zeroStage": 3, "offload": "optimizer"})]
+
+
+def unfreeze_run(storage, base_uri: str, bucket, s3_endpoint, tmp_path, name: str, distributed: dict, steps: int = 6,
+                 output: str | None = None) -> list[dict]:
+    """Gradual unfreezing on the 4-block model: the top block trains first and one more joins every 2 steps, with
+    layer-wise rates, L2-SP and weight decay; the step events."""
+    full = {"unfreeze": {"startTopBlocks": 1, "everySteps": 2}, "layerwiseLRDecay": 0.8, "l2sp": {"strength": 0.5}}
+    return full_run(storage, base_uri, bucket, s3_endpoint, tmp_path, name, distributed, full, steps, output,
+                    weight_decay=0.1)[0]
+
+
+@pytest.mark.slow
+def test_zero_unfreezes_gradually_as_ddp_does(storage, bucket, s3_endpoint, tmp_path):
+    """Six steps of gradual unfreezing (top 1 block, then 2, then 3 of 4) under DDP, ZeRO-2, ZeRO-3 and ZeRO-3 with
+    the optimizer offloaded: the same trainable blocks, losses and L2-SP penalties at every step (that DDP's frozen
+    blocks stay put until released is checked in test_full_strategies.py), and under
+    ZeRO the lowest block and the embeddings, never released, are the base weights bit for bit at the end, though
+    ZeRO flattened them with the rest and weight decay is on, while the released blocks moved. A ZeRO-2 and a ZeRO-3
+    run lost after step 4 resume from their step-3 checkpoint, taken while two releases were still held back, and
+    release the third block at step 5 exactly as the runs that never stopped."""
+    base_dir = tiny.save_tiny_model(tmp_path / "base", "llama", layers=BLOCKS)
+    base_uri = f"{bucket}models/llama-{BLOCKS}-blocks/"
+    storage.upload_dir(base_dir, base_uri)
+    runs = {name: unfreeze_run(storage, base_uri, bucket, s3_endpoint, tmp_path, name, distributed)
+            for name, distributed in UNFREEZE_CASES}
+    reference = runs["ddp"]
+    assert [s["trainableTopBlocks"] for s in reference] == [1, 1, 2, 2, 3, 3]
+    for name, steps in runs.items():
+        assert [s["trainableTopBlocks"] for s in steps] == [1, 1, 2, 2, 3, 3], name
+        assert [s["loss"] for s in steps] == pytest.approx([s["loss"] for s in reference], rel=1e-4), name
+        assert [s["l2spPenalty"] for s in steps] == pytest.approx([s["l2spPenalty"] for s in reference], rel=1e-3), name
+
+    before = safetensors.torch.load_file(base_dir / "model.safetensors")
+    for name, _ in UNFREEZE_CASES:
+        after = safetensors.torch.load(storage.get_bytes(cfg.merged_uri(f"{bucket}{name}/") + "model.safetensors"))
+        for weight, value in before.items():
+            never_released = weight == "model.embed_tokens.weight" or weight.startswith("model.layers.0.")
+            if never_released:
+                assert torch.equal(after[weight], value), (name, weight)
+            elif weight.endswith("proj.weight"):
+                assert not torch.equal(after[weight], value), (name, weight)
+
+    for name in ("zero2", "zero3"):
+        first = unfreeze_run(storage, base_uri, bucket, s3_endpoint, tmp_path, f"{name}-part1", dict(UNFREEZE_CASES)[name],
+                             steps=4, output=f"{name}-resumed")
+        storage.delete_prefix(cfg.result_uri(f"{bucket}{name}-resumed/", "1"))  # as if it was killed before finishing
+        resumed = unfreeze_run(storage, base_uri, bucket, s3_endpoint, tmp_path, f"{name}-part2",
+                               dict(UNFREEZE_CASES)[name], output=f"{name}-resumed")
+        assert [s["step"] for s in first] == [1, 2, 3, 4] and [s["step"] for s in resumed] == [4, 5, 6], name
+        assert [s["trainableTopBlocks"] for s in resumed] == [2, 3, 3], name
+        for key in ("loss", "l2spPenalty"):
+            assert [s[key] for s in resumed] == pytest.approx([s[key] for s in runs[name][3:]], rel=1e-4), (name, key)

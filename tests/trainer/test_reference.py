@@ -8,13 +8,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from finetune_trainer.data.packing import pack
 from finetune_trainer.data.tokenize import Sequence
-from finetune_trainer.objectives.common import IGNORE, language_model_batch, next_token_logits, padding_free_batch, token_nll
+from finetune_trainer.objectives.common import (IGNORE, language_model_batch, next_token_logits, padding_free_batch,
+                                               real_tokens, token_nll)
 
 PROBE = Path(__file__).with_name("gradient_probe.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -73,38 +75,73 @@ def documents(vocab: int) -> list[Sequence]:
             for n in (7, 13, 4, 10)]
 
 
-def test_packed_documents_give_the_logits_and_loss_they_give_alone(tiny_model):
+class ReportsFlashAttention(torch.nn.Module):
+    """The SDPA model behind a wrapper whose model says it runs flash-attention (as DDP or DeepSpeed wrap theirs):
+    what the model is called with is recorded."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+        self.model, self.shapes = model, []
+
+    def forward(self, **inputs):
+        self.shapes.append(tuple(inputs["input_ids"].shape))
+        return self.model(**inputs)
+
+
+# Packed rows of the documents of documents(): one row, and three rows (7+13, 4+10 and 10: the last two padded).
+ROW_LAYOUTS = [("one row", [[0, 1, 2, 3]]), ("three rows, two padded", [[0, 1], [2, 3], [3]])]
+
+
+@pytest.mark.parametrize("name,layout", ROW_LAYOUTS, ids=[c[0] for c in ROW_LAYOUTS])
+def test_packed_documents_give_the_logits_and_loss_they_give_alone(name, layout, tiny_model):
+    """Each document of a packed row has the logits and loss it has alone, in one row or in a batch of rows whose
+    shorter rows end in padding (a segment of its own, no targets), and also when the rows are laid end to end in
+    one row for flash-attention."""
     docs = documents(tiny_model.config.vocab_size)
-    packed = padding_free_batch([(d.input_ids, d.loss_mask) for d in docs])
-    assert "attention_mask" not in packed
-    assert packed["position_ids"][0].tolist() == [p for d in docs for p in range(len(d))]
+    rows = [[(docs[i].input_ids, docs[i].loss_mask) for i in row] for row in layout]
+    packed = padding_free_batch(rows, pad_id=0)
+    width = max(sum(len(docs[i]) for i in row) for row in layout)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (len(layout), width)
+    assert real_tokens(packed) == sum(len(docs[i]) for row in layout for i in row)
+    for r, row in enumerate(layout):
+        used = sum(len(docs[i]) for i in row)
+        assert packed["position_ids"][r].tolist() == [p for i in row for p in range(len(docs[i]))] + list(range(width - used))
+        assert packed["labels"][r, used:].eq(IGNORE).all()
+    flash = ReportsFlashAttention(tiny_model)
     with torch.no_grad():
-        packed_logits = next_token_logits(tiny_model, packed)[0]
-        start = 0
-        for doc in docs:
-            alone = tiny_model(input_ids=torch.tensor([doc.input_ids])).logits[0]
-            torch.testing.assert_close(packed_logits[start:start + len(doc)], alone, rtol=1e-4, atol=1e-5)
-            start += len(doc)
+        packed_logits = next_token_logits(tiny_model, packed)
+        torch.testing.assert_close(next_token_logits(flash, packed), packed_logits, rtol=1e-4, atol=1e-5)
+        assert flash.shapes == [(1, len(layout) * width)]
+        for r, row in enumerate(layout):
+            start = 0
+            for i in row:
+                alone = tiny_model(input_ids=torch.tensor([docs[i].input_ids])).logits[0]
+                torch.testing.assert_close(packed_logits[r, start:start + len(docs[i])], alone, rtol=1e-4, atol=1e-5)
+                start += len(docs[i])
         packed_nll, packed_count = token_nll(tiny_model, packed)
-        alone = [token_nll(tiny_model, language_model_batch([d.input_ids], [d.loss_mask], 0)) for d in docs]
+        alone = [token_nll(tiny_model, language_model_batch([docs[i].input_ids], [docs[i].loss_mask], 0))
+                 for row in layout for i in row]
     assert int(packed_count) == sum(int(c) for _, c in alone)
     torch.testing.assert_close(packed_nll, sum(n for n, _ in alone), rtol=1e-4, atol=1e-4)
 
 
 def test_the_first_token_of_a_packed_document_is_never_a_target():
     docs = [Sequence([11, 12, 13], [1, 1, 1]), Sequence([21, 22], [1, 1]), Sequence([31, 32, 33], [0, 1, 1])]
-    labels = padding_free_batch([(d.input_ids, d.loss_mask) for d in docs])["labels"][0].tolist()
+    labels = padding_free_batch([[(d.input_ids, d.loss_mask) for d in docs]], pad_id=0)["labels"][0].tolist()
     assert labels == [IGNORE, 12, 13, IGNORE, 22, IGNORE, 32, 33]
 
 
 def test_packed_rows_train_padding_free_and_validation_stays_unpacked(tiny_model):
-    """A packed micro-batch is one row without padding; the packer never splits a document."""
+    """A packed micro-batch is a batch of its packed rows, the shorter ones padded to the longest; the packer
+    never splits a document."""
     docs = documents(tiny_model.config.vocab_size)
     rows = pack(docs, 20)
     from finetune_trainer.objectives import get
 
     batch = get("sft").collate(rows, pad_id=0)
-    assert batch["input_ids"].shape == (1, sum(len(d) for d in docs))
+    assert batch["input_ids"].shape == (len(rows), max(len(row) for row in rows))
+    assert real_tokens(batch) == sum(len(d) for d in docs)
     assert sorted(len(ids) for row in rows for ids, _ in row.documents()) == sorted(len(d) for d in docs)
 
 

@@ -390,7 +390,8 @@ class L2SPSettings(ApiModel):
 
 class FullSettings(ApiModel):
     unfreeze: GradualUnfreezing | None = Field(
-        default=None, description="Gradual unfreezing (not with freezeLayers: use floor; engine ddp only).")
+        default=None, description="Gradual unfreezing (not with freezeLayers: use floor). Under DeepSpeed ZeRO the blocks "
+        "not released yet still hold fp32 master weights (partitioned), and no optimizer moments until released.")
     l2sp: L2SPSettings | None = Field(
         default=None, description="L2-SP: stay close to the base weights (DDP: each rank keeps a copy of the "
         "trained weights; DeepSpeed ZeRO: each rank anchors only its partition of the fp32 master weights).")

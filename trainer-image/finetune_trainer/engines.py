@@ -19,6 +19,7 @@ import torch
 from .distributed import DistContext
 
 STATE_FILE = "engine-state.pt"
+RELEASE = "release"  # the param-group key of a group's gradual-unfreezing release (make_optimizer)
 
 
 def trainable_state(module) -> dict[str, torch.Tensor]:
@@ -37,21 +38,25 @@ def no_decay_names(module) -> set[str]:
     return names
 
 
-def make_optimizer(module, hyperparameters, members: set[str] | None = None, lr_scales: dict[str, float] | None = None):
+def make_optimizer(module, hyperparameters, members: set[str] | None = None, lr_scales: dict[str, float] | None = None,
+                   releases: dict[str, int] | None = None):
     """AdamW over `members` (parameter names; default: those that require grad now; gradual unfreezing
     passes every parameter it will ever release), one group per (learning-rate factor, weight decay or
-    not), in a fixed order so a checkpoint's optimizer state matches. lr_scales: per-parameter factors
-    of the learning rate (layer-wise decay; 1 when absent)."""
+    not, release), in a fixed order so a checkpoint's optimizer state matches. lr_scales: per-parameter
+    factors of the learning rate (layer-wise decay; 1 when absent). releases: per-parameter release of
+    gradual unfreezing (0, from the start, when absent); each group carries its release under RELEASE,
+    which DeepSpeed keeps through flattening and checkpoints, so a group still held back is known by it."""
     excluded = no_decay_names(module)
-    groups: dict[tuple[float, bool], list] = {}
+    groups: dict[tuple[float, bool, int], list] = {}
     for name, parameter in module.named_parameters():
         if parameter.requires_grad if members is None else name in members:
-            key = ((lr_scales or {}).get(name, 1.0), name in excluded)
+            key = ((lr_scales or {}).get(name, 1.0), name in excluded, (releases or {}).get(name, 0))
             groups.setdefault(key, []).append(parameter)
     lr = hyperparameters.learningRate
-    return torch.optim.AdamW([{"params": params, "lr": lr * factor,
+    return torch.optim.AdamW([{"params": params, "lr": lr * factor, RELEASE: release,
                                "weight_decay": 0.0 if no_decay else hyperparameters.weightDecay}
-                              for (factor, no_decay), params in sorted(groups.items(), key=lambda g: (-g[0][0], g[0][1]))],
+                              for (factor, no_decay, release), params in
+                              sorted(groups.items(), key=lambda g: (-g[0][0], g[0][1], g[0][2]))],
                              lr=lr)
 
 
@@ -209,13 +214,52 @@ class DeepSpeedEngine:
         self.config = deepspeed_config(hyperparameters, distributed, precision, ctx.device_type)
         optimizer = make_optimizer(module, hyperparameters, **(optimizer_options or {}))
         scheduler = make_scheduler(optimizer, hyperparameters, total_steps)
+        # Gradual unfreezing: ZeRO flattens and hooks only what requires grad at initialize, so every member
+        # does then; the blocks not released yet are frozen again right after (see methods/unfreezing.py).
+        self.by_release: dict[int, list[torch.nn.Parameter]] = {}
+        for group in optimizer.param_groups:
+            self.by_release.setdefault(group[RELEASE], []).extend(group["params"])
+        held_back = [p for params in self.by_release.values() for p in params if not p.requires_grad]
+        for parameter in held_back:
+            parameter.requires_grad_(True)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config)
+        for parameter in held_back:
+            parameter.requires_grad_(False)
         self.module = self.model.module
         self.zero_stage = self.config["zero_optimization"]["stage"]
+        self.held: set[int] = set()
+        self.trainable_changed()
+        self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if held_back:  # before L2-SP's hook, which then sees no gradient on a held-back group either
+            optimizer.register_step_pre_hook(self._hide_held_back)
+            optimizer.register_step_post_hook(self._restore_held_back)
         if l2sp is not None:  # DeepSpeed steps our torch optimizer on its master weights: anchor those
             stepped, partitioned = master_weights(self.optimizer)
             l2sp.attach(optimizer, stepped, partitioned)
+
+    def trainable_changed(self) -> None:
+        """The releases whose parameters are all frozen now (gradual unfreezing), read at a step boundary."""
+        self.held = {release for release, params in self.by_release.items() if not any(p.requires_grad for p in params)}
+
+    def _hide_held_back(self, optimizer, args, kwargs) -> None:
+        """ZeRO hands the torch optimizer a gradient (zeros) for every flattened group: hide it for the groups
+        not released yet while the optimizer steps, so AdamW neither moves them (weight decay included) nor
+        counts steps or moments for them (their first step after the release is a first step, as under DDP).
+        DeepSpeed steps one group (ZeRO-1/2) or sub-group (ZeRO-3) at a time, reloads the groups from
+        checkpoints and reads the gradients again after the step: the release tag, not the position, says
+        which group this is, and the gradients come back after the step."""
+        for group in optimizer.param_groups:
+            if group.get(RELEASE, 0) in self.held:
+                for tensor in group["params"]:
+                    if tensor.grad is not None:
+                        self._hidden.append((tensor, tensor.grad))
+                        tensor.grad = None
+
+    def _restore_held_back(self, optimizer, args, kwargs) -> None:
+        for tensor, grad in self._hidden:
+            tensor.grad = grad
+        self._hidden.clear()
 
     def autocast(self):
         return contextlib.nullcontext()
@@ -253,9 +297,8 @@ class DeepSpeedEngine:
 
 
 def create(module, hyperparameters, total_steps: int, ctx: DistContext, distributed, strategies=None):
-    """strategies: method full's (methods.full.Strategies): optimizer members and learning-rate factors, and
-    L2-SP, attached to the new optimizer; gradual unfreezing is refused with DeepSpeed before this
-    (validation.py)."""
+    """strategies: method full's (methods.full.Strategies): optimizer members, learning-rate factors and
+    releases, and L2-SP, attached to the new optimizer."""
     precision = resolve_precision(distributed.precision, ctx.device_type)
     options = strategies.optimizer_options() if strategies else None
     l2sp = strategies.l2sp if strategies else None

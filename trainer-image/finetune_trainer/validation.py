@@ -22,9 +22,6 @@ def problems(config: TrainerConfig) -> list[str]:
         found.append("method.full.unfreeze: set exactly one of everySteps and everyEpochs")
     if method.full is not None and method.full.unfreeze is not None and method.freezeLayers is not None:
         found.append("method.full.unfreeze replaces method.freezeLayers: set unfreeze.floor instead")
-    if method.full is not None and method.full.unfreeze and distributed.engine == "deepspeed":
-        found.append("method.full.unfreeze needs distributed.engine ddp (DeepSpeed fixes the trained parameters "
-                     "when it partitions them)")
     if distributed.zeroStage is not None and distributed.engine != "deepspeed":
         found.append("distributed.zeroStage is only allowed with engine deepspeed")
     if distributed.offload != "none" and distributed.engine != "deepspeed":

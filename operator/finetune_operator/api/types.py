@@ -219,12 +219,6 @@ _SPEC_RULES = cel(
         "spec.evaluation.maxPerplexityRatio needs spec.evaluation.compareToBase true",
     ),
     (
-        "!has(self.method) || !has(self.method.full) || !has(self.method.full.unfreeze) || "
-        "!has(self.distributed) || !has(self.distributed.engine) || self.distributed.engine != 'deepspeed'",
-        "spec.method.full.unfreeze needs spec.distributed.engine ddp (DeepSpeed fixes the trained parameters "
-        "when it partitions them)",
-    ),
-    (
         "!has(self.search) || !has(self.stages) || size(self.stages) == 0",
         "spec.search cannot be combined with spec.stages: a search tunes one training run (search a stage as a "
         "job of its own)",

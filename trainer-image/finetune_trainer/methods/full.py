@@ -11,7 +11,7 @@ the base weights), layerwise_lr (layer-wise learning-rate decay); `Strategies` w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -90,10 +90,13 @@ class Strategies:
     l2sp: L2SP | None = None
     lr_scales: dict[str, float] | None = None
     top: int | None = None  # trainable top blocks now; None until the first step (which emits `unfreeze`)
-    members: set[str] | None = field(default=None)
+    # gradual unfreezing: every parameter the schedule will ever release (the optimizer's members), with its
+    # release (its optimizer group's tag); None without a schedule (the members are what requires grad)
+    releases: dict[str, int] | None = None
 
     def optimizer_options(self) -> dict:
-        return {"members": self.members, "lr_scales": self.lr_scales}
+        members = set(self.releases) if self.releases is not None else None
+        return {"members": members, "lr_scales": self.lr_scales, "releases": self.releases}
 
     def before_step(self, module, global_step: int) -> bool:
         """Set the trainable blocks for the step after global_step steps; True when they changed."""
@@ -129,7 +132,8 @@ def strategies(model, method, epoch_starts: tuple[int, ...] = ()) -> Strategies 
         out.schedule = unfreezing.UnfreezeSchedule(blocks, u.startTopBlocks, u.blocksPerRelease, u.floor,
                                                    u.everySteps, u.everyEpochs, epoch_starts)
         final = out.schedule.final_top_blocks()
-        out.members = {n for n, d in depths.items() if unfreezing.trainable(d, final, blocks)}
+        out.releases = {n: out.schedule.release_of(d) for n, d in depths.items()
+                        if unfreezing.trainable(d, final, blocks)}
     if settings.layerwiseLRDecay is not None:
         out.lr_scales = layerwise_lr.lr_scales(depths, blocks, settings.layerwiseLRDecay)
     if settings.l2sp is not None:

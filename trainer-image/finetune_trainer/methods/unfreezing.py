@@ -5,13 +5,21 @@ run resumed from a checkpoint has, at every step, the trainable set an uninterru
 about it is checkpointed. `everyEpochs` counts the epoch starts of every stage up to that step.
 
 Optimizer: every parameter the schedule will ever release is in the optimizer from the start, with
-requires_grad toggled. AdamW skips a parameter whose grad is None (no update, no weight decay, no
-moments), so a frozen block stays at its base weights until released, and the optimizer's param groups,
-hence its checkpointed state, are the same at every step.
-DDP registers the parameters that require grad when it wraps the module, so at each release the engine
-wraps the module again (engines.DDPEngine.trainable_changed): between releases the set is static and no
-find_unused_parameters graph walk is paid at every step. DeepSpeed is refused (validation.py): ZeRO
-flattens and partitions the trainable parameters once, at initialize.
+requires_grad toggled, in param groups that never mix parameters of different releases (`release_of`;
+each group is tagged with its release). AdamW skips a parameter whose grad is None (no update, no weight
+decay, no moments, no step count), so a frozen block stays at its base weights until released, starts
+its moments fresh then, and the optimizer's param groups, hence its checkpointed state, are the same at
+every step. The engines:
+- DDP registers the parameters that require grad when it wraps the module, so at each release the
+  engine wraps the module again (engines.DDPEngine.trainable_changed): between releases the set is
+  static and no find_unused_parameters graph walk is paid at every step.
+- DeepSpeed ZeRO flattens (and from stage 1 partitions) each param group once, at initialize, and
+  only what requires grad then: the engine makes every member trainable for initialize, freezes the
+  held-back ones again (their blocks get no gradient, as unused parameters; backward stops at the
+  lowest released block), and drops the flattened gradient of every group whose release has not come
+  just before its torch optimizer steps, so AdamW skips those groups as it skips frozen parameters
+  under DDP (engines.DeepSpeedEngine). A held-back group costs its fp32 master weights and, once
+  released, its moments, partitioned like every other group: no full copy on any rank.
 """
 
 from __future__ import annotations
@@ -43,6 +51,14 @@ class UnfreezeSchedule:
 
     def final_top_blocks(self) -> int:
         return self.blocks - self.floor
+
+    def release_of(self, depth: int) -> int:
+        """The release after which a parameter at depth trains (0: from the first step); depth must be one the
+        schedule releases at some point."""
+        for release in range(self.blocks + 1):
+            if trainable(depth, min(self.start + self.per_release * release, self.final_top_blocks()), self.blocks):
+                return release
+        raise ValueError(f"depth {depth} is never released (floor {self.floor} of {self.blocks} blocks)")
 
 
 def trainable(depth: int, top: int, blocks: int) -> bool:

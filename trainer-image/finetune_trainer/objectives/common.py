@@ -2,10 +2,15 @@
 
 Two batch shapes:
 - padded: right-padded rows with an attention_mask (one document per row);
-- padding-free: every document of the micro-batch laid end to end in one row, with their own
-  position_ids and no attention_mask; transformers then builds a block-diagonal causal mask (SDPA,
-  eager) or runs varlen flash-attention, so no document attends to another. The first token of each
-  document is never a target (it would be predicted from the previous document's end).
+- padding-free (packed rows): one row per packed row, its documents laid end to end, each with its own
+  position_ids, and no attention_mask; the shorter rows end in padding that is a segment of its own
+  (positions from 0, no targets). transformers builds a block-diagonal causal mask per row from the
+  position_ids (SDPA, eager), so no document attends to another, and attention costs the square of a
+  row (at most maxSeqLength), not of the whole micro-batch laid in one row (docs/benchmarks.md: 1.4x
+  faster on CPU). Varlen flash-attention reads packed documents from position_ids only in a batch of
+  one row, so for it the rows are laid end to end in one row at the model call (`model_inputs`): it
+  computes only the documents' own blocks anyway. The first token of each document is never a target
+  (it would be predicted from the previous document's end).
 
 Losses are sums with a count of the units they are normalised by (target tokens, pairs), so that
 the training loop can weight every unit of an optimizer step equally across micro-batches and ranks.
@@ -38,20 +43,31 @@ def language_model_batch(input_ids: list[list[int]], label_masks: list[list[int]
     }
 
 
-def padding_free_batch(documents: list[tuple[list[int], list[int]]]) -> dict:
-    """(input_ids, loss_mask) documents laid end to end in one row, positions restarting per document."""
-    input_ids, labels, positions = [], [], []
-    for ids, mask in documents:
-        document_labels = masked_labels(ids, mask)
-        if document_labels:
-            document_labels[0] = IGNORE
-        input_ids += ids
-        labels += document_labels
-        positions += range(len(ids))
+def padding_free_batch(rows: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict:
+    """Rows of (input_ids, loss_mask) documents: one row each, documents end to end with positions restarting
+    per document, the shorter rows padded at the end with a segment of their own (positions from 0, no
+    targets); real_tokens: the tokens that are not padding."""
+    width = max(sum(len(ids) for ids, _ in row) for row in rows)
+    input_ids, labels, positions, real = [], [], [], 0
+    for row in rows:
+        row_ids, row_labels, row_positions = [], [], []
+        for ids, mask in row:
+            document_labels = masked_labels(ids, mask)
+            if document_labels:
+                document_labels[0] = IGNORE
+            row_ids += ids
+            row_labels += document_labels
+            row_positions += range(len(ids))
+        real += len(row_ids)
+        padding = width - len(row_ids)
+        input_ids.append(row_ids + [pad_id] * padding)
+        labels.append(row_labels + [IGNORE] * padding)
+        positions.append(row_positions + list(range(padding)))
     return {
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "position_ids": torch.tensor(positions, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "real_tokens": torch.tensor(real),
     }
 
 
@@ -62,19 +78,39 @@ def documents_of(item) -> list[tuple[list[int], list[int]]]:
 
 def real_tokens(batch: dict) -> int:
     """Input tokens that are not padding."""
+    if "real_tokens" in batch:
+        return int(batch["real_tokens"])
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
-def next_token_logits(model, batch: dict) -> torch.Tensor:
+def flash_attention(model) -> bool:
+    """Whether the model (under any wrapper: DDP, DeepSpeed, PEFT) runs varlen flash-attention."""
+    inner = getattr(model, "module", model)
+    return "flash" in str(getattr(getattr(inner, "config", None), "_attn_implementation", "") or "")
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The keyword arguments of the model's forward for a batch. Packed rows (position_ids, no attention_mask)
+    go in as they are for SDPA and eager, laid end to end in one row for flash-attention."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if "position_ids" in inputs:
         # transformers builds the block-diagonal mask from position_ids only without a KV cache; a
         # cache (the default even in training) would let packed documents attend to each other.
         inputs["use_cache"] = False
-    output = model(**inputs)
+        if inputs["input_ids"].shape[0] > 1 and flash_attention(model):
+            inputs["input_ids"] = inputs["input_ids"].reshape(1, -1)
+            inputs["position_ids"] = inputs["position_ids"].reshape(1, -1)
+    return inputs
+
+
+def next_token_logits(model, batch: dict) -> torch.Tensor:
+    rows, width = batch["input_ids"].shape
+    logits = model(**model_inputs(model, batch)).logits
+    if logits.shape[0] != rows:  # packed rows laid in one row for flash-attention
+        return logits.reshape(rows, width, -1)
     # Prompt tuning prepends virtual tokens to the outputs: keep the positions of the real tokens.
-    return output.logits[:, -batch["input_ids"].shape[1]:, :]
+    return logits[:, -width:, :]
 
 
 def target_count(batch: dict) -> int:
@@ -108,7 +144,8 @@ def nll_sum_loss(model, batch: dict, hyperparameters=None) -> tuple[torch.Tensor
 def lm_collate(items, pad_id: int, every_token: bool = False) -> dict:
     """Padding-free when the items are packed rows, padded otherwise; every_token: targets are every
     token, not the loss mask's."""
-    documents = [(ids, [1] * len(ids) if every_token else mask) for item in items for ids, mask in documents_of(item)]
+    rows = [[(ids, [1] * len(ids) if every_token else mask) for ids, mask in documents_of(item)] for item in items]
     if items and hasattr(items[0], "documents"):
-        return padding_free_batch(documents)
+        return padding_free_batch(rows, pad_id)
+    documents = [document for row in rows for document in row]
     return language_model_batch([ids for ids, _ in documents], [mask for _, mask in documents], pad_id)
