@@ -22,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from finetune_trainer.objectives.common import IGNORE, language_model_batch, padding_free_batch
+from finetune_trainer.objectives.common import IGNORE, language_model_batch, next_token_logits, padding_free_batch
 
 from .child import emit_result, read_spec
 
@@ -58,19 +58,17 @@ def measure(spec: dict) -> dict:
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
     steps = json.loads(Path(spec["batches_file"]).read_text())
-    layouts = {"flattened": lambda r: flattened(r, spec["pad_id"]), "packed rows": lambda r: packed_rows(r, spec["pad_id"]),
-               "padded": lambda r: padded(r, spec["pad_id"])}
+    layouts = {"flattened": flattened, "packed rows": packed_rows, "padded": padded}
 
     def forward_backward(batch: dict) -> None:
-        inputs = {k: v for k, v in batch.items() if k not in ("labels", "real_tokens")}
-        logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+        logits = next_token_logits(model, batch)[:, :-1].float()  # model.config.use_cache is off
         targets = batch["labels"][:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
     real = sum(len(d["input_ids"]) for step in steps for row in step for d in row)
-    batches = {name: [build(step) for step in steps] for name, build in layouts.items()}
+    batches = {name: [build(step, spec["pad_id"]) for step in steps] for name, build in layouts.items()}
     for name in layouts:  # warm up every layout once
         forward_backward(batches[name][0])
     seconds = {name: 0.0 for name in layouts}

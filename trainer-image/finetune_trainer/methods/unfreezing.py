@@ -47,7 +47,11 @@ class UnfreezeSchedule:
         return started // self.every_epochs
 
     def top_blocks(self, step: int) -> int:
-        return min(self.start + self.per_release * self.releases(step), self.blocks - self.floor)
+        return self.top_after(self.releases(step))
+
+    def top_after(self, releases: int) -> int:
+        """Top blocks trainable after `releases` releases."""
+        return min(self.start + self.per_release * releases, self.final_top_blocks())
 
     def final_top_blocks(self) -> int:
         return self.blocks - self.floor
@@ -56,7 +60,7 @@ class UnfreezeSchedule:
         """The release after which a parameter at depth trains (0: from the first step); depth must be one the
         schedule releases at some point."""
         for release in range(self.blocks + 1):
-            if trainable(depth, min(self.start + self.per_release * release, self.final_top_blocks()), self.blocks):
+            if trainable(depth, self.top_after(release), self.blocks):
                 return release
         raise ValueError(f"depth {depth} is never released (floor {self.floor} of {self.blocks} blocks)")
 
