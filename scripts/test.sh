@@ -3,7 +3,8 @@
 # Starts the local cluster when none is running and stops it again afterwards.
 # Without arguments the unit tier runs beside the cluster tier (two pytest processes): the cluster tier
 # starts with its KWOK tests, which mostly wait, and leaves real training and timed tests for later
-# (e2e/conftest.py orders them). With arguments: one pytest with those arguments.
+# (e2e/conftest.py orders them); each lists its slowest tests at the end. With arguments: one pytest
+# with those arguments.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
@@ -29,10 +30,10 @@ fi
 mkdir -p .cache
 unit_log=.cache/unit-tier.log
 start=$(date +%s)
-$py -m pytest tests >"$unit_log" 2>&1 &
+$py -m pytest --durations=15 tests >"$unit_log" 2>&1 &
 unit_pid=$!
 set +e
-$py -m pytest e2e/tests
+$py -m pytest --durations=40 e2e/tests
 cluster_rc=$?
 wait "$unit_pid"
 unit_rc=$?
