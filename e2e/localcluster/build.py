@@ -39,8 +39,7 @@ class GoComponent:
     # only some of upstream's packages linked in.
     main_go: str = ""
     tags: str = ""
-    # Our own main package kept in the repository (e2e/runtimes/<name>/main.go): the cache key then
-    # includes a hash of its source, so an edited harness is rebuilt.
+    # Our own main package kept in the repository (e2e/runtimes/<name>/main.go).
     main_go_file: Path | None = None
 
     @property
@@ -49,7 +48,8 @@ class GoComponent:
 
     @property
     def cache_key(self) -> str:
-        if self.main_go_file is None:
+        """The version, and a hash of our own main package where there is one, so an edited one is rebuilt."""
+        if not self.main_source:
             return self.version
         return f"{self.version}-{hashlib.sha256(self.main_source.encode()).hexdigest()[:12]}"
 
@@ -172,8 +172,8 @@ HELM = GoComponent(
     ),
 )
 
-# Cluster DNS: CoreDNS with the plugins the local cluster's Corefile uses (e2e/localcluster/dns.py).
-COREDNS_PLUGINS = ("cache", "errors", "health", "kubernetes", "loadbalance", "log", "metrics", "ready")
+# Cluster DNS: CoreDNS with the plugins the local cluster's Corefile uses (addons.COREFILE).
+COREDNS_PLUGINS = ("cache", "errors", "health", "kubernetes", "loadbalance", "metrics", "ready")
 COREDNS = GoComponent(
     name="coredns",
     module="github.com/coredns/coredns",
