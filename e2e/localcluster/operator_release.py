@@ -36,8 +36,10 @@ SELECTOR = f"app.kubernetes.io/instance={RELEASE}"
 def local_operator_config(cluster: LocalCluster, overrides: dict | None = None) -> dict:
     """dev.yaml with the local cluster's facts: its S3 (address and port), its trainer image."""
     config = yaml.safe_load(DEV_CONFIG.read_text())
+    # runAsUser differs from the trainer image's USER (1000), so a container's uid shows the
+    # operator's setting reached the kubelet (test_end_to_end.py).
     config.update(s3Endpoint=cluster.s3_endpoint, trainerImage=cluster.image("trainer"),
-                  imagePullPolicy="Never")
+                  imagePullPolicy="Never", runAsUser=2000)
     config.setdefault("s3Egress", {})["ports"] = [cluster.state.ports["s3"]]
     # Every Service name on the S3 port is allowed by wildcard: each resolves into the cluster's own
     # ranges, so the operator must refuse it by its address (test_hostile_tenants.py).

@@ -231,14 +231,17 @@ def test_a_killed_worker_restarts_and_the_trainer_resumes_from_its_checkpoint(ku
 
 
 def test_deleting_a_job_mid_run_stops_training_and_removes_the_sandbox(kube, local_cluster, operator, namespace):
-    secret, job = small_job("deleted", hyperparameters={**_demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": 400})
+    demo = _demo_documents()[1]["spec"]
+    # A /dev/shm size other than the API's default (2Gi), so the container shows the job's own.
+    secret, job = small_job("deleted", hyperparameters={**demo["hyperparameters"], "maxSteps": 400},
+                            resources={**demo["resources"], "sharedMemory": "768Mi"})
     kube.apply(secret, job, namespace=namespace)
     status = _wait_for(lambda: ((s := _status(kube, namespace, "deleted")).get("progress") or {}).get("step", 0) > 0
                        and s, 300, "training under way", interval=1)
     sandbox = status["sandboxNamespace"]
     pods = [p["metadata"]["name"] for p in kube.get("pods", namespace=sandbox)["items"]]
     assert any(_pids_of_pod(local_cluster, sandbox, pod) for pod in pods)
-    _assert_the_training_container_is_hardened(kube, operator, sandbox, "train-1-master-0", 2 * 1024**3)
+    _assert_the_training_container_is_hardened(kube, operator, sandbox, "train-1-master-0", 768 * 1024**2)
     kube.run("delete", "finetunejob", "deleted", "-n", namespace, "--wait=true", "--timeout=180s")
     assert kube.run("get", "finetunejob", "deleted", "-n", namespace, check=False).returncode != 0
     _wait_for(lambda: kube.run("get", "namespace", sandbox, check=False).returncode != 0, 180, "sandbox deleted")
