@@ -8,14 +8,18 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from finetune_operator.status import (
+    MAX_KUBELET_MESSAGE,
+    POD_WAITING_REASONS,
     SANDBOX_ACTIVE,
     SANDBOX_EXPIRED,
     Observation,
     changed,
     condition,
     derive_status,
+    phase,
     pod_gpu_seconds,
     rfc3339,
+    safe_reason,
     set_condition,
 )
 from finetune_operator.api.types import MAX_COUNT
@@ -41,6 +45,21 @@ def unschedulable_pod(name="train-1-worker-0") -> dict:
             "status": {"phase": "Pending", "conditions": [
                 {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                  "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}}
+
+
+def waiting_pod(reason: str, message: str = "", name="train-1-worker-0", start="2026-01-01T11:55:00Z",
+                init: bool = False) -> dict:
+    """A placed pod whose container (or init container) the kubelet keeps waiting."""
+    waiting = {"name": "init-pytorch" if init else "pytorch", "restartCount": 0,
+               "state": {"waiting": {"reason": reason, **({"message": message} if message else {})}}}
+    running = {"name": "pytorch", "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}
+    statuses = {"initContainerStatuses": [waiting], "containerStatuses": [running]} if init else \
+        {"containerStatuses": [waiting]}
+    return {"metadata": {"name": name}, "spec": {"containers": [{"name": "pytorch"}]},
+            "status": {"phase": "Pending", "startTime": start, **statuses}}
+
+
+PULL_ERROR = 'Back-off pulling image "registry.example/team-a/trainer:v2"'
 
 
 def pod(phase="Running", gpus=8, start="2026-01-01T11:00:00Z", restarts=0, exit_code=None):
@@ -89,6 +108,13 @@ CASES = [
     ("replacing an old run", obs(replacing_run="1"), {"runId": "2"}, "Pending", {"Running": "False"}),
     ("a worker the scheduler cannot place", obs(pytorchjob=ptj("Created", "Running"), pods=[pod(), unschedulable_pod()]),
      {}, "Pending", {"Running": "False"}),
+    ("a worker that cannot pull its image", obs(pytorchjob=ptj("Created", "Running"), pods=[
+        pod(), waiting_pod("ImagePullBackOff", PULL_ERROR)], progress=PROGRESS), {}, "Pending", {"Running": "False"}),
+    ("the master's container config is broken", obs(pytorchjob=ptj("Created"), pods=[
+        waiting_pod("CreateContainerConfigError", 'secret "creds" not found', name="train-1-master-0")]), {},
+     "Pending", {"Running": "False"}),
+    ("a worker creating its container for too long", obs(pytorchjob=ptj("Created", "Running"), pods=[
+        pod(), waiting_pod("ContainerCreating", start="2026-01-01T11:40:00Z")]), {}, "Pending", {"Running": "False"}),
     ("progress stalled", obs(pytorchjob=ptj("Created", "Running"), pods=[pod()], stall_after_seconds=60,
                              progress=PROGRESS.model_copy(update={"updatedAt": "2026-01-01T11:00:00Z"})), {},
      "Stalled", {"Running": "True"}),
@@ -109,6 +135,9 @@ KSTATUS = {
     "spec changed during the run": ("False", "True", "False", "Training"),
     "replacing an old run": ("False", "True", "False", "ReplacingRun"),
     "a worker the scheduler cannot place": ("False", "True", "False", "Unschedulable"),
+    "a worker that cannot pull its image": ("False", "True", "False", "ImagePullBackOff"),
+    "the master's container config is broken": ("False", "True", "False", "CreateContainerConfigError"),
+    "a worker creating its container for too long": ("False", "True", "False", "ContainerCreating"),
     "progress stalled": ("False", "False", "True", "ProgressStalled"),
 }
 
@@ -157,6 +186,51 @@ def test_an_unschedulable_pod_is_named_with_the_schedulers_message():
     assert condition(status, "Running")["message"] == (
         "pod train-1-worker-0: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
     assert condition(status, "Ready")["message"] == condition(status, "Running")["message"]
+
+
+WORKER = "pod train-1-worker-0 container pytorch"
+
+
+@pytest.mark.parametrize("pods,shown", [
+    # A worker that cannot start keeps a run from training, whatever its PyTorchJob says.
+    ([pod(), waiting_pod("ImagePullBackOff", PULL_ERROR)], ("ImagePullBackOff", f"{WORKER}: ImagePullBackOff: {PULL_ERROR}")),
+    ([pod(), waiting_pod("ErrImagePull", "rpc error: code = NotFound")],
+     ("ErrImagePull", f"{WORKER}: ErrImagePull: rpc error: code = NotFound")),
+    ([pod(), waiting_pod("CrashLoopBackOff", "back-off 5m0s restarting failed container")],
+     ("CrashLoopBackOff", f"{WORKER}: CrashLoopBackOff: back-off 5m0s restarting failed container")),
+    ([pod(), waiting_pod("CreateContainerConfigError", "couldn't find key X in Secret", init=True)],
+     ("CreateContainerConfigError", "pod train-1-worker-0 container init-pytorch: CreateContainerConfigError: "
+                                    "couldn't find key X in Secret")),
+    # Creating a container is how every pod starts: reported only after SLOW_START_SECONDS (600 s).
+    ([pod(), waiting_pod("ContainerCreating", start="2026-01-01T11:55:00Z")], None),
+    ([pod(), waiting_pod("ContainerCreating", start="2026-01-01T11:49:00Z")],
+     ("ContainerCreating", f"{WORKER}: ContainerCreating since 2026-01-01T11:49:00Z")),
+    ([pod(), waiting_pod("PodInitializing", start="2026-01-01T11:55:00Z")], None),  # its init containers run
+    ([pod(), waiting_pod("PodInitializing", start="2026-01-01T11:49:00Z")],
+     ("PodInitializing", f"{WORKER}: PodInitializing since 2026-01-01T11:49:00Z")),
+    # The kubelet's message on one line, cut; a reason not in the list is not reported.
+    ([waiting_pod("ErrImagePull", "line one\nline two\x1b[31m" + "x" * 2000)],
+     ("ErrImagePull", f"{WORKER}: ErrImagePull: line one line two [31m" + "x" * (MAX_KUBELET_MESSAGE - 22))),
+    ([waiting_pod("SomethingNew", "unknown")], None),
+    ([pod(phase="Failed", exit_code=137), waiting_pod("ImagePullBackOff", PULL_ERROR) | {"status": {"phase": "Failed"}}],
+     None),
+])
+def test_a_container_that_cannot_start_is_named_with_the_kubelets_reason(pods, shown):
+    running = obs(pytorchjob=ptj("Created", "Running"), pods=pods, progress=PROGRESS)
+    status = derive_status(job(), running)
+    got = condition(status, "Running")
+    if shown is None:
+        assert (status["phase"], got["status"], got["reason"]) == ("Running", "True", "Training")
+        return
+    assert (status["phase"], got["status"], (got["reason"], got["message"])) == ("Pending", "False", shown)
+    assert (condition(status, "Ready")["reason"], condition(status, "Reconciling")["status"]) == (shown[0], "True")
+
+
+def test_every_pod_waiting_reason_is_a_condition_reason_and_pending():
+    for reason in POD_WAITING_REASONS:
+        assert safe_reason(reason, "") == reason
+        assert phase([{"type": "Validated", "status": "True"}, {"type": "Running", "status": "False", "reason": reason}],
+                     run_exists=True).value == "Pending"
 
 
 def test_a_run_that_never_reported_progress_stalls_from_its_start():
@@ -391,3 +465,4 @@ def test_a_finished_outcome_is_restated_for_a_new_generation():
     assert (succeeded["status"], succeeded["observedGeneration"]) == ("True", 2)
     assert succeeded["lastTransitionTime"] == condition(done["status"], "Succeeded")["lastTransitionTime"]
     assert status["phase"] == "Succeeded" and condition(status, "Ready")["status"] == "True"
+
