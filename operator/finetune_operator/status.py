@@ -246,6 +246,11 @@ SLOW_START_SECONDS = 600
 POD_WAITING_REASONS = CONTAINER_FAILURE_REASONS + CONTAINER_SLOW_REASONS
 # Running=False reasons of a run whose pods cannot be placed or started (its phase is Pending).
 PENDING_REASONS = ("Unschedulable", *POD_WAITING_REASONS)
+# Every reason of the Running condition, by its status (docs/api.md lists them; test_op_status holds the
+# two, and these and the code, together).
+RUNNING_TRUE_REASONS = ("Training", "ProgressStalled", "Searching")
+RUNNING_FALSE_REASONS = ("NotStarted", "Starting", *WAITING_REASONS, *PENDING_REASONS, "Restarting", "ReplacingRun",
+                         "Promoting", "Suspended", "Finished")
 MAX_KUBELET_MESSAGE = 512  # of the kubelet's message in the condition (an image pull error can be long)
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]+")
 

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import ast
+import itertools
+import re
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
+from finetune_operator import status as status_module
+from finetune_operator import tenancy
 from finetune_operator.status import (
     MAX_KUBELET_MESSAGE,
     POD_WAITING_REASONS,
+    RUNNING_FALSE_REASONS,
+    RUNNING_TRUE_REASONS,
     SANDBOX_ACTIVE,
     SANDBOX_EXPIRED,
     Observation,
@@ -22,11 +30,11 @@ from finetune_operator.status import (
     safe_reason,
     set_condition,
 )
-from finetune_operator.api.types import MAX_COUNT
+from finetune_operator.api.types import MAX_COUNT, ConditionType, Phase
 from finetune_operator.kueue import QueueState
 from finetune_operator.validation import Problem
 from finetune_trainer.config import CheckpointRecord, EvaluationResult, Progress, RunResult
-from op_testdata import job, minimal_spec, seen_earlier
+from op_testdata import ROOT, job, minimal_spec, seen_earlier
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 SANDBOX = "ftj-team-a-support-bot"
@@ -466,3 +474,54 @@ def test_a_finished_outcome_is_restated_for_a_new_generation():
     assert succeeded["lastTransitionTime"] == condition(done["status"], "Succeeded")["lastTransitionTime"]
     assert status["phase"] == "Succeeded" and condition(status, "Ready")["status"] == "True"
 
+
+# ---- docs/api.md says what the status code does ---------------------------------------------------
+
+def running_reasons_in_the_code() -> set[tuple[bool, str]]:
+    """(status, reason) of every Running condition status.py can set, read from its source."""
+    tree = ast.parse(Path(status_module.__file__).read_text())
+    functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    found: set[tuple[bool, str]] = set()
+    for call in ast.walk(tree):
+        if not (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "put" and ast.unparse(call.args[0]) == "C.Running"):
+            continue
+        value, *rest = call.args[1:]
+        if isinstance(value, ast.Starred):  # put(C.Running, *_search_running(search))
+            found |= {(r.value.elts[0].value, r.value.elts[1].value) for r in ast.walk(functions[value.value.func.id])
+                      if isinstance(r, ast.Return)}
+        elif isinstance(rest[0], ast.Starred):  # put(C.Running, False, *waiting): a pod's waiting container
+            found |= {(value.value, reason) for reason in POD_WAITING_REASONS}
+        elif ast.unparse(rest[0]) == "obs.hold.reason":  # why the tenant's run may not start yet
+            found |= {(value.value, reason) for reason in (tenancy.BUDGET_EXHAUSTED, tenancy.RUNNING_JOB_LIMIT)}
+        else:
+            assert isinstance(rest[0], ast.Constant), f"a Running reason this test cannot read: {ast.unparse(call)}"
+            found.add((value.value, rest[0].value))
+    return found
+
+
+def documented(header: str) -> list[list[list[str]]]:
+    """The rows of the table of docs/api.md with this header: each cell's `code` words."""
+    lines = (ROOT / "docs" / "api.md").read_text().split(header + "\n", 1)[1].splitlines()[1:]
+    rows = itertools.takewhile(lambda line: line.startswith("|"), lines)
+    return [[re.findall(r"`([^`]+)`", cell) or [cell.strip()] for cell in row.strip("|").split(" | ")] for row in rows]
+
+
+RUNNING_REASONS = {(True, r) for r in RUNNING_TRUE_REASONS} | {(False, r) for r in RUNNING_FALSE_REASONS}
+
+
+def test_the_registry_of_running_reasons_is_what_the_code_sets():
+    assert running_reasons_in_the_code() == RUNNING_REASONS
+
+
+def first_column(rows: list[list[list[str]]]) -> set[str]:
+    return {row[0][0] for row in rows}
+
+
+@pytest.mark.parametrize("header,documents,expected", [
+    ("| `Running` reason | status | when |", lambda rows: {(row[1][0] == "True", r) for row in rows for r in row[0]},
+     RUNNING_REASONS),
+    ("| condition | True when |", first_column, {c.value for c in ConditionType}),
+    ("| phase | when |", first_column, {p.value for p in Phase}),
+], ids=["running reasons", "conditions", "phases"])
+def test_docs_api_lists_every_condition_phase_and_running_reason_of_the_code(header, documents, expected):
+    assert documents(documented(header)) == expected
