@@ -2,7 +2,8 @@
 Prometheus Operator makes of the chart's ServiceMonitor and PodMonitor (e2e/localcluster/
 prometheus.py): with the operator installed by its chart and a two-worker job training for real
 on node-0, the per-job series carry the FineTuneJob's namespace and name, the trainer's also its
-sandbox, only the Master pod is a target and no target of those jobs is down."""
+sandbox, only the Master pod is a target, it is up from its container's start (before the rendezvous
+with the worker completes), and no target of those jobs is down."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import time
 import urllib.parse
 import urllib.request
+from datetime import datetime
 
 import pytest
 
@@ -84,6 +86,14 @@ def test_operator_and_trainer_series_carry_the_jobs_namespace_and_only_live_targ
     assert [n for n, ports in declared.items() if "metrics" in ports] == masters, declared
     assert [(s["metric"]["job"], s["metric"]["sandbox"], s["metric"]["pod"]) for s in trainer_series] \
         == [(TRAINER_JOB, sandbox, masters[0])]
+
+    # The Master's target was up from its container's start (5 s for the launcher to bind the port), not
+    # only once rank 0 served: while torchrun waited for the worker in the rendezvous too.
+    state = pods[masters[0]]["status"]["containerStatuses"][0]["state"]
+    started = datetime.fromisoformat((state.get("running") or state["terminated"])["startedAt"].replace("Z", "+00:00"))
+    since_start = max(int(time.time() - started.timestamp()) - 5, 1)
+    master_up = _query(local_cluster, f'min_over_time(up{{job="{TRAINER_JOB}", sandbox="{sandbox}"}}[{since_start}s])')
+    assert [(s["metric"]["pod"], s["value"][1]) for s in master_up] == [(masters[0], "1")], master_up
 
     # Targets: the operator's pod and this job's Master, both up; the worker is no target.
     trainer_targets = [t for t in _targets(local_cluster, scrape_pools["trainer"]) if t["labels"]["sandbox"] == sandbox]

@@ -233,6 +233,50 @@ def unschedulable_pod(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     return None
 
 
+# Why a container of a run's pod cannot start, as the kubelet says it (containerStatuses[].state.waiting):
+# such a pod keeps the run from training even when its PyTorchJob says Running (its Master runs and waits
+# for the others in the rendezvous). Each is also the Running=False reason that reports it (phase Pending).
+CONTAINER_FAILURE_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                             "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+                             "CrashLoopBackOff")
+# Normal while a pod starts (pulling a multi-GB image takes minutes): reported once the pod has been
+# starting for longer than SLOW_START_SECONDS (mounts that fail, a registry that does not answer).
+CONTAINER_SLOW_REASONS = ("ContainerCreating", "PodInitializing")
+SLOW_START_SECONDS = 600
+POD_WAITING_REASONS = CONTAINER_FAILURE_REASONS + CONTAINER_SLOW_REASONS
+# Running=False reasons of a run whose pods cannot be placed or started (its phase is Pending).
+PENDING_REASONS = ("Unschedulable", *POD_WAITING_REASONS)
+# Every reason of the Running condition, by its status (docs/api.md lists them; test_op_status holds the
+# two, and these and the code, together).
+RUNNING_TRUE_REASONS = ("Training", "ProgressStalled", "Searching")
+RUNNING_FALSE_REASONS = ("NotStarted", "Starting", *WAITING_REASONS, *PENDING_REASONS, "Restarting", "ReplacingRun",
+                         "Promoting", "Suspended", "Finished")
+MAX_KUBELET_MESSAGE = 512  # of the kubelet's message in the condition (an image pull error can be long)
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def waiting_container(pods: list[dict[str, Any]], now: datetime) -> tuple[str, str] | None:
+    """(reason, message) of the first container (init containers first) that waits for a reason in
+    POD_WAITING_REASONS; the message names the pod and the container and quotes the kubelet, cut and
+    on one line (the image and its pull error are the tenant's to choose)."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        if status.get("phase") not in (None, "Pending", "Running"):
+            continue
+        starting_since = parse_time(status.get("startTime")) or parse_time((pod.get("metadata") or {}).get("creationTimestamp"))
+        for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            slow = reason in CONTAINER_SLOW_REASONS and starting_since is not None and \
+                (now - starting_since).total_seconds() > SLOW_START_SECONDS
+            if reason in CONTAINER_FAILURE_REASONS or slow:
+                said = CONTROL_CHARACTERS.sub(" ", str(waiting.get("message") or "")).strip()[:MAX_KUBELET_MESSAGE]
+                since = f" since {rfc3339(starting_since)}" if slow else ""
+                return reason, (f"pod {(pod.get('metadata') or {}).get('name', '')} container {cs.get('name', '')}: "
+                                f"{reason}{since}" + (f": {said}" if said else ""))
+    return None
+
+
 # ---- derivation ----------------------------------------------------------------------------------
 
 
@@ -465,14 +509,19 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         put(C.Running, False, "Suspended", "the run is suspended")
     else:
         put(C.Suspended, False, "NotSuspended", "")
-        unschedulable = unschedulable_pod(obs.pods) if (ptj and not ptj_suspended) or search is not None else None
-        if search is not None and unschedulable is None:
+        watch_pods = bool(ptj and not ptj_suspended) or search is not None
+        unschedulable = unschedulable_pod(obs.pods) if watch_pods else None
+        waiting = waiting_container(obs.pods, now) if watch_pods and unschedulable is None else None
+        if search is not None and unschedulable is None and waiting is None:
             put(C.Running, *_search_running(search))
         elif unschedulable is not None:
             # The PyTorchJob says Running once its master runs; a worker the scheduler cannot place
             # still keeps the run from training.
             pod_name, scheduler_message = unschedulable
             put(C.Running, False, "Unschedulable", f"pod {pod_name}: {scheduler_message}")
+        elif waiting is not None:
+            # Placed, but a container cannot start (its image, its config, a crash loop): no training either.
+            put(C.Running, False, *waiting)
         elif running_c and not ptj_suspended:
             status.setdefault("startTime", ptj_status.get("startTime") or rfc3339(now))
             p = status.get("progress")
@@ -590,7 +639,7 @@ def phase(conditions: list[dict[str, Any]], run_exists: bool) -> Phase:
     running = condition(state, C.Running.value) or {}
     if running.get("status") == "True":
         return Phase.Stalled if running.get("reason") == "ProgressStalled" else Phase.Running
-    if running.get("reason") == "Unschedulable":
+    if running.get("reason") in PENDING_REASONS:
         return Phase.Pending
     if running.get("reason") in WAITING_REASONS and validated.get("status") == "True":
         return Phase.Queued

@@ -34,6 +34,7 @@ TRAINER_FAMILIES = {
     "finetune_trainer_eval_loss": "gauge", "finetune_trainer_learning_rate": "gauge",
     "finetune_trainer_tokens_per_second": "gauge", "finetune_trainer_eta_seconds": "gauge",
     "finetune_trainer_checkpoints": "counter", "finetune_trainer_last_checkpoint_timestamp_seconds": "gauge",
+    "finetune_trainer_phase": "gauge",
 }
 # promtool's only finding, kept on purpose: the contract of issue 14 keeps the tenant gauges in
 # GPU-hours, the unit of TenantPolicy budgets (a rename to base units is a change of its own).

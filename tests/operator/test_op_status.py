@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
+import ast
+import itertools
+import re
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
+from finetune_operator import status as status_module
+from finetune_operator import tenancy
 from finetune_operator.status import (
+    MAX_KUBELET_MESSAGE,
+    POD_WAITING_REASONS,
+    RUNNING_FALSE_REASONS,
+    RUNNING_TRUE_REASONS,
     SANDBOX_ACTIVE,
     SANDBOX_EXPIRED,
     Observation,
     changed,
     condition,
     derive_status,
+    phase,
     pod_gpu_seconds,
     rfc3339,
+    safe_reason,
     set_condition,
 )
-from finetune_operator.api.types import MAX_COUNT
+from finetune_operator.api.types import MAX_COUNT, ConditionType, Phase
 from finetune_operator.kueue import QueueState
 from finetune_operator.validation import Problem
 from finetune_trainer.config import CheckpointRecord, EvaluationResult, Progress, RunResult
-from op_testdata import job, minimal_spec, seen_earlier
+from op_testdata import ROOT, job, minimal_spec, seen_earlier
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 SANDBOX = "ftj-team-a-support-bot"
@@ -41,6 +53,21 @@ def unschedulable_pod(name="train-1-worker-0") -> dict:
             "status": {"phase": "Pending", "conditions": [
                 {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                  "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}}
+
+
+def waiting_pod(reason: str, message: str = "", name="train-1-worker-0", start="2026-01-01T11:55:00Z",
+                init: bool = False) -> dict:
+    """A placed pod whose container (or init container) the kubelet keeps waiting."""
+    waiting = {"name": "init-pytorch" if init else "pytorch", "restartCount": 0,
+               "state": {"waiting": {"reason": reason, **({"message": message} if message else {})}}}
+    running = {"name": "pytorch", "restartCount": 0, "state": {"waiting": {"reason": "PodInitializing"}}}
+    statuses = {"initContainerStatuses": [waiting], "containerStatuses": [running]} if init else \
+        {"containerStatuses": [waiting]}
+    return {"metadata": {"name": name}, "spec": {"containers": [{"name": "pytorch"}]},
+            "status": {"phase": "Pending", "startTime": start, **statuses}}
+
+
+PULL_ERROR = 'Back-off pulling image "registry.example/team-a/trainer:v2"'
 
 
 def pod(phase="Running", gpus=8, start="2026-01-01T11:00:00Z", restarts=0, exit_code=None):
@@ -89,6 +116,13 @@ CASES = [
     ("replacing an old run", obs(replacing_run="1"), {"runId": "2"}, "Pending", {"Running": "False"}),
     ("a worker the scheduler cannot place", obs(pytorchjob=ptj("Created", "Running"), pods=[pod(), unschedulable_pod()]),
      {}, "Pending", {"Running": "False"}),
+    ("a worker that cannot pull its image", obs(pytorchjob=ptj("Created", "Running"), pods=[
+        pod(), waiting_pod("ImagePullBackOff", PULL_ERROR)], progress=PROGRESS), {}, "Pending", {"Running": "False"}),
+    ("the master's container config is broken", obs(pytorchjob=ptj("Created"), pods=[
+        waiting_pod("CreateContainerConfigError", 'secret "creds" not found', name="train-1-master-0")]), {},
+     "Pending", {"Running": "False"}),
+    ("a worker creating its container for too long", obs(pytorchjob=ptj("Created", "Running"), pods=[
+        pod(), waiting_pod("ContainerCreating", start="2026-01-01T11:40:00Z")]), {}, "Pending", {"Running": "False"}),
     ("progress stalled", obs(pytorchjob=ptj("Created", "Running"), pods=[pod()], stall_after_seconds=60,
                              progress=PROGRESS.model_copy(update={"updatedAt": "2026-01-01T11:00:00Z"})), {},
      "Stalled", {"Running": "True"}),
@@ -109,6 +143,9 @@ KSTATUS = {
     "spec changed during the run": ("False", "True", "False", "Training"),
     "replacing an old run": ("False", "True", "False", "ReplacingRun"),
     "a worker the scheduler cannot place": ("False", "True", "False", "Unschedulable"),
+    "a worker that cannot pull its image": ("False", "True", "False", "ImagePullBackOff"),
+    "the master's container config is broken": ("False", "True", "False", "CreateContainerConfigError"),
+    "a worker creating its container for too long": ("False", "True", "False", "ContainerCreating"),
     "progress stalled": ("False", "False", "True", "ProgressStalled"),
 }
 
@@ -157,6 +194,51 @@ def test_an_unschedulable_pod_is_named_with_the_schedulers_message():
     assert condition(status, "Running")["message"] == (
         "pod train-1-worker-0: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
     assert condition(status, "Ready")["message"] == condition(status, "Running")["message"]
+
+
+WORKER = "pod train-1-worker-0 container pytorch"
+
+
+@pytest.mark.parametrize("pods,shown", [
+    # A worker that cannot start keeps a run from training, whatever its PyTorchJob says.
+    ([pod(), waiting_pod("ImagePullBackOff", PULL_ERROR)], ("ImagePullBackOff", f"{WORKER}: ImagePullBackOff: {PULL_ERROR}")),
+    ([pod(), waiting_pod("ErrImagePull", "rpc error: code = NotFound")],
+     ("ErrImagePull", f"{WORKER}: ErrImagePull: rpc error: code = NotFound")),
+    ([pod(), waiting_pod("CrashLoopBackOff", "back-off 5m0s restarting failed container")],
+     ("CrashLoopBackOff", f"{WORKER}: CrashLoopBackOff: back-off 5m0s restarting failed container")),
+    ([pod(), waiting_pod("CreateContainerConfigError", "couldn't find key X in Secret", init=True)],
+     ("CreateContainerConfigError", "pod train-1-worker-0 container init-pytorch: CreateContainerConfigError: "
+                                    "couldn't find key X in Secret")),
+    # Creating a container is how every pod starts: reported only after SLOW_START_SECONDS (600 s).
+    ([pod(), waiting_pod("ContainerCreating", start="2026-01-01T11:55:00Z")], None),
+    ([pod(), waiting_pod("ContainerCreating", start="2026-01-01T11:49:00Z")],
+     ("ContainerCreating", f"{WORKER}: ContainerCreating since 2026-01-01T11:49:00Z")),
+    ([pod(), waiting_pod("PodInitializing", start="2026-01-01T11:55:00Z")], None),  # its init containers run
+    ([pod(), waiting_pod("PodInitializing", start="2026-01-01T11:49:00Z")],
+     ("PodInitializing", f"{WORKER}: PodInitializing since 2026-01-01T11:49:00Z")),
+    # The kubelet's message on one line, cut; a reason not in the list is not reported.
+    ([waiting_pod("ErrImagePull", "line one\nline two\x1b[31m" + "x" * 2000)],
+     ("ErrImagePull", f"{WORKER}: ErrImagePull: line one line two [31m" + "x" * (MAX_KUBELET_MESSAGE - 22))),
+    ([waiting_pod("SomethingNew", "unknown")], None),
+    ([pod(phase="Failed", exit_code=137), waiting_pod("ImagePullBackOff", PULL_ERROR) | {"status": {"phase": "Failed"}}],
+     None),
+])
+def test_a_container_that_cannot_start_is_named_with_the_kubelets_reason(pods, shown):
+    running = obs(pytorchjob=ptj("Created", "Running"), pods=pods, progress=PROGRESS)
+    status = derive_status(job(), running)
+    got = condition(status, "Running")
+    if shown is None:
+        assert (status["phase"], got["status"], got["reason"]) == ("Running", "True", "Training")
+        return
+    assert (status["phase"], got["status"], (got["reason"], got["message"])) == ("Pending", "False", shown)
+    assert (condition(status, "Ready")["reason"], condition(status, "Reconciling")["status"]) == (shown[0], "True")
+
+
+def test_every_pod_waiting_reason_is_a_condition_reason_and_pending():
+    for reason in POD_WAITING_REASONS:
+        assert safe_reason(reason, "") == reason
+        assert phase([{"type": "Validated", "status": "True"}, {"type": "Running", "status": "False", "reason": reason}],
+                     run_exists=True).value == "Pending"
 
 
 def test_a_run_that_never_reported_progress_stalls_from_its_start():
@@ -391,3 +473,55 @@ def test_a_finished_outcome_is_restated_for_a_new_generation():
     assert (succeeded["status"], succeeded["observedGeneration"]) == ("True", 2)
     assert succeeded["lastTransitionTime"] == condition(done["status"], "Succeeded")["lastTransitionTime"]
     assert status["phase"] == "Succeeded" and condition(status, "Ready")["status"] == "True"
+
+
+# ---- docs/api.md says what the status code does ---------------------------------------------------
+
+def running_reasons_in_the_code() -> set[tuple[bool, str]]:
+    """(status, reason) of every Running condition status.py can set, read from its source."""
+    tree = ast.parse(Path(status_module.__file__).read_text())
+    functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+    found: set[tuple[bool, str]] = set()
+    for call in ast.walk(tree):
+        if not (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "put" and ast.unparse(call.args[0]) == "C.Running"):
+            continue
+        value, *rest = call.args[1:]
+        if isinstance(value, ast.Starred):  # put(C.Running, *_search_running(search))
+            found |= {(r.value.elts[0].value, r.value.elts[1].value) for r in ast.walk(functions[value.value.func.id])
+                      if isinstance(r, ast.Return)}
+        elif isinstance(rest[0], ast.Starred):  # put(C.Running, False, *waiting): a pod's waiting container
+            found |= {(value.value, reason) for reason in POD_WAITING_REASONS}
+        elif ast.unparse(rest[0]) == "obs.hold.reason":  # why the tenant's run may not start yet
+            found |= {(value.value, reason) for reason in (tenancy.BUDGET_EXHAUSTED, tenancy.RUNNING_JOB_LIMIT)}
+        else:
+            assert isinstance(rest[0], ast.Constant), f"a Running reason this test cannot read: {ast.unparse(call)}"
+            found.add((value.value, rest[0].value))
+    return found
+
+
+def documented(header: str) -> list[list[list[str]]]:
+    """The rows of the table of docs/api.md with this header: each cell's `code` words."""
+    lines = (ROOT / "docs" / "api.md").read_text().split(header + "\n", 1)[1].splitlines()[1:]
+    rows = itertools.takewhile(lambda line: line.startswith("|"), lines)
+    return [[re.findall(r"`([^`]+)`", cell) or [cell.strip()] for cell in row.strip("|").split(" | ")] for row in rows]
+
+
+RUNNING_REASONS = {(True, r) for r in RUNNING_TRUE_REASONS} | {(False, r) for r in RUNNING_FALSE_REASONS}
+
+
+def test_the_registry_of_running_reasons_is_what_the_code_sets():
+    assert running_reasons_in_the_code() == RUNNING_REASONS
+
+
+def first_column(rows: list[list[list[str]]]) -> set[str]:
+    return {row[0][0] for row in rows}
+
+
+@pytest.mark.parametrize("header,documents,expected", [
+    ("| `Running` reason | status | when |", lambda rows: {(row[1][0] == "True", r) for row in rows for r in row[0]},
+     RUNNING_REASONS),
+    ("| condition | True when |", first_column, {c.value for c in ConditionType}),
+    ("| phase | when |", first_column, {p.value for p in Phase}),
+], ids=["running reasons", "conditions", "phases"])
+def test_docs_api_lists_every_condition_phase_and_running_reason_of_the_code(header, documents, expected):
+    assert documents(documented(header)) == expected

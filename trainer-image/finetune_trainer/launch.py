@@ -5,6 +5,10 @@ training-operator sets) with `python -m finetune_trainer` as the per-rank progra
 the trainer's own exit code. torchrun alone exits 1 whenever a rank fails, which would turn a
 preemption (retryable) into a permanent failure for the training-operator's ExitCode policy; here
 every rank records its exit code in a folder and the pod exits with the most telling one.
+
+In the pod of rank 0 it also holds the trainer's metrics port from the start (metrics.MetricsGateway):
+torchrun starts the ranks only when every node has joined, so rank 0 alone would leave the Master's
+scrape target down while a worker cannot start.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from . import exit_codes
+from .metrics import start_gateway
 
 EXIT_CODE_DIR_ENV = "FINETUNE_EXIT_CODE_DIR"
 
@@ -58,14 +63,19 @@ def torchrun_argv(nproc_per_node: str, trainer_args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     trainer_args = list(sys.argv[1:] if argv is None else argv)
     nproc = os.environ.get("FINETUNE_NPROC_PER_NODE") or os.environ.get("PET_NPROC_PER_NODE") or "1"
-    with tempfile.TemporaryDirectory(prefix="finetune-exit-") as folder:
-        env = dict(os.environ, **{EXIT_CODE_DIR_ENV: folder})
-        proc = subprocess.Popen(torchrun_argv(nproc, trainer_args), env=env)
-        # Preemption: pass SIGTERM on; torchrun forwards it to the ranks, which checkpoint and exit.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-        torchrun_code = proc.wait()
-        rank_codes = [int(p.read_text()) for p in sorted(Path(folder).glob("rank-*")) if p.read_text().strip()]
+    gateway = start_gateway(dict(os.environ))
+    try:
+        with tempfile.TemporaryDirectory(prefix="finetune-exit-") as folder:
+            env = dict(os.environ, **{EXIT_CODE_DIR_ENV: folder}, **(gateway.trainer_env() if gateway else {}))
+            proc = subprocess.Popen(torchrun_argv(nproc, trainer_args), env=env)
+            # Preemption: pass SIGTERM on; torchrun forwards it to the ranks, which checkpoint and exit.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+            torchrun_code = proc.wait()
+            rank_codes = [int(p.read_text()) for p in sorted(Path(folder).glob("rank-*")) if p.read_text().strip()]
+    finally:
+        if gateway is not None:
+            gateway.close()
     code = pod_exit_code(torchrun_code, rank_codes)
     if code:
         print(f"finetune_trainer.launch: exiting with {code} ({exit_codes.reason(code)}); "

@@ -1,71 +1,18 @@
-"""Progress of a run: progress.json in S3 every few seconds and Prometheus metrics (rank 0 only)."""
+"""Progress of a run: progress.json in S3 every few seconds and Prometheus metrics (rank 0 only; metrics.py)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
 
 from .checkpoint import now
 from .config import MAX_EVAL_HISTORY, CheckpointRecord, EvalPoint, Progress
+from .metrics import Metrics, metrics_port  # noqa: F401 (metrics_port: run.py imports it from here)
 from .storage import Storage
 
 log = logging.getLogger(__name__)
-
-METRICS_PORT_ENV = "FINETUNE_TRAINER_METRICS_PORT"
-
-
-class Metrics:
-    """Prometheus metrics in their own registry (several runs in one test process must not clash)."""
-
-    def __init__(self, port: int):
-        from prometheus_client import (CollectorRegistry, Counter, Gauge, PlatformCollector, ProcessCollector,
-                                       start_http_server)
-
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        gauge = lambda name, doc: Gauge(f"finetune_trainer_{name}", doc, registry=self.registry)  # noqa: E731
-        self.step = gauge("step", "Optimizer steps done in the current stage.")
-        self.total_steps = gauge("total_steps", "Optimizer steps of the current stage.")
-        self.loss = gauge("loss", "Training loss (mean over the last optimizer step).")
-        self.eval_loss = gauge("eval_loss", "Validation loss.")
-        self.learning_rate = gauge("learning_rate", "Current learning rate.")
-        self.tokens_per_second = gauge("tokens_per_second", "Training tokens per second, all ranks together.")
-        self.eta_seconds = gauge("eta_seconds", "Estimated seconds until the stage ends.")
-        self.checkpoints = Counter("finetune_trainer_checkpoints", "Checkpoints this process saved.",
-                                   registry=self.registry)
-        # The process start before the first checkpoint: a restarted trainer is not "stale" at once
-        # (the counter starts again at 0, so alerting on its increase would be).
-        self.last_checkpoint = gauge("last_checkpoint_timestamp_seconds", "When this process saved its latest "
-                                     "checkpoint (Unix time), or when it started before its first one.")
-        self.last_checkpoint.set_to_current_time()
-        self.server = None
-        if port:
-            self.server, _ = start_http_server(port, registry=self.registry)
-
-    def checkpoint_saved(self) -> None:
-        self.checkpoints.inc()
-        self.last_checkpoint.set_to_current_time()
-
-    def update(self, p: Progress) -> None:
-        self.step.set(p.step)
-        self.total_steps.set(p.totalSteps)
-        for gauge, value in ((self.loss, p.loss), (self.eval_loss, p.evalLoss), (self.learning_rate, p.learningRate),
-                             (self.tokens_per_second, p.tokensPerSecond), (self.eta_seconds, p.etaSeconds)):
-            if value is not None:
-                gauge.set(value)
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-
-
-def metrics_port(configured: int) -> int:
-    override = os.environ.get(METRICS_PORT_ENV)
-    return int(override) if override not in (None, "") else configured
 
 
 class Throughput:

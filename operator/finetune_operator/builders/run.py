@@ -143,7 +143,8 @@ def _container(job: n.JobRef, cfg: OperatorConfig, *, serves_metrics: bool) -> d
         ],
         "envFrom": [{"secretRef": {"name": n.CREDENTIALS_SECRET}}],
         # Only rank 0 serves the trainer's metrics, and rank 0 runs in the Master: a `metrics` port on
-        # the workers would be a scrape target that is always down.
+        # the workers would be a scrape target that is always down. The Master's launcher holds the
+        # port from the container's start (rank 0 starts only after the rendezvous) and relays rank 0.
         "ports": [
             {"name": "pytorchjob-port", "containerPort": MASTER_PORT, "protocol": "TCP"},
             *([{"name": "metrics", "containerPort": cfg.trainerMetricsPort, "protocol": "TCP"}] if serves_metrics else []),
