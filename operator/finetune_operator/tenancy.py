@@ -220,6 +220,29 @@ def with_policy_defaults(spec: FineTuneJobSpec, policy: Policy | None, cfg: Oper
     return spec.model_copy(update={"resources": resources, "runPolicy": run_policy})
 
 
+# What with_policy_defaults (or the operator's configuration) fills in, as a run was made with it: its
+# PyTorchJob records these (builders.run.recorded_settings reads them back), and while the run exists
+# they replace what the policy would fill in now.
+RUN_SETTINGS: dict[str, type] = {"nodePool": str, "priorityClassName": str, "activeDeadlineSeconds": int,
+                                 "queueName": str}
+
+
+def run_settings(spec: FineTuneJobSpec, cfg: OperatorConfig) -> dict[str, Any]:
+    """The settings of a run made from `spec` (the policy's defaults filled in), its pool resolved."""
+    run = spec.runPolicy
+    return {"nodePool": spec.resources.nodePool or cfg.defaultNodePool, "priorityClassName": run.priorityClassName,
+            "activeDeadlineSeconds": run.activeDeadlineSeconds, "queueName": run.queueName}
+
+
+def with_run_settings(spec: FineTuneJobSpec, settings: dict[str, Any]) -> FineTuneJobSpec:
+    """The spec of a run that exists: the settings it was made with in place of today's defaults (a
+    setting not recorded keeps today's)."""
+    known = {k: v for k, v in settings.items() if k in RUN_SETTINGS}
+    resources = spec.resources.model_copy(update={k: v for k, v in known.items() if k == "nodePool"})
+    run_policy = spec.runPolicy.model_copy(update={k: v for k, v in known.items() if k != "nodePool"})
+    return spec.model_copy(update={"resources": resources, "runPolicy": run_policy})
+
+
 def effective_config(cfg: OperatorConfig, policy: Policy | None) -> OperatorConfig:
     """The operator's configuration as a governed job sees it: the policy's lists replace the
     operator-wide allow-lists (images, priority classes, S3 endpoints when the policy names some); a
