@@ -68,6 +68,7 @@ class JobSummary:
     validated: bool
     gpus: int  # workers x gpusPerWorker
     gpu_seconds: float
+    slots: int = 1  # what it counts as against maxRunningJobs: a search, its search.parallelism
 
     @property
     def active(self) -> bool:
@@ -90,10 +91,15 @@ def job_summary(body: dict[str, Any]) -> JobSummary:
         started=same_run and (bool(status.get("pytorchJob")) or bool((status.get("search") or {}).get("trials"))),
         finished=same_run and (_condition_true(status, "Succeeded") or _condition_true(status, "Failed")),
         validated=_condition_true(status, "Validated"),
-        gpus=int(resources.get("workers") or 1) * int(resources.get("gpusPerWorker", 1) or 0)
-        * int((spec.get("search") or {}).get("parallelism") or 1),  # a search runs that many trials at once
+        gpus=int(resources.get("workers") or 1) * int(resources.get("gpusPerWorker", 1) or 0) * parallelism(spec),
         gpu_seconds=float(status.get("gpuSeconds") or 0.0) if same_run else 0.0,
+        slots=parallelism(spec),
     )
+
+
+def parallelism(raw_spec: dict[str, Any]) -> int:
+    """Runs the job makes at once: a search, search.parallelism trials; any other job, one."""
+    return int((raw_spec.get("search") or {}).get("parallelism") or 1)
 
 
 @dataclass(frozen=True)
@@ -343,20 +349,28 @@ def check_locations(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
 
 def limit_problems(spec: FineTuneJobSpec, lim: PolicyLimits, reason: str, source: str) -> list[Problem]:
     """Per-job ceilings: a TenantPolicy's limits, or the operator's defaultLimits for a job no policy
-    governs. Each problem names the field, the value and the limit with where it was set."""
+    governs. Each problem names the field, the value and the limit with where it was set. The pods and
+    GPUs of a job are what it uses at once: a search's search.parallelism trials together."""
     res, out = spec.resources, []
+    trials = spec.search.parallelism if spec.search is not None else 1
 
     def over(field_path: str, value: Any, limit: Any, limit_name: str, exceeded: bool) -> None:
         if limit is not None and exceeded:
             out.append(Problem(reason, f"{field_path}: {value} is above the limit ({source}: limits.{limit_name}: {limit})"))
 
-    over("spec.resources.workers", res.workers, lim.maxWorkers, "maxWorkers",
-         lim.maxWorkers is not None and res.workers > lim.maxWorkers)
+    def at_once(per_run: int, unit: str, limit: int | None, limit_name: str, field_path: str, value: Any) -> None:
+        if limit is not None and per_run > limit:
+            over(field_path, value, limit, limit_name, True)
+        elif limit is not None and per_run * trials > limit:
+            over("spec.search.parallelism", f"{trials} trials at once of {per_run} {unit} each ({per_run * trials} {unit})",
+                 limit, limit_name, True)
+
+    at_once(res.workers, "pods", lim.maxWorkers, "maxWorkers", "spec.resources.workers", res.workers)
     over("spec.resources.gpusPerWorker", res.gpusPerWorker, lim.maxGPUsPerWorker, "maxGPUsPerWorker",
          lim.maxGPUsPerWorker is not None and res.gpusPerWorker > lim.maxGPUsPerWorker)
     gpus = res.workers * res.gpusPerWorker
-    over("spec.resources", f"{gpus} GPUs in all (workers x gpusPerWorker)", lim.maxGPUsPerJob, "maxGPUsPerJob",
-         lim.maxGPUsPerJob is not None and gpus > lim.maxGPUsPerJob)
+    at_once(gpus, "GPUs", lim.maxGPUsPerJob, "maxGPUsPerJob", "spec.resources",
+            f"{gpus} GPUs in all (workers x gpusPerWorker)")
     for name, limit_name in (("cpu", "maxCPUPerWorker"), ("memory", "maxMemoryPerWorker")):
         limit, value = getattr(lim, limit_name), getattr(res, name)
         over(f"spec.resources.{name}", value, limit, limit_name,
@@ -393,7 +407,18 @@ def check_queue(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
     return []
 
 
-POLICY_CHECKS = (check_pool, check_image, check_priority, check_locations, check_limits, check_queue)
+def check_running_jobs(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
+    """A search counts as its search.parallelism against maxRunningJobs: more could never start (0 is
+    a tenant paused: its jobs wait)."""
+    limit = policy.spec.maxRunningJobs
+    if spec.search is not None and limit and spec.search.parallelism > limit:
+        trials = spec.search.parallelism
+        return [_violation(policy, "spec.search.parallelism", f"{trials} trials at once count as {trials} running jobs",
+                           f"maxRunningJobs: {limit}")]
+    return []
+
+
+POLICY_CHECKS = (check_pool, check_image, check_priority, check_locations, check_limits, check_queue, check_running_jobs)
 
 
 def check_policy(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
@@ -431,7 +456,8 @@ def budget_hold(policy: Policy | None) -> Problem | None:
 
 def start_hold(job: JobSummary, policy: Policy | None, tenancy: Tenancy) -> Problem | None:
     """Why a job whose run does not exist yet must wait (None: it may start). Jobs wait for the budget
-    and for a free slot under maxRunningJobs; slots go to waiting jobs oldest first."""
+    and for free slots under maxRunningJobs (a search takes search.parallelism); slots go to waiting
+    jobs oldest first."""
     if policy is None or policy.spec is None:
         return None
     p = policy.spec
@@ -441,13 +467,16 @@ def start_hold(job: JobSummary, policy: Policy | None, tenancy: Tenancy) -> Prob
     if p.maxRunningJobs is None:
         return None
     jobs = tenancy.jobs_in(governed_namespaces(policy, tenancy))
-    active = sum(1 for j in jobs if j.active and j.uid != job.uid)
+    active = sum(j.slots for j in jobs if j.active and j.uid != job.uid)
     waiting = sorted((j for j in jobs if not j.started and not j.finished and (j.validated or j.uid == job.uid)),
                      key=lambda j: (j.created, j.namespace, j.name))
     rank = next((i for i, j in enumerate(waiting) if j.uid == job.uid), len(waiting))
-    if active + rank >= p.maxRunningJobs:
+    ahead = sum(j.slots for j in waiting[:rank])
+    if active + ahead + job.slots > p.maxRunningJobs:
+        mine = f"; this one counts as {job.slots} (search.parallelism)" if job.slots > 1 else ""
         return Problem(RUNNING_JOB_LIMIT, f"TenantPolicy {policy.name} allows {p.maxRunningJobs} running job(s) at "
-                                          f"once; {active} running, {rank} waiting before this one")
+                                          f"once (a search counts as its search.parallelism); {active} running, "
+                                          f"{ahead} waiting before this one{mine}")
     return None
 
 
@@ -530,7 +559,7 @@ def policy_status(policy: Policy, tenancy: Tenancy, now: datetime) -> tuple[dict
         "conditions": [ready],
         "namespaces": namespaces[:MAX_STATUS_NAMESPACES],
         "jobs": counts,
-        "runningJobs": sum(1 for j in jobs if j.active),
+        "runningJobs": sum(j.slots for j in jobs if j.active),
         "gpusInUse": sum(j.gpus for j in jobs if j.active),
         "usage": usage,
     }

@@ -28,10 +28,10 @@ def policy(name="team-a", status=None, **spec) -> tenancy.Policy:
 
 
 def summary(name, namespace="team-a", created="2026-03-18T10:00:00Z", phase="Pending", started=False,
-            finished=False, validated=True, gpus=8, gpu_seconds=0.0, run_id="1") -> tenancy.JobSummary:
+            finished=False, validated=True, gpus=8, gpu_seconds=0.0, run_id="1", slots=1) -> tenancy.JobSummary:
     return tenancy.JobSummary(namespace=namespace, name=name, uid=f"uid-{namespace}-{name}", created=created,
                               phase=phase, run_id=run_id, started=started, finished=finished, validated=validated,
-                              gpus=gpus, gpu_seconds=gpu_seconds)
+                              gpus=gpus, gpu_seconds=gpu_seconds, slots=slots)
 
 
 def snapshot(*policies, jobs=(), labels=None) -> tenancy.Tenancy:
@@ -88,8 +88,16 @@ GOVERNING = dict(
     limits={"maxWorkers": 4, "maxGPUsPerWorker": 8, "maxGPUsPerJob": 16, "maxCPUPerWorker": "16",
             "maxMemoryPerWorker": "128Gi", "defaultActiveDeadlineSeconds": 3600, "maxActiveDeadlineSeconds": 86400},
     kueue={"clusterQueues": ["team-a-gpus", "team-a-batch"]},
+    maxRunningJobs=3,
 )
 DIGEST = "@sha256:" + "a" * 64
+
+
+def searching(parallelism, **resources):
+    """A search of `parallelism` trials at once, each with these resources."""
+    return {"resources": {"nodePool": "a100", **resources}, "evaluation": {"everySteps": 5},
+            "search": {"parameters": {"learningRate": {"values": [1e-4, 3e-4]}}, "trials": 8,
+                       "parallelism": parallelism}}
 
 
 def spec_under_policy(**overrides):
@@ -137,6 +145,13 @@ def spec_under_policy(**overrides):
     ({"runPolicy": {"activeDeadlineSeconds": 172800}}, "spec.runPolicy.activeDeadlineSeconds",
      "limits.maxActiveDeadlineSeconds: 86400"),
     ({"runPolicy": {"queueName": "team-b-gpus"}}, "spec.runPolicy.queueName", "kueue.clusterQueues: team-a-gpus, team-a-batch"),
+    # a search runs search.parallelism trials at once: its ceilings are what they use together
+    (searching(3, workers=1, gpusPerWorker=8), "spec.search.parallelism",
+     "3 trials at once of 8 GPUs each (24 GPUs) is above the limit (TenantPolicy team-a: limits.maxGPUsPerJob: 16)"),
+    (searching(3, workers=2, gpusPerWorker=1), "spec.search.parallelism",
+     "3 trials at once of 2 pods each (6 pods) is above the limit (TenantPolicy team-a: limits.maxWorkers: 4)"),
+    (searching(4, workers=1, gpusPerWorker=2), "spec.search.parallelism",
+     "4 trials at once count as 4 running jobs (TenantPolicy team-a: maxRunningJobs: 3)"),
 ])
 def test_each_policy_field_is_enforced_with_field_limit_and_policy_named(overrides, field, limit):
     problems = tenancy.check_policy(spec_under_policy(**overrides), policy(**GOVERNING))
@@ -287,6 +302,11 @@ def test_budget_exhausted_holds_new_runs():
     ([summary("x", namespace="team-b", started=True), summary("y", namespace="team-b", started=True)], summary("new"), False),
     # namespaces of the same tenant count together
     ([summary("a", started=True), summary("b", namespace="team-a-dev", started=True)], summary("new"), True),
+    # a search counts as the trials it runs at once
+    ([summary("s", started=True, slots=2)], summary("new"), True),
+    ([], summary("new", slots=2), False),
+    ([summary("a", started=True)], summary("new", slots=2), True),
+    ([summary("old", created="2026-03-18T09:00:00Z", slots=2)], summary("new"), True),
 ])
 def test_running_job_limit(others, me, held):
     p = policy(maxRunningJobs=2)
@@ -359,6 +379,14 @@ def test_periods(period, start, end):
     assert begin.date().isoformat() == start and tenancy.period_end(begin, period).date().isoformat() == end
 
 
+def test_running_jobs_count_a_search_as_its_parallelism():
+    p = policy()
+    jobs = [summary("a", phase="Running", started=True), summary("s", phase="Running", started=True, slots=4),
+            summary("w", slots=4), summary("done", phase="Succeeded", started=True, finished=True, slots=4)]
+    status, _ = tenancy.policy_status(p, snapshot(p, jobs=jobs), NOW)
+    assert status["runningJobs"] == 5
+
+
 def test_job_summary_from_a_stored_job():
     body = {"metadata": {"namespace": "team-a", "name": "j", "uid": "u", "creationTimestamp": "t"},
             "spec": {"runId": "2", "resources": {"workers": 2, "gpusPerWorker": 4}},
@@ -366,6 +394,8 @@ def test_job_summary_from_a_stored_job():
                        "conditions": [{"type": "Validated", "status": "True"}]}}
     s = tenancy.job_summary(body)
     assert (s.gpus, s.started, s.finished, s.validated, s.gpu_seconds, s.active) == (8, True, False, True, 12.5, True)
+    assert s.slots == 1
+    assert tenancy.job_summary({**body, "spec": {**body["spec"], "search": {"parallelism": 3}}}).slots == 3
     body["spec"]["runId"] = "3"  # a new run: the old run's status does not count
     s = tenancy.job_summary(body)
     assert (s.started, s.gpu_seconds) == (False, 0.0)
@@ -415,6 +445,9 @@ CPU_POOL = {"nodePool": "cpu", "gpusPerWorker": 0}
     ("too much memory", {"resources": {**CPU_POOL, "memory": "65Gi"}}, None,
      [("LimitExceeded", "spec.resources.memory: 65Gi is above the limit (the operator's defaultLimits: "
                         "limits.maxMemoryPerWorker: 64Gi)")]),
+    ("a search using too many GPUs at once", searching(2, workers=1, gpusPerWorker=8), None,
+     [("LimitExceeded", "spec.search.parallelism: 2 trials at once of 8 GPUs each (16 GPUs) is above the limit "
+                        "(the operator's defaultLimits: limits.maxGPUsPerJob: 8)")]),
     ("a deadline beyond the longest", {"resources": CPU_POOL, "runPolicy": {"activeDeadlineSeconds": 86401}}, None,
      [("LimitExceeded", "spec.runPolicy.activeDeadlineSeconds: 86401 is above the limit (the operator's defaultLimits: "
                         "limits.maxActiveDeadlineSeconds: 86400)")]),
