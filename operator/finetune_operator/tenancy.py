@@ -109,16 +109,30 @@ class Policy:
     spec: TenantPolicySpec | None  # None: the stored spec does not parse
     status: dict[str, Any]
     error: str = ""
+    selector: LabelSelector | None = None  # its namespaceSelector; None: that does not parse either
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> "Policy":
-        meta = body.get("metadata") or {}
+        meta, raw = body.get("metadata") or {}, body.get("spec") or {}
         try:
-            spec, error = parse_policy_spec(body.get("spec") or {}), ""
+            spec, error = parse_policy_spec(raw), ""
         except ValidationError as exc:
             spec, error = None, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        selector = spec.namespaceSelector if spec is not None else _selector_or_none(raw.get("namespaceSelector"))
         return cls(name=meta.get("name", ""), generation=int(meta.get("generation") or 0), spec=spec,
-                   status=dict(body.get("status") or {}), error=error)
+                   status=dict(body.get("status") or {}), error=error, selector=selector)
+
+    def selects(self, labels: dict[str, str]) -> bool:
+        """Whether it selects a namespace with these labels; a selector that does not parse might
+        select any, so it is taken to select every one (a broken policy fails closed)."""
+        return self.selector is None or selector_matches(self.selector, labels)
+
+
+def _selector_or_none(raw: Any) -> LabelSelector | None:
+    try:
+        return LabelSelector.model_validate(raw)
+    except ValidationError:
+        return None
 
 
 def io_tenant(namespace: str, policy: Policy | None) -> str:
@@ -165,10 +179,16 @@ def governed_namespaces(policy: Policy, tenancy: Tenancy) -> list[str]:
 
 
 def policy_of(namespace: str, tenancy: Tenancy, require: bool) -> tuple[Policy | None, Problem | None]:
-    """The TenantPolicy governing a namespace, or the problem that stops its jobs."""
+    """The TenantPolicy governing a namespace, or the problem that stops its jobs. A policy that does
+    not parse stops the namespaces it selects, whatever `require` says: falling back to the
+    operator-wide settings would lift its limits."""
     labels = tenancy.namespace_labels.get(namespace, {})
-    matching = [p for p in tenancy.policies if p.spec is not None and selector_matches(p.spec.namespaceSelector, labels)]
-    broken = [p for p in tenancy.policies if p.spec is None]
+    matching = [p for p in tenancy.policies if p.selects(labels)]
+    broken = [p for p in matching if p.spec is None]
+    if broken:
+        why = "; ".join(f"TenantPolicy {p.name}, which does not parse ({p.error})" for p in broken)
+        return None, Problem(INVALID_POLICY, f"namespace {namespace} is selected by {why}; its jobs do not start "
+                                             "until a platform admin fixes it")
     if len(matching) > 1:
         names = ", ".join(sorted(p.name for p in matching))
         return None, Problem(AMBIGUOUS_POLICY, f"namespace {namespace} is selected by more than one TenantPolicy "
@@ -176,9 +196,8 @@ def policy_of(namespace: str, tenancy: Tenancy, require: bool) -> tuple[Policy |
     if matching:
         return matching[0], None
     if require:
-        hint = f" (TenantPolicy {', '.join(p.name for p in broken)} does not parse)" if broken else ""
         return None, Problem(NO_POLICY, f"namespace {namespace} is governed by no TenantPolicy and the operator "
-                                        f"requires one{hint}; ask a platform admin to set one up")
+                                        f"requires one; ask a platform admin to set one up")
     return None, None
 
 
@@ -422,9 +441,8 @@ POLICY_CHECKS = (check_pool, check_image, check_priority, check_locations, check
 
 
 def check_policy(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
-    """PolicyViolation problems of a spec (with the policy's defaults filled in) under a policy."""
-    if policy.spec is None:
-        return [Problem(INVALID_POLICY, f"TenantPolicy {policy.name} does not parse: {policy.error}")]
+    """PolicyViolation problems of a spec (with the policy's defaults filled in) under a policy that
+    parses (policy_of never hands out one that does not)."""
     return [problem for check in POLICY_CHECKS for problem in check(spec, policy)]
 
 

@@ -70,12 +70,35 @@ def test_which_policy_governs_a_namespace(namespace, policies, require, governed
         assert "team-a, team-a-too" in problem.message
 
 
-def test_a_policy_that_does_not_parse_is_named():
-    broken = tenancy.Policy.from_body({"metadata": {"name": "bad"}, "spec": {"namespaceSelector": SELECT_A,
-                                                                               "limits": {"maxWorkers": 0}}})
-    assert broken.spec is None and "maxWorkers" in broken.error
-    _, problem = tenancy.policy_of("team-a", snapshot(broken), require=True)
-    assert "bad does not parse" in problem.message
+def broken(name="bad", selector=SELECT_A) -> tenancy.Policy:
+    """A stored TenantPolicy that does not parse (a limit below its minimum)."""
+    return tenancy.Policy.from_body({"metadata": {"name": name},
+                                     "spec": {"namespaceSelector": selector, "limits": {"maxWorkers": 0}}})
+
+
+@pytest.mark.parametrize("namespace, policies, require, reason", [
+    # a namespace a policy that does not parse selects starts nothing, whatever requireTenantPolicy says
+    ("team-a", [broken()], False, "InvalidTenantPolicy"),
+    ("team-a", [broken()], True, "InvalidTenantPolicy"),
+    ("team-a", [broken(), policy()], False, "InvalidTenantPolicy"),  # which one governs cannot be told
+    # other namespaces are not its
+    ("team-b", [broken()], False, None),
+    ("team-b", [broken()], True, "NoTenantPolicy"),
+    ("team-b", [broken(), policy("team-b", namespaceSelector={"matchLabels": {"finetune.dev/tenant": "team-b"}})],
+     False, None),
+    # a selector that does not parse either may select any namespace
+    ("team-b", [broken(selector={"matchLabels": "team-a"})], False, "InvalidTenantPolicy"),
+], ids=["selected", "selected-required", "selected-with-a-valid-one", "other", "other-required",
+        "other-governed", "unreadable-selector"])
+def test_a_policy_that_does_not_parse_stops_the_namespaces_it_selects(namespace, policies, require, reason):
+    assert all(p.spec is None and "maxWorkers" in p.error for p in policies if p.name == "bad")
+    governing, problem = tenancy.policy_of(namespace, snapshot(*policies), require)
+    assert (problem.reason if problem else None) == reason
+    if reason == "InvalidTenantPolicy":
+        assert governing is None
+        assert problem.message.startswith(f"namespace {namespace} is selected by TenantPolicy bad, which does not "
+                                          "parse ("), problem.message
+        assert "limits.maxWorkers: Input should be greater than or equal to 1" in problem.message
 
 
 GOVERNING = dict(

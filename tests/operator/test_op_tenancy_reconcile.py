@@ -246,6 +246,25 @@ def test_require_tenant_policy_refuses_a_job_no_policy_governs(require, refused)
         assert len(kube.objects("PyTorchJob")) == 1
 
 
+@pytest.mark.parametrize("require", [False, True])
+def test_a_policy_that_does_not_parse_refuses_new_jobs_and_leaves_runs_alone(require):
+    cfg = CFG.model_copy(update={"requireTenantPolicy": require})
+    unparsable = tightened("limits.maxWorkers", 0)
+    kube = new_job()
+    [refused] = passes(kube, cfg, tenants(unparsable))
+    cond = validated(refused.status)
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidTenantPolicy"), cond
+    assert "TenantPolicy team-a, which does not parse (limits.maxWorkers: " in cond["message"], cond["message"]
+    assert refused.permanent and kube.objects("PyTorchJob") == [] and kube.objects("Namespace") == []
+
+    started = new_job()
+    passes(started, cfg, tenants(LOOSE))
+    [ptj] = started.objects("PyTorchJob")
+    [going] = passes(started, cfg, tenants(unparsable))
+    assert validated(going.status)["status"] == "True" and not going.permanent
+    assert started.objects("PyTorchJob") == [ptj] and started.deleted == [] and started.patches == []
+
+
 def test_require_tenant_policy_lets_a_governed_job_run():
     cfg = CFG.model_copy(update={"requireTenantPolicy": True})
     kube = new_job()
