@@ -34,7 +34,7 @@ from finetune_operator.api.tenant import (
     TenantPolicyStatus,
     parse_policy_spec,
 )
-from finetune_operator.api.types import FineTuneJobSpec, Phase
+from finetune_operator.api.types import FineTuneJobSpec, Phase, TrialPhase
 from finetune_operator.config import OperatorConfig
 from finetune_operator.problems import DIGEST, Problem, image_from
 
@@ -66,7 +66,7 @@ class JobSummary:
     started: bool  # the current run's PyTorchJob exists (status.pytorchJob)
     finished: bool
     validated: bool
-    gpus: int  # workers x gpusPerWorker
+    gpus_running: int  # what its running pods request (gpus_running)
     gpu_seconds: float
     slots: int = 1  # what it counts as against maxRunningJobs: a search, its search.parallelism
 
@@ -91,10 +91,26 @@ def job_summary(body: dict[str, Any]) -> JobSummary:
         started=same_run and (bool(status.get("pytorchJob")) or bool((status.get("search") or {}).get("trials"))),
         finished=same_run and (_condition_true(status, "Succeeded") or _condition_true(status, "Failed")),
         validated=_condition_true(status, "Validated"),
-        gpus=int(resources.get("workers") or 1) * int(resources.get("gpusPerWorker", 1) or 0) * parallelism(spec),
+        gpus_running=gpus_running(spec, status) if same_run else 0,
         gpu_seconds=float(status.get("gpuSeconds") or 0.0) if same_run else 0.0,
         slots=parallelism(spec),
     )
+
+
+RUNNING_PHASES = (Phase.Running.value, Phase.Stalled.value)
+
+
+def gpus_running(raw_spec: dict[str, Any], status: dict[str, Any]) -> int:
+    """GPUs the job's pods request now: those of a run that is Running or Stalled (not one waiting in
+    Kueue, preempted or suspended), or of a search's trials that are running."""
+    if status.get("phase") not in RUNNING_PHASES:
+        return 0
+    resources = raw_spec.get("resources") or {}
+    per_run = int(resources.get("workers") or 1) * int(resources.get("gpusPerWorker", 1) or 0)
+    if raw_spec.get("search"):
+        trials = (status.get("search") or {}).get("trials") or []
+        return per_run * sum(1 for t in trials if t.get("phase") == TrialPhase.Running.value)
+    return per_run
 
 
 def parallelism(raw_spec: dict[str, Any]) -> int:
@@ -578,7 +594,7 @@ def policy_status(policy: Policy, tenancy: Tenancy, now: datetime) -> tuple[dict
         "namespaces": namespaces[:MAX_STATUS_NAMESPACES],
         "jobs": counts,
         "runningJobs": sum(j.slots for j in jobs if j.active),
-        "gpusInUse": sum(j.gpus for j in jobs if j.active),
+        "gpusInUse": sum(j.gpus_running for j in jobs if j.active),
         "usage": usage,
     }
     return TenantPolicyStatus.model_validate(status).model_dump(mode="json", exclude_none=True), added

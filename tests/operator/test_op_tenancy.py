@@ -28,10 +28,10 @@ def policy(name="team-a", status=None, **spec) -> tenancy.Policy:
 
 
 def summary(name, namespace="team-a", created="2026-03-18T10:00:00Z", phase="Pending", started=False,
-            finished=False, validated=True, gpus=8, gpu_seconds=0.0, run_id="1", slots=1) -> tenancy.JobSummary:
+            finished=False, validated=True, gpus_running=0, gpu_seconds=0.0, run_id="1", slots=1) -> tenancy.JobSummary:
     return tenancy.JobSummary(namespace=namespace, name=name, uid=f"uid-{namespace}-{name}", created=created,
                               phase=phase, run_id=run_id, started=started, finished=finished, validated=validated,
-                              gpus=gpus, gpu_seconds=gpu_seconds, slots=slots)
+                              gpus_running=gpus_running, gpu_seconds=gpu_seconds, slots=slots)
 
 
 def snapshot(*policies, jobs=(), labels=None) -> tenancy.Tenancy:
@@ -344,13 +344,14 @@ def test_running_job_limit(others, me, held):
 
 def test_status_counts_jobs_gpus_and_usage():
     p = policy(budget={"gpuHours": 1, "period": "Week"})
-    jobs = [summary("a", phase="Running", started=True, gpu_seconds=1800), summary("b", phase="Queued"),
+    jobs = [summary("a", phase="Running", started=True, gpus_running=8, gpu_seconds=1800),
+            summary("b", phase="Queued", started=True),  # its run waits in Kueue: a running job, no GPUs
             summary("c", phase="Succeeded", started=True, finished=True, gpu_seconds=1000),
-            summary("x", namespace="team-b", phase="Running", started=True, gpu_seconds=99999)]
+            summary("x", namespace="team-b", phase="Running", started=True, gpus_running=8, gpu_seconds=99999)]
     status, added = tenancy.policy_status(p, snapshot(p, jobs=jobs), NOW)
     assert status["namespaces"] == ["team-a", "team-a-dev"]
     assert status["jobs"]["Running"] == 1 and status["jobs"]["Queued"] == 1 and status["jobs"]["Succeeded"] == 1
-    assert status["runningJobs"] == 1 and status["gpusInUse"] == 8
+    assert status["runningJobs"] == 2 and status["gpusInUse"] == 8
     assert added == 2800 and status["usage"]["gpuSeconds"] == 2800 and status["usage"]["gpuHours"] == 0.778
     assert status["usage"]["periodStart"] == "2026-03-16T00:00:00Z"  # Monday
     assert status["usage"]["budgetExhausted"] is False
@@ -416,12 +417,40 @@ def test_job_summary_from_a_stored_job():
             "status": {"runId": "2", "phase": "Running", "pytorchJob": "train-2", "gpuSeconds": 12.5,
                        "conditions": [{"type": "Validated", "status": "True"}]}}
     s = tenancy.job_summary(body)
-    assert (s.gpus, s.started, s.finished, s.validated, s.gpu_seconds, s.active) == (8, True, False, True, 12.5, True)
+    assert (s.gpus_running, s.started, s.finished, s.validated, s.gpu_seconds, s.active) == (8, True, False, True, 12.5, True)
     assert s.slots == 1
     assert tenancy.job_summary({**body, "spec": {**body["spec"], "search": {"parallelism": 3}}}).slots == 3
     body["spec"]["runId"] = "3"  # a new run: the old run's status does not count
     s = tenancy.job_summary(body)
     assert (s.started, s.gpu_seconds) == (False, 0.0)
+
+
+def stored(phase, search_trials=None, run_id="2", conditions=()):
+    """A stored job of 2 workers x 4 GPUs in this phase; a search of 4 at once with these trial phases."""
+    spec = {"runId": "2", "resources": {"workers": 2, "gpusPerWorker": 4}}
+    status = {"runId": run_id, "phase": phase, "pytorchJob": "train-2",
+              "conditions": [{"type": c, "status": "True"} for c in conditions]}
+    if search_trials is not None:
+        spec["search"] = {"parallelism": 4}
+        status = {**status, "pytorchJob": None, "search": {"trials": [{"number": i, "phase": t}
+                                                                      for i, t in enumerate(search_trials)]}}
+    return {"metadata": {"namespace": "team-a", "name": "j", "uid": "u"}, "spec": spec, "status": status}
+
+
+@pytest.mark.parametrize("body, gpus", [
+    (stored("Running"), 8),
+    (stored("Stalled"), 8),  # its pods still hold their GPUs
+    (stored("Queued"), 0),  # waiting in Kueue, or preempted by it
+    (stored("Suspended"), 0),
+    (stored("Pending"), 0),  # a pod the scheduler cannot place
+    (stored("Succeeded", conditions=["Succeeded"]), 0),
+    (stored("Running", run_id="1"), 0),  # the status is of another run
+    (stored("Running", ["Running", "Running", "Pending", "Succeeded", "Pruned"]), 16),  # a search: its running trials
+    (stored("Suspended", ["Running", "Running"]), 0),
+], ids=["running", "stalled", "queued", "suspended", "unschedulable", "finished", "old-run", "search",
+        "suspended-search"])
+def test_gpus_in_use_are_those_of_running_pods(body, gpus):
+    assert tenancy.job_summary(body).gpus_running == gpus
 
 
 def test_policy_spec_rules():

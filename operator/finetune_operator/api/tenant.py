@@ -210,7 +210,8 @@ class TenantPolicyStatus(StatusModel):
     jobs: JobCounts = Field(default_factory=JobCounts, description="FineTuneJobs in those namespaces, by phase.")
     runningJobs: int = Field(default=0, description="Jobs whose run exists and has not finished, as maxRunningJobs "
                              "counts them (a search as search.parallelism).")
-    gpusInUse: int = Field(default=0, description="GPUs requested by running jobs.")
+    gpusInUse: int = Field(default=0, description="GPUs requested by the pods of running jobs: runs Running or "
+                           "Stalled (not those waiting in Kueue, preempted or suspended), a search's running trials.")
     usage: Usage = Field(default_factory=Usage, description="GPU time in the current budget period.")
 
 
