@@ -10,7 +10,11 @@ Rules:
   requires a policy (`NoTenantPolicy`);
 * a policy's lists replace the operator-wide ones (images, priority classes, S3 endpoints) for the
   namespaces it governs; node pools stay those of the operator's configuration, narrowed by the policy;
-* a policy is applied to runs not yet started: a run that exists keeps going when the policy changes;
+* a policy is applied to runs not yet started: a run that exists keeps going when the policy changes,
+  with what the policy filled in when it was made (RUN_SETTINGS);
+* a policy that does not parse stops the namespaces it selects (`InvalidTenantPolicy`);
+* a job's ceilings count what it runs at once: a search's search.parallelism trials together, which
+  also take that many slots of maxRunningJobs;
 * a run starts only while the tenant's budget is not used up (`BudgetExhausted`) and fewer than
   maxRunningJobs runs are active (`RunningJobLimit`); waiting jobs start oldest first.
 """
