@@ -443,7 +443,7 @@ class Reconciler:
             view.other_runs = [r for r in runs if r not in this_run]
         started = view.pytorchjob is not None or bool(view.trials)
         made = view.pytorchjob or next((t.pytorchjob for _, t in sorted(view.trials.items())), None)
-        if made is not None:  # a policy changed since applies to runs not made yet
+        if made is not None:  # the run keeps what its policy filled in; a policy changed since applies to new runs
             facts.run_settings = recorded_settings(made)
         view.spec, view.problems = self._validated(raw_spec, facts, started)
         spec = view.spec

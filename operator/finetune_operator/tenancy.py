@@ -70,7 +70,7 @@ class JobSummary:
     started: bool  # the current run's PyTorchJob exists (status.pytorchJob)
     finished: bool
     validated: bool
-    gpus_running: int  # what its running pods request (gpus_running)
+    gpus_running: int  # GPUs its running pods request (see gpus_running())
     gpu_seconds: float
     slots: int = 1  # what it counts as against maxRunningJobs: a search, its search.parallelism
 
