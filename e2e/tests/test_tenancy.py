@@ -334,6 +334,9 @@ def test_the_tenant_example_applies_as_it_is(kube, operator):
                                  "Ready")
             assert status["namespaces"] == [name]
         assert kube.get("clusterqueue", "team-a")["spec"]["cohortName"] == "gpus"
+        # and the team's example job is accepted in its namespace as it is (a dry run: nothing is made)
+        kube.run("apply", "--dry-run=server", "--server-side", "--field-manager=e2e-tests", "-n", "team-a",
+                 "-f", str(path.parent / "team-a-job.yaml"))
     finally:
         for doc in reversed(documents):
             kube.run("delete", doc["kind"].lower(), doc["metadata"]["name"], "--wait=false", "--ignore-not-found",

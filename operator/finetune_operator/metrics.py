@@ -167,8 +167,9 @@ class Metrics:
         self.tenant_jobs = Gauge("finetune_tenant_jobs", "FineTuneJobs of a tenant by phase.", ["policy", "phase"],
                                  registry=r)
         self.tenant_running = Gauge("finetune_tenant_running_jobs", "Jobs of a tenant whose run exists and has not "
-                                    "finished.", ["policy"], registry=r)
-        self.tenant_gpus = Gauge("finetune_tenant_gpus_in_use", "GPUs requested by a tenant's running jobs.", ["policy"],
+                                    "finished (a search counts as search.parallelism).", ["policy"], registry=r)
+        self.tenant_gpus = Gauge("finetune_tenant_gpus_in_use", "GPUs requested by a tenant's running pods (not "
+                                 "those of runs queued, preempted or suspended).", ["policy"],
                                  registry=r)
         self.tenant_gpu_seconds = Counter("finetune_tenant_gpu_seconds", "GPU-seconds used by a tenant's jobs "
                                           "(counted as the operator sees them).", ["policy"], registry=r)

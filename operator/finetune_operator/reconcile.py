@@ -33,7 +33,14 @@ from finetune_operator.api.tenant import KIND as TENANT_POLICY_KIND
 from finetune_operator.api.types import FineTuneJobSpec
 from finetune_operator.builders import events as ev
 from finetune_operator.builders import names as n
-from finetune_operator.builders.run import Trial, config_map, owns_suspend, run_objects, suspended_for_creation
+from finetune_operator.builders.run import (
+    Trial,
+    config_map,
+    owns_suspend,
+    recorded_settings,
+    run_objects,
+    suspended_for_creation,
+)
 from finetune_operator.builders.sandbox import resolve_pool, sandbox_objects
 from finetune_operator.config import OperatorConfig
 from finetune_operator.metrics import Metrics
@@ -435,6 +442,9 @@ class Reconciler:
                     view.trials[number] = driver.TrialRun(pytorchjob=r)
             view.other_runs = [r for r in runs if r not in this_run]
         started = view.pytorchjob is not None or bool(view.trials)
+        made = view.pytorchjob or next((t.pytorchjob for _, t in sorted(view.trials.items())), None)
+        if made is not None:  # the run keeps what its policy filled in; a policy changed since applies to new runs
+            facts.run_settings = recorded_settings(made)
         view.spec, view.problems = self._validated(raw_spec, facts, started)
         spec = view.spec
         if spec is None or view.problems:

@@ -10,7 +10,11 @@ Rules:
   requires a policy (`NoTenantPolicy`);
 * a policy's lists replace the operator-wide ones (images, priority classes, S3 endpoints) for the
   namespaces it governs; node pools stay those of the operator's configuration, narrowed by the policy;
-* a policy is applied to runs not yet started: a run that exists keeps going when the policy changes;
+* a policy is applied to runs not yet started: a run that exists keeps going when the policy changes,
+  with what the policy filled in when it was made (RUN_SETTINGS);
+* a policy that does not parse stops the namespaces it selects (`InvalidTenantPolicy`);
+* a job's ceilings count what it runs at once: a search's search.parallelism trials together, which
+  also take that many slots of maxRunningJobs;
 * a run starts only while the tenant's budget is not used up (`BudgetExhausted`) and fewer than
   maxRunningJobs runs are active (`RunningJobLimit`); waiting jobs start oldest first.
 """
@@ -34,7 +38,7 @@ from finetune_operator.api.tenant import (
     TenantPolicyStatus,
     parse_policy_spec,
 )
-from finetune_operator.api.types import FineTuneJobSpec, Phase
+from finetune_operator.api.types import FineTuneJobSpec, Phase, TrialPhase
 from finetune_operator.config import OperatorConfig
 from finetune_operator.problems import DIGEST, Problem, image_from
 
@@ -66,8 +70,9 @@ class JobSummary:
     started: bool  # the current run's PyTorchJob exists (status.pytorchJob)
     finished: bool
     validated: bool
-    gpus: int  # workers x gpusPerWorker
+    gpus_running: int  # GPUs its running pods request (see gpus_running())
     gpu_seconds: float
+    slots: int = 1  # what it counts as against maxRunningJobs: a search, its search.parallelism
 
     @property
     def active(self) -> bool:
@@ -90,10 +95,31 @@ def job_summary(body: dict[str, Any]) -> JobSummary:
         started=same_run and (bool(status.get("pytorchJob")) or bool((status.get("search") or {}).get("trials"))),
         finished=same_run and (_condition_true(status, "Succeeded") or _condition_true(status, "Failed")),
         validated=_condition_true(status, "Validated"),
-        gpus=int(resources.get("workers") or 1) * int(resources.get("gpusPerWorker", 1) or 0)
-        * int((spec.get("search") or {}).get("parallelism") or 1),  # a search runs that many trials at once
+        gpus_running=gpus_running(spec, status) if same_run else 0,
         gpu_seconds=float(status.get("gpuSeconds") or 0.0) if same_run else 0.0,
+        slots=parallelism(spec),
     )
+
+
+RUNNING_PHASES = (Phase.Running.value, Phase.Stalled.value)
+
+
+def gpus_running(raw_spec: dict[str, Any], status: dict[str, Any]) -> int:
+    """GPUs the job's pods request now: those of a run that is Running or Stalled (not one waiting in
+    Kueue, preempted or suspended), or of a search's trials that are running."""
+    if status.get("phase") not in RUNNING_PHASES:
+        return 0
+    resources = raw_spec.get("resources") or {}
+    per_run = int(resources.get("workers") or 1) * int(resources.get("gpusPerWorker", 1) or 0)
+    if raw_spec.get("search"):
+        trials = (status.get("search") or {}).get("trials") or []
+        return per_run * sum(1 for t in trials if t.get("phase") == TrialPhase.Running.value)
+    return per_run
+
+
+def parallelism(raw_spec: dict[str, Any]) -> int:
+    """Runs the job makes at once: a search, search.parallelism trials; any other job, one."""
+    return int((raw_spec.get("search") or {}).get("parallelism") or 1)
 
 
 @dataclass(frozen=True)
@@ -103,16 +129,30 @@ class Policy:
     spec: TenantPolicySpec | None  # None: the stored spec does not parse
     status: dict[str, Any]
     error: str = ""
+    selector: LabelSelector | None = None  # its namespaceSelector; None: that does not parse either
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> "Policy":
-        meta = body.get("metadata") or {}
+        meta, raw = body.get("metadata") or {}, body.get("spec") or {}
         try:
-            spec, error = parse_policy_spec(body.get("spec") or {}), ""
+            spec, error = parse_policy_spec(raw), ""
         except ValidationError as exc:
             spec, error = None, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        selector = spec.namespaceSelector if spec is not None else _selector_or_none(raw.get("namespaceSelector"))
         return cls(name=meta.get("name", ""), generation=int(meta.get("generation") or 0), spec=spec,
-                   status=dict(body.get("status") or {}), error=error)
+                   status=dict(body.get("status") or {}), error=error, selector=selector)
+
+    def selects(self, labels: dict[str, str]) -> bool:
+        """Whether it selects a namespace with these labels; a selector that does not parse might
+        select any, so it is taken to select every one (a broken policy fails closed)."""
+        return self.selector is None or selector_matches(self.selector, labels)
+
+
+def _selector_or_none(raw: Any) -> LabelSelector | None:
+    try:
+        return LabelSelector.model_validate(raw)
+    except ValidationError:
+        return None
 
 
 def io_tenant(namespace: str, policy: Policy | None) -> str:
@@ -159,10 +199,16 @@ def governed_namespaces(policy: Policy, tenancy: Tenancy) -> list[str]:
 
 
 def policy_of(namespace: str, tenancy: Tenancy, require: bool) -> tuple[Policy | None, Problem | None]:
-    """The TenantPolicy governing a namespace, or the problem that stops its jobs."""
+    """The TenantPolicy governing a namespace, or the problem that stops its jobs. A policy that does
+    not parse stops the namespaces it selects, whatever `require` says: falling back to the
+    operator-wide settings would lift its limits."""
     labels = tenancy.namespace_labels.get(namespace, {})
-    matching = [p for p in tenancy.policies if p.spec is not None and selector_matches(p.spec.namespaceSelector, labels)]
-    broken = [p for p in tenancy.policies if p.spec is None]
+    matching = [p for p in tenancy.policies if p.selects(labels)]
+    broken = [p for p in matching if p.spec is None]
+    if broken:
+        why = "; ".join(f"TenantPolicy {p.name}, which does not parse ({p.error})" for p in broken)
+        return None, Problem(INVALID_POLICY, f"namespace {namespace} is selected by {why}; its jobs do not start "
+                                             "until a platform admin fixes it")
     if len(matching) > 1:
         names = ", ".join(sorted(p.name for p in matching))
         return None, Problem(AMBIGUOUS_POLICY, f"namespace {namespace} is selected by more than one TenantPolicy "
@@ -170,9 +216,8 @@ def policy_of(namespace: str, tenancy: Tenancy, require: bool) -> tuple[Policy |
     if matching:
         return matching[0], None
     if require:
-        hint = f" (TenantPolicy {', '.join(p.name for p in broken)} does not parse)" if broken else ""
         return None, Problem(NO_POLICY, f"namespace {namespace} is governed by no TenantPolicy and the operator "
-                                        f"requires one{hint}; ask a platform admin to set one up")
+                                        f"requires one; ask a platform admin to set one up")
     return None, None
 
 
@@ -217,6 +262,29 @@ def with_policy_defaults(spec: FineTuneJobSpec, policy: Policy | None, cfg: Oper
         "activeDeadlineSeconds": spec.runPolicy.activeDeadlineSeconds or p.limits.defaultActiveDeadlineSeconds,
         "queueName": cluster_queue(spec, policy),
     })
+    return spec.model_copy(update={"resources": resources, "runPolicy": run_policy})
+
+
+# What with_policy_defaults (or the operator's configuration) fills in, as a run was made with it: its
+# PyTorchJob records these (builders.run.recorded_settings reads them back), and while the run exists
+# they replace what the policy would fill in now.
+RUN_SETTINGS: dict[str, type] = {"nodePool": str, "priorityClassName": str, "activeDeadlineSeconds": int,
+                                 "queueName": str}
+
+
+def run_settings(spec: FineTuneJobSpec, cfg: OperatorConfig) -> dict[str, Any]:
+    """The settings of a run made from `spec` (the policy's defaults filled in), its pool resolved."""
+    run = spec.runPolicy
+    return {"nodePool": spec.resources.nodePool or cfg.defaultNodePool, "priorityClassName": run.priorityClassName,
+            "activeDeadlineSeconds": run.activeDeadlineSeconds, "queueName": run.queueName}
+
+
+def with_run_settings(spec: FineTuneJobSpec, settings: dict[str, Any]) -> FineTuneJobSpec:
+    """The spec of a run that exists: the settings it was made with in place of today's defaults (a
+    setting not recorded keeps today's)."""
+    known = {k: v for k, v in settings.items() if k in RUN_SETTINGS}
+    resources = spec.resources.model_copy(update={k: v for k, v in known.items() if k == "nodePool"})
+    run_policy = spec.runPolicy.model_copy(update={k: v for k, v in known.items() if k != "nodePool"})
     return spec.model_copy(update={"resources": resources, "runPolicy": run_policy})
 
 
@@ -320,20 +388,28 @@ def check_locations(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
 
 def limit_problems(spec: FineTuneJobSpec, lim: PolicyLimits, reason: str, source: str) -> list[Problem]:
     """Per-job ceilings: a TenantPolicy's limits, or the operator's defaultLimits for a job no policy
-    governs. Each problem names the field, the value and the limit with where it was set."""
+    governs. Each problem names the field, the value and the limit with where it was set. The pods and
+    GPUs of a job are what it uses at once: a search's search.parallelism trials together."""
     res, out = spec.resources, []
+    trials = spec.search.parallelism if spec.search is not None else 1
 
     def over(field_path: str, value: Any, limit: Any, limit_name: str, exceeded: bool) -> None:
         if limit is not None and exceeded:
             out.append(Problem(reason, f"{field_path}: {value} is above the limit ({source}: limits.{limit_name}: {limit})"))
 
-    over("spec.resources.workers", res.workers, lim.maxWorkers, "maxWorkers",
-         lim.maxWorkers is not None and res.workers > lim.maxWorkers)
+    def at_once(per_run: int, unit: str, limit: int | None, limit_name: str, field_path: str, value: Any) -> None:
+        if limit is not None and per_run > limit:
+            over(field_path, value, limit, limit_name, True)
+        elif limit is not None and per_run * trials > limit:
+            over("spec.search.parallelism", f"{trials} trials at once of {per_run} {unit} each ({per_run * trials} {unit})",
+                 limit, limit_name, True)
+
+    at_once(res.workers, "pods", lim.maxWorkers, "maxWorkers", "spec.resources.workers", res.workers)
     over("spec.resources.gpusPerWorker", res.gpusPerWorker, lim.maxGPUsPerWorker, "maxGPUsPerWorker",
          lim.maxGPUsPerWorker is not None and res.gpusPerWorker > lim.maxGPUsPerWorker)
     gpus = res.workers * res.gpusPerWorker
-    over("spec.resources", f"{gpus} GPUs in all (workers x gpusPerWorker)", lim.maxGPUsPerJob, "maxGPUsPerJob",
-         lim.maxGPUsPerJob is not None and gpus > lim.maxGPUsPerJob)
+    at_once(gpus, "GPUs", lim.maxGPUsPerJob, "maxGPUsPerJob", "spec.resources",
+            f"{gpus} GPUs in all (workers x gpusPerWorker)")
     for name, limit_name in (("cpu", "maxCPUPerWorker"), ("memory", "maxMemoryPerWorker")):
         limit, value = getattr(lim, limit_name), getattr(res, name)
         over(f"spec.resources.{name}", value, limit, limit_name,
@@ -370,13 +446,23 @@ def check_queue(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
     return []
 
 
-POLICY_CHECKS = (check_pool, check_image, check_priority, check_locations, check_limits, check_queue)
+def check_running_jobs(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
+    """A search counts as its search.parallelism against maxRunningJobs: more could never start (0 is
+    a tenant paused: its jobs wait)."""
+    limit = policy.spec.maxRunningJobs
+    if spec.search is not None and limit and spec.search.parallelism > limit:
+        trials = spec.search.parallelism
+        return [_violation(policy, "spec.search.parallelism", f"{trials} trials at once count as {trials} running jobs",
+                           f"maxRunningJobs: {limit}")]
+    return []
+
+
+POLICY_CHECKS = (check_pool, check_image, check_priority, check_locations, check_limits, check_queue, check_running_jobs)
 
 
 def check_policy(spec: FineTuneJobSpec, policy: Policy) -> list[Problem]:
-    """PolicyViolation problems of a spec (with the policy's defaults filled in) under a policy."""
-    if policy.spec is None:
-        return [Problem(INVALID_POLICY, f"TenantPolicy {policy.name} does not parse: {policy.error}")]
+    """PolicyViolation problems of a spec (with the policy's defaults filled in) under a policy that
+    parses (policy_of never hands out one that does not)."""
     return [problem for check in POLICY_CHECKS for problem in check(spec, policy)]
 
 
@@ -408,7 +494,8 @@ def budget_hold(policy: Policy | None) -> Problem | None:
 
 def start_hold(job: JobSummary, policy: Policy | None, tenancy: Tenancy) -> Problem | None:
     """Why a job whose run does not exist yet must wait (None: it may start). Jobs wait for the budget
-    and for a free slot under maxRunningJobs; slots go to waiting jobs oldest first."""
+    and for free slots under maxRunningJobs (a search takes search.parallelism); slots go to waiting
+    jobs oldest first."""
     if policy is None or policy.spec is None:
         return None
     p = policy.spec
@@ -418,13 +505,16 @@ def start_hold(job: JobSummary, policy: Policy | None, tenancy: Tenancy) -> Prob
     if p.maxRunningJobs is None:
         return None
     jobs = tenancy.jobs_in(governed_namespaces(policy, tenancy))
-    active = sum(1 for j in jobs if j.active and j.uid != job.uid)
+    active = sum(j.slots for j in jobs if j.active and j.uid != job.uid)
     waiting = sorted((j for j in jobs if not j.started and not j.finished and (j.validated or j.uid == job.uid)),
                      key=lambda j: (j.created, j.namespace, j.name))
     rank = next((i for i, j in enumerate(waiting) if j.uid == job.uid), len(waiting))
-    if active + rank >= p.maxRunningJobs:
+    ahead = sum(j.slots for j in waiting[:rank])
+    if active + ahead + job.slots > p.maxRunningJobs:
+        mine = f"; this one counts as {job.slots} (search.parallelism)" if job.slots > 1 else ""
         return Problem(RUNNING_JOB_LIMIT, f"TenantPolicy {policy.name} allows {p.maxRunningJobs} running job(s) at "
-                                          f"once; {active} running, {rank} waiting before this one")
+                                          f"once (a search counts as its search.parallelism); {active} running, "
+                                          f"{ahead} waiting before this one{mine}")
     return None
 
 
@@ -507,8 +597,8 @@ def policy_status(policy: Policy, tenancy: Tenancy, now: datetime) -> tuple[dict
         "conditions": [ready],
         "namespaces": namespaces[:MAX_STATUS_NAMESPACES],
         "jobs": counts,
-        "runningJobs": sum(1 for j in jobs if j.active),
-        "gpusInUse": sum(j.gpus for j in jobs if j.active),
+        "runningJobs": sum(j.slots for j in jobs if j.active),
+        "gpusInUse": sum(j.gpus_running for j in jobs if j.active),
         "usage": usage,
     }
     return TenantPolicyStatus.model_validate(status).model_dump(mode="json", exclude_none=True), added

@@ -43,7 +43,8 @@ class Facts:
     endpoint_unanswered: bool = False  # the resolver gave no answer in time (the endpoint is not judged as valid)
     api_server_addresses: tuple[Any, ...] = ()
     policy: tenancy.Policy | None = None  # the TenantPolicy governing the job's namespace
-    policy_problem: Problem | None = None  # no policy where one is required, or more than one
+    policy_problem: Problem | None = None  # no policy where one is required, more than one, or one that does not parse
+    run_settings: dict[str, Any] | None = None  # of the run that exists: what its policy filled in when it was made
 
 
 # ---- spec ----------------------------------------------------------------------------------------
@@ -309,14 +310,17 @@ SPEC_VALIDATORS: list[Callable[[FineTuneJobSpec, OperatorConfig], list[Problem]]
 REPLACED_BY_POLICY = (check_image_allowed, check_priority_class_allowed)
 
 
-def validate_spec(raw_spec: dict[str, Any], cfg: OperatorConfig,
-                  policy: tenancy.Policy | None = None) -> tuple[FineTuneJobSpec | None, list[Problem]]:
+def validate_spec(raw_spec: dict[str, Any], cfg: OperatorConfig, policy: tenancy.Policy | None = None,
+                  run_settings: dict[str, Any] | None = None) -> tuple[FineTuneJobSpec | None, list[Problem]]:
     """Problems of the spec alone (no cluster facts) under the tenant's policy, if any. Returns the
-    parsed spec with the policy's defaults filled in (what the run is built from) when it parses."""
+    parsed spec with the policy's defaults filled in (what the run is built from) when it parses; for a
+    run that exists, the `run_settings` it was made with instead."""
     spec, problems = parse_or_problems(raw_spec)
     if spec is None:
         return None, problems
     spec = tenancy.with_policy_defaults(spec, policy, cfg)
+    if run_settings is not None:
+        spec = tenancy.with_run_settings(spec, run_settings)
     effective = tenancy.effective_config(cfg, policy)
     for validator in SPEC_VALIDATORS:
         if policy is None or validator not in REPLACED_BY_POLICY:
@@ -411,8 +415,10 @@ def validate(raw_spec: dict[str, Any], cfg: OperatorConfig, facts: Facts) -> tup
     the rest is fine)."""
     if facts.policy_problem is not None:
         spec, problems = parse_or_problems(raw_spec)
+        if spec is not None and facts.run_settings is not None:
+            spec = tenancy.with_run_settings(spec, facts.run_settings)
         return spec, [facts.policy_problem, *problems]
-    spec, problems = validate_spec(raw_spec, cfg, facts.policy)
+    spec, problems = validate_spec(raw_spec, cfg, facts.policy, facts.run_settings)
     if spec is None:
         return None, problems
     problems.extend(check_storage_endpoint(spec, cfg, facts))

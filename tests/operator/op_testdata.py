@@ -79,9 +79,10 @@ def seen_earlier(body: dict[str, Any], observation: Observation, seconds: float 
 
 
 def example_documents() -> list[tuple[str, dict[str, Any]]]:
+    """(path under examples/, document) of every example, the tenant setup in examples/tenants/ too."""
     docs = []
-    for path in sorted(EXAMPLES.glob("*.yaml")):
+    for path in sorted(EXAMPLES.glob("*.yaml")) + sorted(EXAMPLES.glob("tenants/*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
-                docs.append((path.name, doc))
+                docs.append((path.relative_to(EXAMPLES).as_posix(), doc))
     return docs

@@ -218,10 +218,15 @@ def test_status_round_trips_without_nulls():
 
 
 def _example_files():
+    """The example files that hold FineTuneJobs (not the cluster-wide tenant setup, examples/tenants/platform.yaml)."""
     by_file: dict[str, list] = {}
     for source, doc in example_documents():
         by_file.setdefault(source, []).append(doc)
-    return sorted(by_file.items())
+    return sorted((source, docs) for source, docs in by_file.items() if any(d["kind"] == "FineTuneJob" for d in docs))
+
+
+def test_the_examples_include_the_tenant_job():
+    assert "tenants/team-a-job.yaml" in {source for source, doc in example_documents() if doc["kind"] == "FineTuneJob"}
 
 
 @pytest.mark.parametrize("source,docs", _example_files(), ids=lambda v: v if isinstance(v, str) else "")

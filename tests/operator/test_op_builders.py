@@ -222,6 +222,42 @@ def test_queue_label_and_priority_class():
     assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
 
 
+def _made_before_the_annotation(ptj):
+    ptj = json.loads(json.dumps(ptj))
+    del ptj["metadata"]["annotations"][names.ANNOTATION_RUN_SETTINGS]
+    return ptj
+
+
+def _annotated(value):
+    def edit(ptj):
+        ptj = json.loads(json.dumps(ptj))
+        ptj["metadata"]["annotations"][names.ANNOTATION_RUN_SETTINGS] = value
+        return ptj
+    return edit
+
+
+LORA_SETTINGS = {"nodePool": "a100", "priorityClassName": "training-low", "activeDeadlineSeconds": 86400,
+                 "queueName": "team-a-gpus"}
+
+
+@pytest.mark.parametrize("case, edit, settings", [
+    ("lora-a100-deepspeed", None, LORA_SETTINGS),
+    ("cpu-single-worker", None, {"nodePool": "cpu", "priorityClassName": "", "activeDeadlineSeconds": 0,
+                                 "queueName": ""}),
+    # made by an operator before the annotation: what the object says (its node pool is not known)
+    ("lora-a100-deepspeed", _made_before_the_annotation, {k: v for k, v in LORA_SETTINGS.items() if k != "nodePool"}),
+    ("cpu-single-worker", _made_before_the_annotation, {"priorityClassName": "", "activeDeadlineSeconds": 0,
+                                                        "queueName": ""}),
+    # a setting of the wrong type, or one unknown, is not taken
+    ("lora-a100-deepspeed", _annotated('{"nodePool": 3, "queueName": "q", "image": "x"}'), {"queueName": "q"}),
+], ids=["annotated", "annotated-no-queue", "older", "older-no-queue", "wrong-types"])
+def test_a_run_records_the_settings_its_policy_filled_in(case, edit, settings):
+    from finetune_operator.builders.run import recorded_settings
+
+    ptj = run_objects(JobRef.from_body(CASES[case]), CFG)[1]
+    assert recorded_settings(edit(ptj) if edit else ptj) == settings
+
+
 @pytest.mark.parametrize("cidr, excepted", [
     ("0.0.0.0/0", ["169.254.0.0/16", "100.100.100.200/32", "168.63.129.16/32"]),
     ("::/0", ["fd00:ec2::254/128", "fd20:ce::254/128", "fe80::/10"]),

@@ -28,10 +28,10 @@ def policy(name="team-a", status=None, **spec) -> tenancy.Policy:
 
 
 def summary(name, namespace="team-a", created="2026-03-18T10:00:00Z", phase="Pending", started=False,
-            finished=False, validated=True, gpus=8, gpu_seconds=0.0, run_id="1") -> tenancy.JobSummary:
+            finished=False, validated=True, gpus_running=0, gpu_seconds=0.0, run_id="1", slots=1) -> tenancy.JobSummary:
     return tenancy.JobSummary(namespace=namespace, name=name, uid=f"uid-{namespace}-{name}", created=created,
                               phase=phase, run_id=run_id, started=started, finished=finished, validated=validated,
-                              gpus=gpus, gpu_seconds=gpu_seconds)
+                              gpus_running=gpus_running, gpu_seconds=gpu_seconds, slots=slots)
 
 
 def snapshot(*policies, jobs=(), labels=None) -> tenancy.Tenancy:
@@ -70,12 +70,35 @@ def test_which_policy_governs_a_namespace(namespace, policies, require, governed
         assert "team-a, team-a-too" in problem.message
 
 
-def test_a_policy_that_does_not_parse_is_named():
-    broken = tenancy.Policy.from_body({"metadata": {"name": "bad"}, "spec": {"namespaceSelector": SELECT_A,
-                                                                               "limits": {"maxWorkers": 0}}})
-    assert broken.spec is None and "maxWorkers" in broken.error
-    _, problem = tenancy.policy_of("team-a", snapshot(broken), require=True)
-    assert "bad does not parse" in problem.message
+def broken(name="bad", selector=SELECT_A) -> tenancy.Policy:
+    """A stored TenantPolicy that does not parse (a limit below its minimum)."""
+    return tenancy.Policy.from_body({"metadata": {"name": name},
+                                     "spec": {"namespaceSelector": selector, "limits": {"maxWorkers": 0}}})
+
+
+@pytest.mark.parametrize("namespace, policies, require, reason", [
+    # a namespace a policy that does not parse selects starts nothing, whatever requireTenantPolicy says
+    ("team-a", [broken()], False, "InvalidTenantPolicy"),
+    ("team-a", [broken()], True, "InvalidTenantPolicy"),
+    ("team-a", [broken(), policy()], False, "InvalidTenantPolicy"),  # which one governs cannot be told
+    # other namespaces are not its
+    ("team-b", [broken()], False, None),
+    ("team-b", [broken()], True, "NoTenantPolicy"),
+    ("team-b", [broken(), policy("team-b", namespaceSelector={"matchLabels": {"finetune.dev/tenant": "team-b"}})],
+     False, None),
+    # a selector that does not parse either may select any namespace
+    ("team-b", [broken(selector={"matchLabels": "team-a"})], False, "InvalidTenantPolicy"),
+], ids=["selected", "selected-required", "selected-with-a-valid-one", "other", "other-required",
+        "other-governed", "unreadable-selector"])
+def test_a_policy_that_does_not_parse_stops_the_namespaces_it_selects(namespace, policies, require, reason):
+    assert all(p.spec is None and "maxWorkers" in p.error for p in policies if p.name == "bad")
+    governing, problem = tenancy.policy_of(namespace, snapshot(*policies), require)
+    assert (problem.reason if problem else None) == reason
+    if reason == "InvalidTenantPolicy":
+        assert governing is None
+        assert problem.message.startswith(f"namespace {namespace} is selected by TenantPolicy bad, which does not "
+                                          "parse ("), problem.message
+        assert "limits.maxWorkers: Input should be greater than or equal to 1" in problem.message
 
 
 GOVERNING = dict(
@@ -88,8 +111,16 @@ GOVERNING = dict(
     limits={"maxWorkers": 4, "maxGPUsPerWorker": 8, "maxGPUsPerJob": 16, "maxCPUPerWorker": "16",
             "maxMemoryPerWorker": "128Gi", "defaultActiveDeadlineSeconds": 3600, "maxActiveDeadlineSeconds": 86400},
     kueue={"clusterQueues": ["team-a-gpus", "team-a-batch"]},
+    maxRunningJobs=3,
 )
 DIGEST = "@sha256:" + "a" * 64
+
+
+def searching(parallelism, **resources):
+    """A search of `parallelism` trials at once, each with these resources."""
+    return {"resources": {"nodePool": "a100", **resources}, "evaluation": {"everySteps": 5},
+            "search": {"parameters": {"learningRate": {"values": [1e-4, 3e-4]}}, "trials": 8,
+                       "parallelism": parallelism}}
 
 
 def spec_under_policy(**overrides):
@@ -137,6 +168,13 @@ def spec_under_policy(**overrides):
     ({"runPolicy": {"activeDeadlineSeconds": 172800}}, "spec.runPolicy.activeDeadlineSeconds",
      "limits.maxActiveDeadlineSeconds: 86400"),
     ({"runPolicy": {"queueName": "team-b-gpus"}}, "spec.runPolicy.queueName", "kueue.clusterQueues: team-a-gpus, team-a-batch"),
+    # a search runs search.parallelism trials at once: its ceilings are what they use together
+    (searching(3, workers=1, gpusPerWorker=8), "spec.search.parallelism",
+     "3 trials at once of 8 GPUs each (24 GPUs) is above the limit (TenantPolicy team-a: limits.maxGPUsPerJob: 16)"),
+    (searching(3, workers=2, gpusPerWorker=1), "spec.search.parallelism",
+     "3 trials at once of 2 pods each (6 pods) is above the limit (TenantPolicy team-a: limits.maxWorkers: 4)"),
+    (searching(4, workers=1, gpusPerWorker=2), "spec.search.parallelism",
+     "4 trials at once count as 4 running jobs (TenantPolicy team-a: maxRunningJobs: 3)"),
 ])
 def test_each_policy_field_is_enforced_with_field_limit_and_policy_named(overrides, field, limit):
     problems = tenancy.check_policy(spec_under_policy(**overrides), policy(**GOVERNING))
@@ -287,6 +325,11 @@ def test_budget_exhausted_holds_new_runs():
     ([summary("x", namespace="team-b", started=True), summary("y", namespace="team-b", started=True)], summary("new"), False),
     # namespaces of the same tenant count together
     ([summary("a", started=True), summary("b", namespace="team-a-dev", started=True)], summary("new"), True),
+    # a search counts as the trials it runs at once
+    ([summary("s", started=True, slots=2)], summary("new"), True),
+    ([], summary("new", slots=2), False),
+    ([summary("a", started=True)], summary("new", slots=2), True),
+    ([summary("old", created="2026-03-18T09:00:00Z", slots=2)], summary("new"), True),
 ])
 def test_running_job_limit(others, me, held):
     p = policy(maxRunningJobs=2)
@@ -301,13 +344,14 @@ def test_running_job_limit(others, me, held):
 
 def test_status_counts_jobs_gpus_and_usage():
     p = policy(budget={"gpuHours": 1, "period": "Week"})
-    jobs = [summary("a", phase="Running", started=True, gpu_seconds=1800), summary("b", phase="Queued"),
+    jobs = [summary("a", phase="Running", started=True, gpus_running=8, gpu_seconds=1800),
+            summary("b", phase="Queued", started=True),  # its run waits in Kueue: a running job, no GPUs
             summary("c", phase="Succeeded", started=True, finished=True, gpu_seconds=1000),
-            summary("x", namespace="team-b", phase="Running", started=True, gpu_seconds=99999)]
+            summary("x", namespace="team-b", phase="Running", started=True, gpus_running=8, gpu_seconds=99999)]
     status, added = tenancy.policy_status(p, snapshot(p, jobs=jobs), NOW)
     assert status["namespaces"] == ["team-a", "team-a-dev"]
     assert status["jobs"]["Running"] == 1 and status["jobs"]["Queued"] == 1 and status["jobs"]["Succeeded"] == 1
-    assert status["runningJobs"] == 1 and status["gpusInUse"] == 8
+    assert status["runningJobs"] == 2 and status["gpusInUse"] == 8
     assert added == 2800 and status["usage"]["gpuSeconds"] == 2800 and status["usage"]["gpuHours"] == 0.778
     assert status["usage"]["periodStart"] == "2026-03-16T00:00:00Z"  # Monday
     assert status["usage"]["budgetExhausted"] is False
@@ -359,16 +403,54 @@ def test_periods(period, start, end):
     assert begin.date().isoformat() == start and tenancy.period_end(begin, period).date().isoformat() == end
 
 
+def test_running_jobs_count_a_search_as_its_parallelism():
+    p = policy()
+    jobs = [summary("a", phase="Running", started=True), summary("s", phase="Running", started=True, slots=4),
+            summary("w", slots=4), summary("done", phase="Succeeded", started=True, finished=True, slots=4)]
+    status, _ = tenancy.policy_status(p, snapshot(p, jobs=jobs), NOW)
+    assert status["runningJobs"] == 5
+
+
 def test_job_summary_from_a_stored_job():
     body = {"metadata": {"namespace": "team-a", "name": "j", "uid": "u", "creationTimestamp": "t"},
             "spec": {"runId": "2", "resources": {"workers": 2, "gpusPerWorker": 4}},
             "status": {"runId": "2", "phase": "Running", "pytorchJob": "train-2", "gpuSeconds": 12.5,
                        "conditions": [{"type": "Validated", "status": "True"}]}}
     s = tenancy.job_summary(body)
-    assert (s.gpus, s.started, s.finished, s.validated, s.gpu_seconds, s.active) == (8, True, False, True, 12.5, True)
+    assert (s.gpus_running, s.started, s.finished, s.validated, s.gpu_seconds, s.active) == (8, True, False, True, 12.5, True)
+    assert s.slots == 1
+    assert tenancy.job_summary({**body, "spec": {**body["spec"], "search": {"parallelism": 3}}}).slots == 3
     body["spec"]["runId"] = "3"  # a new run: the old run's status does not count
     s = tenancy.job_summary(body)
     assert (s.started, s.gpu_seconds) == (False, 0.0)
+
+
+def stored(phase, search_trials=None, run_id="2", conditions=()):
+    """A stored job of 2 workers x 4 GPUs in this phase; a search of 4 at once with these trial phases."""
+    spec = {"runId": "2", "resources": {"workers": 2, "gpusPerWorker": 4}}
+    status = {"runId": run_id, "phase": phase, "pytorchJob": "train-2",
+              "conditions": [{"type": c, "status": "True"} for c in conditions]}
+    if search_trials is not None:
+        spec["search"] = {"parallelism": 4}
+        status = {**status, "pytorchJob": None, "search": {"trials": [{"number": i, "phase": t}
+                                                                      for i, t in enumerate(search_trials)]}}
+    return {"metadata": {"namespace": "team-a", "name": "j", "uid": "u"}, "spec": spec, "status": status}
+
+
+@pytest.mark.parametrize("body, gpus", [
+    (stored("Running"), 8),
+    (stored("Stalled"), 8),  # its pods still hold their GPUs
+    (stored("Queued"), 0),  # waiting in Kueue, or preempted by it
+    (stored("Suspended"), 0),
+    (stored("Pending"), 0),  # a pod the scheduler cannot place
+    (stored("Succeeded", conditions=["Succeeded"]), 0),
+    (stored("Running", run_id="1"), 0),  # the status is of another run
+    (stored("Running", ["Running", "Running", "Pending", "Succeeded", "Pruned"]), 16),  # a search: its running trials
+    (stored("Suspended", ["Running", "Running"]), 0),
+], ids=["running", "stalled", "queued", "suspended", "unschedulable", "finished", "old-run", "search",
+        "suspended-search"])
+def test_gpus_in_use_are_those_of_running_pods(body, gpus):
+    assert tenancy.job_summary(body).gpus_running == gpus
 
 
 def test_policy_spec_rules():
@@ -415,6 +497,9 @@ CPU_POOL = {"nodePool": "cpu", "gpusPerWorker": 0}
     ("too much memory", {"resources": {**CPU_POOL, "memory": "65Gi"}}, None,
      [("LimitExceeded", "spec.resources.memory: 65Gi is above the limit (the operator's defaultLimits: "
                         "limits.maxMemoryPerWorker: 64Gi)")]),
+    ("a search using too many GPUs at once", searching(2, workers=1, gpusPerWorker=8), None,
+     [("LimitExceeded", "spec.search.parallelism: 2 trials at once of 8 GPUs each (16 GPUs) is above the limit "
+                        "(the operator's defaultLimits: limits.maxGPUsPerJob: 8)")]),
     ("a deadline beyond the longest", {"resources": CPU_POOL, "runPolicy": {"activeDeadlineSeconds": 86401}}, None,
      [("LimitExceeded", "spec.runPolicy.activeDeadlineSeconds: 86401 is above the limit (the operator's defaultLimits: "
                         "limits.maxActiveDeadlineSeconds: 86400)")]),

@@ -162,10 +162,10 @@ def passes(kube: FakeKube, cfg: OperatorConfig, *snapshots: tenancy.Tenancy, nam
     return asyncio.run(run())
 
 
-def new_job(namespace: str = "team-a") -> FakeKube:
+def new_job(namespace: str = "team-a", spec: dict[str, Any] = SPEC) -> FakeKube:
     secret = copy.deepcopy(SECRET)
     secret["metadata"]["namespace"] = namespace
-    return FakeKube(job(SPEC, namespace=namespace), secret)
+    return FakeKube(job(spec, namespace=namespace), secret)
 
 
 def validated(status: dict[str, Any]) -> dict[str, Any]:
@@ -244,6 +244,25 @@ def test_require_tenant_policy_refuses_a_job_no_policy_governs(require, refused)
         assert (cond["status"], cond["reason"]) == ("True", "Valid"), cond
         assert "tenantPolicy" not in outcome.status
         assert len(kube.objects("PyTorchJob")) == 1
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_a_policy_that_does_not_parse_refuses_new_jobs_and_leaves_runs_alone(require):
+    cfg = CFG.model_copy(update={"requireTenantPolicy": require})
+    unparsable = tightened("limits.maxWorkers", 0)
+    kube = new_job()
+    [refused] = passes(kube, cfg, tenants(unparsable))
+    cond = validated(refused.status)
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidTenantPolicy"), cond
+    assert "TenantPolicy team-a, which does not parse (limits.maxWorkers: " in cond["message"], cond["message"]
+    assert refused.permanent and kube.objects("PyTorchJob") == [] and kube.objects("Namespace") == []
+
+    started = new_job()
+    passes(started, cfg, tenants(LOOSE))
+    [ptj] = started.objects("PyTorchJob")
+    [going] = passes(started, cfg, tenants(unparsable))
+    assert validated(going.status)["status"] == "True" and not going.permanent
+    assert started.objects("PyTorchJob") == [ptj] and started.deleted == [] and started.patches == []
 
 
 def test_require_tenant_policy_lets_a_governed_job_run():
@@ -333,3 +352,94 @@ def test_an_admitted_run_is_not_held_by_the_budget():
     [outcome] = passes(kube, CFG, budget(True))
     assert running(outcome.status)["reason"] != "BudgetExhausted"
     assert kube.patches == []
+
+
+# ---- a run keeps what its policy filled in when it was made --------------------------------------
+
+# Jobs that name no node pool, priority, deadline or queue: their policy fills them in. A search makes
+# trials as it goes (and makes a deleted one again): each the way its first trial was made.
+BARE = {"workers": 1, "gpusPerWorker": 0}
+FILLED_IN = {"run": minimal_spec(resources=BARE),
+             "search": minimal_spec(resources=BARE, evaluation={"everySteps": 5, "maxPerplexityRatio": 1.0},
+                                    search={"parameters": {"learningRate": {"values": [1e-4, 3e-4, 1e-3]}},
+                                            "trials": 3, "parallelism": 2, "strategy": "grid"})}
+DEFAULTS = {**LOOSE, "nodePools": ["cpu", "local"], "limits": {"defaultActiveDeadlineSeconds": 3600},
+            "priorityClasses": {"allowed": ["training-low", "training-high"], "default": "training-low"}}
+QUEUED_DEFAULTS = {**DEFAULTS, "kueue": {"clusterQueues": ["team-a"]}}
+POLICY_CHANGES = [
+    # what the platform admin changed, the policy before, the policy after
+    ("kueue-removed", QUEUED_DEFAULTS, DEFAULTS),
+    ("kueue-added", DEFAULTS, QUEUED_DEFAULTS),
+    ("cluster-queue-changed", QUEUED_DEFAULTS, {**DEFAULTS, "kueue": {"clusterQueues": ["team-a-new", "team-a"]}}),
+    ("default-priority-changed", DEFAULTS, {**DEFAULTS, "priorityClasses": {
+        "allowed": ["training-low", "training-high"], "default": "training-high"}}),
+    ("default-deadline-changed", DEFAULTS, {**DEFAULTS, "limits": {"defaultActiveDeadlineSeconds": 600}}),
+    ("default-pool-changed", DEFAULTS, {**DEFAULTS, "nodePools": ["local"]}),
+]
+CHANGE_IDS = [c[0] for c in POLICY_CHANGES]
+RUN_KINDS = ("PyTorchJob", "ConfigMap", "LocalQueue", "ResourceQuota", "LimitRange")
+
+
+@pytest.fixture
+def no_documents(monkeypatch):
+    """A search's trials have written no documents yet."""
+    monkeypatch.setattr(s3, "read_documents", lambda *args, **kwargs: s3.RunDocuments())
+
+
+def made_of(kube: FakeKube) -> dict[tuple[str, str], dict[str, Any]]:
+    """The run's objects in its sandbox, by kind and name."""
+    return {(o["kind"], o["metadata"]["name"]): copy.deepcopy(o) for o in kube.store.values() if o["kind"] in RUN_KINDS}
+
+
+def held_by_kueue(kube: FakeKube, ptj_name: str) -> str:
+    """Kueue holds a queued PyTorchJob: suspended, its Workload waiting for quota. The Workload's name."""
+    [ptj] = [p for p in kube.objects("PyTorchJob") if p["metadata"]["name"] == ptj_name]
+    ptj["metadata"]["uid"] = f"{ptj_name}-uid"
+    ptj["spec"]["runPolicy"]["suspend"] = True
+    workload = {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+                "metadata": {"name": f"pytorchjob-{ptj_name}", "namespace": ptj["metadata"]["namespace"],
+                             "ownerReferences": [{"kind": "PyTorchJob", "uid": f"{ptj_name}-uid"}]},
+                "spec": {"active": True}, "status": {"conditions": [
+                    {"type": "QuotaReserved", "status": "False", "reason": "Pending", "message": "insufficient quota"}]}}
+    kube.store[(k8s.Workload, workload["metadata"]["namespace"], workload["metadata"]["name"])] = workload
+    return workload["metadata"]["name"]
+
+
+@pytest.mark.parametrize("kind", sorted(FILLED_IN))
+@pytest.mark.parametrize("change, before, after", POLICY_CHANGES, ids=CHANGE_IDS)
+def test_a_policy_change_leaves_a_started_run_as_it_was_made(change, before, after, kind, no_documents):
+    queued = "kueue" in before
+    kube = new_job(spec=FILLED_IN[kind])
+    passes(kube, CFG, tenants(before))
+    names_made = sorted(p["metadata"]["name"] for p in kube.objects("PyTorchJob"))
+    workload = held_by_kueue(kube, names_made[0]) if queued else None
+    made = made_of(kube)
+    if kind == "search":  # someone deleted a trial: it is made again
+        del kube.store[(k8s.PyTorchJob, made[("PyTorchJob", names_made[-1])]["metadata"]["namespace"], names_made[-1])]
+
+    [changed] = passes(kube, CFG, tenants(after))
+    assert made_of(kube) == made
+    assert [p for p in kube.patches if p[0] == "PyTorchJob"] == []  # Kueue's suspend stays Kueue's
+    assert changed.status.get("queue", {}).get("clusterQueue") == ("team-a" if queued and kind == "run" else None)
+
+    # The user suspends the job: through Kueue (its Workload) when the run was made queued, else itself.
+    kube.store[(k8s.FineTuneJob, "team-a", "support-bot")]["spec"]["runPolicy"]["suspend"] = True
+    passes(kube, CFG, tenants(after))
+    suspended = {name for res, name, patch in kube.patches if res == "PyTorchJob"
+                 and patch == {"spec": {"runPolicy": {"suspend": True}}}}
+    deactivated = {name for res, name, patch in kube.patches if res == "Workload" and patch == {"spec": {"active": False}}}
+    assert (suspended, deactivated) == ((set(), {workload}) if queued else (set(names_made), set()))
+
+
+@pytest.mark.parametrize("kind", sorted(FILLED_IN))
+@pytest.mark.parametrize("change, before, after", POLICY_CHANGES, ids=CHANGE_IDS)
+def test_a_policy_change_reaches_a_job_whose_run_is_not_made_yet(change, before, after, kind, no_documents):
+    waiting = new_job(spec=FILLED_IN[kind])
+    passes(waiting, CFG, tenants({**before, "maxRunningJobs": 0}))  # held: nothing is made
+    assert waiting.objects("PyTorchJob") == []
+    passes(waiting, CFG, tenants(after))
+
+    fresh, stale = new_job(spec=FILLED_IN[kind]), new_job(spec=FILLED_IN[kind])
+    passes(fresh, CFG, tenants(after))
+    passes(stale, CFG, tenants(before))
+    assert made_of(waiting) == made_of(fresh) != made_of(stale)

@@ -182,8 +182,8 @@ PRINTER_COLUMNS = [
 
 TENANT_POLICY_PRINTER_COLUMNS = [
     {"name": "Namespaces", "type": "string", "jsonPath": ".status.namespaces", "description": "Tenant namespaces governed."},
-    {"name": "Running", "type": "integer", "jsonPath": ".status.runningJobs", "description": "Jobs with a run that has not finished."},
-    {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpusInUse", "description": "GPUs requested by running jobs."},
+    {"name": "Running", "type": "integer", "jsonPath": ".status.runningJobs", "description": "Jobs with a run that has not finished (a search as search.parallelism)."},
+    {"name": "GPUs", "type": "integer", "jsonPath": ".status.gpusInUse", "description": "GPUs requested by running pods (not queued, preempted or suspended runs)."},
     {"name": "GPU-Hours", "type": "number", "jsonPath": ".status.usage.gpuHours", "description": "GPU-hours used this period."},
     {"name": "Budget", "type": "number", "jsonPath": ".spec.budget.gpuHours", "description": "GPU-hours per period."},
     {"name": "Exhausted", "type": "boolean", "jsonPath": ".status.usage.budgetExhausted", "description": "New runs wait."},

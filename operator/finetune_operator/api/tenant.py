@@ -111,9 +111,11 @@ class PolicyLimits(ApiModel):
          DEFAULT_DEADLINE_RULE),
     ))
 
-    maxWorkers: int | None = Field(default=None, ge=1, le=512, description="Most pods per job (resources.workers).")
+    maxWorkers: int | None = Field(default=None, ge=1, le=512, description="Most pods a job runs at once: "
+                                   "resources.workers (of a search, times search.parallelism).")
     maxGPUsPerWorker: int | None = Field(default=None, ge=0, le=16, description="Most GPUs per pod.")
-    maxGPUsPerJob: int | None = Field(default=None, ge=0, le=8192, description="Most GPUs per job (workers x GPUs per pod).")
+    maxGPUsPerJob: int | None = Field(default=None, ge=0, le=8192, description="Most GPUs a job uses at once: "
+                                      "workers x GPUs per pod (of a search, times search.parallelism).")
     maxCPUPerWorker: Quantity | None = Field(default=None, description="Most CPU per pod (resources.cpu).")
     maxMemoryPerWorker: Quantity | None = Field(default=None, description="Most memory per pod (resources.memory).")
     defaultActiveDeadlineSeconds: int = Field(
@@ -164,8 +166,9 @@ class TenantPolicySpec(ApiModel):
     limits: PolicyLimits = Field(**obj_default(PolicyLimits), description="Ceilings per job.")
     maxRunningJobs: int | None = Field(
         default=None, ge=0, le=10_000,
-        description="Jobs whose run exists and has not finished (queued, running or suspended) at once; further "
-        "jobs wait, oldest first. Empty: no limit.")
+        description="Jobs whose run exists and has not finished (queued, running or suspended) at once, a search "
+        "counting as search.parallelism jobs (a search of more is refused); further jobs wait, oldest first. 0: "
+        "none starts. Empty: no limit.")
     kueue: PolicyKueue | None = Field(default=None, description="Queue the runs through Kueue.")
     budget: PolicyBudget | None = Field(default=None, description="GPU-hour budget; when used up, new runs wait.")
 
@@ -205,8 +208,10 @@ class TenantPolicyStatus(StatusModel):
     conditions: list[Condition] = Field(default_factory=list, max_length=8, description="Ready: the policy is in effect.")
     namespaces: list[str] = Field(default_factory=list, description="Tenant namespaces this policy governs (sorted; at most 100).")
     jobs: JobCounts = Field(default_factory=JobCounts, description="FineTuneJobs in those namespaces, by phase.")
-    runningJobs: int = Field(default=0, description="Jobs whose run exists and has not finished.")
-    gpusInUse: int = Field(default=0, description="GPUs requested by running jobs.")
+    runningJobs: int = Field(default=0, description="Jobs whose run exists and has not finished, as maxRunningJobs "
+                             "counts them (a search as search.parallelism).")
+    gpusInUse: int = Field(default=0, description="GPUs requested by the pods of running jobs: runs Running or "
+                           "Stalled (not those waiting in Kueue, preempted or suspended), a search's running trials.")
     usage: Usage = Field(default_factory=Usage, description="GPU time in the current budget period.")
 
 

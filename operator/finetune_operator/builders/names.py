@@ -19,6 +19,9 @@ LABEL_RUN_ID = "finetune.dev/run-id"
 LABEL_TRIAL = "finetune.dev/trial"  # the trial number of a search's run
 ANNOTATION_TRIAL_PARAMETERS = "finetune.dev/trial-parameters"  # JSON: the trial's hyperparameters
 ANNOTATION_SPEC_HASH = "finetune.dev/spec-hash"
+# JSON on a run's PyTorchJob: what its TenantPolicy (or the operator's configuration) filled in when
+# the run was made (tenancy.RUN_SETTINGS); the run keeps it whatever the policy says later.
+ANNOTATION_RUN_SETTINGS = "finetune.dev/run-settings"
 ANNOTATION_JOB = "finetune.dev/job"
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 # The freshness of a run's newest checkpoint, on its PyTorchJob and Kueue Workload: what a queueing

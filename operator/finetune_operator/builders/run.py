@@ -12,6 +12,7 @@ import dataclasses
 import json
 from typing import Any
 
+from finetune_operator import tenancy
 from finetune_operator.builders import names as n
 from finetune_operator.builders.sandbox import object_meta, resolve_pool, s3_endpoint, sandbox_name
 from finetune_operator.config import OperatorConfig
@@ -216,9 +217,27 @@ def suspended_for_creation(ptj: dict[str, Any]) -> dict[str, Any]:
     return {**ptj, "spec": {**ptj["spec"], "runPolicy": run_policy}}
 
 
+def recorded_settings(ptj: dict[str, Any]) -> dict[str, Any]:
+    """The settings (tenancy.RUN_SETTINGS) a run's PyTorchJob was made with: its annotation or, on a
+    PyTorchJob made before the annotation existed, what the object itself says (not its node pool)."""
+    meta, spec = ptj.get("metadata") or {}, ptj.get("spec") or {}
+    try:
+        recorded = json.loads((meta.get("annotations") or {}).get(n.ANNOTATION_RUN_SETTINGS) or "null")
+    except ValueError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        master = (((spec.get("pytorchReplicaSpecs") or {}).get("Master") or {}).get("template") or {}).get("spec") or {}
+        recorded = {"queueName": (meta.get("labels") or {}).get(n.LABEL_KUEUE_QUEUE, ""),
+                    "priorityClassName": master.get("priorityClassName", ""),
+                    "activeDeadlineSeconds": (spec.get("runPolicy") or {}).get("activeDeadlineSeconds", 0)}
+    return {k: v for k, v in recorded.items()
+            if k in tenancy.RUN_SETTINGS and type(v) is tenancy.RUN_SETTINGS[k]}
+
+
 def pytorch_job(job: n.JobRef, cfg: OperatorConfig, trial: Trial | None = None) -> dict[str, Any]:
     spec = job.spec
     meta = _run_meta(job, cfg, _pytorchjob_name(job, trial), trial)
+    meta["annotations"][n.ANNOTATION_RUN_SETTINGS] = json.dumps(tenancy.run_settings(spec, cfg), sort_keys=True)
     if spec.runPolicy.queueName:
         meta["labels"][n.LABEL_KUEUE_QUEUE] = spec.runPolicy.queueName
     run_policy: dict[str, Any] = {
@@ -249,4 +268,4 @@ def run_objects(job: n.JobRef, cfg: OperatorConfig, trial: Trial | None = None) 
     return [config_map(job, cfg, trial), pytorch_job(job, cfg, trial)]
 
 
-__all__ = ["config_map", "pytorch_job", "run_objects", "sandbox_name", "trainer_config"]
+__all__ = ["config_map", "pytorch_job", "recorded_settings", "run_objects", "sandbox_name", "trainer_config"]
