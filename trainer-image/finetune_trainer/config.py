@@ -718,7 +718,12 @@ class Evaluation(ApiModel):
             ("!has(self.candidateModel) || (has(self.only) && self.only)", CANDIDATE_MODEL_RULE),
         )
     )
-    compareToBase: bool = Field(default=True, description="Measure the base model's validation perplexity before training.")
+    compareToBase: bool = Field(
+        default=True,
+        description="Measure the base model (model.uri) as the baseline: its validation perplexity before training "
+        "(maxPerplexityRatio needs it) and its answers to evaluation.tasks (the base scores and deltas; "
+        "tasks[].gate.minGain needs them). The base model's general perplexity (evaluation.general) is measured "
+        "either way.")
     maxPerplexityRatio: float | None = Field(
         default=None,
         gt=0,
