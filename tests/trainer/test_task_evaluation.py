@@ -96,6 +96,12 @@ RULE_CASES = [
      "gate.metric: 'rougeL' is not one of the task's metrics or checks"),
     ("gate without a limit", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl", "gate": {"metric": "bleu"}}]},
      "gate: set minScore, minGain or both"),
+    ("task scoring nothing", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl", "metrics": []}]},
+     "tasks[0].metrics: a task needs at least one metric or one check: with metrics [] and no checks nothing is "
+     "scored"),
+    ("task scoring nothing, checks empty", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl", "metrics": [],
+                                                       "checks": []}]},
+     "tasks[0].metrics: a task needs at least one metric or one check"),
     ("two tasks of one name", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl"}, {"name": "t", "uri": "s3://bkt/u.jsonl"}]},
      "tasks[1].name: 't' is already used"),
     ("check with both", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl",
