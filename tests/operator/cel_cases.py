@@ -152,6 +152,11 @@ CEL_CASES = [
     ("task gate on an unknown check", minimal_spec(evaluation=tasks({"gate": {"metric": "cites", "minScore": 0.5}})),
      False),
     ("task gate without a limit", minimal_spec(evaluation=tasks({"gate": {"metric": "bleu"}})), False),
+    ("task scoring nothing", minimal_spec(evaluation=tasks({"metrics": []})), False),
+    ("task scoring nothing, checks empty", minimal_spec(evaluation=tasks({"metrics": [], "checks": []})), False),
+    ("task scoring only a check", minimal_spec(evaluation=tasks(
+        {"metrics": [], "checks": [{"name": "c", "contains": "x"}]})), True),
+    ("task scoring one metric", minimal_spec(evaluation=tasks({"metrics": ["exactMatch"]})), True),
     ("task names repeat", minimal_spec(evaluation=tasks({"name": "qa"}, {"name": "qa"})), False),
     ("check with contains and pattern", minimal_spec(evaluation=tasks(
         {"checks": [{"name": "c", "contains": "x", "pattern": "y"}]})), False),

@@ -4,14 +4,15 @@ forgetting check, gates that pass and gates that reject (outputs kept, marked re
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import make_config, upload_dataset
 
 from finetune_trainer import config as cfg
 from finetune_trainer import exit_codes, validation
-from finetune_trainer.errors import ConfigError
-from finetune_trainer.run import execute
+from finetune_trainer.errors import ConfigError, EvaluationGateFailed
+from finetune_trainer.run import enforce_gates, execute
 from finetune_trainer.testing import tiny
 
 
@@ -95,6 +96,12 @@ RULE_CASES = [
      "gate.metric: 'rougeL' is not one of the task's metrics or checks"),
     ("gate without a limit", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl", "gate": {"metric": "bleu"}}]},
      "gate: set minScore, minGain or both"),
+    ("task scoring nothing", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl", "metrics": []}]},
+     "tasks[0].metrics: a task needs at least one metric or one check: with metrics [] and no checks nothing is "
+     "scored"),
+    ("task scoring nothing, checks empty", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl", "metrics": [],
+                                                       "checks": []}]},
+     "tasks[0].metrics: a task needs at least one metric or one check"),
     ("two tasks of one name", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl"}, {"name": "t", "uri": "s3://bkt/u.jsonl"}]},
      "tasks[1].name: 't' is already used"),
     ("check with both", {"tasks": [{"name": "t", "uri": "s3://bkt/t.jsonl",
@@ -183,6 +190,67 @@ def test_a_candidate_model_of_another_architecture_is_refused_before_its_weights
     message = storage.get_json(cfg.result_uri(config.output.uri, "1"))["message"]
     assert f"evaluation.candidateModel.uri {model_bucket}qwen2/ is not a model of the same architecture" in message
     assert "model_type 'qwen2' (base 'llama')" in message
+
+
+UNREACHABLE = "task support: rougeL"  # the start of the message of the unreachable gate below
+
+ENFORCE_CASES = [
+    # (name, failed gates' messages, runtime.enforceGates, the run's error or None)
+    ("every gate passed", [], True, None),
+    ("no gate, not enforced", [], False, None),
+    ("a failed gate, enforced", ["task t: rougeL 0.100 is below the minimum 1.000"], True,
+     "task t: rougeL 0.100 is below the minimum 1.000 (outputs written; see the evaluation report)"),
+    ("two failed gates, enforced", ["a", "b"], True, "a; b (outputs written; see the evaluation report)"),
+    ("a failed gate, not enforced (a search's trial)", ["task t: rougeL 0.100 is below the minimum 1.000"], False,
+     None),
+]
+
+
+@pytest.mark.parametrize("name,rejected,enforce,error", ENFORCE_CASES, ids=[c[0] for c in ENFORCE_CASES])
+def test_the_gates_verdict_on_a_run(name, rejected, enforce, error):
+    """The one decision of a training run and an evaluate-only one."""
+    if error is None:
+        enforce_gates(rejected, enforce, "outputs written")
+        return
+    with pytest.raises(EvaluationGateFailed) as raised:
+        enforce_gates(rejected, enforce, "outputs written")
+    assert str(raised.value) == error and raised.value.exit_code == exit_codes.EVALUATION_GATE_FAILED
+
+
+@pytest.mark.parametrize("enforce", [True, False], ids=["enforced", "not enforced"])
+def test_an_evaluate_only_job_that_fails_a_gate_keeps_its_report_marked_rejected(enforce, storage, model_bucket,
+                                                                                bucket, s3_endpoint, tmp_path):
+    """evaluation.only decides on its gates as a training run does: an unreachable gate fails the run (exit code 4,
+    the metric, its value and the limit named) unless runtime.enforceGates is false; evaluation.json and the
+    report are written either way, the report marked rejected. The candidate is the base model itself (no
+    training needed): its scores cannot reach the gate, and its general perplexity does not rise."""
+    held_out = tiny.upload_rows(storage, f"{bucket}eval/support.jsonl", tiny.sample_rows("instruction", 4, seed=7))
+    general = tiny.upload_rows(storage, f"{bucket}eval/general.jsonl", tiny.sample_rows("text", 4, seed=8))
+    evaluation = {"only": True, "candidateModel": {"uri": model_bucket + "llama/"},
+                  "tasks": [{"name": "support", "uri": held_out, "maxSamples": 4, "maxNewTokens": 6,
+                             "metrics": ["rougeL"], "gate": {"metric": "rougeL", "minScore": 1.0}}],
+                  "general": {"uri": general, "maxSamples": 4, "maxPerplexityRise": 0.5}}
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [], method={"type": "full"},
+                         evaluation=evaluation, runtime={"enforceGates": enforce})
+    summary = execute(config, tmp_path)
+
+    result = storage.get_json(cfg.result_uri(config.output.uri, "1"))
+    if enforce:
+        assert summary.exit_code == exit_codes.EVALUATION_GATE_FAILED
+        assert (result["succeeded"], result["reason"]) == (False, "EvaluationGateFailed")
+        assert re.search(r"task support: rougeL \d\.\d{3} is below the minimum 1\.000 \(evaluation\.json and the "
+                         r"report are written, marked rejected; see the evaluation report\)$", result["message"])
+    else:
+        assert summary.exit_code == exit_codes.SUCCEEDED, summary.result.message
+        assert result["succeeded"] is True and "(no training)" in result["message"]
+    evaluation_json = cfg.EvaluationResult.model_validate(storage.get_json(cfg.evaluation_uri(config.output.uri, "1")))
+    assert not evaluation_json.passed
+    assert [(g.name, g.metric, g.limit, g.passed) for g in evaluation_json.gates] == [
+        ("general maxPerplexityRise", "general perplexity", 0.5, True),
+        ("task support minScore", "rougeL", 1.0, False)]
+    assert evaluation_json.gates[1].value == evaluation_json.tasks[0].metrics["rougeL"].tuned < 1.0
+    report = storage.get_bytes(evaluation_json.reportUri + "report.md").decode()
+    assert "**Verdict: REJECTED**: " + UNREACHABLE in report
 
 
 EVALUATE_ONLY_CASES = [

@@ -616,6 +616,9 @@ class TaskGate(ApiModel):
         description="Fail the run when tuned score - base score is below this (needs evaluation.compareToBase).")
 
 
+NOTHING_SCORED = "a task needs at least one metric or one check: with metrics [] and no checks nothing is scored"
+
+
 class EvaluationTask(ApiModel):
     """Held-out prompts with reference answers: the base and the tuned model answer them (greedy) and the
     answers are scored against the references."""
@@ -628,6 +631,8 @@ class EvaluationTask(ApiModel):
              "self.gate.metric in ['exactMatch', 'tokenF1', 'rougeL', 'bleu']) || "
              "(has(self.checks) && self.checks.exists(c, c.name == self.gate.metric))",
              "gate.metric must be one of the task's metrics or checks"),
+            ("!has(self.metrics) || size(self.metrics) > 0 || (has(self.checks) && size(self.checks) > 0)",
+             NOTHING_SCORED),
         )
     )
     name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=40,
@@ -643,7 +648,8 @@ class EvaluationTask(ApiModel):
     metrics: list[TaskMetric] = Field(
         default_factory=lambda: [m.value for m in TaskMetric], max_length=4,
         description="Scores against the reference, each in [0, 1]: exactMatch and tokenF1 (after lower-casing and "
-        "removing punctuation and articles), rougeL (F-measure, rouge-score), bleu (corpus BLEU / 100, sacrebleu).")
+        "removing punctuation and articles), rougeL (F-measure, rouge-score), bleu (corpus BLEU / 100, sacrebleu). "
+        "Empty only with checks: a task scores at least one metric or one check.")
     checks: list[AnswerCheck] = Field(default_factory=list, max_length=MAX_ANSWER_CHECKS,
                                       description="Domain checks on each answer (contains a text, matches a pattern).")
     gate: TaskGate | None = Field(default=None, description="Fail the run when the task's score is too low.")
@@ -651,6 +657,8 @@ class EvaluationTask(ApiModel):
     def problems(self) -> list[str]:
         """The CEL rules above, in Python (for documents that never went through an API server)."""
         out, names = [], [c.name for c in self.checks]
+        if not self.metrics and not self.checks:
+            out.append(f"metrics: {NOTHING_SCORED}")
         for i, check in enumerate(self.checks):
             if (check.contains is None) == (check.pattern is None):
                 out.append(f"checks[{i}]: set exactly one of contains and pattern")
@@ -718,7 +726,12 @@ class Evaluation(ApiModel):
             ("!has(self.candidateModel) || (has(self.only) && self.only)", CANDIDATE_MODEL_RULE),
         )
     )
-    compareToBase: bool = Field(default=True, description="Measure the base model's validation perplexity before training.")
+    compareToBase: bool = Field(
+        default=True,
+        description="Measure the base model (model.uri) as the baseline: its validation perplexity before training "
+        "(maxPerplexityRatio needs it) and its answers to evaluation.tasks (the base scores and deltas; "
+        "tasks[].gate.minGain needs them). The base model's general perplexity (evaluation.general) is measured "
+        "either way.")
     maxPerplexityRatio: float | None = Field(
         default=None,
         gt=0,

@@ -14,7 +14,8 @@ UNEXPECTED_ERROR = 170
 INVALID_CONFIG = 2
 # A dataset or the model cannot be used: unreadable rows, missing files, no rows left after filtering.
 INVALID_DATA = 3
-# Training finished but the tuned model failed evaluation.maxPerplexityRatio.
+# An evaluation gate failed (after training or in an evaluate-only run): evaluation.maxPerplexityRatio,
+# evaluation.general.maxPerplexityRise or a task's gate (minScore, minGain); the outputs are still written.
 EVALUATION_GATE_FAILED = 4
 # A transient failure (S3 outage, network): nothing is wrong with the job, a restart resumes it.
 RETRYABLE_ERROR = 175

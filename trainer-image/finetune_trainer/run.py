@@ -423,8 +423,7 @@ class Run:
         result_eval = self._evaluation_result(base_perplexity, perplexity, tuned)
         self.evaluation_document = result_eval.model_dump(mode="json", exclude_none=True)
         self.losses = losses
-        failed = [g for g in result_eval.gates if not g.passed]
-        self.rejected = [g.message for g in failed]
+        self.rejected = rejected_by(result_eval)
         if self.ctx.is_main:
             self.storage.put_json(cfg.evaluation_uri(self.out, self.run_id), result_eval.model_dump(mode="json"))
         events.emit("evaluation", **{k: v for k, v in self.evaluation_document.items() if k not in ("tasks", "gates")},
@@ -434,9 +433,8 @@ class Run:
         adapter_uri, merged_uri = self._save_outputs(engine, method_spec, self.out, merge=config.output.merge)
         if self.ctx.is_main:
             self._write_report(result_eval, plans, losses, tuned)
-        if failed and config.runtime.enforceGates:
-            raise EvaluationGateFailed("; ".join(g.message for g in failed) + " (the outputs are written, marked "
-                                       "rejected in the model card; see the evaluation report)")
+        enforce_gates(self.rejected, config.runtime.enforceGates,
+                      "the outputs are written, marked rejected in the model card")
         combined_uri = self._combine(include_trained=True) if config.output.combine else None
         result = cfg.RunResult(succeeded=True, reason="Succeeded",
                                message=f"trained {sum(len(v) for v in losses.values())} steps", adapterUri=adapter_uri,
@@ -507,7 +505,7 @@ class Run:
 
     def _evaluate_only(self) -> RunSummary:
         """evaluation.only: a candidate against its base model, no training; evaluation.json, the report and
-        result.json are the outputs (the gates fail the run as after training). An adapter (method.adapter) is
+        result.json are the outputs (the gates decide the run as after training: enforce_gates). An adapter (method.adapter) is
         measured on and off its base; a whole model (evaluation.candidateModel) after the base, which is freed
         first, so that one model is in memory at a time."""
         config, ctx = self.config, self.ctx
@@ -538,14 +536,14 @@ class Run:
             tuned = self._measure(_Evaluated(candidate.to(ctx.device)), base=False, uses_adapter=False)
             candidate_uri = candidate_model.uri
         result_eval = self._evaluation_result(None, None, tuned)
-        self.rejected = [g.message for g in result_eval.gates if not g.passed]
+        self.rejected = rejected_by(result_eval)
         if ctx.is_main:
             self.storage.put_json(cfg.evaluation_uri(self.out, self.run_id), result_eval.model_dump(mode="json"))
             self._write_report(result_eval, [], {}, tuned)
         events.emit("evaluation", tasks={t.name: {m: p.tuned for m, p in t.metrics.items()} for t in result_eval.tasks})
         distributed.barrier()
-        if self.rejected:
-            raise EvaluationGateFailed("; ".join(self.rejected) + " (see the evaluation report)")
+        enforce_gates(self.rejected, config.runtime.enforceGates,
+                      "evaluation.json and the report are written, marked rejected")
         result = cfg.RunResult(succeeded=True, reason="Succeeded",
                                message=f"evaluated {candidate_uri} against {config.model.uri} (no training)")
         self.write_result(result)
@@ -566,6 +564,21 @@ class Run:
                                combinedUri=combined_uri)
         self.write_result(result)
         return RunSummary(SUCCEEDED, result)
+
+
+def rejected_by(result_eval: cfg.EvaluationResult) -> list[str]:
+    """The messages of the gates that failed (empty: the model is accepted); the model card and the report mark
+    the outputs rejected with them, whether or not the run fails on them."""
+    return [g.message for g in result_eval.gates if not g.passed]
+
+
+def enforce_gates(rejected: list[str], enforce: bool, written: str) -> None:
+    """The gates' verdict on the run, one for a training run and an evaluate-only one, decided after their outputs
+    are written (`written` says which): a failed gate fails the run (EvaluationGateFailed, exit code 4) unless
+    runtime.enforceGates is false (a search's trial: its gates are recorded in evaluation.json and the search
+    judges the promoted trial by them)."""
+    if rejected and enforce:
+        raise EvaluationGateFailed("; ".join(rejected) + f" ({written}; see the evaluation report)")
 
 
 def with_dataset_losses(records: list[cfg.DatasetLoss], plan: StagePlan, losses: dict[int, float],

@@ -448,14 +448,15 @@ class CheckpointStatus(StatusModel):
 
 class TaskEvaluationStatus(StatusModel):
     name: str = Field(default="", max_length=63, description="The task (evaluation.tasks[].name).")
-    metric: str = Field(default="", max_length=63, description="The task's headline metric: its gate's, else its first.")
+    metric: str = Field(default="", max_length=63, description="The task's headline metric: its gate's, else its first metric, else its first check.")
     base: float | None = Field(default=None, description="The base model's score (0 to 1; with compareToBase).")
     tuned: float | None = Field(default=None, description="The tuned model's score (0 to 1).")
     delta: float | None = Field(default=None, description="tuned - base.")
 
 
 class EvaluationStatus(StatusModel):
-    basePerplexity: float | None = Field(default=None, description="Validation perplexity of the base model.")
+    basePerplexity: float | None = Field(default=None,
+                                         description="Validation perplexity of the base model (with compareToBase).")
     perplexity: float | None = Field(default=None, description="Validation perplexity of the tuned model.")
     generalBasePerplexity: float | None = Field(
         default=None, description="Forgetting check (evaluation.general): general-domain perplexity of the base model.")
@@ -570,7 +571,10 @@ class FineTuneJobStatus(StatusModel):
     preemptions: int = Field(default=0, description="Times Kueue preempted the run (it resumed from its latest checkpoint).")
     queue: QueueStatus | None = Field(default=None, description="What Kueue says about the run (runs with a queue).")
     tenantPolicy: str | None = Field(default=None, description="The TenantPolicy governing the job's namespace.")
-    evaluation: EvaluationStatus | None = Field(default=None, description="Perplexity of the base and the tuned model.")
+    evaluation: EvaluationStatus | None = Field(
+        default=None, description="The run's evaluation, base model against tuned (a summary of its "
+        "evaluation.json): validation perplexities, each task's headline metric, the forgetting check's general "
+        "perplexities, and where the evaluation report is.")
     output: OutputStatus | None = Field(default=None, description="Where the results were written.")
     search: SearchStatus | None = Field(default=None, description="The hyperparameter search (spec.search): its trials "
                                         "and the best one.")
