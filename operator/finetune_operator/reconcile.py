@@ -298,7 +298,7 @@ def _decide_search(view: View, ref: n.JobRef, cfg: OperatorConfig, plan: Plan, f
         (p["metadata"].get("annotations") or {}).get(n.ANNOTATION_SPEC_HASH) != n.spec_hash(raw_spec) for p in trial_jobs)
     may_start = not finished and view.hold is None and not spec.runPolicy.suspend and not plan.spec_drift
     search = driver.plan_search(spec.search, status.get("search") or {} if status.get("runId") == spec.runId else {},
-                                view.trials, may_start)
+                                view.trials, may_start, every_steps=spec.evaluation.everySteps)
     plan.search = search
     if finished:
         return plan

@@ -495,7 +495,9 @@ class TrialPhase(str, Enum):
     Failed = "Failed"
 
 
-MAX_TRIAL_HISTORY = 32  # validation points kept per trial in the status (the trial's progress.json has them all)
+# Validation points kept per trial in the status (search.study.kept_history keeps fewer than 50 of the
+# trainer's 1000; the trial's progress.json has those).
+MAX_TRIAL_HISTORY = 64
 
 
 class TrialPoint(StatusModel):
@@ -512,8 +514,10 @@ class TrialStatus(StatusModel):
     step: StatusCount = Field(default=0, description="The latest step the trial reported a validation value for.")
     pruned: bool = Field(default=False, description="Stopped early by the pruning rule.")
     history: list[TrialPoint] = Field(default_factory=list, max_length=MAX_TRIAL_HISTORY,
-                                      description="The metric at evaluation steps (the first "
-                                      f"{MAX_TRIAL_HISTORY}: pruning compares trials at the same steps).")
+                                      description="The metric at evaluation steps: the first 16 evaluations, "
+                                      "then four per doubling of the step (every trial keeps the same steps, "
+                                      "where pruning compares them), each successive-halving rung's, and the "
+                                      "latest.")
     gpuSeconds: float = Field(default=0.0, description="GPU time of the trial's pods, including pods gone since.")
     gpuSecondsSettled: float = Field(default=0.0, description="GPU time of the trial's pods that are gone.")
     gpuPodSeconds: dict[str, float] = Field(default_factory=dict, max_length=1024, description="GPU time of each "

@@ -8,13 +8,14 @@ rebuilt from these records on every pass (`study.build_study`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_operator.api.search import Metric, Search
-from finetune_operator.api.types import MAX_TRIAL_HISTORY, TrialPhase
+from finetune_operator.api.types import TrialPhase
 from finetune_operator.builders import names as n
 from finetune_operator.s3 import RunDocuments
 from finetune_operator.search import space, study
@@ -70,23 +71,32 @@ def metric_value(metric: str, eval_loss: float | None) -> float | None:
     return eval_loss
 
 
-def _history(search: Search, documents: RunDocuments) -> list[dict[str, Any]]:
-    """The trial's validation metric by step, every evaluation it reported (the status keeps the first
-    MAX_TRIAL_HISTORY: pruning compares trials at the same step, so the early steps are the ones kept)."""
+def _history(search: Search, documents: RunDocuments) -> list[tuple[int, float]]:
+    """The trial's validation metric by step, every evaluation it reported (the status keeps
+    `study.kept_history` of it)."""
     points: dict[int, float] = {}
     for point in (documents.progress.evalHistory if documents.progress else []):
         value = metric_value(search.metric, point.evalLoss)
         if value is not None:
-            points[point.step] = value
-    return [{"step": step, "value": round(value, 6)} for step, value in sorted(points.items())]
+            points[point.step] = round(value, 6)
+    return sorted(points.items())
+
+
+def _set_history(search: Search, every_steps: int, trial: dict[str, Any], history: list[tuple[int, float]]) -> None:
+    """The trial's status from the evaluations it reported (ascending steps, at least one)."""
+    pick = min if search.direction == "minimize" else max
+    trial["history"] = [{"step": step, "value": value} for step, value in study.kept_history(search, every_steps, history)]
+    trial["step"] = history[-1][0]
+    trial["bestValue"] = pick(value for _, value in history)
 
 
 def _final_value(search: Search, documents: RunDocuments | None, trial: dict[str, Any]) -> float | None:
     evaluation = documents.evaluation if documents else None
     if evaluation is not None and evaluation.perplexity:
         return metric_value(search.metric, math.log(evaluation.perplexity))
-    history = (_history(search, documents) if documents else None) or trial.get("history") or []
-    return history[-1]["value"] if history else None
+    history = (_history(search, documents) if documents else None) or \
+        [(p["step"], p["value"]) for p in trial.get("history") or []]
+    return history[-1][1] if history else None
 
 
 def records(trials: list[dict[str, Any]]) -> list[study.TrialRecord]:
@@ -96,17 +106,14 @@ def records(trials: list[dict[str, Any]]) -> list[study.TrialRecord]:
             for t in trials]
 
 
-def _observe_trial(search: Search, trial: dict[str, Any], run: TrialRun | None) -> dict[str, Any]:
+def _observe_trial(search: Search, every_steps: int, trial: dict[str, Any], run: TrialRun | None) -> dict[str, Any]:
     """A trial that has not finished, brought up to date with what was observed."""
     trial = dict(trial)
     documents = run.documents if run else None
     if documents is not None and documents.progress is not None:
         history = _history(search, documents)
         if history:
-            trial["history"] = history[:MAX_TRIAL_HISTORY]
-            trial["step"] = history[-1]["step"]
-            pick = min if search.direction == "minimize" else max
-            trial["bestValue"] = pick(p["value"] for p in history)
+            _set_history(search, every_steps, trial, history)
     if run is not None and run.gpu_pod_seconds:
         account_gpu_seconds(trial, run.gpu_pod_seconds)
     ptj = run.pytorchjob if run else None
@@ -129,10 +136,38 @@ def _observe_trial(search: Search, trial: dict[str, Any], run: TrialRun | None) 
     return trial
 
 
-def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, TrialRun], may_start: bool) -> SearchPlan:
+def _new_history(search: Search, recorded: dict[str, Any], run: TrialRun | None) -> list[tuple[int, float]]:
+    """Every evaluation the trial reported, when this pass read one newer than its status records; else []."""
+    documents = run.documents if run else None
+    history = _history(search, documents) if documents is not None and documents.progress is not None else []
+    return history if history and history[-1][0] > int(recorded.get("step") or 0) else []
+
+
+def _pruned_at(search: Search, every_steps: int, trials: dict[int, dict[str, Any]], number: int,
+               history: list[tuple[int, float]], since: int) -> int | None:
+    """The first of the trial's evaluations after step `since` at which the pruning rule stops it, judged
+    as a study driven continuously would have judged it on reporting that evaluation: the trial with
+    every evaluation up to it, the others with the evaluations every trial keeps."""
+    others = [dataclasses.replace(r, history=study.compared_history(search, every_steps, r.history))
+              for r in records(sorted(trials.values(), key=lambda t: t["number"])) if r.number != number]
+    params = dict(trials[number].get("parameters") or {})
+    compared = {step for step, _ in study.compared_history(search, every_steps, history)}
+    for index, (step, _) in enumerate(history):
+        # Elsewhere no other trial has a value at the step: neither pruner stops a trial there.
+        if step <= since or step not in compared:
+            continue
+        judged = study.TrialRecord(number=number, params=params, state=study.RUNNING, history=history[:index + 1])
+        if study.should_prune(search, [*others, judged], number):
+            return step
+    return None
+
+
+def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, TrialRun], may_start: bool, *,
+                every_steps: int) -> SearchPlan:
     """The trials after this pass. `previous`: status.search; `observed`: trial number -> what was seen
     (a number absent: no PyTorchJob); `may_start`: new trials may be started (not suspended, the spec
-    unchanged, the tenant's policy allows it)."""
+    unchanged, the tenant's policy allows it); `every_steps`: evaluation.everySteps (which evaluations
+    the status keeps)."""
     trials = {t["number"]: dict(t) for t in previous.get("trials") or []}
     for number, run in observed.items():  # made before a restart, its status never written: adopted
         if number not in trials and run.pytorchjob is not None:
@@ -141,20 +176,29 @@ def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, Tr
     for number in range(max(trials, default=-1)):  # numbers are dense: a trial lost unrecorded is a failed one
         trials.setdefault(number, {"number": number, "parameters": {}, "phase": TrialPhase.Failed.value,
                                    "message": "its PyTorchJob was deleted before its status was recorded"})
+    reported: dict[int, tuple[list[tuple[int, float]], int]] = {}  # evaluations new this pass, the step before
     for number, trial in trials.items():
         if trial.get("phase") not in FINAL:
-            trials[number] = _observe_trial(search, trial, observed.get(number))
+            if history := _new_history(search, trial, observed.get(number)):
+                reported[number] = (history, int(trial.get("step") or 0))
+            trials[number] = _observe_trial(search, every_steps, trial, observed.get(number))
 
     plan = SearchPlan(trials=[], planned=space.planned_trials(search))
-    for number, trial in sorted(trials.items()):
-        if trial.get("phase") != TrialPhase.Running.value or not trial.get("history"):
+    # A trial is judged when it reports, at each new evaluation (as Optuna's should_prune after each
+    # report): not again on later passes, when other trials may have finished meanwhile.
+    for number, (history, since) in sorted(reported.items()):
+        trial = trials[number]
+        if trial.get("phase") != TrialPhase.Running.value:
             continue
-        if study.should_prune(search, records(sorted(trials.values(), key=lambda t: t["number"])), number):
-            last = trial["history"][-1]
-            trial.update(phase=TrialPhase.Pruned.value, pruned=True,
-                         message=f"pruned at step {last['step']} ({search.metric} {last['value']:.4g}) by the "
-                                 f"{search.pruning.rule} rule")
-            plan.stop.append(number)
+        step = _pruned_at(search, every_steps, trials, number, history, since)
+        if step is None:
+            continue
+        history = [p for p in history if p[0] <= step]  # what it had reported when the rule stopped it
+        _set_history(search, every_steps, trial, history)
+        trial.update(phase=TrialPhase.Pruned.value, pruned=True,
+                     message=f"pruned at step {step} ({search.metric} {history[-1][1]:.4g}) by the "
+                             f"{search.pruning.rule} rule")
+        plan.stop.append(number)
 
     for number, trial in sorted(trials.items()):
         if trial.get("phase") in ACTIVE and (observed.get(number) is None or observed[number].pytorchjob is None):
