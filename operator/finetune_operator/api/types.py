@@ -135,6 +135,8 @@ class RunPolicy(ApiModel):
 
 
 EVALUATE_ONLY_RULE = "spec." + TRAINER_EVALUATE_ONLY_RULE
+EPOCHS_WITH_MAX_STEPS = ("spec.search.parameters.epochs: the trainer ignores epochs when spec.hyperparameters.maxSteps "
+                         "> 0, so every trial would train alike: set maxSteps to 0, or search maxSteps instead")
 
 _SPEC_RULES = cel(
     (
@@ -229,6 +231,11 @@ _SPEC_RULES = cel(
         "(has(self.evaluation) && has(self.evaluation.everySteps) && self.evaluation.everySteps > 0)",
         "spec.search.pruning needs spec.evaluation.everySteps > 0 (the validation loss it prunes on), or "
         "pruning.rule none",
+    ),
+    (
+        "!has(self.search) || !has(self.search.parameters.epochs) || !has(self.hyperparameters) || "
+        "!has(self.hyperparameters.maxSteps) || self.hyperparameters.maxSteps == 0",
+        EPOCHS_WITH_MAX_STEPS,
     ),
 )
 
