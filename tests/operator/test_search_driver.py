@@ -136,12 +136,20 @@ def test_a_trial_made_before_an_operator_restart_is_adopted_not_made_again():
                                                                            (1, {"learningRate": 3e-4})]
 
 
-def test_a_trial_whose_pytorchjob_was_deleted_is_made_again_and_resumes():
-    b = body(status=status_with(trial_status(0, 1e-3, "Running"), trial_status(1, 3e-4, "Running")))
+@pytest.mark.parametrize("run_policy, remade", [
+    ({}, [1]),
+    ({"suspend": True}, []),
+    ({"queueName": "q", "suspend": True}, []),  # Kueue would admit it while the job is suspended
+], ids=["running", "suspended", "suspended in a queue"])
+def test_a_trial_whose_pytorchjob_was_deleted_is_made_again_and_resumes_unless_suspended(run_policy, remade):
+    b = body(status=status_with(trial_status(0, 1e-3, "Running"), trial_status(1, 3e-4, "Running")),
+             runPolicy=run_policy)
     plan = decide(view_of(b, trials={0: driver.TrialRun(trial_ptj(b, 0, {"learningRate": 1e-3}, "Running"))}), CFG)
-    assert applied_trials(plan) == [1]
-    made = next(o for o in plan.apply if o["kind"] == "PyTorchJob")
-    assert json.loads(made["metadata"]["annotations"][names.ANNOTATION_TRIAL_PARAMETERS]) == {"learningRate": 3e-4}
+    assert applied_trials(plan) == remade
+    assert plan.search.trials[1]["phase"] == "Pending"  # to be made again
+    if remade:
+        made = next(o for o in plan.apply if o["kind"] == "PyTorchJob")
+        assert json.loads(made["metadata"]["annotations"][names.ANNOTATION_TRIAL_PARAMETERS]) == {"learningRate": 3e-4}
 
 
 def test_a_bad_trial_is_pruned_its_pytorchjob_deleted_and_the_next_one_started():

@@ -515,7 +515,9 @@ class TrialPoint(StatusModel):
 class TrialStatus(StatusModel):
     number: StatusCount = Field(description="Trial number (0, 1, ...): its PyTorchJob is train-<runId>-t<number>.")
     parameters: dict[str, float] = Field(default_factory=dict, description="The hyperparameters of this trial.")
-    phase: TrialPhase = Field(default=TrialPhase.Pending, description="Pending|Running|Succeeded|Pruned|Failed.")
+    phase: TrialPhase = Field(default=TrialPhase.Pending, description="Pending (not training yet or now: to be "
+                              "made, waiting for Kueue to admit it, its pods starting, or suspended)|Running|Succeeded|"
+                              "Pruned|Failed.")
     value: float | None = Field(default=None, description="The trial's result: the metric of its final evaluation.")
     bestValue: float | None = Field(default=None, description="The best metric value the trial reported so far.")
     step: StatusCount = Field(default=0, description="The latest step the trial reported a validation value for.")
@@ -579,7 +581,8 @@ class FineTuneJobStatus(StatusModel):
     latestCheckpoint: str | None = Field(default=None, description="S3 prefix of the newest complete checkpoint.")
     resumedFromStep: int | None = Field(default=None, description="Step the run resumed from after a restart (0: fresh start).")
     preemptions: int = Field(default=0, description="Times Kueue preempted the run (it resumed from its latest checkpoint).")
-    queue: QueueStatus | None = Field(default=None, description="What Kueue says about the run (runs with a queue).")
+    queue: QueueStatus | None = Field(default=None, description="What Kueue says about the run (runs with a queue; "
+                                      "a search: its first trial waiting for admission, else its first active one).")
     tenantPolicy: str | None = Field(default=None, description="The TenantPolicy governing the job's namespace.")
     evaluation: EvaluationStatus | None = Field(default=None, description="Perplexity of the base and the tuned model.")
     output: OutputStatus | None = Field(default=None, description="Where the results were written.")

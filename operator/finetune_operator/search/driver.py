@@ -17,6 +17,7 @@ from typing import Any
 from finetune_operator.api.search import Metric, Search
 from finetune_operator.api.types import TrialPhase
 from finetune_operator.builders import names as n
+from finetune_operator.kueue import QueueState
 from finetune_operator.s3 import RunDocuments
 from finetune_operator.search import space, study
 from finetune_operator.status import account_gpu_seconds, ptj_condition
@@ -30,11 +31,12 @@ STATES = {TrialPhase.Pending.value: "running", TrialPhase.Running.value: "runnin
 @dataclass
 class TrialRun:
     """What a pass observed of one trial: its PyTorchJob, the documents read (None: not read this
-    pass) and the GPU-seconds of its pods."""
+    pass), the GPU-seconds of its pods and, with a Kueue queue, what its Workload says."""
 
     pytorchjob: dict[str, Any] | None = None
     documents: RunDocuments | None = None
     gpu_pod_seconds: dict[str, float] = field(default_factory=dict)  # GPU time of each of its pods, by uid
+    queue: QueueState | None = None  # None: no queue, or Kueue made no Workload for it (yet)
 
 
 @dataclass
@@ -118,6 +120,8 @@ def _observe_trial(search: Search, every_steps: int, trial: dict[str, Any], run:
         account_gpu_seconds(trial, run.gpu_pod_seconds)
     ptj = run.pytorchjob if run else None
     if ptj is None:
+        if trial.get("phase") in ACTIVE:
+            trial["phase"] = TrialPhase.Pending.value  # to be (re-)made
         return trial
     if ptj_condition(ptj, "Succeeded"):
         value = _final_value(search, documents, trial)
@@ -133,7 +137,13 @@ def _observe_trial(search: Search, every_steps: int, trial: dict[str, Any], run:
         trial.update(phase=TrialPhase.Failed.value, message=message[:1024])
     elif ptj_condition(ptj, "Running") or ptj_condition(ptj, "Restarting"):
         trial["phase"] = TrialPhase.Running.value
+    elif suspended(ptj):  # by its user, or by Kueue until it admits (again) the trial
+        trial["phase"] = TrialPhase.Pending.value
     return trial
+
+
+def suspended(ptj: dict[str, Any]) -> bool:
+    return ptj_condition(ptj, "Suspended") is not None or bool(((ptj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
 
 
 def _new_history(search: Search, recorded: dict[str, Any], run: TrialRun | None) -> list[tuple[int, float]]:
@@ -166,7 +176,8 @@ def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, Tr
                 every_steps: int) -> SearchPlan:
     """The trials after this pass. `previous`: status.search; `observed`: trial number -> what was seen
     (a number absent: no PyTorchJob); `may_start`: new trials may be started (not suspended, the spec
-    unchanged, the tenant's policy allows it); `every_steps`: evaluation.everySteps (which evaluations
+    unchanged, the tenant's policy allows it; trials without their PyTorchJob are (re-)made only then:
+    a suspended queued search must give Kueue nothing to admit); `every_steps`: evaluation.everySteps (which evaluations
     the status keeps)."""
     trials = {t["number"]: dict(t) for t in previous.get("trials") or []}
     for number, run in observed.items():  # made before a restart, its status never written: adopted
@@ -185,10 +196,11 @@ def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, Tr
 
     plan = SearchPlan(trials=[], planned=space.planned_trials(search))
     # A trial is judged when it reports, at each new evaluation (as Optuna's should_prune after each
-    # report): not again on later passes, when other trials may have finished meanwhile.
+    # report): not again on later passes, when other trials may have finished meanwhile. A trial
+    # suspended since (Pending) is judged too: its new evaluations are not read twice.
     for number, (history, since) in sorted(reported.items()):
         trial = trials[number]
-        if trial.get("phase") != TrialPhase.Running.value:
+        if trial.get("phase") not in ACTIVE:
             continue
         step = _pruned_at(search, every_steps, trials, number, history, since)
         if step is None:
@@ -201,7 +213,8 @@ def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, Tr
         plan.stop.append(number)
 
     for number, trial in sorted(trials.items()):
-        if trial.get("phase") in ACTIVE and (observed.get(number) is None or observed[number].pytorchjob is None):
+        missing = observed.get(number) is None or observed[number].pytorchjob is None
+        if may_start and trial.get("phase") in ACTIVE and missing:
             plan.start.append((number, trial["parameters"]))  # not made yet, or deleted: (re-)made, it resumes
     active = sum(1 for t in trials.values() if t.get("phase") in ACTIVE)
     while may_start and active < search.parallelism and len(trials) < plan.planned:
@@ -262,6 +275,29 @@ class SearchObservation:
     active: bool = False  # a trial has not finished
     outcome: tuple[str, str, str] | None = None  # (Succeeded|Failed, reason, message) once the search is over
     waiting: str = ""  # why the search has not finished although no trial is active
+    queued: bool = False  # every active trial waits for Kueue to admit it
+    queue: QueueState | None = None  # what Kueue says of the first waiting trial (else the first active one)
+
+
+def _waits_for_admission(trial: dict[str, Any], run: TrialRun | None) -> bool:
+    """A queued trial Kueue has not admitted: its Workload says so, or (none made yet) its PyTorchJob is
+    suspended, or it has no PyTorchJob yet (made suspended, for Kueue to admit)."""
+    if trial.get("phase") != TrialPhase.Pending.value:
+        return False
+    ptj = run.pytorchjob if run else None
+    if ptj is None:
+        return True
+    if run.queue is not None:
+        return not run.queue.admitted
+    return suspended(ptj)
+
+
+def _queue_observation(obs: SearchObservation, trials: list[dict[str, Any]], observed: dict[int, TrialRun]) -> None:
+    active = [(t, observed.get(t["number"])) for t in trials if t.get("phase") in ACTIVE]
+    waiting = [(t, run) for t, run in active if _waits_for_admission(t, run)]
+    obs.queued = bool(active) and len(waiting) == len(active)
+    known = [run.queue for _, run in waiting if run and run.queue] or [run.queue for _, run in active if run and run.queue]
+    obs.queue = known[0] if known else None
 
 
 def gate(spec, documents: RunDocuments | None) -> tuple[bool, str]:
@@ -282,7 +318,10 @@ def gate(spec, documents: RunDocuments | None) -> tuple[bool, str]:
                    f"{evaluation.basePerplexity:.4g}, above evaluation.maxPerplexityRatio {limit}")
 
 
-def observe(spec, plan: SearchPlan, previous_status: dict[str, Any], promotion: Promotion | None) -> SearchObservation:
+def observe(spec, plan: SearchPlan, previous_status: dict[str, Any], promotion: Promotion | None,
+            observed: dict[int, TrialRun] | None = None) -> SearchObservation:
+    """The search's status and outcome after this pass; `observed` as for plan_search (with each trial's
+    Workload where the job has a Kueue queue)."""
     search = spec.search
     previous = previous_status.get("search") or {} if previous_status.get("runId") == spec.runId else {}
     status = summary(search, plan, previous)
@@ -292,6 +331,8 @@ def observe(spec, plan: SearchPlan, previous_status: dict[str, Any], promotion: 
     obs = SearchObservation(status=status,
                             running=any(t.get("phase") == TrialPhase.Running.value for t in plan.trials),
                             active=any(t.get("phase") in ACTIVE for t in plan.trials))
+    if spec.runPolicy.queueName:
+        _queue_observation(obs, plan.trials, observed or {})
     if not plan.finished:
         return obs
     counts = f"{status['succeeded']} succeeded, {status['pruned']} pruned, {status['failed']} failed"
