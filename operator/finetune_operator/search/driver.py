@@ -177,8 +177,8 @@ def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, Tr
     """The trials after this pass. `previous`: status.search; `observed`: trial number -> what was seen
     (a number absent: no PyTorchJob); `may_start`: new trials may be started (not suspended, the spec
     unchanged, the tenant's policy allows it; trials without their PyTorchJob are (re-)made only then:
-    a suspended queued search must give Kueue nothing to admit); `every_steps`: evaluation.everySteps (which evaluations
-    the status keeps)."""
+    a suspended queued search must give Kueue nothing to admit); `every_steps`: evaluation.everySteps
+    (which evaluations the status keeps)."""
     trials = {t["number"]: dict(t) for t in previous.get("trials") or []}
     for number, run in observed.items():  # made before a restart, its status never written: adopted
         if number not in trials and run.pytorchjob is not None:
@@ -279,22 +279,23 @@ class SearchObservation:
     queue: QueueState | None = None  # what Kueue says of the first waiting trial (else the first active one)
 
 
-def _waits_for_admission(trial: dict[str, Any], run: TrialRun | None) -> bool:
+def _waits_for_admission(trial: dict[str, Any], run: TrialRun | None, made: set[int]) -> bool:
     """A queued trial Kueue has not admitted: its Workload says so, or (none made yet) its PyTorchJob is
-    suspended, or it has no PyTorchJob yet (made suspended, for Kueue to admit)."""
+    suspended, or its PyTorchJob is made in this pass (suspended, for Kueue to admit)."""
     if trial.get("phase") != TrialPhase.Pending.value:
         return False
     ptj = run.pytorchjob if run else None
     if ptj is None:
-        return True
+        return trial["number"] in made
     if run.queue is not None:
         return not run.queue.admitted
     return suspended(ptj)
 
 
-def _queue_observation(obs: SearchObservation, trials: list[dict[str, Any]], observed: dict[int, TrialRun]) -> None:
-    active = [(t, observed.get(t["number"])) for t in trials if t.get("phase") in ACTIVE]
-    waiting = [(t, run) for t, run in active if _waits_for_admission(t, run)]
+def _queue_observation(obs: SearchObservation, plan: SearchPlan, observed: dict[int, TrialRun]) -> None:
+    made = {number for number, _ in plan.start}
+    active = [(t, observed.get(t["number"])) for t in plan.trials if t.get("phase") in ACTIVE]
+    waiting = [(t, run) for t, run in active if _waits_for_admission(t, run, made)]
     obs.queued = bool(active) and len(waiting) == len(active)
     known = [run.queue for _, run in waiting if run and run.queue] or [run.queue for _, run in active if run and run.queue]
     obs.queue = known[0] if known else None
@@ -332,7 +333,7 @@ def observe(spec, plan: SearchPlan, previous_status: dict[str, Any], promotion: 
                             running=any(t.get("phase") == TrialPhase.Running.value for t in plan.trials),
                             active=any(t.get("phase") in ACTIVE for t in plan.trials))
     if spec.runPolicy.queueName:
-        _queue_observation(obs, plan.trials, observed or {})
+        _queue_observation(obs, plan, observed or {})
     if not plan.finished:
         return obs
     counts = f"{status['succeeded']} succeeded, {status['pruned']} pruned, {status['failed']} failed"
