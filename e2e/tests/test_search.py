@@ -76,7 +76,7 @@ def test_a_search_runs_in_waves_survives_an_operator_restart_and_promotes_the_be
                 if not any(c["type"] in ("Succeeded", "Failed") and c["status"] == "True"
                            for c in (p.get("status") or {}).get("conditions") or [])]
 
-    # The waves: never more than `parallelism` unfinished trials; the operator is killed once the
+    # The waves: `parallelism` unfinished trials at once, never more; the operator is killed once the
     # second wave has started and comes back while it runs.
     most, killed, deadline = 0, False, time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -92,7 +92,7 @@ def test_a_search_runs_in_waves_survives_an_operator_restart_and_promotes_the_be
         time.sleep(1)
     assert killed
     status = wait_phase(kube, namespace, "search", "Succeeded", timeout=60)
-    assert 1 <= most <= 2, most
+    assert most == 2, most  # a wave: both trials of it at once (each runs 5 s on KWOK), never a third
 
     search = status["search"]
     assert [t["number"] for t in search["trials"]] == list(range(6))

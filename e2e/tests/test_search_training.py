@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import time
 import uuid
@@ -18,7 +19,7 @@ import yaml
 from e2e.localcluster.paths import REPO_ROOT
 from e2e.tests.test_end_to_end import _download, _explain_failure, _keys, _s3, _status
 from finetune_operator.builders import names as n
-from finetune_trainer.config import progress_uri
+from finetune_trainer.config import evaluation_uri, progress_uri
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -73,10 +74,12 @@ def test_a_learning_rate_search_prunes_a_bad_trial_and_promotes_the_best(kube, l
     assert any(k.endswith("search-validation.png") for k in report) and any(k.endswith("search-report.json")
                                                                              for k in report), report
 
-    # The promoted adapter is the best trial's; it loads and measures the best trial's perplexity.
-    assert status["evaluation"]["perplexity"] == pytest.approx(
-        _read_json(local_cluster, n.trial_output_uri(output, best["number"]) + "runs/1/evaluation.json")["perplexity"],
-        rel=1e-4)  # the status rounds to 4 decimals
+    # The promoted adapter is the best trial's; it loads, and the promoted output's evaluation measures the
+    # metric the search recorded for the best trial (evalLoss: the log of the perplexity).
+    promoted_perplexity = _read_json(local_cluster, evaluation_uri(output, "1"))["perplexity"]
+    recorded = best["value"] if search["metric"] == "perplexity" else math.exp(best["value"])
+    assert promoted_perplexity == pytest.approx(recorded, rel=1e-5), (promoted_perplexity, best)
+    assert status["evaluation"]["perplexity"] == pytest.approx(promoted_perplexity, rel=1e-4)  # rounded to 4 decimals
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -305,7 +305,7 @@ def _decide_search(view: View, ref: n.JobRef, cfg: OperatorConfig, plan: Plan, f
         (p["metadata"].get("annotations") or {}).get(n.ANNOTATION_SPEC_HASH) != n.spec_hash(raw_spec) for p in trial_jobs)
     may_start = not finished and view.hold is None and not spec.runPolicy.suspend and not plan.spec_drift
     search = driver.plan_search(spec.search, status.get("search") or {} if status.get("runId") == spec.runId else {},
-                                view.trials, may_start)
+                                view.trials, may_start, every_steps=spec.evaluation.everySteps)
     plan.search = search
     if finished:
         return plan
@@ -606,8 +606,8 @@ class Reconciler:
                 if obj["kind"] == "PyTorchJob" and view.pytorchjob is None and view.spec.runPolicy.queueName:
                     await self.kube.create_if_absent(suspended_for_creation(obj))
                 applied = await self.kube.apply(obj)
-                if obj["kind"] == "PyTorchJob":
-                    ptj = applied
+                if obj["kind"] == "PyTorchJob" and driver.trial_number(obj) is None:
+                    ptj = applied  # a trial is never the job's single run
             else:
                 self._applied[uid] = (digest, mono)
         if plan.suspend_patch is not None and ptj is not None:
@@ -617,7 +617,7 @@ class Reconciler:
             await self.kube.merge_patch(k8s.PyTorchJob, name, plan.sandbox,
                                         {"spec": {"runPolicy": {"suspend": view.spec.runPolicy.suspend}}})
         if plan.search is not None and view.spec.runPolicy.queueName and plan.sandbox_state == SANDBOX_ACTIVE:
-            await self._activate_trials(plan.sandbox, view)
+            await self._queue_trials(plan.sandbox, view, plan.search)
         promotion = await self._promote(view, plan) if plan.promote else None
         if plan.sandbox_state == SANDBOX_EXPIRED:
             ptj = None
@@ -627,9 +627,14 @@ class Reconciler:
                           replacing_run=plan.replacing_run, stall_after_seconds=self.cfg.progressStallSeconds,
                           hold=view.hold, tenant_policy=view.policy.name if view.policy else "")
         if plan.search is not None and view.spec is not None and view.spec.search is not None:
-            obs.search = driver.observe(view.spec, plan.search, previous, promotion)
+            obs.search = driver.observe(view.spec, plan.search, previous, promotion, view.trials)
             if promotion is not None and promotion.documents is not None:
                 obs.evaluation, obs.result = promotion.documents.evaluation, promotion.documents.result
+            if obs.search.queue is not None:
+                obs.queue = obs.search.queue
+                if not obs.queue.admitted:
+                    obs.queue = dataclasses.replace(obs.queue, workloads_ahead=await self._workloads_ahead(
+                        plan.sandbox, view.spec.runPolicy.queueName, obs.queue.workload))
         workload = None
         if view.spec is not None:
             try:
@@ -691,22 +696,27 @@ class Reconciler:
             return None
         return kueue.workloads_ahead(summary, workload)
 
-    async def _activate_trials(self, sandbox: str, view: View) -> None:
-        """A queued search suspended by its user: its trials' Workloads are deactivated (Kueue's way, as
-        for a run), and activated again when it resumes."""
-        active = not view.spec.runPolicy.suspend
-        trials = [t.pytorchjob for t in view.trials.values() if t.pytorchjob is not None and not
-                  (ptj_condition(t.pytorchjob, "Succeeded") or ptj_condition(t.pytorchjob, "Failed"))]
+    async def _queue_trials(self, sandbox: str, view: View, search: driver.SearchPlan) -> None:
+        """What Kueue says of each unfinished trial's Workload (into view.trials); a queued search suspended by
+        its user has its trials' Workloads deactivated (Kueue's way, as for a run), activated again when it
+        resumes. Trials stopped in this pass are left alone."""
+        spec = view.spec
+        assert spec is not None
+        trials = [t for number, t in view.trials.items() if t.pytorchjob is not None and number not in search.stop
+                  and not (ptj_condition(t.pytorchjob, "Succeeded") or ptj_condition(t.pytorchjob, "Failed"))]
         if not trials:
             return
         try:
             workloads = await self.kube.list(k8s.Workload, sandbox)
-        except ApiError as exc:
+        except ApiError as exc:  # Kueue not installed (no Workload API): the trials show as queued
             log.warning("cannot read Kueue workloads in %s: %s", sandbox, exc)
             return
-        for ptj in trials:
-            workload = kueue.workload_of(workloads, ptj)
-            patch = kueue.activation_patch(workload, active=active) if workload else None
+        for trial in trials:
+            workload = kueue.workload_of(workloads, trial.pytorchjob)
+            if workload is None:
+                continue
+            trial.queue = kueue.queue_state(workload, spec.runPolicy.queueName)
+            patch = kueue.activation_patch(workload, active=not spec.runPolicy.suspend)
             if patch is not None:
                 await self.kube.merge_patch(k8s.Workload, workload["metadata"]["name"], sandbox, patch)
 

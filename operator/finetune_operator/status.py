@@ -513,7 +513,7 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         unschedulable = unschedulable_pod(obs.pods) if watch_pods else None
         waiting = waiting_container(obs.pods, now) if watch_pods and unschedulable is None else None
         if search is not None and unschedulable is None and waiting is None:
-            put(C.Running, *_search_running(search))
+            put(C.Running, *_search_running(search, queue))
         elif unschedulable is not None:
             # The PyTorchJob says Running once its master runs; a worker the scheduler cannot place
             # still keeps the run from training.
@@ -576,12 +576,19 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
 _ORDER = {t.value: i for i, t in enumerate(C)}
 
 
-def _search_running(search: Any) -> tuple[bool, str, str]:
-    """The Running condition of a search that has not finished: (status, reason, message)."""
+def _search_running(search: Any, queue: QueueState | None) -> tuple[bool, str, str]:
+    """The Running condition of a search that has not finished: (status, reason, message). `queue`: what
+    Kueue says of the trial the status shows (queued searches)."""
     s = search.status
     best = s.get("best")
     about = f"trials {s.get('progress')} finished ({s.get('running', 0)} active, {s.get('pruned', 0)} pruned, " \
             f"{s.get('failed', 0)} failed)" + (f"; best t{best['number']} {s.get('metric')} {best['value']:.4g}" if best else "")
+    if search.active and search.queued:  # as a queued run: Queued (or Preempted) until Kueue admits a trial
+        if queue is None:
+            return False, "Queued", f"trials waiting for admission (their PyTorchJobs are suspended by their queue); {about}"
+        return (False, "Preempted" if queue.evicted_by_preemption else "Queued",
+                f"trials waiting in Kueue ClusterQueue {queue.cluster_queue} (trial Workload {queue.workload}: "
+                f"{describe_wait(queue)}): {queue.message}; {about}")
     if search.active:  # between trials too: a search runs while any trial is to finish
         return True, "Searching", about if search.running else f"{about}; the next trials' pods are starting"
     if search.waiting:

@@ -7,15 +7,18 @@ import json
 import math
 from datetime import datetime, timezone
 
+import optuna
 import pytest
 
+from finetune_operator.api.search import Search
 from finetune_operator.api.types import MAX_TRIAL_HISTORY
 from finetune_operator.builders import JobRef, names
 from finetune_operator.builders.events import search_events
 from finetune_operator.builders.run import Trial, run_objects
 from finetune_operator.reconcile import View, decide
 from finetune_operator.s3 import RunDocuments
-from finetune_operator.search import driver
+from finetune_operator.search import driver, space
+from finetune_operator.search.study import build_study
 from finetune_operator.status import SANDBOX_ACTIVE, Observation, derive_status
 from finetune_operator.validation import Facts, validate
 from finetune_trainer.config import EvalPoint, EvaluationResult, GateResult, Progress, TrainerConfig
@@ -133,12 +136,20 @@ def test_a_trial_made_before_an_operator_restart_is_adopted_not_made_again():
                                                                            (1, {"learningRate": 3e-4})]
 
 
-def test_a_trial_whose_pytorchjob_was_deleted_is_made_again_and_resumes():
-    b = body(status=status_with(trial_status(0, 1e-3, "Running"), trial_status(1, 3e-4, "Running")))
+@pytest.mark.parametrize("run_policy, remade", [
+    ({}, [1]),
+    ({"suspend": True}, []),
+    ({"queueName": "q", "suspend": True}, []),  # Kueue would admit it while the job is suspended
+], ids=["running", "suspended", "suspended in a queue"])
+def test_a_trial_whose_pytorchjob_was_deleted_is_made_again_and_resumes_unless_suspended(run_policy, remade):
+    b = body(status=status_with(trial_status(0, 1e-3, "Running"), trial_status(1, 3e-4, "Running")),
+             runPolicy=run_policy)
     plan = decide(view_of(b, trials={0: driver.TrialRun(trial_ptj(b, 0, {"learningRate": 1e-3}, "Running"))}), CFG)
-    assert applied_trials(plan) == [1]
-    made = next(o for o in plan.apply if o["kind"] == "PyTorchJob")
-    assert json.loads(made["metadata"]["annotations"][names.ANNOTATION_TRIAL_PARAMETERS]) == {"learningRate": 3e-4}
+    assert applied_trials(plan) == remade
+    assert plan.search.trials[1]["phase"] == "Pending"  # to be made again
+    if remade:
+        made = next(o for o in plan.apply if o["kind"] == "PyTorchJob")
+        assert json.loads(made["metadata"]["annotations"][names.ANNOTATION_TRIAL_PARAMETERS]) == {"learningRate": 3e-4}
 
 
 def test_a_bad_trial_is_pruned_its_pytorchjob_deleted_and_the_next_one_started():
@@ -218,15 +229,82 @@ def test_a_trials_gpu_time_keeps_its_pods_that_are_gone():
         110.0, 100.0, {"new-master": 6.0, "new-worker": 4.0})
 
 
-def test_a_long_trial_shows_its_latest_step_and_best_value_beyond_the_kept_history():
-    """The status keeps the first MAX_TRIAL_HISTORY points; the trial's step and best value come from all."""
+def test_a_long_trial_keeps_a_bounded_history_with_its_latest_evaluation():
+    """The status keeps the evaluations every trial keeps and the latest; step and best value come from all."""
     losses = [3.0 - 0.01 * i for i in range(MAX_TRIAL_HISTORY + 18)]
     b = body(status=status_with(trial_status(0, 1e-3, "Running")))
     trials = {0: driver.TrialRun(trial_ptj(b, 0, {"learningRate": 1e-3}, "Running"), docs(losses))}
     trial = _status_after(b, decide(view_of(b, trials=trials), CFG))["search"]["trials"][0]
-    assert len(trial["history"]) == MAX_TRIAL_HISTORY and trial["history"][-1]["step"] == 5 * MAX_TRIAL_HISTORY
-    assert trial["step"] == 5 * len(losses)
+    steps = [p["step"] for p in trial["history"]]
+    assert len(steps) <= MAX_TRIAL_HISTORY and steps[-1] == trial["step"] == 5 * len(losses)
+    assert steps[:16] == [5 * n for n in range(1, 17)] and 5 * 80 in steps and 5 * 79 not in steps
     assert trial["bestValue"] == pytest.approx(min(losses), abs=1e-6)
+
+
+# ---- pruning beyond the status's bound -------------------------------------------------------------
+
+LONG = MAX_TRIAL_HISTORY + 36  # evaluations of a long trial (every 5 steps), more than the status keeps
+TURNS_BAD = 80  # the evaluation at which the judged trial below turns worse than the median (a shared step)
+BASELINE = [round(3.0 - 0.01 * i, 6) for i in range(LONG)]
+
+
+def judged_curve(turns_bad=TURNS_BAD):
+    """Better than the median of the two finished trials (BASELINE and BASELINE + 0.02) until the evaluation
+    `turns_bad`, worse from there on."""
+    return [round(v + (0.005 if i + 1 < turns_bad else 0.05), 6) for i, v in enumerate(BASELINE)]
+
+
+def finished_long(number, lr, curve):
+    """A finished trial's status as a pass wrote it from its documents."""
+    b = body(status=status_with(trial_status(number, lr, "Running")))
+    trials = {number: driver.TrialRun(trial_ptj(b, number, {"learningRate": lr}, "Succeeded"),
+                                      docs(curve, final=curve[-1]))}
+    return decide(view_of(b, trials=trials), CFG).search.trials[number]
+
+
+def pass_reading(status, evaluations):
+    """The status after a pass that read trial 2's progress.json with its first `evaluations` evaluations."""
+    b = body(status=status, search={**SEARCH, "parallelism": 1})
+    trials = {2: driver.TrialRun(trial_ptj(b, 2, {"learningRate": RATES[2]}, "Running"),
+                                 docs(judged_curve()[:evaluations]))}
+    plan = decide(view_of(b, trials=trials), CFG)
+    return plan, _status_after(b, plan)
+
+
+@pytest.mark.parametrize("reads", [
+    list(range(1, LONG + 1)),  # a pass per evaluation
+    [10, 40, 70, 75, 90],  # several evaluations between two reads: judged at each new one in order
+], ids=["one evaluation per pass", "several per pass"])
+def test_a_trial_longer_than_the_status_bound_is_pruned_where_it_turns_bad(reads):
+    """Pruning judges a trial's newest evaluations against the other trials' values at the same steps, however
+    long the trials are (the status kept only their first 32 evaluations, and judged a long trial at its 32nd
+    step forever)."""
+    status = status_with(finished_long(0, RATES[0], BASELINE),
+                         finished_long(1, RATES[1], [round(v + 0.02, 6) for v in BASELINE]),
+                         trial_status(2, RATES[2], "Running"))
+    for evaluations in reads:
+        plan, status = pass_reading(status, evaluations)
+        trial = status["search"]["trials"][2]
+        assert len(trial["history"]) <= MAX_TRIAL_HISTORY
+        if trial["phase"] == "Pruned":
+            break
+    assert (trial["phase"], plan.search.stop) == ("Pruned", [2]), trial
+    assert evaluations >= TURNS_BAD and trial["message"].startswith(f"pruned at step {5 * TURNS_BAD} ")
+    assert trial["step"] == trial["history"][-1]["step"] == 5 * TURNS_BAD  # what it had reported then
+
+
+def test_a_trial_is_judged_once_per_evaluation():
+    """A pass that reads nothing new does not judge the trial again (another trial may have finished since)."""
+    status = status_with(finished_long(0, RATES[0], [round(v + 0.01, 6) for v in BASELINE]),
+                         trial_status(1, RATES[1], "Running"), trial_status(2, RATES[2], "Running"))
+    _, status = pass_reading(status, 10)  # better than trial 0, the only finished one
+    assert status["search"]["trials"][2]["phase"] == "Running"
+    worse = [round(v - 0.5, 6) for v in BASELINE]  # trial 1 finishes far better: the median drops
+    status["search"]["trials"][1] = finished_long(1, RATES[1], worse)
+    plan, again = pass_reading(status, 10)
+    assert again["search"]["trials"][2]["phase"] == "Running" and plan.search.stop == []
+    plan, later = pass_reading(again, 11)
+    assert later["search"]["trials"][2]["phase"] == "Pruned" and plan.search.stop == [2]
 
 
 @pytest.mark.parametrize("ratio_limit, outcome, reason", [
@@ -384,3 +462,74 @@ def test_a_new_run_id_deletes_the_old_trials_then_starts_a_fresh_search():
     assert replaced["runId"] == "2" and "search" not in replaced
     after = decide(view_of(body(status=replaced, runId="2")), CFG)
     assert applied_trials(after) == [0, 1] and after.search.start == fresh.search.start
+
+
+def long_curves():
+    """Validation losses of trials run one after the other, LONG evaluations each: some better than the others
+    early and worse from an evaluation on (the one in the comment), some better or worse throughout."""
+    def curve(offset=0.0, worse_from=None):
+        return [round(0.5 + 1.5 * math.exp(-0.03 * i) + offset + (0.002 * (i - worse_from) if worse_from else 0.0), 6)
+                for i in range(LONG)]
+
+    return [curve(), curve(-0.01), curve(worse_from=75), curve(worse_from=70), curve(worse_from=40), curve(0.05),
+            curve(-0.03), curve(worse_from=98)]
+
+
+def shared_evaluation(n):
+    """The evaluations every trial keeps: the first 16, then four per doubling (20, 24, 28, 32, 40, ...)."""
+    return n <= 16 or n % (1 << max(0, n.bit_length() - 3)) == 0
+
+
+def ptj_with(condition):
+    return {"metadata": {"name": "t"}, "status": {"conditions": [{"type": condition, "status": "True"}]}}
+
+
+def docs_every(every, losses, final=None):
+    history = [EvalPoint(step=every * (i + 1), evalLoss=v) for i, v in enumerate(losses)]
+    return RunDocuments(progress=Progress(step=history[-1].step, evalHistory=history),
+                        evaluation=EvaluationResult(perplexity=math.exp(final)) if final is not None else None)
+
+
+@pytest.mark.parametrize("pruning", [
+    {"rule": "median", "startupTrials": 1, "warmupSteps": 20},
+    {"rule": "successiveHalving", "minSteps": 30, "reductionFactor": 2},
+    {"rule": "successiveHalving", "minSteps": 30, "reductionFactor": 3},
+], ids=["median", "halving by 2", "halving by 3"])
+def test_long_trials_are_pruned_as_a_continuously_driven_study_prunes_them(pruning):
+    """Trials of LONG evaluations, one pass per evaluation, the status (bounded) the only memory between passes:
+    each trial is pruned where an Optuna study holding every evaluation, asked after every report, prunes it --
+    at the steps every trial keeps (successive halving decides only at its rungs, which are kept too; a median
+    off those steps has no other trial's value to compare)."""
+    every = 10
+    search = Search.model_validate({"parameters": {"learningRate": {"min": 1e-5, "max": 1e-2, "scale": "log"}},
+                                    "strategy": "random", "trials": 8, "parallelism": 1, "pruning": pruning})
+    live = build_study(search, [])
+    previous: dict = {"trials": []}
+    live_pruned, rebuilt_pruned = [], []
+    for number, curve in enumerate(long_curves()):
+        trial = live.ask(space.distributions(search))
+        pruned_at = None
+        for n, loss in enumerate(curve, start=1):
+            trial.report(loss, every * n)
+            if trial.should_prune():
+                if pruning["rule"] == "median" and not shared_evaluation(n):
+                    continue  # no finished trial kept a value at this step: not pruned here
+                pruned_at = every * n
+                break
+        live.tell(trial, state=optuna.trial.TrialState.PRUNED) if pruned_at else live.tell(trial, curve[-1])
+        live_pruned.append(pruned_at)
+
+        previous["trials"].append({"number": number, "parameters": trial.params, "phase": "Pending"})
+        for n in range(1, LONG + 1):
+            last = n == LONG
+            run = driver.TrialRun(ptj_with("Succeeded" if last else "Running"),
+                                  docs_every(every, curve[:n], final=curve[-1] if last else None))
+            plan = driver.plan_search(search, previous, {number: run}, may_start=False, every_steps=every)
+            previous = driver.summary(search, plan, previous)
+            recorded = previous["trials"][number]
+            assert len(recorded["history"]) <= MAX_TRIAL_HISTORY and recorded["step"] <= every * n
+            if recorded["phase"] != "Running":
+                break
+        rebuilt_pruned.append(recorded["step"] if recorded["phase"] == "Pruned" else None)
+    assert rebuilt_pruned == live_pruned
+    assert any(step and step > every * MAX_TRIAL_HISTORY for step in live_pruned), live_pruned  # pruned late too

@@ -11,6 +11,8 @@ import optuna
 import pytest
 
 from finetune_operator.api.search import Search
+from finetune_operator.api.types import MAX_TRIAL_HISTORY
+from finetune_trainer.config import MAX_EVAL_HISTORY
 from finetune_operator.search import space
 from finetune_operator.search.study import (
     COMPLETE,
@@ -22,6 +24,8 @@ from finetune_operator.search.study import (
     ask,
     best,
     build_study,
+    compared_history,
+    kept_history,
     should_prune,
     trial_seed,
 )
@@ -319,3 +323,51 @@ BEST = [
 def test_best(direction, records, number):
     found = best(make_search("random", direction=direction), records)
     assert (found.number if found else None) == number
+
+
+# ---- the history a record keeps ----------------------------------------------------------------------
+
+HALVING = {"rule": "successiveHalving", "minSteps": 25, "reductionFactor": 3}
+KEPT = [
+    # name, pruning, everySteps, evaluation steps reported, the steps kept
+    ("short: all", {"rule": "median"}, 10, range(10, 170, 10), list(range(10, 170, 10))),
+    ("long: the first 16, then four per doubling, and the latest", {"rule": "median"}, 10, range(10, 1010, 10),
+     [*range(10, 170, 10), 200, 240, 280, 320, 400, 480, 560, 640, 800, 960, 1000]),
+    ("another everySteps: the same evaluations", {"rule": "median"}, 3, range(3, 303, 3),
+     [*range(3, 51, 3), 60, 72, 84, 96, 120, 144, 168, 192, 240, 288, 300]),
+    ("successive halving: each rung's first evaluation too", HALVING, 10, range(10, 1010, 10),
+     [*range(10, 170, 10), 200, 230, 240, 280, 320, 400, 480, 560, 640, 680, 800, 960, 1000]),
+    ("an evaluation off the schedule (another everySteps): only as the latest", {"rule": "median"}, 10,
+     [10, 20, 25], [10, 20, 25]),
+]
+
+
+@pytest.mark.parametrize("pruning, every, steps, kept", [c[1:] for c in KEPT], ids=[c[0] for c in KEPT])
+def test_kept_history(pruning, every, steps, kept):
+    search = make_search("random", pruning=pruning)
+    history = [(step, 1.0 / step) for step in steps]
+    assert [step for step, _ in kept_history(search, every, history)] == kept
+    assert kept_history(search, every, history)[-1] == history[-1]
+
+
+@pytest.mark.parametrize("pruning", [{"rule": "median"}, HALVING, {"rule": "successiveHalving", "minSteps": 7,
+                                                                    "reductionFactor": 2}])
+def test_trials_of_any_length_keep_the_same_steps(pruning):
+    search = make_search("random", pruning=pruning)
+    full = [(step, 1.0) for step in range(5, 5 * 700, 5)]
+    compared = [{step for step, _ in compared_history(search, 5, full[:length])} for length in (20, 90, 333, 699)]
+    for shorter, longer in itertools.pairwise(compared):
+        assert shorter == {step for step in longer if step <= max(shorter)}
+
+
+@pytest.mark.parametrize("every, first, pruning", [
+    (1, 1, {"rule": "successiveHalving", "minSteps": 1, "reductionFactor": 3}),
+    (10, 1, {"rule": "successiveHalving", "minSteps": 150, "reductionFactor": 2}),
+    (7, 1, {"rule": "median"}),
+    (5, 2001, {"rule": "successiveHalving", "minSteps": 33, "reductionFactor": 2}),
+])
+def test_a_kept_history_fits_the_status_whatever_the_trainer_reports(every, first, pruning):
+    """The trainer keeps a trial's latest MAX_EVAL_HISTORY evaluations; the status fewer than 50 of them."""
+    search = make_search("random", pruning=pruning)
+    history = [(every * n, 1.0) for n in range(first, first + MAX_EVAL_HISTORY)]
+    assert len(kept_history(search, every, history)) < 50 <= MAX_TRIAL_HISTORY

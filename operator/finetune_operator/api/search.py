@@ -59,7 +59,8 @@ class SearchParameters(ApiModel):
         }
     )
     learningRate: ParameterRange | None = Field(default=None, description="hyperparameters.learningRate (float).")
-    epochs: ParameterRange | None = Field(default=None, description="hyperparameters.epochs (integer).")
+    epochs: ParameterRange | None = Field(default=None, description="hyperparameters.epochs (integer; needs "
+                                          "hyperparameters.maxSteps 0, as the trainer ignores epochs otherwise).")
     maxSteps: ParameterRange | None = Field(default=None, description="hyperparameters.maxSteps (integer).")
     batchSize: ParameterRange | None = Field(default=None, description="hyperparameters.batchSize (integer).")
     gradientAccumulationSteps: ParameterRange | None = Field(

@@ -135,6 +135,8 @@ class RunPolicy(ApiModel):
 
 
 EVALUATE_ONLY_RULE = "spec." + TRAINER_EVALUATE_ONLY_RULE
+EPOCHS_WITH_MAX_STEPS = ("spec.search.parameters.epochs: the trainer ignores epochs when spec.hyperparameters.maxSteps "
+                         "> 0, so every trial would train alike: set maxSteps to 0, or search maxSteps instead")
 
 _SPEC_RULES = cel(
     (
@@ -229,6 +231,11 @@ _SPEC_RULES = cel(
         "(has(self.evaluation) && has(self.evaluation.everySteps) && self.evaluation.everySteps > 0)",
         "spec.search.pruning needs spec.evaluation.everySteps > 0 (the validation loss it prunes on), or "
         "pruning.rule none",
+    ),
+    (
+        "!has(self.search) || !has(self.search.parameters.epochs) || !has(self.hyperparameters) || "
+        "!has(self.hyperparameters.maxSteps) || self.hyperparameters.maxSteps == 0",
+        EPOCHS_WITH_MAX_STEPS,
     ),
 )
 
@@ -496,7 +503,9 @@ class TrialPhase(str, Enum):
     Failed = "Failed"
 
 
-MAX_TRIAL_HISTORY = 32  # validation points kept per trial in the status (the trial's progress.json has them all)
+# Validation points kept per trial in the status (search.study.kept_history keeps fewer than 50 of the
+# trainer's 1000; the trial's progress.json has those).
+MAX_TRIAL_HISTORY = 64
 
 
 class TrialPoint(StatusModel):
@@ -507,14 +516,18 @@ class TrialPoint(StatusModel):
 class TrialStatus(StatusModel):
     number: StatusCount = Field(description="Trial number (0, 1, ...): its PyTorchJob is train-<runId>-t<number>.")
     parameters: dict[str, float] = Field(default_factory=dict, description="The hyperparameters of this trial.")
-    phase: TrialPhase = Field(default=TrialPhase.Pending, description="Pending|Running|Succeeded|Pruned|Failed.")
+    phase: TrialPhase = Field(default=TrialPhase.Pending, description="Pending (not training yet or now: to be "
+                              "made, waiting for Kueue to admit it, its pods starting, or suspended)|Running|Succeeded|"
+                              "Pruned|Failed.")
     value: float | None = Field(default=None, description="The trial's result: the metric of its final evaluation.")
     bestValue: float | None = Field(default=None, description="The best metric value the trial reported so far.")
     step: StatusCount = Field(default=0, description="The latest step the trial reported a validation value for.")
     pruned: bool = Field(default=False, description="Stopped early by the pruning rule.")
     history: list[TrialPoint] = Field(default_factory=list, max_length=MAX_TRIAL_HISTORY,
-                                      description="The metric at evaluation steps (the first "
-                                      f"{MAX_TRIAL_HISTORY}: pruning compares trials at the same steps).")
+                                      description="The metric at evaluation steps: the first 16 evaluations, "
+                                      "then four per doubling of the step (every trial keeps the same steps, "
+                                      "where pruning compares them), each successive-halving rung's, and the "
+                                      "latest.")
     gpuSeconds: float = Field(default=0.0, description="GPU time of the trial's pods, including pods gone since.")
     gpuSecondsSettled: float = Field(default=0.0, description="GPU time of the trial's pods that are gone.")
     gpuPodSeconds: dict[str, float] = Field(default_factory=dict, max_length=1024, description="GPU time of each "
@@ -569,7 +582,8 @@ class FineTuneJobStatus(StatusModel):
     latestCheckpoint: str | None = Field(default=None, description="S3 prefix of the newest complete checkpoint.")
     resumedFromStep: int | None = Field(default=None, description="Step the run resumed from after a restart (0: fresh start).")
     preemptions: int = Field(default=0, description="Times Kueue preempted the run (it resumed from its latest checkpoint).")
-    queue: QueueStatus | None = Field(default=None, description="What Kueue says about the run (runs with a queue).")
+    queue: QueueStatus | None = Field(default=None, description="What Kueue says about the run (runs with a queue; "
+                                      "a search: its first trial waiting for admission, else its first active one).")
     tenantPolicy: str | None = Field(default=None, description="The TenantPolicy governing the job's namespace.")
     evaluation: EvaluationStatus | None = Field(
         default=None, description="The run's evaluation, base model against tuned (a summary of its "

@@ -8,14 +8,16 @@ rebuilt from these records on every pass (`study.build_study`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_operator.api.search import Metric, Search
-from finetune_operator.api.types import MAX_TRIAL_HISTORY, TrialPhase
+from finetune_operator.api.types import TrialPhase
 from finetune_operator.builders import names as n
+from finetune_operator.kueue import QueueState
 from finetune_operator.s3 import RunDocuments
 from finetune_operator.search import space, study
 from finetune_operator.status import account_gpu_seconds, ptj_condition
@@ -29,11 +31,12 @@ STATES = {TrialPhase.Pending.value: "running", TrialPhase.Running.value: "runnin
 @dataclass
 class TrialRun:
     """What a pass observed of one trial: its PyTorchJob, the documents read (None: not read this
-    pass) and the GPU-seconds of its pods."""
+    pass), the GPU-seconds of its pods and, with a Kueue queue, what its Workload says."""
 
     pytorchjob: dict[str, Any] | None = None
     documents: RunDocuments | None = None
     gpu_pod_seconds: dict[str, float] = field(default_factory=dict)  # GPU time of each of its pods, by uid
+    queue: QueueState | None = None  # None: no queue, or Kueue made no Workload for it (yet)
 
 
 @dataclass
@@ -70,23 +73,32 @@ def metric_value(metric: str, eval_loss: float | None) -> float | None:
     return eval_loss
 
 
-def _history(search: Search, documents: RunDocuments) -> list[dict[str, Any]]:
-    """The trial's validation metric by step, every evaluation it reported (the status keeps the first
-    MAX_TRIAL_HISTORY: pruning compares trials at the same step, so the early steps are the ones kept)."""
+def _history(search: Search, documents: RunDocuments) -> list[tuple[int, float]]:
+    """The trial's validation metric by step, every evaluation it reported (the status keeps
+    `study.kept_history` of it)."""
     points: dict[int, float] = {}
     for point in (documents.progress.evalHistory if documents.progress else []):
         value = metric_value(search.metric, point.evalLoss)
         if value is not None:
-            points[point.step] = value
-    return [{"step": step, "value": round(value, 6)} for step, value in sorted(points.items())]
+            points[point.step] = round(value, 6)
+    return sorted(points.items())
+
+
+def _set_history(search: Search, every_steps: int, trial: dict[str, Any], history: list[tuple[int, float]]) -> None:
+    """The trial's status from the evaluations it reported (ascending steps, at least one)."""
+    pick = min if search.direction == "minimize" else max
+    trial["history"] = [{"step": step, "value": value} for step, value in study.kept_history(search, every_steps, history)]
+    trial["step"] = history[-1][0]
+    trial["bestValue"] = pick(value for _, value in history)
 
 
 def _final_value(search: Search, documents: RunDocuments | None, trial: dict[str, Any]) -> float | None:
     evaluation = documents.evaluation if documents else None
     if evaluation is not None and evaluation.perplexity:
         return metric_value(search.metric, math.log(evaluation.perplexity))
-    history = (_history(search, documents) if documents else None) or trial.get("history") or []
-    return history[-1]["value"] if history else None
+    history = (_history(search, documents) if documents else None) or \
+        [(p["step"], p["value"]) for p in trial.get("history") or []]
+    return history[-1][1] if history else None
 
 
 def records(trials: list[dict[str, Any]]) -> list[study.TrialRecord]:
@@ -96,21 +108,20 @@ def records(trials: list[dict[str, Any]]) -> list[study.TrialRecord]:
             for t in trials]
 
 
-def _observe_trial(search: Search, trial: dict[str, Any], run: TrialRun | None) -> dict[str, Any]:
+def _observe_trial(search: Search, every_steps: int, trial: dict[str, Any], run: TrialRun | None) -> dict[str, Any]:
     """A trial that has not finished, brought up to date with what was observed."""
     trial = dict(trial)
     documents = run.documents if run else None
     if documents is not None and documents.progress is not None:
         history = _history(search, documents)
         if history:
-            trial["history"] = history[:MAX_TRIAL_HISTORY]
-            trial["step"] = history[-1]["step"]
-            pick = min if search.direction == "minimize" else max
-            trial["bestValue"] = pick(p["value"] for p in history)
+            _set_history(search, every_steps, trial, history)
     if run is not None and run.gpu_pod_seconds:
         account_gpu_seconds(trial, run.gpu_pod_seconds)
     ptj = run.pytorchjob if run else None
     if ptj is None:
+        if trial.get("phase") in ACTIVE:
+            trial["phase"] = TrialPhase.Pending.value  # to be (re-)made
         return trial
     if ptj_condition(ptj, "Succeeded"):
         value = _final_value(search, documents, trial)
@@ -126,13 +137,48 @@ def _observe_trial(search: Search, trial: dict[str, Any], run: TrialRun | None) 
         trial.update(phase=TrialPhase.Failed.value, message=message[:1024])
     elif ptj_condition(ptj, "Running") or ptj_condition(ptj, "Restarting"):
         trial["phase"] = TrialPhase.Running.value
+    elif suspended(ptj):  # by its user, or by Kueue until it admits (again) the trial
+        trial["phase"] = TrialPhase.Pending.value
     return trial
 
 
-def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, TrialRun], may_start: bool) -> SearchPlan:
+def suspended(ptj: dict[str, Any]) -> bool:
+    return ptj_condition(ptj, "Suspended") is not None or bool(((ptj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+
+
+def _new_history(search: Search, recorded: dict[str, Any], run: TrialRun | None) -> list[tuple[int, float]]:
+    """Every evaluation the trial reported, when this pass read one newer than its status records; else []."""
+    documents = run.documents if run else None
+    history = _history(search, documents) if documents is not None and documents.progress is not None else []
+    return history if history and history[-1][0] > int(recorded.get("step") or 0) else []
+
+
+def _pruned_at(search: Search, every_steps: int, trials: dict[int, dict[str, Any]], number: int,
+               history: list[tuple[int, float]], since: int) -> int | None:
+    """The first of the trial's evaluations after step `since` at which the pruning rule stops it, judged
+    as a study driven continuously would have judged it on reporting that evaluation: the trial with
+    every evaluation up to it, the others with the evaluations every trial keeps."""
+    others = [dataclasses.replace(r, history=study.compared_history(search, every_steps, r.history))
+              for r in records(sorted(trials.values(), key=lambda t: t["number"])) if r.number != number]
+    params = dict(trials[number].get("parameters") or {})
+    compared = {step for step, _ in study.compared_history(search, every_steps, history)}
+    for index, (step, _) in enumerate(history):
+        # Elsewhere no other trial has a value at the step: neither pruner stops a trial there.
+        if step <= since or step not in compared:
+            continue
+        judged = study.TrialRecord(number=number, params=params, state=study.RUNNING, history=history[:index + 1])
+        if study.should_prune(search, [*others, judged], number):
+            return step
+    return None
+
+
+def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, TrialRun], may_start: bool, *,
+                every_steps: int) -> SearchPlan:
     """The trials after this pass. `previous`: status.search; `observed`: trial number -> what was seen
     (a number absent: no PyTorchJob); `may_start`: new trials may be started (not suspended, the spec
-    unchanged, the tenant's policy allows it)."""
+    unchanged, the tenant's policy allows it; trials without their PyTorchJob are (re-)made only then:
+    a suspended queued search must give Kueue nothing to admit); `every_steps`: evaluation.everySteps
+    (which evaluations the status keeps)."""
     trials = {t["number"]: dict(t) for t in previous.get("trials") or []}
     for number, run in observed.items():  # made before a restart, its status never written: adopted
         if number not in trials and run.pytorchjob is not None:
@@ -141,23 +187,34 @@ def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, Tr
     for number in range(max(trials, default=-1)):  # numbers are dense: a trial lost unrecorded is a failed one
         trials.setdefault(number, {"number": number, "parameters": {}, "phase": TrialPhase.Failed.value,
                                    "message": "its PyTorchJob was deleted before its status was recorded"})
+    reported: dict[int, tuple[list[tuple[int, float]], int]] = {}  # evaluations new this pass, the step before
     for number, trial in trials.items():
         if trial.get("phase") not in FINAL:
-            trials[number] = _observe_trial(search, trial, observed.get(number))
+            if history := _new_history(search, trial, observed.get(number)):
+                reported[number] = (history, int(trial.get("step") or 0))
+            trials[number] = _observe_trial(search, every_steps, trial, observed.get(number))
 
     plan = SearchPlan(trials=[], planned=space.planned_trials(search))
-    for number, trial in sorted(trials.items()):
-        if trial.get("phase") != TrialPhase.Running.value or not trial.get("history"):
+    # A trial is judged when it reports, at each new evaluation (as Optuna's should_prune after each
+    # report): not again on later passes, when other trials may have finished meanwhile. A trial
+    # suspended since (Pending) is judged too: its new evaluations are not read twice.
+    for number, (history, since) in sorted(reported.items()):
+        trial = trials[number]
+        if trial.get("phase") not in ACTIVE:
             continue
-        if study.should_prune(search, records(sorted(trials.values(), key=lambda t: t["number"])), number):
-            last = trial["history"][-1]
-            trial.update(phase=TrialPhase.Pruned.value, pruned=True,
-                         message=f"pruned at step {last['step']} ({search.metric} {last['value']:.4g}) by the "
-                                 f"{search.pruning.rule} rule")
-            plan.stop.append(number)
+        step = _pruned_at(search, every_steps, trials, number, history, since)
+        if step is None:
+            continue
+        history = [p for p in history if p[0] <= step]  # what it had reported when the rule stopped it
+        _set_history(search, every_steps, trial, history)
+        trial.update(phase=TrialPhase.Pruned.value, pruned=True,
+                     message=f"pruned at step {step} ({search.metric} {history[-1][1]:.4g}) by the "
+                             f"{search.pruning.rule} rule")
+        plan.stop.append(number)
 
     for number, trial in sorted(trials.items()):
-        if trial.get("phase") in ACTIVE and (observed.get(number) is None or observed[number].pytorchjob is None):
+        missing = observed.get(number) is None or observed[number].pytorchjob is None
+        if may_start and trial.get("phase") in ACTIVE and missing:
             plan.start.append((number, trial["parameters"]))  # not made yet, or deleted: (re-)made, it resumes
     active = sum(1 for t in trials.values() if t.get("phase") in ACTIVE)
     while may_start and active < search.parallelism and len(trials) < plan.planned:
@@ -218,6 +275,30 @@ class SearchObservation:
     active: bool = False  # a trial has not finished
     outcome: tuple[str, str, str] | None = None  # (Succeeded|Failed, reason, message) once the search is over
     waiting: str = ""  # why the search has not finished although no trial is active
+    queued: bool = False  # every active trial waits for Kueue to admit it
+    queue: QueueState | None = None  # what Kueue says of the first waiting trial (else the first active one)
+
+
+def _waits_for_admission(trial: dict[str, Any], run: TrialRun | None, made: set[int]) -> bool:
+    """A queued trial Kueue has not admitted: its Workload says so, or (none made yet) its PyTorchJob is
+    suspended, or its PyTorchJob is made in this pass (suspended, for Kueue to admit)."""
+    if trial.get("phase") != TrialPhase.Pending.value:
+        return False
+    ptj = run.pytorchjob if run else None
+    if ptj is None:
+        return trial["number"] in made
+    if run.queue is not None:
+        return not run.queue.admitted
+    return suspended(ptj)
+
+
+def _queue_observation(obs: SearchObservation, plan: SearchPlan, observed: dict[int, TrialRun]) -> None:
+    made = {number for number, _ in plan.start}
+    active = [(t, observed.get(t["number"])) for t in plan.trials if t.get("phase") in ACTIVE]
+    waiting = [(t, run) for t, run in active if _waits_for_admission(t, run, made)]
+    obs.queued = bool(active) and len(waiting) == len(active)
+    known = [run.queue for _, run in waiting if run and run.queue] or [run.queue for _, run in active if run and run.queue]
+    obs.queue = known[0] if known else None
 
 
 def gate(spec, documents: RunDocuments | None) -> tuple[bool, str]:
@@ -238,7 +319,10 @@ def gate(spec, documents: RunDocuments | None) -> tuple[bool, str]:
                    f"{evaluation.basePerplexity:.4g}, above evaluation.maxPerplexityRatio {limit}")
 
 
-def observe(spec, plan: SearchPlan, previous_status: dict[str, Any], promotion: Promotion | None) -> SearchObservation:
+def observe(spec, plan: SearchPlan, previous_status: dict[str, Any], promotion: Promotion | None,
+            observed: dict[int, TrialRun] | None = None) -> SearchObservation:
+    """The search's status and outcome after this pass; `observed` as for plan_search (with each trial's
+    Workload where the job has a Kueue queue)."""
     search = spec.search
     previous = previous_status.get("search") or {} if previous_status.get("runId") == spec.runId else {}
     status = summary(search, plan, previous)
@@ -248,6 +332,8 @@ def observe(spec, plan: SearchPlan, previous_status: dict[str, Any], promotion: 
     obs = SearchObservation(status=status,
                             running=any(t.get("phase") == TrialPhase.Running.value for t in plan.trials),
                             active=any(t.get("phase") in ACTIVE for t in plan.trials))
+    if spec.runPolicy.queueName:
+        _queue_observation(obs, plan, observed or {})
     if not plan.finished:
         return obs
     counts = f"{status['succeeded']} succeeded, {status['pruned']} pruned, {status['failed']} failed"

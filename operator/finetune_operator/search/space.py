@@ -10,7 +10,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from pydantic import ValidationError
 
 from finetune_operator.api.search import ParameterRange, Search, Strategy
-from finetune_operator.api.types import FineTuneJobSpec
+from finetune_operator.api.types import EPOCHS_WITH_MAX_STEPS, FineTuneJobSpec
 from finetune_operator.problems import Problem
 
 ParamValue = float | int
@@ -168,8 +168,15 @@ def _parameter_problems(spec: FineTuneJobSpec, search: Search) -> list[Problem]:
     return out
 
 
+def _epochs_problems(spec: FineTuneJobSpec, search: Search) -> list[Problem]:
+    """Epochs searched while the job's maxSteps decides the length: every trial would train the same."""
+    if search.parameters.epochs is not None and spec.hyperparameters.maxSteps > 0:
+        return [Problem("InvalidSpec", EPOCHS_WITH_MAX_STEPS)]
+    return []
+
+
 def _search_problems(spec: FineTuneJobSpec, search: Search) -> list[Problem]:
-    out = []
+    out = _epochs_problems(spec, search)
     varied = ranges(search)
     if not varied:
         out.append(Problem("InvalidSpec", "spec.search.parameters: vary at least one hyperparameter"))

@@ -3,6 +3,12 @@
 Nothing of Optuna's is persisted: what its samplers and pruners keep on trials (GridSampler's grid
 ids, SuccessiveHalvingPruner's rung values) is recomputed here from the records alone, so a rebuilt
 study asks and prunes as one driven continuously would.
+
+A record's history is bounded (`kept_history`): every trial keeps its evaluations at the same steps
+(all of its first ones, then a few per doubling of the step, and each rung's), and its latest. The
+pruners compare trials at those shared steps (`compared_history`), where a rebuilt study decides
+exactly as one holding every evaluation would; at other steps no other trial has a value to compare,
+so neither pruner stops a trial there.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from finetune_operator.api.search import Search, Strategy
+from finetune_operator.api.search import PruningRule, Search, Strategy
+from finetune_operator.api.types import MAX_TRIAL_HISTORY
 from finetune_operator.search.space import ParamValue, distributions, grid_values
 
 optuna.logging.set_verbosity(logging.WARNING)
@@ -106,6 +113,14 @@ def _rung_steps(search: Search, last_step: int) -> list[int]:
     return steps
 
 
+def _rung_points(search: Search, history: Sequence[tuple[int, float]]) -> set[int]:
+    """The steps of the evaluations the rungs are decided at (successive halving): the first at or after
+    each rung's step."""
+    if search.pruning.rule != PruningRule.successiveHalving.value or not history:
+        return set()
+    return {next(step for step, _ in history if step >= rung_step) for rung_step in _rung_steps(search, history[-1][0])}
+
+
 def _rung_attrs(search: Search, history: Sequence[tuple[int, float]]) -> dict[str, float]:
     """SuccessiveHalvingPruner's completed_rung_<r> attrs: the value a trial reported at the first
     evaluation at or after the rung's step (where the pruner, asked after every report, recorded it)."""
@@ -115,6 +130,41 @@ def _rung_attrs(search: Search, history: Sequence[tuple[int, float]]) -> dict[st
     for rung, rung_step in enumerate(_rung_steps(search, history[-1][0])):
         out[f"completed_rung_{rung}"] = next(value for step, value in history if step >= rung_step)
     return out
+
+
+# ---- the history a record keeps ----------------------------------------------------------------------
+
+DENSE_EVALUATIONS = 16  # a trial's first evaluations are all kept: early pruning decides at every one
+SIGNIFICANT_BITS = 3  # later, evaluation numbers m * 2**e with m < 8: four per doubling of the step
+
+
+def on_shared_grid(step: int, every_steps: int) -> bool:
+    """Whether every trial keeps its evaluation at `step` (the n-th evaluation, n = step / everySteps):
+    n <= 16, or n has at most 3 significant bits (20, 24, 28, 32, 40, 48, 56, 64, 80, ...). A rule of
+    the step alone, so trials of any length keep the same steps; the gap between two kept steps is at
+    most a quarter of the step."""
+    if every_steps <= 0 or step <= 0 or step % every_steps:
+        return False
+    n = step // every_steps
+    return n <= DENSE_EVALUATIONS or n % (1 << max(0, n.bit_length() - SIGNIFICANT_BITS)) == 0
+
+
+def compared_history(search: Search, every_steps: int, history: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The evaluations of a history that other trials keep too (the shared grid and the rungs): what the
+    pruners compare a trial with."""
+    rungs = _rung_points(search, history)
+    return [(step, value) for step, value in history if step in rungs or on_shared_grid(step, every_steps)]
+
+
+def kept_history(search: Search, every_steps: int, history: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
+    """What a trial's record keeps of its history (ascending steps): the compared evaluations and the
+    latest. At most MAX_TRIAL_HISTORY: the trainer keeps a trial's latest 1000 evaluations, of which
+    fewer than 50 are kept; past the bound the oldest would go."""
+    if not history:
+        return []
+    compared = compared_history(search, every_steps, history)
+    kept = compared if compared and compared[-1] == history[-1] else [*compared, history[-1]]
+    return list(kept[-MAX_TRIAL_HISTORY:])
 
 
 # ---- the study -------------------------------------------------------------------------------------
@@ -215,7 +265,8 @@ def _grid_point(search: Search, study: optuna.Study, records: Sequence[TrialReco
 
 def should_prune(search: Search, records: Sequence[TrialRecord], number: int) -> bool:
     """Whether the pruning rule stops running trial `number` (one of the records) at its latest
-    evaluation, judged against the other trials' records."""
+    evaluation, judged against the other trials' records (give the judged one every evaluation it
+    reported and the others their `compared_history`)."""
     record = next((r for r in records if r.number == number), None)
     if record is None or record.state != RUNNING or not record.history:
         return False
