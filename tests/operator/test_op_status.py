@@ -477,6 +477,14 @@ def test_a_finished_outcome_is_restated_for_a_new_generation():
 
 # ---- docs/api.md says what the status code does ---------------------------------------------------
 
+def _constants(node: ast.expr) -> set[str]:
+    """The values a reason expression can take: a constant, or either side of `a if c else b`."""
+    if isinstance(node, ast.IfExp):
+        return _constants(node.body) | _constants(node.orelse)
+    assert isinstance(node, ast.Constant), f"a Running reason this test cannot read: {ast.unparse(node)}"
+    return {node.value}
+
+
 def running_reasons_in_the_code() -> set[tuple[bool, str]]:
     """(status, reason) of every Running condition status.py can set, read from its source."""
     tree = ast.parse(Path(status_module.__file__).read_text())
@@ -486,9 +494,9 @@ def running_reasons_in_the_code() -> set[tuple[bool, str]]:
         if not (isinstance(call, ast.Call) and getattr(call.func, "id", "") == "put" and ast.unparse(call.args[0]) == "C.Running"):
             continue
         value, *rest = call.args[1:]
-        if isinstance(value, ast.Starred):  # put(C.Running, *_search_running(search))
-            found |= {(r.value.elts[0].value, r.value.elts[1].value) for r in ast.walk(functions[value.value.func.id])
-                      if isinstance(r, ast.Return)}
+        if isinstance(value, ast.Starred):  # put(C.Running, *_search_running(search, queue))
+            found |= {(r.value.elts[0].value, reason) for r in ast.walk(functions[value.value.func.id])
+                      if isinstance(r, ast.Return) for reason in _constants(r.value.elts[1])}
         elif isinstance(rest[0], ast.Starred):  # put(C.Running, False, *waiting): a pod's waiting container
             found |= {(value.value, reason) for reason in POD_WAITING_REASONS}
         elif ast.unparse(rest[0]) == "obs.hold.reason":  # why the tenant's run may not start yet

@@ -420,7 +420,7 @@ def test_a_policy_change_leaves_a_started_run_as_it_was_made(change, before, aft
     [changed] = passes(kube, CFG, tenants(after))
     assert made_of(kube) == made
     assert [p for p in kube.patches if p[0] == "PyTorchJob"] == []  # Kueue's suspend stays Kueue's
-    assert changed.status.get("queue", {}).get("clusterQueue") == ("team-a" if queued and kind == "run" else None)
+    assert changed.status.get("queue", {}).get("clusterQueue") == ("team-a" if queued else None)
 
     # The user suspends the job: through Kueue (its Workload) when the run was made queued, else itself.
     kube.store[(k8s.FineTuneJob, "team-a", "support-bot")]["spec"]["runPolicy"]["suspend"] = True
