@@ -9,6 +9,11 @@ behaviour, so one endpoint serves every case:
   huge       200 with an endless body (a listing that never ends)
   huge-5xx   500 with an endless body
   garbage    200 with a body that is not XML
+  code-huge      500, a well-formed S3 error whose <Code> is 1 MB long
+  code-lines     500, an error whose <Code> and <Message> hold line breaks and a forged log line
+  code-controls  500, an error whose <Code> holds C1 controls (an 8-bit CSI) and a bidi override
+  message-huge   500, an error whose <Message> is 1 MB of bidi overrides
+  status-controls  a status line that is no HTTP status, with terminal escapes in it
   anything else: 404 NoSuchBucket (a small, well-formed answer)
 
     python -m e2e.localcluster.hostile_s3 --host 127.0.0.1 --port 9999
@@ -78,6 +83,26 @@ class _Handler(socketserver.BaseRequestHandler):
         body = b"this is not XML \x00\xff" * 64
         self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s"
                              % (len(body), body))
+
+    def _error(self, code: str, message: str = "m") -> None:
+        body = f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
+        self.request.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/xml\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body.encode()), body.encode()))
+
+    def _code_huge(self) -> None:
+        self._error("E" * 1_000_000)
+
+    def _code_lines(self) -> None:
+        self._error("Slow\nERROR finetune_operator forged line\r\tx", "a\nWARNING forged\n")
+
+    def _code_controls(self) -> None:
+        self._error("Slow\u009b31m\u0085\u202eDEVRESER", "\u009b2J")
+
+    def _message_huge(self) -> None:
+        self._error("SlowDown", "\u202e" * 330_000)
+
+    def _status_controls(self) -> None:
+        self.request.sendall(b"HTTP/1.1 2\x1b[2J\x1b]0;owned\x07 OK\r\nContent-Length: 0\r\n\r\n")
 
     def _not_found(self) -> None:
         self.request.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s"

@@ -27,6 +27,6 @@ JOBS = [(f"{source}:{doc['metadata']['name']}", doc) for source, doc in example_
 def test_the_local_s3_holds_every_input_an_example_names(local_cluster, name, job):
     uris = s3_uris_to_check(parse_spec(job["spec"]))
     checks = s3.check_inputs(local_cluster.s3_endpoint, local_s3.REGION,
-                             s3.Credentials(local_s3.ACCESS_KEY, local_s3.SECRET_KEY), uris)
+                             s3.Credentials(local_s3.ACCESS_KEY, local_s3.SECRET_KEY), uris, dial=s3.BY_NAME)
     missing = {field: uri for field, uri in uris.items() if not checks[field].exists}
     assert not missing, f"{name}: not in the local S3 (e2e/localcluster/seed.py seeds what examples name): {missing}"

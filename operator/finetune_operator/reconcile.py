@@ -10,6 +10,8 @@
 Nothing is created before the job validates. A finished run is never re-created; a spec change in
 the middle of a run is reported (UpToDate=False + Event), not applied, except runPolicy.suspend and
 ttlSecondsAfterFinished. A new spec.runId deletes the old run's objects first, then creates the new run.
+The copy of the tenant's Secret in a sandbox follows that Secret whatever else is wrong with the job;
+nothing goes to the tenant's S3 in a pass where the job (its inputs aside) does not validate.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any, Callable
 
 from lightkube import ApiError
 
-from finetune_operator import endpoints, k8s, kueue, s3, tenancy
+from finetune_operator import endpoints, k8s, kueue, redact, s3, tenancy
 from finetune_operator.api.tenant import KIND as TENANT_POLICY_KIND
 from finetune_operator.api.types import FineTuneJobSpec
 from finetune_operator.builders import events as ev
@@ -41,7 +43,7 @@ from finetune_operator.builders.run import (
     run_objects,
     suspended_for_creation,
 )
-from finetune_operator.builders.sandbox import resolve_pool, sandbox_objects
+from finetune_operator.builders.sandbox import credentials_secret, resolve_pool, sandbox_objects
 from finetune_operator.config import OperatorConfig
 from finetune_operator.metrics import Metrics
 from finetune_operator.search import driver, promote, report
@@ -68,6 +70,7 @@ from finetune_operator.validation import (
     Facts,
     Problem,
     S3Check,
+    check_secret,
     s3_uris_to_check,
     validate,
 )
@@ -92,6 +95,17 @@ def utcnow() -> datetime:
 # ---- decide (pure) -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Storage:
+    """The tenant's S3 as one pass judged it: the endpoint (a wildcard name only at the addresses it
+    resolved to, see s3.Dial) and the credentials of a Secret that passed every check."""
+
+    endpoint: str
+    region: str
+    creds: s3.Credentials
+    dial: s3.Dial
+
+
 @dataclass
 class View:
     """What one pass observed in the cluster."""
@@ -100,7 +114,7 @@ class View:
     now: datetime
     spec: FineTuneJobSpec | None
     problems: list[Problem]
-    secret: dict[str, Any] | None = None
+    secret: dict[str, Any] | None = None  # the Secret the job names, only once it passed every check
     namespace: dict[str, Any] | None = None
     pytorchjob: dict[str, Any] | None = None  # the current run's
     other_runs: list[dict[str, Any]] = field(default_factory=list)  # PyTorchJobs of other runIds
@@ -109,7 +123,8 @@ class View:
     policy: tenancy.Policy | None = None  # the TenantPolicy governing the job's namespace
     hold: Problem | None = None  # why the run may not start yet (budget, running-job limit)
     trials: dict[int, driver.TrialRun] = field(default_factory=dict)  # a search's trials with a PyTorchJob
-    endpoint_addresses: tuple[Any, ...] = ()  # the judged addresses of a wildcard endpoint: the only ones dialled
+    # Set only when the job validated in this pass (its inputs aside): no storage, no request to the tenant's S3.
+    storage: Storage | None = None
 
     @property
     def io_tenant(self) -> str:
@@ -231,15 +246,14 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
         return plan
 
     if view.problems:
-        if plan.sandbox_state == SANDBOX_ACTIVE and any(p.reason in SECRET_REASONS for p in view.problems):
-            # The tenant's Secret went (or stopped being usable): so does its copy in the sandbox.
-            plan.delete.append(_ref("v1", "Secret", n.CREDENTIALS_SECRET, sandbox))
+        if plan.sandbox_state == SANDBOX_ACTIVE:
+            follow_secret(view, cfg, plan)
         transient = all(p.reason in TRANSIENT_REASONS for p in view.problems)
         if transient:
             plan.requeue_after = REQUEUE_SHORT * 2
         elif view.pytorchjob is None:
             plan.permanent = "; ".join(str(p) for p in view.problems)
-        return plan  # nothing is created or changed while the job does not validate
+        return plan  # nothing else is created or changed while the job does not validate
 
     assert spec is not None and view.secret is not None
     if finished and plan.sandbox_state == SANDBOX_ABSENT:
@@ -330,6 +344,17 @@ def _decide_search(view: View, ref: n.JobRef, cfg: OperatorConfig, plan: Plan, f
     return plan  # the timer's passes follow the trials, as they follow a run
 
 
+def follow_secret(view: View, cfg: OperatorConfig, plan: Plan) -> None:
+    """The copy of the tenant's Secret in an active sandbox follows that Secret whatever else is wrong
+    with the job: kept current while the Secret the job names passes every check, deleted otherwise
+    (gone, not opted in, empty, or a spec that names none the pass could judge)."""
+    if view.secret is not None and view.spec is not None and not any(p.reason in SECRET_REASONS for p in view.problems):
+        ref = dataclasses.replace(n.JobRef.from_body(view.body), spec=view.spec)
+        plan.apply.append(credentials_secret(ref, cfg, view.secret.get("data") or {}))
+    else:
+        plan.delete.append(_ref("v1", "Secret", n.CREDENTIALS_SECRET, plan.sandbox))
+
+
 SWEEP_MESSAGES = {
     "orphaned": "its FineTuneJob is gone (deleted without its finalizer)",
     "superseded": "its FineTuneJob has another sandbox now",
@@ -364,6 +389,20 @@ def should_read_documents(ptj: dict[str, Any] | None, previous_status: dict[str,
     return active and (last_read is None or now_monotonic - last_read >= interval)
 
 
+def secret_facts(facts: Facts, secret: dict[str, Any] | None, namespace: str) -> dict[str, Any] | None:
+    """Fill in what validation needs to know of the Secret the job names (of its values, only whether
+    they are blank); returns the Secret, or None when it is not the job's namespace's."""
+    if secret is not None and secret.get("metadata", {}).get("namespace") not in (None, namespace):
+        secret = None
+    facts.secret_found = secret is not None
+    if secret is not None:
+        data = secret.get("data") or {}
+        facts.secret_keys = frozenset(data)
+        facts.secret_opted_in = (secret["metadata"].get("labels") or {}).get(n.CREDENTIALS_OPT_IN_LABEL) == "true"
+        facts.secret_blank_keys = frozenset(k for k in n.CREDENTIAL_KEYS if k in data and s3.blank(data[k]))
+    return secret
+
+
 # ---- the reconciler (I/O) ------------------------------------------------------------------------
 
 
@@ -382,7 +421,7 @@ class Reconciler:
         self.api_server = endpoints.api_server_addresses()
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_read: dict[str, float] = {}
-        self._input_checks: dict[str, tuple[tuple[int, str], dict[str, Any]]] = {}
+        self._inputs_found: dict[str, tuple[int, str]] = {}  # uid -> (generation, spec hash) whose inputs all exist
         self._applied: dict[str, tuple[str, float]] = {}  # uid -> (digest of the objects, monotonic time)
         self._last_pass: dict[str, float] = {}  # uid -> monotonic time of its last pass
         # Events name the replica that wrote them: in a pod the hostname is the pod's name.
@@ -447,36 +486,43 @@ class Reconciler:
             facts.run_settings = recorded_settings(made)
         view.spec, view.problems = self._validated(raw_spec, facts, started)
         spec = view.spec
-        if spec is None or view.problems:
+        if spec is None:
+            redact.REDACTOR.forget(uid)
             return view
-        view.secret = await self.kube.get(k8s.Secret, spec.credentials.secretName, meta["namespace"])
-        facts.secret_found = view.secret is not None
-        if view.secret is not None:
-            data = view.secret.get("data") or {}
-            labels = view.secret["metadata"].get("labels") or {}
-            facts.secret_keys = frozenset(data)
-            facts.secret_opted_in = labels.get(n.CREDENTIALS_OPT_IN_LABEL) == "true"
-            facts.secret_blank_keys = frozenset(k for k in n.CREDENTIAL_KEYS if k in data and s3.blank(data[k]))
+        # The Secret is read whatever else is wrong: its copy in the sandbox follows it (follow_secret).
+        secret = await self.kube.get(k8s.Secret, spec.credentials.secretName, meta["namespace"])
+        secret = secret_facts(facts, secret, meta["namespace"])
         facts.api_server_addresses = self.api_server
-        host = endpoints.needs_resolution(spec.storage.endpoint, tenancy.effective_config(self.cfg, policy))
+        spec_problems = bool(view.problems)
+        host = None if spec_problems else endpoints.needs_resolution(
+            spec.storage.endpoint, tenancy.effective_config(self.cfg, policy))
         if host:
             facts.endpoint_addresses = await self._resolve(view.io_tenant, host)
             facts.endpoint_unanswered = facts.endpoint_addresses is None
-            # The answer is judged before any request goes to that host, and only those addresses are dialled.
-            view.spec, view.problems = self._validated(raw_spec, facts, started)
-            if view.spec is None or view.problems:
-                return view
-            view.endpoint_addresses = facts.endpoint_addresses or ()
+        view.spec, view.problems = self._validated(raw_spec, facts, started)
+        # A Secret's values are used (copied, signed with, registered for redaction) only once it
+        # passed every check; those of a Secret the job no longer uses are dropped.
+        usable = secret is not None and view.spec is not None and not check_secret(view.spec, facts)
+        view.secret = secret if usable else None
+        creds = s3.Credentials.from_secret_data(view.secret.get("data") or {}) if view.secret is not None else None
+        redact.REDACTOR.use(uid, *(creds.values() if creds else ()))
+        if view.spec is None or spec_problems:
+            return view
         if view.namespace is not None:
             pods = await self.kube.list(k8s.Pod, sandbox, labels={n.LABEL_JOB_UID: uid})
             view.run_pods = [p for p in pods if (p["metadata"].get("labels") or {}).get(n.LABEL_RUN_ID) == run_id]
             view.other_run_pods = len(pods) - len(view.run_pods)
-            if spec.search is not None and view.trials:
-                await self._observe_trials(view, uid)
-        needs_inputs = (facts.secret_found and not started and not run_finished(status, run_id))
-        if needs_inputs and not view.other_runs:
-            facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.secret,
-                                                view.io_tenant, view.endpoint_addresses)
+        if view.problems or creds is None:
+            return view
+        # The endpoint (as it resolves now) and the Secret were judged in this pass: only now may a
+        # request go to the tenant's storage, and a wildcard name's only to the judged addresses.
+        dial = s3.Dial(addresses=tuple(facts.endpoint_addresses or ())) if host else s3.BY_NAME
+        view.storage = Storage(spec.storage.endpoint or self.cfg.s3Endpoint, spec.storage.region, creds, dial)
+        if spec.search is not None and view.trials:
+            await self._observe_trials(view, uid)
+        if not started and not run_finished(status, run_id) and not view.other_runs:
+            facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.storage,
+                                                view.io_tenant)
         view.spec, view.problems = self._validated(raw_spec, facts, started)
         if view.spec is not None and not view.problems and not started and not run_finished(status, run_id):
             view.hold = tenancy.start_hold(tenancy.job_summary(body), policy, tenants)
@@ -490,12 +536,12 @@ class Reconciler:
         recorded = {t["number"]: t.get("phase") for t in ((view.body.get("status") or {}).get("search") or {}).get("trials") or []}
         gpu_resource = self._gpu_resource(view.body, spec)
         mono = time.monotonic()
-        creds = s3.Credentials.from_secret_data((view.secret or {}).get("data") or {})
+        storage = view.storage
         for number, trial in sorted(view.trials.items()):
             ptj = trial.pytorchjob
             pods = [p for p in view.run_pods if (p["metadata"].get("labels") or {}).get(n.LABEL_TRIAL) == str(number)]
             trial.gpu_pod_seconds = pod_gpu_times(pods, gpu_resource, view.now) if gpu_resource else {}
-            if recorded.get(number) in driver.FINAL or view.secret is None:
+            if recorded.get(number) in driver.FINAL or storage is None:
                 continue
             key = f"{uid}/t{number}"
             ended = bool(ptj_condition(ptj, "Succeeded") or ptj_condition(ptj, "Failed"))
@@ -505,9 +551,8 @@ class Reconciler:
             self._last_read[key] = mono
             try:
                 trial.documents = await self.io.run(
-                    view.io_tenant, DOCUMENTS_TIMEOUT, s3.read_documents, spec.storage.endpoint or self.cfg.s3Endpoint,
-                    spec.storage.region, creds, n.trial_output_uri(spec.output.uri, number), spec.runId,
-                    addresses=view.endpoint_addresses)
+                    view.io_tenant, DOCUMENTS_TIMEOUT, s3.read_documents, storage.endpoint, storage.region,
+                    storage.creds, n.trial_output_uri(spec.output.uri, number), spec.runId, dial=storage.dial)
             except TenantIOTimeout as exc:
                 log.warning("%s/%s trial %d: %s", meta["namespace"], meta["name"], number, exc)
 
@@ -520,27 +565,26 @@ class Reconciler:
     async def _promote(self, view: View, plan: Plan) -> driver.Promotion:
         """Copy the best trial's output to output.uri and write the search report (the tenant's storage,
         in its slot of the I/O executor); then read the promoted documents."""
-        spec, meta = view.spec, view.body["metadata"]
+        spec, meta, storage = view.spec, view.body["metadata"], view.storage
         assert spec is not None and spec.search is not None and plan.search is not None and plan.search.best is not None
+        assert storage is not None  # a search is promoted only in a pass where the job validated
         best = plan.search.best
-        creds = s3.Credentials.from_secret_data((view.secret or {}).get("data") or {})
-        endpoint = spec.storage.endpoint or self.cfg.s3Endpoint
+        endpoint, region, creds = storage.endpoint, storage.region, storage.creds
         source = n.trial_output_uri(spec.output.uri, best.number)
         try:
-            copied = await self.io.run(view.io_tenant, PROMOTE_TIMEOUT, promote.promote, endpoint, spec.storage.region,
-                                       creds, source, spec.output.uri, spec.runId, addresses=view.endpoint_addresses)
+            copied = await self.io.run(view.io_tenant, PROMOTE_TIMEOUT, promote.promote, endpoint, region,
+                                       creds, source, spec.output.uri, spec.runId, dial=storage.dial)
             if copied.error:
                 return driver.Promotion(error=f"promoting trial {best.number} from {source}: {copied.error}")
             search_status = driver.summary(spec.search, plan.search, {})
             document = report.report_document(meta["name"], spec.runId, spec.search, search_status, spec.output.uri)
             written = await self.io.run(view.io_tenant, PROMOTE_TIMEOUT, promote.write_report, endpoint,
-                                        spec.storage.region, creds, run_prefix(spec.output.uri, spec.runId), document,
-                                        addresses=view.endpoint_addresses)
+                                        region, creds, run_prefix(spec.output.uri, spec.runId), document,
+                                        dial=storage.dial)
             if written.error:
                 return driver.Promotion(error=f"writing the search report: {written.error}")
             docs = await self.io.run(view.io_tenant, DOCUMENTS_TIMEOUT, s3.read_documents, endpoint,
-                                     spec.storage.region, creds, spec.output.uri, spec.runId,
-                                     addresses=view.endpoint_addresses)
+                                     region, creds, spec.output.uri, spec.runId, dial=storage.dial)
         except TenantIOTimeout as exc:
             return driver.Promotion(error=str(exc))
         return driver.Promotion(promoted=True, report_uri=written.uri, documents=docs)
@@ -564,20 +608,22 @@ class Reconciler:
             return None
 
     async def _check_inputs(self, uid: str, generation: int, spec: FineTuneJobSpec, raw_spec: dict[str, Any],
-                            secret: dict[str, Any] | None, tenant: str, addresses: tuple[Any, ...]) -> dict[str, Any]:
+                            storage: Storage, tenant: str) -> dict[str, S3Check]:
         key = (generation, n.spec_hash(raw_spec))
-        cached = self._input_checks.get(uid)
-        if cached and cached[0] == key and all(c.exists for c in cached[1].values()):
-            return cached[1]
-        creds = s3.Credentials.from_secret_data((secret or {}).get("data") or {})
-        endpoint = spec.storage.endpoint or self.cfg.s3Endpoint
         uris = s3_uris_to_check(spec)
+        if self._inputs_found.get(uid) == key:
+            return {path: S3Check(True) for path in uris}
         try:
-            checks = await self.io.run(tenant, INPUT_CHECK_TIMEOUT, s3.check_inputs, endpoint, spec.storage.region,
-                                       creds, uris, addresses=addresses)
+            checks = await self.io.run(tenant, INPUT_CHECK_TIMEOUT, s3.check_inputs, storage.endpoint, storage.region,
+                                       storage.creds, uris, dial=storage.dial)
         except TenantIOTimeout as exc:
             checks = {path: S3Check(None, str(exc)) for path in uris}
-        self._input_checks[uid] = (key, checks)
+        # Only "all there" is kept (this spec's inputs are not asked for again): nothing an endpoint
+        # said outlives the pass.
+        if all(c.exists for c in checks.values()):
+            self._inputs_found[uid] = key
+        else:
+            self._inputs_found.pop(uid, None)
         return checks
 
     async def _reconcile(self, body: dict[str, Any], tenants: tenancy.Tenancy) -> Outcome:
@@ -623,7 +669,7 @@ class Reconciler:
             ptj = None
 
         obs = Observation(now=now, problems=view.problems + plan.problems, sandbox=plan.sandbox, sandbox_state=plan.sandbox_state,
-                          applied=bool(plan.apply), pytorchjob=ptj, spec_drift=plan.spec_drift,
+                          applied=bool(plan.apply) and not view.problems, pytorchjob=ptj, spec_drift=plan.spec_drift,
                           replacing_run=plan.replacing_run, stall_after_seconds=self.cfg.progressStallSeconds,
                           hold=view.hold, tenant_policy=view.policy.name if view.policy else "")
         if plan.search is not None and view.spec is not None and view.spec.search is not None:
@@ -736,16 +782,14 @@ class Reconciler:
                               obs: Observation) -> None:
         spec = view.spec
         assert spec is not None
-        mono = time.monotonic()
-        if view.secret is None or not should_read_documents(ptj, previous, spec.runId, self._last_read.get(uid), mono,
-                                                            self.cfg.progressPollSeconds):
+        mono, storage = time.monotonic(), view.storage
+        if storage is None or not should_read_documents(ptj, previous, spec.runId, self._last_read.get(uid), mono,
+                                                        self.cfg.progressPollSeconds):
             return
         self._last_read[uid] = mono
-        creds = s3.Credentials.from_secret_data(view.secret.get("data") or {})
         try:
-            docs = await self.io.run(view.io_tenant, DOCUMENTS_TIMEOUT, s3.read_documents,
-                                     spec.storage.endpoint or self.cfg.s3Endpoint, spec.storage.region, creds,
-                                     spec.output.uri, spec.runId, addresses=view.endpoint_addresses)
+            docs = await self.io.run(view.io_tenant, DOCUMENTS_TIMEOUT, s3.read_documents, storage.endpoint,
+                                     storage.region, storage.creds, spec.output.uri, spec.runId, dial=storage.dial)
         except TenantIOTimeout as exc:
             log.warning("%s/%s: %s", view.body["metadata"]["namespace"], view.body["metadata"]["name"], exc)
             return
@@ -806,6 +850,8 @@ class Reconciler:
         considered, and the delete carries the namespace's uid."""
         meta = namespace["metadata"]
         verdict = sweep_verdict(namespace, await self._job_of(namespace), self.cfg.sandboxPrefix)
+        if verdict == "orphaned":
+            self._forget_uid((meta.get("labels") or {}).get(n.LABEL_JOB_UID, ""))  # no finalizer said it went
         if verdict in ("orphaned", "superseded") and namespace_state(namespace) == SANDBOX_ACTIVE:
             if await self.kube.delete(k8s.Namespace, meta["name"], uid=meta.get("uid")):
                 log.warning("deleted sandbox %s: %s", meta["name"], SWEEP_MESSAGES[verdict])
@@ -821,10 +867,14 @@ class Reconciler:
 
     def forget(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
-        uid = meta.get("uid", "")
         self.metrics.forget_job(meta["namespace"], meta["name"])
+        self._forget_uid(meta.get("uid", ""))
+
+    def _forget_uid(self, uid: str) -> None:
+        """Drop what this process keeps of a job that is gone, its credentials' redaction included."""
         self._last_read.pop(uid, None)
-        self._input_checks.pop(uid, None)
+        self._inputs_found.pop(uid, None)
+        redact.REDACTOR.forget(uid)
         self._applied.pop(uid, None)
         self._last_pass.pop(uid, None)
         self._locks.pop(uid, None)

@@ -1,14 +1,17 @@
 """No credential in the operator's logs, at any level.
 
 The libraries that could log one (botocore and urllib3 log request headers, with the access key
-id in the Authorization header, at DEBUG) never log below WARNING, --verbose or not; and every
-credential value the operator decodes is registered here, so that a log record that would carry
-it (an exception text, a library's message) shows `[redacted]` instead.
+id in the Authorization header, at DEBUG) never log below WARNING, --verbose or not; and the
+credentials of every Secret in use (one the reconcile judged usable for a job) are registered here
+under their job, so that a log record that would carry one (an exception text, a library's message)
+shows `[redacted]` instead. A job's values are replaced when its Secret rotates and dropped when it
+stops using one or is gone: what is matched is what is in use, never the history.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 QUIET_LIBRARIES = ("botocore", "boto3", "s3transfer", "urllib3")
@@ -19,21 +22,41 @@ _MIN_LENGTH = 4
 class Redactor(logging.Filter):
     def __init__(self) -> None:
         super().__init__()
-        self._secrets: set[str] = set()
+        self._owners: dict[str, frozenset[str]] = {}
+        self._pattern: re.Pattern[str] | None = None  # rebuilt only when the values in use change
         self._lock = threading.Lock()
 
-    def register(self, *values: str | None) -> None:
+    def use(self, owner: str, *values: str | None) -> None:
+        """`owner`'s values in use from now on, in place of those it had."""
+        kept = frozenset(v for v in values if v and len(v) >= _MIN_LENGTH)
         with self._lock:
-            self._secrets.update(v for v in values if v and len(v) >= _MIN_LENGTH)
+            if self._owners.get(owner, frozenset()) == kept:
+                return
+            if kept:
+                self._owners[owner] = kept
+            else:
+                self._owners.pop(owner, None)
+            self._rebuild()
+
+    def forget(self, owner: str) -> None:
+        self.use(owner)
+
+    @property
+    def values(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset().union(*self._owners.values())
+
+    def _rebuild(self) -> None:
+        # The longest first, so that a value containing another is masked whole.
+        values = sorted(frozenset().union(*self._owners.values()), key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, values))) if values else None
 
     def redact(self, text: str) -> str:
-        for secret in sorted(self._secrets, key=len, reverse=True):
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        pattern = self._pattern
+        return pattern.sub(MASK, text) if pattern is not None else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
+        if self._pattern is not None:
             message = record.getMessage()
             redacted = self.redact(message)
             if record.exc_info and not record.exc_text:

@@ -6,6 +6,9 @@ Every byte a tenant's endpoint sends is hostile: each HTTP exchange has a deadli
 synchronous: the reconcile runs these functions in its bounded, tenant-fair executor
 (tenant_io.py). Every function returns values, never raises for storage problems: a missing or
 malformed document is None (and logged), an unreachable endpoint is an S3Check with exists=None.
+Whatever text an answer carries (an error code, a message, an exception about it) is cut and
+escaped (`server_text`) before it is stored or logged. No request leaves without a `Dial` that says
+where it may connect: a tenant's wildcard endpoint only at the addresses this pass resolved and judged.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, Rea
 from botocore.httpsession import get_cert_path
 from pydantic import BaseModel, ValidationError
 
-from finetune_operator import redact
 from finetune_operator.validation import S3Check
 from finetune_trainer.config import EvaluationResult, Progress, RunResult, evaluation_uri, progress_uri, result_uri
 
@@ -46,10 +48,52 @@ REQUEST_DEADLINE_SECONDS = 10.0
 CHECK_BUDGET_SECONDS = 30.0
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _CHUNK = 16 << 10
+# What a server said, kept: an error code or message at most this long, a whole error text at most
+# MAX_ERROR_TEXT (it names the URI too).
+MAX_SERVER_TEXT = 128
+MAX_ERROR_TEXT = 300
+
+
+def server_text(value: object, limit: int = MAX_SERVER_TEXT) -> str:
+    """Text a server chose (or an exception quoting it), fit to store, log or show: at most `limit`
+    characters, every non-printable one escaped (no forged log lines, no terminal or bidi controls)."""
+    text = value if isinstance(value, str) else str(value)
+    escaped = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[:limit + 1])
+    return escaped if len(escaped) <= limit else escaped[:limit - 3] + "..."
+
+
+def describe(exc: BaseException) -> str:
+    """An exception about an endpoint's answer, as server_text: for an S3 error, its code and message."""
+    if isinstance(exc, ClientError):
+        message = server_text((exc.response.get("Error") or {}).get("Message", ""))
+        return ": ".join(part for part in (_error_code(exc), message) if part) or "an S3 error without a code"
+    return server_text(exc, MAX_ERROR_TEXT)
+
+
+@dataclass(frozen=True)
+class Dial:
+    """Where requests to an endpoint may connect: only `addresses` (resolved and judged in this pass;
+    the name is never resolved again), or, with `by_name`, the host as written (the platform's own
+    endpoint, an exact entry of its allow-list, an IP literal: all judged as written). Neither
+    (NOWHERE, the default everywhere): no request is sent at all."""
+
+    addresses: tuple[Any, ...] = ()
+    by_name: bool = False
+
+    def __bool__(self) -> bool:
+        return self.by_name or bool(self.addresses)
+
+
+NOWHERE = Dial()
+BY_NAME = Dial(by_name=True)
 
 
 class ResponseTooLarge(HTTPClientError):
     fmt = "the response body from {endpoint_url} is larger than {limit} bytes"
+
+
+class NotDialled(HTTPClientError):
+    fmt = "nothing sent to {host}: no address of it was resolved and judged in this pass"
 
 
 class _Body(io.BytesIO):
@@ -90,24 +134,27 @@ class BoundedHTTP:
     """Sends botocore's prepared requests itself (the `before-send` hook): one deadline over the
     whole exchange, enforced by a watchdog that shuts the socket down (so a server that sends its
     headers or body one byte at a time, or nothing at all, cannot hold the call), and a cap on the
-    body, read in chunks. One connection per request, no redirects, no retries. With `addresses`, it
-    connects only to those (see _pinned)."""
+    body, read in chunks. One connection per request, no redirects, no retries. It connects where
+    `dial` says: only to its addresses (see _pinned), by the name only where it says so, and nowhere
+    by default (NotDialled, before any socket is opened)."""
 
     def __init__(self, deadline: float = REQUEST_DEADLINE_SECONDS, max_bytes: int = MAX_RESPONSE_BYTES,
-                 addresses: tuple[Any, ...] = ()) -> None:
-        self.deadline, self.max_bytes, self.addresses = deadline, max_bytes, tuple(addresses)
+                 dial: Dial = NOWHERE) -> None:
+        self.deadline, self.max_bytes, self.dial = deadline, max_bytes, dial
         self.tls = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True))
 
     def __call__(self, request: Any, **_: Any) -> AWSResponse:
         url = urlsplit(request.url)
+        if not self.dial:
+            raise NotDialled(host=url.hostname)
         if url.scheme == "https":
             connection: http.client.HTTPConnection = http.client.HTTPSConnection(
                 url.hostname, url.port, timeout=min(self.deadline, 5.0), context=self.tls)
         else:
             connection = http.client.HTTPConnection(url.hostname, url.port, timeout=min(self.deadline, 5.0))
-        if self.addresses:
+        if self.dial.addresses:
             # http.client dials through this attribute (connect(); HTTPS wraps the socket afterwards).
-            connection._create_connection = _pinned(self.addresses, self.deadline)  # type: ignore[attr-defined]
+            connection._create_connection = _pinned(self.dial.addresses, self.deadline)  # type: ignore[attr-defined]
         fired = threading.Event()
         watchdog = threading.Timer(self.deadline, _abort, (connection, fired))
         watchdog.daemon = True
@@ -132,7 +179,7 @@ class BoundedHTTP:
         if fired.is_set():
             raise ReadTimeoutError(endpoint_url=request.url, error=f"no complete answer within {self.deadline:.0f}s")
         if error is not None:
-            raise HTTPClientError(error=f"{type(error).__name__}: {str(error)[:200]}")
+            raise HTTPClientError(error=server_text(f"{type(error).__name__}: {error}", 200))
         return AWSResponse(request.url, status, headers, _Body(body.getvalue()))
 
 
@@ -147,9 +194,10 @@ class Credentials:
         def dec(key: str) -> str | None:
             return base64.b64decode(data[key]).decode(errors="replace") if key in data else None
 
-        creds = cls(dec("AWS_ACCESS_KEY_ID") or "", dec("AWS_SECRET_ACCESS_KEY") or "", dec("AWS_SESSION_TOKEN"))
-        redact.REDACTOR.register(creds.access_key, creds.secret_key, creds.session_token)
-        return creds
+        return cls(dec("AWS_ACCESS_KEY_ID") or "", dec("AWS_SECRET_ACCESS_KEY") or "", dec("AWS_SESSION_TOKEN"))
+
+    def values(self) -> tuple[str | None, ...]:
+        return self.access_key, self.secret_key, self.session_token
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -160,8 +208,8 @@ def split_uri(uri: str) -> tuple[str, str]:
 
 
 def client(endpoint: str, region: str, creds: Credentials, http: BoundedHTTP | None = None,
-           addresses: tuple[Any, ...] = ()) -> Any:
-    """A client whose every request goes through `http` (or a BoundedHTTP dialling only `addresses`)."""
+           dial: Dial = NOWHERE) -> Any:
+    """A client whose every request goes through `http` (or a BoundedHTTP connecting where `dial` says)."""
     s3 = boto3.client(
         "s3",
         endpoint_url=endpoint or None,
@@ -172,12 +220,12 @@ def client(endpoint: str, region: str, creds: Credentials, http: BoundedHTTP | N
         config=BotoConfig(connect_timeout=3, read_timeout=5, retries={"total_max_attempts": 1},
                           s3={"addressing_style": "path"}),
     )
-    s3.meta.events.register("before-send.s3", http or BoundedHTTP(addresses=addresses))
+    s3.meta.events.register("before-send.s3", http or BoundedHTTP(dial=dial))
     return s3
 
 
 def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
+    return server_text((exc.response.get("Error") or {}).get("Code", ""))
 
 
 def read_document(s3: Any, uri: str, model: type[D]) -> D | None:
@@ -191,15 +239,15 @@ def read_document(s3: Any, uri: str, model: type[D]) -> D | None:
         body = obj["Body"].read(MAX_DOCUMENT_BYTES + 1)
     except ClientError as exc:
         if _error_code(exc) not in _NOT_FOUND:
-            log.warning("cannot read %s: %s", uri, exc)
+            log.warning("cannot read %s: %s", uri, describe(exc))
         return None
     except BotoCoreError as exc:
-        log.warning("cannot read %s: %s", uri, exc)
+        log.warning("cannot read %s: %s", uri, describe(exc))
         return None
     try:
         return model.model_validate(json.loads(body, parse_constant=_no_constants))
     except (ValueError, ValidationError, RecursionError) as exc:
-        log.warning("ignoring malformed %s: %s", uri, str(exc)[:300])
+        log.warning("ignoring malformed %s: %s", uri, describe(exc))
         return None
 
 
@@ -242,9 +290,9 @@ def check_uri(s3: Any, uri: str) -> S3Check:
             return S3Check(False)
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return S3Check(False, code)
-        return S3Check(None, code or str(exc))
+        return S3Check(None, code or describe(exc))
     except BotoCoreError as exc:
-        return S3Check(None, str(exc)[:300])
+        return S3Check(None, describe(exc))
 
 
 def blank(encoded: str) -> bool:
@@ -255,26 +303,26 @@ def blank(encoded: str) -> bool:
         return True
 
 
-def _tenant_client(endpoint: str, region: str, creds: Credentials, addresses: tuple[Any, ...]) -> tuple[Any, str]:
+def _tenant_client(endpoint: str, region: str, creds: Credentials, dial: Dial) -> tuple[Any, str]:
     """(client, "") or (None, why not): botocore refuses some regions and endpoints when the client is
     made; the schema refuses them too, but a storage function never raises."""
     try:
-        return client(endpoint, region, creds, addresses=addresses), ""
+        return client(endpoint, region, creds, dial=dial), ""
     except (BotoCoreError, ValueError) as exc:
-        return None, f"cannot configure an S3 client: {exc}"
+        return None, f"cannot configure an S3 client: {server_text(exc, MAX_ERROR_TEXT)}"
 
 
 def check_inputs(endpoint: str, region: str, creds: Credentials, uris: dict[str, str],
-                 addresses: tuple[Any, ...] = ()) -> dict[str, S3Check]:
-    """check_uris with a client of its own (for the I/O executor: nothing of it runs on the event loop).
-    `addresses`: the endpoint's judged addresses, the only ones dialled (empty: the name as written)."""
-    s3, error = _tenant_client(endpoint, region, creds, addresses)
+                 dial: Dial = NOWHERE) -> dict[str, S3Check]:
+    """check_uris with a client of its own (for the I/O executor: nothing of it runs on the event loop),
+    connecting where `dial` says."""
+    s3, error = _tenant_client(endpoint, region, creds, dial)
     return check_uris(s3, uris) if s3 is not None else {path: S3Check(None, error) for path in uris}
 
 
 def read_documents(endpoint: str, region: str, creds: Credentials, output_uri: str, run_id: str,
-                   addresses: tuple[Any, ...] = ()) -> RunDocuments:
-    s3, error = _tenant_client(endpoint, region, creds, addresses)
+                   dial: Dial = NOWHERE) -> RunDocuments:
+    s3, error = _tenant_client(endpoint, region, creds, dial)
     if s3 is None:
         log.warning("%s: %s", output_uri, error)
         return RunDocuments()

@@ -63,13 +63,22 @@ CASES = [
      (SANDBOX_ABSENT, [], [], False, None, False, True)),
     ("S3 unreachable: wait, nothing created", view(B, problems=[Problem("S3Unreachable", "spec.model.uri: x")]),
      (SANDBOX_ABSENT, [], [], False, None, True, False)),
-    ("problem during a run: the run is left alone", view(B, problems=[Problem("UnknownNodePool", "x")],
-                                                         namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
-     (SANDBOX_ACTIVE, [], [], False, None, False, False)),
-    ("the Secret went during a run: its copy goes, the run stays", view(B, problems=[Problem("SecretNotFound", "x")],
-                                                                        namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
+    ("problem during a run: the run is left alone, the Secret's copy follows the Secret",
+     view(B, problems=[Problem("UnknownNodePool", "x")], namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
+     (SANDBOX_ACTIVE, ["Secret"], [], False, None, False, False)),
+    ("problem during a run, the Secret not usable: its copy goes",
+     view(B, problems=[Problem("UnknownNodePool", "x")], namespace=ACTIVE_NS, pytorchjob=existing_run(B), secret=None),
      (SANDBOX_ACTIVE, [], ["Secret"], False, None, False, False)),
-    ("the Secret lost its opt-in: its copy goes", view(B, problems=[Problem("SecretNotOptedIn", "x")], namespace=ACTIVE_NS),
+    ("a spec that does not parse during a run: no Secret it names is judged, the copy goes",
+     View(body=B, now=NOW, spec=None, problems=[Problem("InvalidSpec", "x")], namespace=ACTIVE_NS,
+          pytorchjob=existing_run(B)),
+     (SANDBOX_ACTIVE, [], ["Secret"], False, None, False, False)),
+    ("the Secret went during a run: its copy goes, the run stays", view(B, problems=[Problem("SecretNotFound", "x")],
+                                                                        namespace=ACTIVE_NS, pytorchjob=existing_run(B),
+                                                                        secret=None),
+     (SANDBOX_ACTIVE, [], ["Secret"], False, None, False, False)),
+    ("the Secret lost its opt-in: its copy goes",
+     view(B, problems=[Problem("SecretNotOptedIn", "x")], namespace=ACTIVE_NS, secret=None),
      (SANDBOX_ACTIVE, [], ["Secret"], False, None, False, True)),
     ("steady state: the sandbox and config again, the run left to its controllers",
      view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B)),
@@ -142,6 +151,15 @@ def test_decide(name, v, expected):
     assert plan.spec_drift == drift and plan.suspend_patch == suspend
     assert (plan.requeue_after is not None) == requeue
     assert bool(plan.permanent) == permanent
+
+
+def test_the_copy_that_follows_the_secret_holds_its_credentials_only():
+    rotated = {"data": {"AWS_ACCESS_KEY_ID": "bmV3", "AWS_SECRET_ACCESS_KEY": "cm90YXRlZA==", "other": "eA=="}}
+    plan = decide(view(B, problems=[Problem("UnknownNodePool", "x")], namespace=ACTIVE_NS, pytorchjob=existing_run(B),
+                       secret=rotated), CFG)
+    [copy] = plan.apply
+    assert copy["metadata"]["namespace"] == plan.sandbox and copy["metadata"]["name"] == names.CREDENTIALS_SECRET
+    assert copy["data"] == {"AWS_ACCESS_KEY_ID": "bmV3", "AWS_SECRET_ACCESS_KEY": "cm90YXRlZA=="}
 
 
 STEADY = view(B, namespace=ACTIVE_NS, pytorchjob=existing_run(B))

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 
 import pytest
 
-from finetune_operator import redact, s3
+from finetune_operator import redact
 
 
-def test_registered_values_are_redacted_in_messages_arguments_and_tracebacks(caplog):
+def test_values_in_use_are_redacted_in_messages_arguments_and_tracebacks(caplog):
     redactor = redact.Redactor()
-    redactor.register("AKIAEXAMPLEKEY", "s3cr3t-value", None, "")
+    redactor.use("job-a", "AKIAEXAMPLEKEY", "s3cr3t-value", None, "")
     logger = logging.getLogger("test.redact")
     logger.addFilter(redactor)
     try:
@@ -29,25 +28,50 @@ def test_registered_values_are_redacted_in_messages_arguments_and_tracebacks(cap
     assert text.count(redact.MASK) >= 2
 
 
-@pytest.mark.parametrize("key", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"])
-def test_each_credential_decoded_from_a_secret_is_redacted_from_the_logs(caplog, key):
-    values = {k: f"{k.lower()}-value-of-test-{key.lower()}" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                                       "AWS_SESSION_TOKEN")}
-    s3.Credentials.from_secret_data({k: base64.b64encode(v.encode()).decode() for k, v in values.items()})
-    logger = logging.getLogger("test.redact.secret")
-    logger.addFilter(redact.REDACTOR)
-    try:
-        with caplog.at_level(logging.DEBUG, logger="test.redact.secret"):
-            logger.warning("S3 request failed: %s=%s", key, values[key])
-    finally:
-        logger.removeFilter(redact.REDACTOR)
-    assert values[key] not in caplog.text and redact.MASK in caplog.text
+LIFECYCLE = [
+    # what happens to the jobs' Secrets (owner, values; () forgets), values then redacted, values then not
+    ("in use", [("a", ("key-a1", "secret-a1"))], {"key-a1", "secret-a1"}, set()),
+    ("rotated: the old values go", [("a", ("key-a1", "secret-a1")), ("a", ("key-a2", "secret-a2"))],
+     {"key-a2", "secret-a2"}, {"key-a1", "secret-a1"}),
+    ("no longer used", [("a", ("key-a1", "secret-a1")), ("a", ())], set(), {"key-a1", "secret-a1"}),
+    ("two jobs share a Secret: one stops, the other still uses it",
+     [("a", ("shared-key",)), ("b", ("shared-key",)), ("a", ())], {"shared-key"}, set()),
+    ("one job's rotation leaves another's values", [("a", ("key-a1",)), ("b", ("key-b1",)), ("a", ("key-a2",))],
+     {"key-a2", "key-b1"}, {"key-a1"}),
+    ("short values are never matched", [("a", ("ab", "xyz", "", None))], set(), {"ab", "xyz"}),
+]
 
 
-def test_short_values_are_not_registered():
+@pytest.mark.parametrize("what, steps, redacted, kept", LIFECYCLE, ids=[c[0] for c in LIFECYCLE])
+def test_only_the_values_in_use_are_redacted(what, steps, redacted, kept):
     redactor = redact.Redactor()
-    redactor.register("ab")
-    assert redactor.redact("ab cd") == "ab cd"
+    for owner, values in steps:
+        redactor.use(owner, *values)
+    assert redactor.values == redacted
+    for value in redacted:
+        assert redactor.redact(f"x {value} y") == f"x {redact.MASK} y"
+    for value in kept:
+        assert redactor.redact(f"x {value} y") == f"x {value} y"
+
+
+def test_matching_does_not_grow_with_history():
+    """10,000 Secrets that came and went leave nothing to match; the pattern is rebuilt only on a change."""
+    redactor = redact.Redactor()
+    for i in range(10_000):
+        redactor.use(f"job-{i}", f"key-{i:05d}", f"secret-{i:05d}")
+        redactor.forget(f"job-{i}")
+    assert redactor.values == frozenset() and redactor._pattern is None
+    redactor.use("job", "key-in-use")
+    pattern = redactor._pattern
+    redactor.use("job", "key-in-use")  # the same values again (every pass): nothing to rebuild
+    assert redactor._pattern is pattern and redactor.redact("key-00001 key-in-use") == f"key-00001 {redact.MASK}"
+
+
+def test_a_value_containing_another_is_masked_whole():
+    redactor = redact.Redactor()
+    redactor.use("a", "abcd")
+    redactor.use("b", "abcdefgh")
+    assert redactor.redact("abcdefgh abcd") == f"{redact.MASK} {redact.MASK}"
 
 
 def test_chatty_libraries_stay_at_warning_even_when_verbose():

@@ -141,7 +141,7 @@ SECRET = {"apiVersion": "v1", "kind": "Secret",
 @pytest.fixture(autouse=True)
 def inputs_exist(monkeypatch):
     """Every S3 input is there (nothing is asked of a real S3)."""
-    monkeypatch.setattr(s3, "check_inputs", lambda endpoint, region, creds, uris, addresses=(): {
+    monkeypatch.setattr(s3, "check_inputs", lambda endpoint, region, creds, uris, dial: {
         path: S3Check(True) for path in uris})
 
 

@@ -145,7 +145,7 @@ def test_the_namespaces_of_one_tenant_policy_share_one_tenants_io_slots(monkeypa
     cfg = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml")
     tarpit = threading.Event()
 
-    def check_inputs(endpoint, region, creds, uris, addresses=()):
+    def check_inputs(endpoint, region, creds, uris, dial):
         if any(uri.startswith("s3://tarpit/") for uri in uris.values()):
             tarpit.wait(5)  # a bucket that answers slowly
         return {}
@@ -171,13 +171,13 @@ def test_the_namespaces_of_one_tenant_policy_share_one_tenants_io_slots(monkeypa
         stalling = asyncio.create_task(reconciler._observe(new_job("team-a", "uid-1", "tarpit"),
                                                            now, tenants))
         await asyncio.sleep(0.05)
-        await asyncio.gather(reconciler._observe(new_job("team-a-dev", "uid-2"), now, tenants),
-                             reconciler._observe(new_job("team-b", "uid-3"), now, tenants))
+        views = await asyncio.gather(reconciler._observe(new_job("team-a-dev", "uid-2"), now, tenants),
+                                     reconciler._observe(new_job("team-b", "uid-3"), now, tenants))
         tarpit.set()
         await stalling
         io.shutdown()
-        return {uid: {c.error for c in checks.values()} for uid, (_, checks) in reconciler._input_checks.items()}
+        return [{p.message.rsplit(": ", 1)[-1] for p in v.problems} for v in views]
 
-    errors = asyncio.run(scenario())
-    assert errors["uid-2"] == {"no I/O slot for tenant policy/team-a within 1s"}, errors
-    assert errors["uid-3"] == set(), errors
+    second_namespace, other_tenant = asyncio.run(scenario())
+    assert second_namespace == {"no I/O slot for tenant policy/team-a within 1s"}, second_namespace
+    assert other_tenant == set(), other_tenant

@@ -50,7 +50,7 @@ def storage(s3_bucket, s3_endpoint):
 
 
 def run(endpoint, source, dest, run_id="r1", **kwargs):
-    return promote.promote(endpoint, local_s3.REGION, CREDS, source, dest, run_id, **kwargs)
+    return promote.promote(endpoint, local_s3.REGION, CREDS, source, dest, run_id, dial=s3.BY_NAME, **kwargs)
 
 
 def test_promotion_copies_the_outputs_and_the_run_documents_but_no_checkpoint(storage):
@@ -175,7 +175,7 @@ def test_destination_key(key, expected):
     ("s3://b/out/trials/t0/", "s3://b/out/", "", "not a run id"),
 ])
 def test_refused_before_any_request(source, dest, run_id, error):
-    result = promote.promote("http://127.0.0.1:9", "us-east-1", CREDS, source, dest, run_id)
+    result = promote.promote("http://127.0.0.1:9", "us-east-1", CREDS, source, dest, run_id, dial=s3.BY_NAME)
     assert result == promote.PromoteResult([], result.error) and error in result.error
 
 
@@ -192,9 +192,10 @@ def test_a_missing_bucket_is_an_error_not_an_exception(storage):
 
 
 def test_a_client_that_cannot_be_configured_is_an_error():
-    result = promote.promote("http://127.0.0.1:9", " ", CREDS, "s3://b/o/trials/t0/", "s3://b/o/", "r1")
+    result = promote.promote("http://127.0.0.1:9", " ", CREDS, "s3://b/o/trials/t0/", "s3://b/o/", "r1",
+                             dial=s3.BY_NAME)
     assert "cannot configure an S3 client" in result.error
-    written = promote.write_report("http://127.0.0.1:9", " ", CREDS, "s3://b/o/runs/r1/", DOCUMENT)
+    written = promote.write_report("http://127.0.0.1:9", " ", CREDS, "s3://b/o/runs/r1/", DOCUMENT, dial=s3.BY_NAME)
     assert written.uri == "" and "cannot configure an S3 client" in written.error
 
 
@@ -208,7 +209,7 @@ def hostile():
 
 @pytest.mark.parametrize("bucket", ["silent", "drip", "huge", "garbage"])
 def test_a_hostile_endpoint_costs_one_deadline(hostile, bucket):
-    http = s3.BoundedHTTP(deadline=1.0)
+    http = s3.BoundedHTTP(deadline=1.0, dial=s3.BY_NAME)
     t0 = time.monotonic()
     result = promote.promote(hostile.endpoint, "us-east-1", s3.Credentials("a", "b"), f"s3://{bucket}/o/trials/t0/",
                              f"s3://{bucket}/o/", "r1", http=http)
@@ -234,7 +235,8 @@ DOCUMENT = report.report_document("tune", "r1", SEARCH, {
 
 def test_write_report_puts_the_json_the_markdown_and_the_plot(storage):
     endpoint, name, _, read = storage
-    result = promote.write_report(endpoint, local_s3.REGION, CREDS, f"s3://{name}/out/runs/r1", DOCUMENT)
+    result = promote.write_report(endpoint, local_s3.REGION, CREDS, f"s3://{name}/out/runs/r1", DOCUMENT,
+                                  dial=s3.BY_NAME)
     assert result == promote.ReportResult(uri=f"s3://{name}/out/runs/r1/search-report.md")
     files = read("out/runs/r1/")
     assert set(files) == {"search-report.json", "search-report.md", "search-validation.png"}
@@ -252,11 +254,13 @@ def test_write_report_puts_the_json_the_markdown_and_the_plot(storage):
 ])
 def test_a_report_that_cannot_be_rendered_is_an_error(storage, document, error):
     endpoint, name, _, read = storage
-    result = promote.write_report(endpoint, local_s3.REGION, CREDS, f"s3://{name}/out/runs/r1/", document)
+    result = promote.write_report(endpoint, local_s3.REGION, CREDS, f"s3://{name}/out/runs/r1/", document,
+                                  dial=s3.BY_NAME)
     assert result.uri == "" and error in result.error and read("out/") == {}
 
 
 def test_write_report_to_a_missing_bucket_is_an_error(storage):
     endpoint, *_ = storage
-    result = promote.write_report(endpoint, local_s3.REGION, CREDS, "s3://no-such-bucket-here/o/runs/r1/", DOCUMENT)
+    result = promote.write_report(endpoint, local_s3.REGION, CREDS, "s3://no-such-bucket-here/o/runs/r1/", DOCUMENT,
+                                  dial=s3.BY_NAME)
     assert result.uri == "" and "NoSuchBucket" in result.error

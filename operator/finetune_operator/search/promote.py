@@ -60,7 +60,9 @@ class _Stop(Exception):
 
 
 def _message(exc: BaseException) -> str:
-    return redact.REDACTOR.redact(f"{type(exc).__name__}: {exc}")[:300]
+    # Cut before redacting (the text may be a server's megabyte), far enough out that no credential
+    # in what is kept is cut in two.
+    return s3.server_text(redact.REDACTOR.redact(f"{type(exc).__name__}: {exc}"[:4096]), s3.MAX_ERROR_TEXT)
 
 
 def _prefix(uri: str) -> tuple[str, str]:
@@ -71,9 +73,9 @@ def _prefix(uri: str) -> tuple[str, str]:
 
 
 def _client(endpoint: str, region: str, creds: s3.Credentials, http: s3.BoundedHTTP | None,
-            addresses: tuple[Any, ...]) -> Any:
+            dial: s3.Dial) -> Any:
     try:
-        return s3.client(endpoint, region, creds, http, addresses)
+        return s3.client(endpoint, region, creds, http, dial)
     except (BotoCoreError, ValueError) as exc:
         raise _Stop(f"cannot configure an S3 client: {_message(exc)}") from None
 
@@ -190,7 +192,7 @@ def _copy_documents(client: Any, source: tuple[str, str], dest: tuple[str, str],
 
 def promote(endpoint: str, region: str, creds: s3.Credentials, source_prefix: str, dest_prefix: str, run_id: str,
             skip: tuple[str, ...] = SKIPPED, *, budget: float = PROMOTE_BUDGET_SECONDS,
-            http: s3.BoundedHTTP | None = None, addresses: tuple[Any, ...] = ()) -> PromoteResult:
+            http: s3.BoundedHTTP | None = None, dial: s3.Dial = s3.NOWHERE) -> PromoteResult:
     """Copy every object under `source_prefix` (a trial's output), except the `skip` sub-prefixes, to
     the same relative key under `dest_prefix`, then the trial's documents of run `run_id` (its
     result.json naming the promoted adapter and merged model instead of the trial's). Copying
@@ -206,7 +208,7 @@ def promote(endpoint: str, region: str, creds: s3.Credentials, source_prefix: st
             raise _Stop(str(exc)[:300]) from None
         if source[0] == dest[0] and dest[1].startswith(source[1]):
             raise _Stop(f"the destination {dest_prefix} is inside the source {source_prefix}")
-        client = _client(endpoint, region, creds, http, addresses)
+        client = _client(endpoint, region, creds, http, dial)
         end = time.monotonic() + budget
         pairs, problem = _plan(client, source, dest[1], tuple(skip), end)
         if not pairs and not problem:
@@ -230,7 +232,7 @@ def _render(document: dict) -> dict[str, bytes]:
 
 
 def write_report(endpoint: str, region: str, creds: s3.Credentials, run_prefix_uri: str, document: dict, *,
-                 http: s3.BoundedHTTP | None = None, addresses: tuple[Any, ...] = ()) -> ReportResult:
+                 http: s3.BoundedHTTP | None = None, dial: s3.Dial = s3.NOWHERE) -> ReportResult:
     """Put search-report.json, search-report.md and search-validation.png under `run_prefix_uri`
     (<output>/runs/<runId>/); the result names the Markdown report."""
     try:
@@ -243,7 +245,7 @@ def write_report(endpoint: str, region: str, creds: s3.Credentials, run_prefix_u
     except Exception as exc:  # noqa: BLE001
         return ReportResult(error=f"cannot render the search report: {_message(exc)}")
     try:
-        client = _client(endpoint, region, creds, http, addresses)
+        client = _client(endpoint, region, creds, http, dial)
         for name, content_type in REPORT_FILES.items():
             try:
                 client.put_object(Bucket=bucket, Key=key + name, Body=bodies[name], ContentType=content_type)
