@@ -279,8 +279,10 @@ FOLLOW = [
 def test_the_copy_follows_the_tenants_secret_whatever_else_is_wrong(what, change, copied, monkeypatch):
     """Found on the real code: with any spec problem the Secret was not even read, and its copy stayed."""
     t = Tenant(monkeypatch)
-    statuses, _ = t.passes(CFG, both(running, spec_change(resources={**CPU, "nodePool": "nope"}), change))
-    assert validated(statuses[1])[:2] == ("False", "UnknownNodePool")
+    # An endpoint outside the allow-list: a node pool would not do, a started run keeps the one it was made with.
+    elsewhere = spec_change(storage={"endpoint": "http://s3.elsewhere.example:9000", "region": "us-east-1"})
+    statuses, _ = t.passes(CFG, both(running, elsewhere, change))
+    assert validated(statuses[1])[:2] == ("False", "EndpointNotAllowed")
     assert t.copy() == copied
     in_use = {base64.b64decode(v).decode() for v in (copied or {}).values()}
     for value in {KEY_ID, SECRET_KEY, TOKEN, "AKIA-TEAM-A-ROTATED", "AKIA-TEAM-A-OTHER"}:

@@ -36,10 +36,10 @@ WORKLOAD_CONDITIONS = {
 def reads(monkeypatch) -> list[str]:
     """No S3: every input is there; the output prefixes whose documents a pass read (none written yet)."""
     read: list[str] = []
-    monkeypatch.setattr(s3, "check_inputs", lambda endpoint, region, creds, uris, addresses=(): {
+    monkeypatch.setattr(s3, "check_inputs", lambda endpoint, region, creds, uris, **_: {
         path: S3Check(True) for path in uris})
 
-    def read_documents(endpoint, region, creds, output_uri, run_id, addresses=()):
+    def read_documents(endpoint, region, creds, output_uri, run_id, **_):
         read.append(output_uri)
         return RunDocuments()
 
