@@ -161,6 +161,35 @@ DEDUP_CASES = [
     (["ขาว", "ข่าว", "ข้าว"], [None, None, None]),
     (["café", "cafe"], [None, None]),
     (["café", "CAFÉ!"], [None, "duplicate-normalised"]),
+    # issue 13: code punctuation is not prose punctuation: `!=`, `.`, brackets and quotes count
+    (["if x != 1: return", "if x = 1: return", "if x == 1: return"], [None, None, None]),
+    (["return a.b", "return a b", "return ab"], [None, None, None]),
+    (["f(x)", "f x", "f[x]", "f{x}", "f<x>"], [None] * 5),
+    (['print("a")', "print(a)", "print('a')", "print(“a”)"], [None] * 4),
+    (["f(a, b)", "f(a b)"], [None, None]),
+    (["x = 1.", "x = 1"], [None, None]),
+    (["x = y; z", "x = y z"], [None, None]),
+    # ... and in code and math, case and indentation count too
+    (["X = 1", "x = 1"], [None, None]),
+    (["if a:\n    b\nc", "if a:\n    b\n    c", "if a:\n  b\nc"], [None, None, None]),
+    # Unicode compatibility folding is not applied: superscripts, subscripts, fractions are not digits
+    (["x²+1", "x2+1"], [None, None]),
+    (["x₁ + y", "x1 + y"], [None, None]),
+    (["½ cup", "1/2 cup", "12 cup"], [None, None, None]),
+    (["area in m²", "area in m2"], [None, None]),
+    # prose: sentence punctuation at the end of a word only, after a letter; quotes and dashes count
+    (["the file.txt is here", "the file txt is here"], [None, None]),
+    (["It costs 5.", "it costs 5"], [None, None]),
+    (['He said "no"', "He said no"], [None, None]),
+    (["well-known", "well known"], [None, None]),
+    # ... while case, whitespace, trailing sentence punctuation and typography still fold
+    (["See the docs.", "see the docs", "See the docs!", "see the docs?!"], [None] + ["duplicate-normalised"] * 3),
+    (["Wait... what", "wait what", "Wait… what"], [None] + ["duplicate-normalised"] * 2),
+    (["Don’t stop", "don't stop"], [None, "duplicate-normalised"]),
+    (["cafe\u0301 au lait", "café au lait"], [None, "duplicate-normalised"]),
+    (["return x+1  \n\n", "return x+1", "\r\nreturn x+1\r\n"], [None] + ["duplicate-normalised"] * 2),
+    (["if a:\r\n    b \r\n", "if a:\n    b"], [None, "duplicate-normalised"]),
+    (["ｆ（ｘ）", "f(x)"], [None, "duplicate-normalised"]),
 ]
 
 
