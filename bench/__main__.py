@@ -273,8 +273,9 @@ Three trainers, side by side in one run, train the same model on the same tokens
 
 - **ours**: finetune_trainer (`finetune_trainer.run.execute`, as in the training container) with
   `preprocessing.packing: true`: the rows are packed best-fit into rows of at most
-  {s['max_seq_length']} tokens, each document keeping its own positions, and a micro-batch is laid
-  end to end in one padding-free row;
+  {s['max_seq_length']} tokens, each document keeping its own positions and attending only to
+  itself, and a micro-batch is a batch of these packed rows (the shorter ones padded at the end;
+  laid end to end in one row only for flash-attention on a GPU, `objectives/common.py`);
 - **HF padding**: a plain `transformers.Trainer` + PEFT LoRA script (`bench/hf_baseline.py`) with the
   collator a Hugging Face user reaches for with labelled causal-LM rows,
   `DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)`: every batch padded to its longest row;

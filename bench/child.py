@@ -98,6 +98,21 @@ def run_child(module: str, spec: dict, log_dir: Path, name: str, timeout: float 
     return result
 
 
+def run_here(module: str, spec: dict, log_dir: Path, name: str) -> dict:
+    """run_child's result, the side run in this process instead (bench.gpu's quick self-check): no process
+    start, but the peak RSS is this whole process's, not the side's own."""
+    import importlib
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / f"{name}.spec.json").write_text(json.dumps(spec))
+    started = time.perf_counter()
+    result = importlib.import_module(module).train(spec)
+    result["peakRssMiB"] = round(peak_rss_mib(), 1)
+    result["processSeconds"] = round(time.perf_counter() - started, 1)
+    result["otherCores"] = None
+    return result
+
+
 if __name__ == "__main__":
     # The floor of every side's memory: a process that only imports what the trainers import.
     import peft  # noqa: F401

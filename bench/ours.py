@@ -23,9 +23,11 @@ def torch_cuda_available() -> bool:
 
 def train(spec: dict) -> dict:
     from finetune_trainer import config as cfg
+    from finetune_trainer import events as trainer_events
     from finetune_trainer.run import attention_implementation, execute
     from finetune_trainer.storage import from_config
 
+    trainer_events.enable(True)  # the steps are read from the events (also when run in a process that turned them off)
     config = cfg.TrainerConfig.model_validate(spec["config"])
     captured = StringIO()
     with redirect_stdout(captured), tempfile.TemporaryDirectory() as work:

@@ -73,6 +73,20 @@ IP_CASES = [
     # a valid dotted quad without version context is an address, whatever it looks like
     ("the host at 3.11.7.2 is down", "the host at [IP] is down", {"ip": 1}),
     ("(10.1.2.3)", "([IP])", {"ip": 1}),
+    # issue 13: version contexts stay narrow; an address after a host word, a filter or a plain name is redacted
+    ("connect from host 10.1.2.3", "connect from host [IP]", {"ip": 1}),
+    ("version 2 of the app runs on 10.1.2.3", "version 2 of the app runs on [IP]", {"ip": 1}),
+    ("ip==10.1.2.3", "ip==[IP]", {"ip": 1}),
+    ("ip.addr == 10.1.2.3", "ip.addr == [IP]", {"ip": 1}),
+    ("ip.src==10.1.2.3", "ip.src==[IP]", {"ip": 1}),
+    ("server_ip==10.1.2.3 and serverIp==10.1.2.4", "server_ip==[IP] and serverIp==[IP]", {"ip": 2}),
+    ("host>=10.1.2.3", "host>=[IP]", {"ip": 1}),
+    ("nodes==10.1.2.3 or upstream_hosts~=10.1.2.4", "nodes==[IP] or upstream_hosts~=[IP]", {"ip": 2}),
+    ("foo == 10.1.2.3", "foo == [IP]", {"ip": 1}),   # a comparison with spaces is not a requirement
+    ('server = "10.1.2.3"', 'server = "[IP]"', {"ip": 1}),
+    ("HOST=10.1.2.3", "HOST=[IP]", {"ip": 1}),
+    # a package name and a space cannot be told from a host name and a space: redacted (by design)
+    ("torch 2.1.0.1", "torch [IP]", {"ip": 1}),
 ]
 
 # Neither PII nor changed: code, versions, dates, times, order and card-like numbers.
@@ -100,6 +114,27 @@ NOT_PII = [
     "see 1.2.3.4.5",
     "version 1.2.3 and 42 apples in 2024",
     "not an address 256.1.1.1",
+    # issue 13: four-part versions in assignments, metadata and requirement specifiers
+    '__version__ = "1.2.3.4"',
+    "__version__ = '1.2.3.4'",
+    'version = "1.2.3.4"',
+    'version="1.2.3.4"',
+    '{"version": "1.2.3.4"}',
+    "version: 1.2.3.4",
+    "VERSION=1.2.3.4",
+    "APP_VERSION := 1.2.3.4",
+    '[assembly: AssemblyVersion("1.2.3.4")]',
+    'versionName "1.2.3.4"',
+    "release-1.2.3.4",
+    "foo==1.2.3.4",
+    "pip install foo==1.2.3.4 bar>=2.0.0.1",
+    "torch>=2.1.0.1",
+    "foo~=1.2.3.4",
+    "foo<=1.2.3.4",
+    "foo!=1.2.3.4",
+    "foo===1.2.3.4",
+    'install_requires=["foo>=1.2.3.4,<2", "bar-baz==1.2.3.4"]',
+    "requests[socks]==2.31.0.1",
     # digit groups that are not phones
     "card 4111-1111-1111-1112 is not a card",
     "order 0123 4567 8901",
@@ -161,6 +196,35 @@ DEDUP_CASES = [
     (["ขาว", "ข่าว", "ข้าว"], [None, None, None]),
     (["café", "cafe"], [None, None]),
     (["café", "CAFÉ!"], [None, "duplicate-normalised"]),
+    # issue 13: code punctuation is not prose punctuation: `!=`, `.`, brackets and quotes count
+    (["if x != 1: return", "if x = 1: return", "if x == 1: return"], [None, None, None]),
+    (["return a.b", "return a b", "return ab"], [None, None, None]),
+    (["f(x)", "f x", "f[x]", "f{x}", "f<x>"], [None] * 5),
+    (['print("a")', "print(a)", "print('a')", "print(“a”)"], [None] * 4),
+    (["f(a, b)", "f(a b)"], [None, None]),
+    (["x = 1.", "x = 1"], [None, None]),
+    (["x = y; z", "x = y z"], [None, None]),
+    # ... and in code and math, case and indentation count too
+    (["X = 1", "x = 1"], [None, None]),
+    (["if a:\n    b\nc", "if a:\n    b\n    c", "if a:\n  b\nc"], [None, None, None]),
+    # Unicode compatibility folding is not applied: superscripts, subscripts, fractions are not digits
+    (["x²+1", "x2+1"], [None, None]),
+    (["x₁ + y", "x1 + y"], [None, None]),
+    (["½ cup", "1/2 cup", "12 cup"], [None, None, None]),
+    (["area in m²", "area in m2"], [None, None]),
+    # prose: sentence punctuation at the end of a word only, after a letter; quotes and dashes count
+    (["the file.txt is here", "the file txt is here"], [None, None]),
+    (["It costs 5.", "it costs 5"], [None, None]),
+    (['He said "no"', "He said no"], [None, None]),
+    (["well-known", "well known"], [None, None]),
+    # ... while case, whitespace, trailing sentence punctuation and typography still fold
+    (["See the docs.", "see the docs", "See the docs!", "see the docs?!"], [None] + ["duplicate-normalised"] * 3),
+    (["Wait... what", "wait what", "Wait… what"], [None] + ["duplicate-normalised"] * 2),
+    (["Don’t stop", "don't stop"], [None, "duplicate-normalised"]),
+    (["cafe\u0301 au lait", "café au lait"], [None, "duplicate-normalised"]),
+    (["return x+1  \n\n", "return x+1", "\r\nreturn x+1\r\n"], [None] + ["duplicate-normalised"] * 2),
+    (["if a:\r\n    b \r\n", "if a:\n    b"], [None, "duplicate-normalised"]),
+    (["ｆ（ｘ）", "f(x)"], [None, "duplicate-normalised"]),
 ]
 
 

@@ -2,7 +2,8 @@
 (TRL's DPOTrainer), so before the first update every margin is 0. Three things in run.py keep the two
 comparable, each checked here through `execute` on the tiny model:
 
-- dropout is off while a DPO stage trains (and only then): the policy's log-probs are not noisy;
+- dropout is off while a DPO stage trains (and only then): the policy's log-probs are not noisy, and a
+  stage after it trains with the model's configured dropout again, as a run resumed into that stage does;
 - the reference log-probs are computed under the engine's autocast, the precision the policy trains in;
 - fresh prefix/prompt tuning (random virtual tokens) takes the base model as its reference, as TRL's
   disabled adapter does, not the base model with random virtual tokens.
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import pytest
 import torch
 from conftest import make_config, upload_dataset
 
-from finetune_trainer import engines, run
+from finetune_trainer import engines, exit_codes, run
 from finetune_trainer.objectives import dpo
 
 LORA_WITH_DROPOUT = {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.1}}
@@ -32,6 +34,10 @@ def autocast_state() -> tuple[bool, torch.dtype | None]:
 
 def dropout_rates(model) -> set[float]:
     return {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+
+
+def dropout_by_module(model) -> dict[str, float]:
+    return {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
 
 
 def pair_log_probs(model, items, pad_id: int) -> list[float]:
@@ -87,7 +93,7 @@ def recorded(monkeypatch) -> list[Stage]:
 
         def recording_loss(model, batch, hyperparameters):
             stage.loss_calls.append({"training": model.training, "dropout": dropout_rates(model),
-                                     "autocast": autocast_state()})
+                                     "modules": dropout_by_module(model), "autocast": autocast_state()})
             return objective.loss(model, batch, hyperparameters)
 
         return real_loop(engine, dataclasses.replace(objective, loss=recording_loss), *args, **kwargs)
@@ -98,12 +104,13 @@ def recorded(monkeypatch) -> list[Stage]:
 
 
 def run_config(storage, bucket, model_uri, endpoint, stages: list[tuple[str, str]], method: dict, steps: int,
-               **hyperparameters):
+               output: str = "out/", **hyperparameters):
     """A run of the given (objective, dataset format) stages, `steps` steps each, without base evaluation; 9 rows
     per dataset (8 train, 1 validation)."""
     datasets = {fmt: upload_dataset(storage, bucket, fmt, fmt, 9) for _, fmt in stages}
     hyperparameters = {"maxSteps": steps, "learningRate": 1e-2, "batchSize": 4, **hyperparameters}
-    common = {"method": method, "hyperparameters": hyperparameters, "evaluation": {"compareToBase": False}}
+    common = {"method": method, "hyperparameters": hyperparameters, "evaluation": {"compareToBase": False},
+              "output": {"uri": bucket + output}}
     if len(stages) == 1:
         return make_config(bucket, model_uri, endpoint, [datasets[stages[0][1]]], objective=stages[0][0], **common)
     return make_config(bucket, model_uri, endpoint, [], stages=[
@@ -131,6 +138,63 @@ def test_dpo_trains_with_dropout_off_and_other_stages_keep_it(name, stages, rate
     # stage the LoRA weights are no longer 0, so dropout on their path would move the policy's log-probs.
     dpo_stage = config.stages[-1].name if config.stages else "main"
     assert summary.losses[dpo_stage][0] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.fixture
+def preempt(monkeypatch) -> threading.Event:
+    """Setting it is what SIGTERM does to a run: it checkpoints and stops at the end of the current step."""
+    requested = threading.Event()
+
+    class Preemption:
+        def __init__(self):
+            self.requested = requested
+
+        def restore(self) -> None:
+            pass
+
+    monkeypatch.setattr(run, "Preemption", Preemption)
+    return requested
+
+
+def test_a_stage_after_dpo_trains_with_the_models_dropout_as_a_resumed_run_does(recorded, preempt, monkeypatch,
+                                                                                storage, model_bucket, bucket,
+                                                                                s3_endpoint, tmp_path):
+    """DPO then SFT: the SFT stage trains with the configured dropout of every dropout module, the rates a run
+    resumed into that stage has (it builds a fresh model and skips the DPO stage), not with DPO's dropout off."""
+    stages = [("dpo", "preference"), ("sft", "instruction")]
+
+    def config(output: str):
+        return run_config(storage, bucket, model_bucket + "llama/", s3_endpoint, stages, LORA_WITH_DROPOUT, 2,
+                          output=output)
+
+    uninterrupted = run.execute(config("uninterrupted/"), tmp_path / "uninterrupted")
+    assert uninterrupted.exit_code == 0, uninterrupted.result.message
+    dpo_stage, sft_stage = recorded
+    assert (dpo_stage.objective, sft_stage.objective) == ("dpo", "sft")
+    assert {rate for call in dpo_stage.loss_calls for rate in call["modules"].values()} == {0.0}
+
+    # The same run, preempted in its first SFT step, then resumed in the SFT stage from that checkpoint.
+    recording_loop = run.run_loop
+
+    def preempted_in_sft(engine, objective, *args, **kwargs):
+        if objective.name == "sft":
+            preempt.set()
+        return recording_loop(engine, objective, *args, **kwargs)
+
+    monkeypatch.setattr(run, "run_loop", preempted_in_sft)
+    interrupted = run.execute(config("interrupted/"), tmp_path / "interrupted")
+    assert interrupted.exit_code == exit_codes.PREEMPTED, interrupted.result.message
+    preempt.clear()
+    monkeypatch.setattr(run, "run_loop", recording_loop)
+    del recorded[:]
+    resumed = run.execute(config("interrupted/"), tmp_path / "resumed")
+    assert resumed.exit_code == 0, resumed.result.message
+    [resumed_sft] = recorded  # the DPO stage was done before the checkpoint: not run again
+    assert resumed_sft.objective == "sft" and len(resumed_sft.loss_calls) == 1
+
+    fresh = resumed_sft.loss_calls[0]["modules"]
+    assert fresh and set(fresh.values()) == {0.1}  # the LoRA dropout of method.lora.dropout
+    assert [call["modules"] for call in sft_stage.loss_calls] == [fresh] * 2
 
 
 def test_dpo_reference_is_computed_under_the_engines_autocast(recorded, monkeypatch, storage, model_bucket, bucket,

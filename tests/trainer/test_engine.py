@@ -15,7 +15,7 @@ from finetune_trainer.data import mixing
 from finetune_trainer.distributed import DistContext
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.methods import full
-from finetune_trainer.run import check_same_world_size, disable_dropout
+from finetune_trainer.run import check_same_world_size
 from finetune_trainer.testing import tiny
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
@@ -74,12 +74,26 @@ def test_freezing_a_tied_model_keeps_its_output_head_trainable(tokenizer, capsys
     assert '"event": "tied-embeddings"' in capsys.readouterr().out
 
 
-def test_dpo_trains_without_dropout(tokenizer):
+STAGE_DROPOUT_CASES = [  # (whether each stage in turn is a preference stage, the dropout rate each trains with)
+    ("dpo", [True], [0.0]),
+    ("sft then dpo", [False, True], [0.1, 0.0]),
+    ("dpo then sft", [True, False], [0.0, 0.1]),
+    ("dpo, sft, kto, sft", [True, False, True, False], [0.0, 0.1, 0.0, 0.1]),
+]
+
+
+@pytest.mark.parametrize("name,preference,rates", STAGE_DROPOUT_CASES, ids=[c[0] for c in STAGE_DROPOUT_CASES])
+def test_a_preference_stage_trains_without_dropout_and_the_next_stage_gets_it_back(name, preference, rates, tokenizer):
     from peft import LoraConfig, get_peft_model
 
+    from finetune_trainer import dropout
+
     model = get_peft_model(tiny.build_model(tokenizer, "llama"), LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj"]))
-    disable_dropout(model)
-    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    configured = dropout.configured_rates(model)
+    assert configured and set(configured.values()) == {0.1}
+    for is_preference, rate in zip(preference, rates):
+        dropout.set_for_stage(model, configured, preference=is_preference)
+        assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {rate}, name
 
 
 EPOCH_CASES = [  # (items, world size, batch, accumulation)

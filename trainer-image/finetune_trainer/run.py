@@ -22,7 +22,7 @@ import torch
 
 from . import adapters
 from . import config as cfg
-from . import distributed, engines, events, evaluation, methods, objectives, outputs, schedule, task_evaluation, validation
+from . import distributed, dropout, engines, events, evaluation, methods, objectives, outputs, schedule, task_evaluation, validation
 from .checkpoint import TRAINER_STATE, CheckpointManager
 from .report.model import ReportInput
 from .report.render import render
@@ -208,6 +208,8 @@ class Run:
         # method.full's strategies (None for other methods); L2-SP anchors the base weights when the first engine is
         # created, before any restore.
         full_strategies = methods.full.strategies(model, config.method, stage_epoch_starts(plans, ctx.world_size))
+        # Each stage sets its dropout from the model as built: off for a preference stage, these rates for any other.
+        dropout_rates = dropout.configured_rates(model)
 
         checkpoints = CheckpointManager(self.storage, cfg.checkpoint_prefix(config.checkpoint.uri, self.out, self.run_id),
                                         self.work_dir / "checkpoints", ctx.rank, ctx.world_size, config.checkpoint.keep)
@@ -233,8 +235,8 @@ class Run:
             if resume_state and index < resume_state["stage"]:
                 continue
             objective = objectives.get(plan.objective)
-            if objective.needs_reference:
-                disable_dropout(model if engine is None else engine.module)
+            dropout.set_for_stage(model if engine is None else engine.module, dropout_rates,
+                                  preference=objective.needs_reference)
             engine = engines.create(model if engine is None else engine.module, plan.hyperparameters, plan.total_steps,
                                     ctx, config.distributed, full_strategies)
             resuming_here = bool(resume_state) and index == resume_state["stage"]
@@ -601,13 +603,6 @@ def stage_epoch_starts(plans: list[StagePlan], world_size: int) -> tuple[int, ..
     return epoch_starts([(p.first_global_step, p.total_steps,
                           schedule.steps_per_epoch(len(p.data.train), world_size, p.hyperparameters.batchSize,
                                                    p.hyperparameters.gradientAccumulationSteps)) for p in plans])
-
-
-def disable_dropout(model) -> None:
-    """DPO trains with dropout off (TRL's default): the policy's log-probs must be comparable with the reference's."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
 
 
 def check_same_world_size(storage: Storage, checkpoint_uri: str, world_size: int) -> None:

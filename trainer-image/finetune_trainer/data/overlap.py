@@ -2,8 +2,9 @@
 
 A held-out row that shares most of its word 8-grams with training rows (a near-duplicate, a
 paraphrase with a changed name) measures memorisation, not generalisation. Every row's text is
-folded like the normalised de-duplication (case, whitespace, punctuation) and cut into word
-8-grams (a row shorter than 8 words is one gram); each gram is a stable 64-bit hash, so every rank
+folded (`words`: Unicode compatibility forms, case, whitespace and punctuation; more loosely than the
+normalised de-duplication, which must never merge distinct rows, since here a near-duplicate should
+count) and cut into word 8-grams (a row shorter than 8 words is one gram); each gram is a stable 64-bit hash, so every rank
 reaches the same verdict. Grams that many training rows hold (a system prompt, an instruction
 template, a stock answer) are boilerplate, not leakage: only the grams held by at most
 max(BOILERPLATE_ROWS, 0.1 % of the rows) training rows count. The training grams are kept as a sorted array of 8-byte hashes; past
@@ -14,11 +15,11 @@ compared), a consistent sample that estimates the same shared fraction with boun
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import dedup
 from .formats import Example
 
 GRAM = 8
@@ -27,6 +28,16 @@ LEAK_FRACTION = 0.5              # a validation row sharing at least this share 
 BOILERPLATE_ROWS = 4
 _PRIME = np.uint64(1_099_511_628_211)
 _POWERS = np.array([_PRIME ** np.uint64(j) for j in range(GRAM)], dtype=np.uint64)
+
+
+KEPT_PUNCTUATION = frozenset("-*/\\%&#@_")  # operators in code: `x-1` and `x 1` are different words
+
+
+def words(text: str) -> list[str]:
+    """The text's words: NFKC, casefold, and Unicode punctuation (P*, but for the operators above) as spaces."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(" " if unicodedata.category(ch)[0] == "P" and ch not in KEPT_PUNCTUATION else ch
+                   for ch in text).split()
 
 
 def _word_hash(word: str, cache: dict[str, int]) -> int:
@@ -38,10 +49,10 @@ def _word_hash(word: str, cache: dict[str, int]) -> int:
 
 def gram_hashes(example: Example, cache: dict[str, int]) -> np.ndarray:
     """The row's word 8-gram hashes (unique), over every string of the row."""
-    words = " ".join(dedup.normalise(s) for s in example.strings() if s).split()
-    if not words:
+    row_words = [w for s in example.strings() if s for w in words(s)]
+    if not row_words:
         return np.zeros(0, dtype=np.uint64)
-    ids = np.array([_word_hash(w, cache) for w in words], dtype=np.uint64)
+    ids = np.array([_word_hash(w, cache) for w in row_words], dtype=np.uint64)
     if len(ids) < GRAM:
         ids = np.concatenate([ids, np.zeros(GRAM - len(ids), dtype=np.uint64)])
     with np.errstate(over="ignore"):

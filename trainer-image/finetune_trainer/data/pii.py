@@ -10,8 +10,18 @@ Candidates found by a regex are validated before they are replaced, so code and 
   by a word character or by another digit group (`555-123-4567-8901`, 4-4-4 runs, dates and
   times are not phones). A full stop or other punctuation after it is fine.
 * IPv4: a dotted quad that `ipaddress` accepts, unless it is part of a longer dotted number run
-  (`3.11.7.2.1`), glued to a word (`v3.11.7.2`), or preceded by a version word (`version`,
-  `release`, `ver`, `v`, optionally with '.' or ':').
+  (`3.11.7.2.1`), glued to a word (`v3.11.7.2`), or in a version context:
+  - after a version word (`version`, `release`, `ver`, `v`) or a name holding `version` or `release`
+    (`__version__`, `APP_VERSION`, `AssemblyVersion`, `versionName`), then at most a quote, one
+    of - . : = ( := == >= <= ~= != ?=, and a quote (`__version__ = "1.2.3.4"`, `"version": "1.2.3.4"`,
+    `AssemblyVersion("1.2.3.4")`, `release-1.2.3.4`);
+  - in a requirement specifier: a distribution name (letters, digits, '-' and '_', no dots; extras
+    in brackets allowed) glued to == === ~= >= <= != (`foo==1.2.3.4`, `torch>=2.1.0.1`), unless the
+    name speaks of an address (ip, addr, host, server, src, dst, ...: `ip==10.1.2.3` and
+    `server_ip==10.1.2.3` are redacted). A dotted name (`ip.addr==10.1.2.3`, a Wireshark filter) or a
+    comparison with spaces (`x == 10.1.2.3`) is no requirement.
+  Everything else is an address: `host 10.1.2.3`, and also `torch 2.1.0.1` (a package name and a
+  space cannot be told from a host name and a space; a leaked address costs more than a version).
 * IPv6: a colon group run that `ipaddress` accepts as an IPv6Address, holding a decimal digit, not
   mixing upper- and lower-case letters, and having a hex letter or at least three groups. So
   `2001:db8::1` and `fe80::1ff:fe23:4567:890a` are addresses, while `a[1::2]`, `Face::Add`, `a::b`,
@@ -40,7 +50,13 @@ EMAIL = re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A
 CARD_CANDIDATE = re.compile(r"\b\d(?:[ -]?\d){12,18}\b")
 
 IPV4 = re.compile(r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?!\w|\.\d)")
-VERSION_CONTEXT = re.compile(r"\b(?:version|release|ver|v)[.:]?\s*$", re.I)
+VERSION_CONTEXT = re.compile(r"(?:\b(?:ver|v)|[A-Za-z0-9_]*(?:version|release)[A-Za-z0-9_]*)"
+                             r"[\"']?[ \t]*(?:[-.:=(]|[:?!<>~=]=)?[ \t]*[\"']?$", re.I)
+REQUIREMENT = re.compile(r"(?:^|[\s\"'\[(,;])(?P<name>[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)(?:\[[\w,\s-]*\])?"
+                         r"(?:===|==|~=|>=|<=|!=)$")
+ADDRESS_WORDS = frozenset({"ip", "ipv4", "ip4", "addr", "address", "host", "hostname", "server", "src", "dst", "source",
+                           "destination", "client", "peer", "remote", "gateway", "gw", "dns", "nameserver", "net",
+                           "subnet", "proxy", "router", "node", "endpoint", "target"})
 IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9A-Fa-f]{1,4})?(?![\w:]|\.\d)")
 
 _SEP = r"[ .-]"
@@ -73,12 +89,28 @@ def _is_card(m: re.Match) -> bool:
     return 13 <= len(digits) <= 19 and luhn_valid(digits)
 
 
+def _names_an_address(name: str) -> bool:
+    """Whether a name's words (split at '_', '-' and case changes) speak of a network address."""
+    words = [w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", name)]
+    singular = [w[:-1] if w.endswith("s") and len(w) > 3 else w for w in words]  # nodes, hosts, ips
+    return any(w in ADDRESS_WORDS or w.endswith(("ip", "addr", "host")) for w in words + singular)
+
+
+def _in_requirement(text: str, start: int) -> bool:
+    """Whether the candidate at start follows a requirement specifier's name and operator (`foo==`)."""
+    lo = max(0, start - 80)
+    # Searching from 1 when the window is cut: its first character can only be the boundary before a name.
+    m = REQUIREMENT.search(text[lo:start], 0 if lo == 0 else 1)
+    return m is not None and not _names_an_address(m.group("name"))
+
+
 def _is_ipv4(m: re.Match) -> bool:
     try:
         ipaddress.IPv4Address(m.group())
     except ValueError:
         return False
-    return not VERSION_CONTEXT.search(m.string[max(0, m.start() - 12):m.start()])
+    before = m.string[max(0, m.start() - 40):m.start()]
+    return not VERSION_CONTEXT.search(before) and not _in_requirement(m.string, m.start())
 
 
 def _is_ipv6(m: re.Match) -> bool:

@@ -2,9 +2,10 @@
 
 The reference log-probabilities are computed once per stage, before its first step (so no
 second copy of the model is kept, whatever the method), and travel in the batch. Like TRL's
-DPOTrainer the loss is a mean over pairs, dropout is off while the stage trains (run.py), and
-the reward metrics are reported: rewards/chosen, rewards/rejected, rewards/accuracies,
-rewards/margins (beta times the log-ratio to the reference).
+DPOTrainer the loss is a mean over pairs, dropout is off while the stage trains (dropout.py; a
+later stage trains with the configured dropout again), and the reward metrics are reported:
+rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins (beta times the log-ratio to
+the reference).
 """
 
 from __future__ import annotations
