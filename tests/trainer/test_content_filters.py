@@ -90,6 +90,36 @@ def test_which_rows_a_filter_drops_or_flags(what, spec, example, outcome):
     assert _outcome(_filter(**spec), example) == outcome
 
 
+def _feedback(desirable: bool, term_in: str) -> Example:
+    prompt, completion = ("Why evil?", "Because.") if term_in == "prompt" else ("Why?", "Pure evil.")
+    return Example(kind="feedback", prompt=prompt, completion=completion, label=desirable)
+
+
+# (label, where the term is, fields) -> outcome. An undesirable (thumbs-down) completion is, like a rejected answer,
+# what KTO trains away from: never examined, so a filter does not delete the undesirable rows KTO needs. Its prompt is.
+FEEDBACK_CASES = [
+    (True, "completion", "prompt", "kept"),
+    (True, "completion", "answer", "dropped"),
+    (True, "completion", "both", "dropped"),
+    (False, "completion", "prompt", "kept"),
+    (False, "completion", "answer", "kept"),
+    (False, "completion", "both", "kept"),
+    (True, "prompt", "prompt", "dropped"),
+    (True, "prompt", "answer", "kept"),
+    (True, "prompt", "both", "dropped"),
+    (False, "prompt", "prompt", "dropped"),
+    (False, "prompt", "answer", "kept"),
+    (False, "prompt", "both", "dropped"),
+]
+
+
+@pytest.mark.parametrize("desirable,term_in,fields,outcome", FEEDBACK_CASES,
+                         ids=[f"{'desirable' if c[0] else 'undesirable'}, term in {c[1]}, fields {c[2]}"
+                              for c in FEEDBACK_CASES])
+def test_an_undesirable_feedback_completion_is_never_examined_its_prompt_is(desirable, term_in, fields, outcome):
+    assert _outcome(_filter(**TERMS, fields=fields), _feedback(desirable, term_in)) == outcome
+
+
 def test_filters_run_in_order_and_a_dropped_row_is_not_seen_again():
     rows = [Example(kind="text", text=t) for t in ("evil plan", "evil", "plan", "nothing here")]
     flag = _filter(name="flag-plans", type="regex", patterns=["plan"], action="flag")
