@@ -31,6 +31,23 @@ Differences from TRL's KTOTrainer:
 - Only TRL's default loss_type "kto" with the KL term (no apo_zero_unpaired, no calculate_KL=False);
   the desirable/undesirable balance is reported in the data report (`feedback`), not warned about.
 - Validation perplexity is that of the desirable completions given their prompts.
+- Rows (data/formats.py, data/tokenize.py): a feedback row's prompt and completion are strings; a
+  conversational row (prompt and completion as lists of messages), which TRL accepts, is a bad row
+  ("field 'prompt' must be a string", or 'completion'). With a chat template, the plain-string prompt is rendered
+  as a [user] turn with the generation prompt and the completion as the assistant turn, ending with
+  the template's end of turn and no EOS after it; TRL applies the template only to conversational
+  rows, tokenizes plain strings as they are, and appends EOS to every completion (and prepends the
+  tokenizer's BOS where it has one; here the template or the tokenizer's own special tokens decide).
+  Without a chat template both take the raw strings and end the completion with EOS.
+- Truncation (tokenize.truncate): a row longer than preprocessing.maxSeqLength loses the start of
+  its prompt down to what the completion leaves, but keeps at least maxSeqLength // 2 prompt tokens,
+  then the completion is cut to what the prompt leaves; TRL cuts the prompt to max_prompt_length
+  (its end, truncation_mode "keep_end" by default), then the completion to max_length -
+  max_prompt_length.
+- The reference when continuing from method.adapter: the model as the stage starts, i.e. the base
+  with the loaded adapter (run.py); TRL's default for a PEFT model without ref_model is the base with
+  the adapter disabled. (With a fresh LoRA both are the base; fresh prefix or prompt tuning takes the
+  base here too.)
 """
 
 from __future__ import annotations
