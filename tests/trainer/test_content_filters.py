@@ -4,6 +4,7 @@ report says about them, the refusal of bad patterns, term lists and classifiers 
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -88,6 +89,36 @@ OUTCOME_CASES = [
 @pytest.mark.parametrize("what,spec,example,outcome", OUTCOME_CASES, ids=[c[0] for c in OUTCOME_CASES])
 def test_which_rows_a_filter_drops_or_flags(what, spec, example, outcome):
     assert _outcome(_filter(**spec), example) == outcome
+
+
+def _feedback(desirable: bool, term_in: str) -> Example:
+    prompt, completion = ("Why evil?", "Because.") if term_in == "prompt" else ("Why?", "Pure evil.")
+    return Example(kind="feedback", prompt=prompt, completion=completion, label=desirable)
+
+
+# (label, where the term is, fields) -> outcome. An undesirable (thumbs-down) completion is, like a rejected answer,
+# what KTO trains away from: never examined, so a filter does not delete the undesirable rows KTO needs. Its prompt is.
+FEEDBACK_CASES = [
+    (True, "completion", "prompt", "kept"),
+    (True, "completion", "answer", "dropped"),
+    (True, "completion", "both", "dropped"),
+    (False, "completion", "prompt", "kept"),
+    (False, "completion", "answer", "kept"),
+    (False, "completion", "both", "kept"),
+    (True, "prompt", "prompt", "dropped"),
+    (True, "prompt", "answer", "kept"),
+    (True, "prompt", "both", "dropped"),
+    (False, "prompt", "prompt", "dropped"),
+    (False, "prompt", "answer", "kept"),
+    (False, "prompt", "both", "dropped"),
+]
+
+
+@pytest.mark.parametrize("desirable,term_in,fields,outcome", FEEDBACK_CASES,
+                         ids=[f"{'desirable' if c[0] else 'undesirable'}, term in {c[1]}, fields {c[2]}"
+                              for c in FEEDBACK_CASES])
+def test_an_undesirable_feedback_completion_is_never_examined_its_prompt_is(desirable, term_in, fields, outcome):
+    assert _outcome(_filter(**TERMS, fields=fields), _feedback(desirable, term_in)) == outcome
 
 
 def test_filters_run_in_order_and_a_dropped_row_is_not_seen_again():
@@ -293,13 +324,28 @@ TEXTS = ["the operator restarts a pod.", "a", "Where are checkpoints stored? In 
          "written by rank zero every few steps.", "the trainer writes the adapter."]
 
 
-@pytest.mark.parametrize("threshold,matches", [(0.0, [True] * 4), (1.01, [False] * 4)])
-def test_classifier_threshold_mechanics(classifier_dir, threshold, matches):
-    matcher = filters.ClassifierMatcher(classifier_dir, "toxic", threshold, device="cpu")
-    found = matcher.find(TEXTS)
-    assert [m is not None for m in found] == matches
-    if threshold == 0.0:
-        assert all(0.0 <= m.detail["score"] <= 1.0 and m.span is None for m in found)
+# (what, the threshold from the texts' scores in increasing order, how many texts match: the top ones)
+THRESHOLD_CASES = [
+    ("0 matches every text", lambda scores: 0.0, 4),
+    ("1, the largest the API allows, matches none here", lambda scores: 1.0, 0),
+    ("a text's score: at least the threshold matches", lambda scores: scores[1], 3),
+    ("just above that score: it no longer matches", lambda scores: math.nextafter(scores[1], 1.0), 2),
+    ("just below the top score", lambda scores: math.nextafter(scores[3], 0.0), 1),
+    ("the top score", lambda scores: scores[3], 1),
+]
+
+
+@pytest.mark.parametrize("what,threshold_of,matching", THRESHOLD_CASES, ids=[c[0] for c in THRESHOLD_CASES])
+def test_classifier_threshold_mechanics(classifier_dir, what, threshold_of, matching):
+    scores = filters.ClassifierMatcher(classifier_dir, "toxic", 0.5, device="cpu").scores(TEXTS)
+    ordered = sorted(scores)
+    assert len(set(ordered)) == len(TEXTS) and 0.0 < ordered[0] and ordered[-1] < 1.0  # the cases tell them apart
+    threshold = threshold_of(ordered)
+    ContentFilter.model_validate({"name": "f", "type": "classifier", "modelUri": "s3://bkt/m/", "label": "toxic",
+                                  "threshold": threshold})  # a threshold the API accepts
+    found = filters.ClassifierMatcher(classifier_dir, "toxic", threshold, device="cpu").find(TEXTS)
+    assert [m is not None for m in found] == [score >= ordered[-matching] if matching else False for score in scores]
+    assert all(m.detail["score"] == round(score, 4) and m.span is None for m, score in zip(found, scores) if m)
 
 
 @pytest.mark.parametrize("multi_label", [False, True])

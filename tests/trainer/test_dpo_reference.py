@@ -1,8 +1,9 @@
-"""A DPO stage compares the policy with a reference that is the model as it was when the stage started
-(TRL's DPOTrainer), so before the first update every margin is 0. Three things in run.py keep the two
-comparable, each checked here through `execute` on the tiny model:
+"""A DPO or KTO stage compares the policy with a reference that is the model as it was when the stage started
+(TRL's DPOTrainer and KTOTrainer), so before the first update every margin (every log-ratio) is 0. Three things
+in run.py keep the two comparable, for every objective that needs a reference, each checked here through
+`execute` on the tiny model, for dpo and kto:
 
-- dropout is off while a DPO stage trains (and only then): the policy's log-probs are not noisy, and a
+- dropout is off while such a stage trains (and only then): the policy's log-probs are not noisy, and a
   stage after it trains with the model's configured dropout again, as a run resumed into that stage does;
 - the reference log-probs are computed under the engine's autocast, the precision the policy trains in;
 - fresh prefix/prompt tuning (random virtual tokens) takes the base model as its reference, as TRL's
@@ -21,8 +22,7 @@ import pytest
 import torch
 from conftest import make_config, upload_dataset
 
-from finetune_trainer import engines, exit_codes, run
-from finetune_trainer.objectives import dpo
+from finetune_trainer import engines, exit_codes, objectives, run
 
 LORA_WITH_DROPOUT = {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.1}}
 
@@ -40,16 +40,23 @@ def dropout_by_module(model) -> dict[str, float]:
     return {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
 
 
-def pair_log_probs(model, items, pad_id: int) -> list[float]:
-    """[chosen, rejected] log-probs per item: fp32, eval mode, one batch."""
+# (objective, its dataset format, the first step's loss when the policy is its reference: log 2 per DPO pair,
+# 1 - sigmoid(0) per KTO row)
+REFERENCE_OBJECTIVES = {"dpo": ("preference", math.log(2)), "kto": ("feedback", 0.5)}
+
+
+def pair_log_probs(model, items, pad_id: int, objective: str) -> list[float]:
+    """The two log-probs per item the objective's reference holds ([chosen, rejected], [completion, mismatched
+    completion]): fp32, eval mode, one batch."""
+    spec = objectives.get(objective)
     was_training = model.training
     model.eval()
-    batch = dpo.collate(items, pad_id)
+    batch = spec.collate(items, pad_id)
     batch.pop("reference_log_probs", None)
     with torch.no_grad():
-        chosen, rejected = dpo.pair_log_probs(model, batch)
+        first, second = spec.reference_log_probs(model, batch)
     model.train(was_training)
-    return [value for pair in zip(chosen.tolist(), rejected.tolist()) for value in pair]
+    return [value for pair in zip(first.tolist(), second.tolist()) for value in pair]
 
 
 @dataclasses.dataclass
@@ -86,7 +93,7 @@ def recorded(monkeypatch) -> list[Stage]:
         if stages and stages[-1].objective == "reference" and not stages[-1].loss_calls:
             stage = stages[-1]
             stage.objective = objective.name
-            stage.policy_at_start = pair_log_probs(engine.module, stage.items, stage.pad_id)
+            stage.policy_at_start = pair_log_probs(engine.module, stage.items, stage.pad_id, objective.name)
         else:
             stage = Stage(objective.name)
             stages.append(stage)
@@ -118,15 +125,23 @@ def run_config(storage, bucket, model_uri, endpoint, stages: list[tuple[str, str
         for i, (objective, fmt) in enumerate(stages)], **common)
 
 
-DROPOUT_CASES = [  # (stages, the dropout rates each stage's policy trains with)
-    ("dpo", [("dpo", "preference")], [{0.0}]),
-    ("sft then dpo", [("sft", "instruction"), ("dpo", "preference")], [{0.1}, {0.0}]),
+DROPOUT_CASES = [  # (stages, the dropout rates each stage's policy trains with); REF: the objective under test
+    ("alone", [("REF", None)], [{0.0}]),
+    ("after sft", [("sft", "instruction"), ("REF", None)], [{0.1}, {0.0}]),
 ]
 
 
+def with_objective(stages, objective: str) -> list[tuple[str, str]]:
+    """The stages with REF replaced by the objective (and its dataset format)."""
+    return [(objective, REFERENCE_OBJECTIVES[objective][0]) if o == "REF" else (o, fmt) for o, fmt in stages]
+
+
+@pytest.mark.parametrize("objective", REFERENCE_OBJECTIVES)
 @pytest.mark.parametrize("name,stages,rates", DROPOUT_CASES, ids=[c[0] for c in DROPOUT_CASES])
-def test_dpo_trains_with_dropout_off_and_other_stages_keep_it(name, stages, rates, recorded, storage, model_bucket,
-                                                                bucket, s3_endpoint, tmp_path):
+def test_a_reference_stage_trains_with_dropout_off_and_other_stages_keep_it(name, stages, rates, objective, recorded,
+                                                                            storage, model_bucket, bucket,
+                                                                            s3_endpoint, tmp_path):
+    stages = with_objective(stages, objective)
     config = run_config(storage, bucket, model_bucket + "llama/", s3_endpoint, stages, LORA_WITH_DROPOUT, 1)
     summary = run.execute(config, tmp_path)
     assert summary.exit_code == 0, summary.result.message
@@ -134,10 +149,11 @@ def test_dpo_trains_with_dropout_off_and_other_stages_keep_it(name, stages, rate
     for stage, expected in zip(recorded, rates):
         assert stage.loss_calls and all(call["training"] for call in stage.loss_calls)
         assert [call["dropout"] for call in stage.loss_calls] == [expected] * len(stage.loss_calls), stage.objective
-    # The DPO policy is its reference at the first step: every margin 0, the loss log 2 per pair. After the SFT
-    # stage the LoRA weights are no longer 0, so dropout on their path would move the policy's log-probs.
-    dpo_stage = config.stages[-1].name if config.stages else "main"
-    assert summary.losses[dpo_stage][0] == pytest.approx(math.log(2), abs=1e-5)
+    # The policy is its reference at the first step: every log-ratio 0, the loss log 2 per DPO pair, 1 - sigmoid(0)
+    # per KTO row. After the SFT stage the LoRA weights are no longer 0, so dropout on their path would move the
+    # policy's log-probs.
+    reference_stage = config.stages[-1].name if config.stages else "main"
+    assert summary.losses[reference_stage][0] == pytest.approx(REFERENCE_OBJECTIVES[objective][1], abs=1e-5)
 
 
 @pytest.fixture
@@ -197,15 +213,17 @@ def test_a_stage_after_dpo_trains_with_the_models_dropout_as_a_resumed_run_does(
     assert [call["modules"] for call in sft_stage.loss_calls] == [fresh] * 2
 
 
-def test_dpo_reference_is_computed_under_the_engines_autocast(recorded, monkeypatch, storage, model_bucket, bucket,
-                                                              s3_endpoint, tmp_path):
+@pytest.mark.parametrize("objective", REFERENCE_OBJECTIVES)
+def test_the_reference_is_computed_under_the_engines_autocast(objective, recorded, monkeypatch, storage, model_bucket,
+                                                              bucket, s3_endpoint, tmp_path):
     """On a GPU the engine trains in bf16 autocast; on CPU the test makes it do so (torch.autocast("cpu", bf16)).
     One micro-batch of all 8 rows, as the reference's one batch, so bf16 rounds the same rows alike; beta 1 makes
     a reference in another precision show in the first loss."""
     monkeypatch.setattr(engines, "resolve_precision", lambda precision, device_type: "bf16")
-    config = run_config(storage, bucket, model_bucket + "llama/", s3_endpoint, [("dpo", "preference")],
+    config = run_config(storage, bucket, model_bucket + "llama/", s3_endpoint,
+                        [(objective, REFERENCE_OBJECTIVES[objective][0])],
                         {"type": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}, 1, batchSize=8,
-                        dpoBeta=1.0)
+                        dpoBeta=1.0, ktoBeta=1.0)
     summary = run.execute(config, tmp_path)
     assert summary.exit_code == 0, summary.result.message
     [stage] = recorded
@@ -214,30 +232,33 @@ def test_dpo_reference_is_computed_under_the_engines_autocast(recorded, monkeypa
     # bf16 does change the log-probs: the fp32 ones of the same (untrained) model are not the reference ...
     assert max(abs(a - b) for a, b in zip(stage.references, stage.policy_at_start)) > 1e-3
     # ... and the policy, in bf16, is its reference at the first step.
-    assert summary.losses["main"][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert summary.losses["main"][0] == pytest.approx(REFERENCE_OBJECTIVES[objective][1], abs=1e-5)
 
 
-VIRTUAL_TOKEN_CASES = [  # (method, stages, per DPO stage: whether its reference is the base model)
-    ("prefix", {"type": "prefix", "virtualTokens": 4}, [("dpo", "preference")], [True]),
-    ("prompt", {"type": "prompt", "virtualTokens": 4}, [("dpo", "preference")], [True]),
+VIRTUAL_TOKEN_CASES = [  # (method, stages of the objective under test, per stage: whether its reference is the base)
+    ("prefix", {"type": "prefix", "virtualTokens": 4}, 1, [True]),
+    ("prompt", {"type": "prompt", "virtualTokens": 4}, 1, [True]),
     # a later stage starts from trained virtual tokens: its reference is the policy as that stage starts
-    ("prefix, second dpo stage", {"type": "prefix", "virtualTokens": 4}, [("dpo", "preference")] * 2, [True, False]),
+    ("prefix, second stage", {"type": "prefix", "virtualTokens": 4}, 2, [True, False]),
 ]
 
 
-@pytest.mark.parametrize("name,method,stages,is_base", VIRTUAL_TOKEN_CASES, ids=[c[0] for c in VIRTUAL_TOKEN_CASES])
-def test_fresh_virtual_tokens_take_the_base_model_as_dpo_reference(name, method, stages, is_base, recorded,
-                                                                    tiny_model_dirs, storage, model_bucket, bucket,
-                                                                    s3_endpoint, tmp_path):
+@pytest.mark.parametrize("objective", REFERENCE_OBJECTIVES)
+@pytest.mark.parametrize("name,method,stage_count,is_base", VIRTUAL_TOKEN_CASES,
+                         ids=[c[0] for c in VIRTUAL_TOKEN_CASES])
+def test_fresh_virtual_tokens_take_the_base_model_as_reference(name, method, stage_count, is_base, objective, recorded,
+                                                                tiny_model_dirs, storage, model_bucket, bucket,
+                                                                s3_endpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    stages = [(objective, REFERENCE_OBJECTIVES[objective][0])] * stage_count
     config = run_config(storage, bucket, model_bucket + "llama/", s3_endpoint, stages, method, 1)
     summary = run.execute(config, tmp_path)
     assert summary.exit_code == 0, summary.result.message
-    assert [s.objective for s in recorded] == ["dpo"] * len(stages)
+    assert [s.objective for s in recorded] == [objective] * len(stages)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
     for stage, expect_base in zip(recorded, is_base):
-        base_values = pair_log_probs(base, stage.items, stage.pad_id)
+        base_values = pair_log_probs(base, stage.items, stage.pad_id, objective)
         # the case tells the two apart: the virtual tokens (random or trained) change the log-probs
         assert max(abs(a - b) for a, b in zip(base_values, stage.policy_at_start)) > 0.05
         expected = base_values if expect_base else stage.policy_at_start

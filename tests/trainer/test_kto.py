@@ -20,7 +20,7 @@ from finetune_trainer.distributed import DistContext
 from finetune_trainer.errors import ConfigError, DataError
 from finetune_trainer.objectives import kto
 from finetune_trainer.objectives.common import IGNORE
-from finetune_trainer.objectives.dpo import pair_log_probs
+from finetune_trainer.objectives import dpo
 from finetune_trainer.run import execute
 from finetune_trainer.testing import tiny
 from finetune_trainer.train import attach_reference_log_probs, micro_batch
@@ -270,8 +270,8 @@ def test_training_moves_the_completions_log_probs_the_labels_way(label, directio
     rows = [{"prompt": p, "completion": c, "label": label} for p, c in FEEDBACK_ROWS]
     items = [encode(tok, parse_line(json.dumps(r), "feedback", "f", i)) for i, r in enumerate(rows)]
     pair_for_kl(items, seed=0, max_length=64)
-    attach_reference_log_probs(model, items, kto.collate, pair_log_probs, tok.pad_token_id, 4, CPU)
-    before, _ = pair_log_probs(model, kto.collate(items, tok.pad_token_id))
+    attach_reference_log_probs(model, items, kto.collate, kto.pair_log_probs, tok.pad_token_id, 4, CPU)
+    before, _ = kto.pair_log_probs(model, kto.collate(items, tok.pad_token_id))
     assert before.tolist() == pytest.approx([i.reference[0] for i in items], abs=1e-4)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -281,9 +281,77 @@ def test_training_moves_the_completions_log_probs_the_labels_way(label, directio
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        after, _ = pair_log_probs(model, kto.collate(items, tok.pad_token_id))
+        after, _ = kto.pair_log_probs(model, kto.collate(items, tok.pad_token_id))
     moved = (after - before).tolist()
     assert all(m * direction > 0 for m in moved), moved
+
+
+def joint_forward_loss(model, batch: dict, hyperparameters) -> torch.Tensor:
+    """The loss as it was first written: the rows and their mismatched pairs in one forward with gradients on,
+    z detached afterwards (the mismatched rows' graph kept and run through backward for nothing)."""
+    policy, policy_mismatched = dpo.pair_log_probs(model, batch)
+    reference = batch["reference_log_probs"].to(policy.dtype)
+    half = reference.shape[0] // 2
+    valid = kto.real_rows(batch).float()
+    z = kto.reference_point(policy_mismatched - reference[half:], valid)
+    return (kto.kto_losses(policy - reference[:half], batch["desirable"], z, hyperparameters) * valid).sum()
+
+
+def saved_for_backward(model, compute) -> tuple[torch.Tensor, int]:
+    """compute()'s result and the bytes of the distinct tensors, other than the model's parameters, that its
+    graph keeps for backward (the activations)."""
+    parameters = {p.data_ptr() for p in model.parameters()}
+    saved: dict[tuple, int] = {}
+
+    def pack(t):
+        if t.data_ptr() not in parameters:
+            saved[(t.data_ptr(), t.dtype, tuple(t.shape), t.stride())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = compute()
+    return result, sum(saved.values())
+
+
+def test_the_mismatched_pairs_run_without_gradient_and_the_loss_and_gradients_are_unchanged(tiny_model_dirs):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"])
+    tok = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"])
+    rows = [{"prompt": p, "completion": c, "label": i % 2 == 0} for i, (p, c) in enumerate(FEEDBACK_ROWS)]
+    items = [encode(tok, parse_line(json.dumps(r), "feedback", "f", i)) for i, r in enumerate(rows)]
+    pair_for_kl(items, seed=0, max_length=64)
+    attach_reference_log_probs(model, items, kto.collate, kto.pair_log_probs, tok.pad_token_id, 4, CPU)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the policy moved away from its reference: r and the mismatched log-ratios are not 0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.eval()  # no dropout, as in a KTO stage
+    batch = kto.collate(items, tok.pad_token_id)
+    batch["reference_log_probs"][4:] -= 1.0  # a reference point above 0, where it is not clamped
+    hyperparameters = Hyperparameters(ktoBeta=0.5, desirableWeight=1.5)
+    kl_log_ratios = kto.kl_log_probs(model, batch) - batch["reference_log_probs"][4:]
+    assert kto.reference_point(kl_log_ratios, torch.ones(4)) > 0
+
+    def loss_and_gradients(loss_fn):
+        model.zero_grad()
+        loss, saved = saved_for_backward(model, lambda: loss_fn(model, batch, hyperparameters))
+        loss = loss[0] if isinstance(loss, tuple) else loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, saved
+
+    new_loss, new_gradients, new_saved = loss_and_gradients(kto.loss)
+    old_loss, old_gradients, old_saved = loss_and_gradients(joint_forward_loss)
+    assert new_loss == pytest.approx(old_loss, rel=1e-5)
+    for name, gradient in old_gradients.items():
+        torch.testing.assert_close(new_gradients[name], gradient, rtol=1e-4, atol=1e-7, msg=name)
+    assert any(float(g.abs().max()) > 0 for g in new_gradients.values())
+    # The mismatched rows keep no graph: their log-probs need no gradient, the rows' own do ...
+    assert not kto.kl_log_probs(model, batch).requires_grad
+    assert kto.pair_log_probs(model, batch)[0].requires_grad
+    # ... and the activations the graph keeps for backward are those of the rows only: at most half of those kept
+    # for the rows and their pairs in one forward (as many pairs as rows, all padded there to the longest of both).
+    assert new_saved <= 0.5 * old_saved, (new_saved, old_saved)
 
 
 # ---- whole runs -----------------------------------------------------------------------------------

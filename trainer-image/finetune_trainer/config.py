@@ -208,9 +208,11 @@ class ContentFilter(ApiModel):
     fields: ContentFilterFields = Field(
         default=ContentFilterFields.both,
         description="What is examined. prompt: instruction and input, system, user and tool turns, the prompt of "
-        "a preference row; answer: output, assistant turns, completion, the chosen answer; both. A text row is "
-        "examined whole whatever this says; the rejected answer of a preference row never is (it is the "
-        "behaviour trained away from).")
+        "a preference or feedback row; answer: output, assistant turns, completion, the chosen answer, the "
+        "completion of a desirable (label true) feedback row; both. A text row is examined whole whatever this "
+        "says; the rejected answer of a preference row and the completion of an undesirable (label false) "
+        "feedback row never are (they are the behaviour trained away from, which KTO needs; their prompts are "
+        "examined).")
     action: ContentFilterAction = Field(
         default=ContentFilterAction.drop,
         description="drop: remove the row; flag: keep it. Either way the data report counts the rows per filter, "

@@ -257,15 +257,14 @@ class Run:
                     events.emit("base-task-evaluation", tasks=list(self.base_measurement.answers),
                                 generalPerplexity=self.base_measurement.generalPerplexity)
                 if objective.needs_reference:
-                    from .objectives.dpo import pair_log_probs
-
                     # Virtual tokens start random: before any training the reference is the base model (as TRL's
                     # disabled adapter), not the base with random virtual tokens.
                     untrained_virtual_tokens = (index == 0 and config.method.type in ("prefix", "prompt")
                                                 and config.method.adapter is None)
                     with engine.module.disable_adapter() if untrained_virtual_tokens else _nothing():
-                        attach_reference_log_probs(engine.module, plan.data.rows(), objective.collate, pair_log_probs,
-                                                   pad_id, plan.hyperparameters.batchSize, ctx, engine.autocast)
+                        attach_reference_log_probs(engine.module, plan.data.rows(), objective.collate,
+                                                   objective.reference_log_probs, pad_id,
+                                                   plan.hyperparameters.batchSize, ctx, engine.autocast)
             stage_losses = losses.setdefault(plan.name, [])
             if plan.data.interleave:
                 self.dataset_losses = with_dataset_losses(self.dataset_losses, plan, {}, 0)

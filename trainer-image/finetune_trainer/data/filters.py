@@ -7,9 +7,13 @@ What a filter examines (`fields`), by the row's fields, so every format is cover
 
 * prompt: the instruction and its input, the system, user and tool turns of a chat, the prompt of a
   preference (or feedback) row;
-* answer: the output or completion, the assistant turns, the chosen answer of a preference row;
+* answer: the output or completion, the assistant turns, the chosen answer of a preference row, the
+  completion of a desirable (label true) feedback row;
 * a text row has no such sides: its text is examined whole, whatever `fields` says;
-* the rejected answer of a preference row is never examined: it is what the model is trained away from.
+* the rejected answer of a preference row and the completion of an undesirable (label false) feedback row
+  are never examined: they are what the model is trained away from (a filter dropping thumbs-down rows
+  for what they say would delete the very examples KTO learns from, and tilt its balance of labels).
+  Their prompts are examined like any other.
 
 The strings of a side are joined by newlines and matched as one text. Filters run in list order on
 batches of rows; a row dropped by one filter is not seen by the next, a flagged row is.
@@ -69,7 +73,9 @@ def texts_of(example: Example, fields: str) -> list[tuple[str, str]]:
     if example.kind == "text":
         return [("text", example.text)] if example.text.strip() else []
     prompt = [example.prompt, example.context, *(c for role, c in example.messages if role in PROMPT_ROLES)]
-    answer = [example.completion, example.chosen, *(c for role, c in example.messages if role == "assistant")]
+    # An undesirable feedback completion is, like a rejected answer, what the model is trained away from.
+    completion = "" if example.kind == "feedback" and example.label is False else example.completion
+    answer = [completion, example.chosen, *(c for role, c in example.messages if role == "assistant")]
     sides = {"prompt": prompt, "answer": answer}
     chosen = ("prompt", "answer") if fields == "both" else (fields,)
     out = []

@@ -21,7 +21,15 @@ class ObjectiveSpec:
     loss: Callable[..., Any]                       # (model, batch, hyperparameters) -> (summed loss, metric sums)
     eval_collate: Callable[[list, int], dict]      # (items, pad_id) -> batch for token_nll
     units: Callable[[dict], int]                   # batch -> how many units the summed loss covers
-    needs_reference: bool = False                  # loss needs reference log-probs in the batch
+    # (model, batch) -> the two per-row log-probs the loss compares with a reference (chosen and rejected,
+    # completion and mismatched completion); the stage's reference pass computes them with this, so the
+    # reference and the policy see the same forwards. None: the loss needs no reference.
+    reference_log_probs: Callable[[Any, dict], tuple] | None = None
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss needs reference log-probs in the batch (run.py computes them as the stage starts)."""
+        return self.reference_log_probs is not None
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}

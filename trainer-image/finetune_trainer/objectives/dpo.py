@@ -80,4 +80,5 @@ def eval_collate(items, pad_id: int) -> dict:
     return _answer_batch(items, pad_id, "chosen_ids")
 
 
-SPEC = register(ObjectiveSpec("dpo", collate, loss, eval_collate=eval_collate, units=pairs, needs_reference=True))
+SPEC = register(ObjectiveSpec("dpo", collate, loss, eval_collate=eval_collate, units=pairs,
+                              reference_log_probs=pair_log_probs))

@@ -11,6 +11,9 @@ pairs), detached, the loss of a row is
 as TRL's KTOTrainer (loss_type "kto"); beta is hyperparameters.ktoBeta. Like DPO here, the reference
 log-probs (of the completion and of the mismatched pair) are computed once per stage before its
 first step and travel in the batch and the checkpoints, and dropout is off while the stage trains.
+As in TRL, the mismatched pairs run in a forward of their own under torch.no_grad(), before the rows':
+z is detached, so their activations are neither kept nor run through backward (the reference pass
+runs the same two forwards, `pair_log_probs`).
 
 Differences from TRL's KTOTrainer:
 - The mismatched pairs: TRL rotates completions by one within each chunk of per_device_train_batch_size
@@ -28,6 +31,23 @@ Differences from TRL's KTOTrainer:
 - Only TRL's default loss_type "kto" with the KL term (no apo_zero_unpaired, no calculate_KL=False);
   the desirable/undesirable balance is reported in the data report (`feedback`), not warned about.
 - Validation perplexity is that of the desirable completions given their prompts.
+- Rows (data/formats.py, data/tokenize.py): a feedback row's prompt and completion are strings; a
+  conversational row (prompt and completion as lists of messages), which TRL accepts, is a bad row
+  ("field 'prompt' must be a string", or 'completion'). With a chat template, the plain-string prompt is rendered
+  as a [user] turn with the generation prompt and the completion as the assistant turn, ending with
+  the template's end of turn and no EOS after it; TRL applies the template only to conversational
+  rows, tokenizes plain strings as they are, and appends EOS to every completion (and prepends the
+  tokenizer's BOS where it has one; here the template or the tokenizer's own special tokens decide).
+  Without a chat template both take the raw strings and end the completion with EOS.
+- Truncation (tokenize.truncate): a row longer than preprocessing.maxSeqLength loses the start of
+  its prompt down to what the completion leaves, but keeps at least maxSeqLength // 2 prompt tokens,
+  then the completion is cut to what the prompt leaves; TRL cuts the prompt to max_prompt_length
+  (its end, truncation_mode "keep_end" by default), then the completion to max_length -
+  max_prompt_length.
+- The reference when continuing from method.adapter: the model as the stage starts, i.e. the base
+  with the loaded adapter (run.py); TRL's default for a PEFT model without ref_model is the base with
+  the adapter disabled. (With a fresh LoRA both are the base; fresh prefix or prompt tuning takes the
+  base here too.)
 """
 
 from __future__ import annotations
@@ -37,8 +57,7 @@ import torch.nn.functional as F
 
 from .. import distributed
 from . import ObjectiveSpec, register
-from .common import IGNORE, language_model_batch
-from .dpo import pair_log_probs
+from .common import IGNORE, language_model_batch, sequence_log_probs
 
 
 def _rows(items, pad_id: int, completion: str, trained=lambda item: True) -> dict:
@@ -54,8 +73,8 @@ def _rows(items, pad_id: int, completion: str, trained=lambda item: True) -> dic
 
 
 def collate(items, pad_id: int) -> dict:
-    """The rows' (prompt, completion) first, then their mismatched (prompt, other completion), in one batch:
-    dpo.collate's layout, so dpo.pair_log_probs (the stage's reference pass in run.py) serves both."""
+    """The rows' (prompt, completion) first, then their mismatched (prompt, other completion), in one batch
+    (dpo.collate's layout); the log-probs of each half come from a forward of its own (`pair_log_probs`)."""
     matched, mismatched = _rows(items, pad_id, "completion_ids"), _rows(items, pad_id, "kl_completion_ids")
     width = max(matched["input_ids"].shape[1], mismatched["input_ids"].shape[1])
 
@@ -96,9 +115,33 @@ def kto_losses(log_ratios: torch.Tensor, desirable: torch.Tensor, z: float, hype
                        hyperparameters.undesirableWeight * (1 - torch.sigmoid(beta * (z - log_ratios))))
 
 
+def batch_half(batch: dict, mismatched: bool) -> dict:
+    """The rows (prompt, completion) or their mismatched pairs of a collated batch, cut to their own width
+    (rows are right-padded)."""
+    middle = batch["input_ids"].shape[0] // 2
+    rows = slice(middle, None) if mismatched else slice(0, middle)
+    width = int(batch["attention_mask"][rows].sum(-1).max())
+    return {key: batch[key][rows, :width] for key in ("input_ids", "attention_mask", "labels")}
+
+
+def kl_log_probs(model, batch: dict) -> torch.Tensor:
+    """Per row: the log-prob of its mismatched completion, without gradient (z is detached anyway, so a
+    graph of these rows would be kept and run through backward for nothing; TRL computes them under
+    no_grad too). A forward of its own, on every rank (ZeRO-3 gathers the parameters in every forward)."""
+    with torch.no_grad():
+        return sequence_log_probs(model, batch_half(batch, mismatched=True))
+
+
+def pair_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the log-probs of its completion and of its mismatched completion, each half in a forward of
+    its own as in `loss`, so the stage's reference pass (run.py, under no_grad) runs the forwards the policy does."""
+    return sequence_log_probs(model, batch_half(batch, mismatched=False)), kl_log_probs(model, batch)
+
+
 def loss(model, batch: dict, hyperparameters) -> tuple[torch.Tensor, dict[str, float]]:
     """The summed KTO loss over the batch's rows, and the sums of its metrics."""
-    policy, policy_mismatched = pair_log_probs(model, batch)
+    policy_mismatched = kl_log_probs(model, batch)  # first: its activations are gone before the graph is built
+    policy = sequence_log_probs(model, batch_half(batch, mismatched=False))
     reference = batch["reference_log_probs"].to(policy.device, policy.dtype)
     half = reference.shape[0] // 2
     valid = real_rows(batch).to(policy.device).float()
@@ -118,4 +161,5 @@ def eval_collate(items, pad_id: int) -> dict:
     return _rows(items, pad_id, "completion_ids", trained=lambda item: item.desirable)
 
 
-SPEC = register(ObjectiveSpec("kto", collate, loss, eval_collate=eval_collate, units=rows, needs_reference=True))
+SPEC = register(ObjectiveSpec("kto", collate, loss, eval_collate=eval_collate, units=rows,
+                              reference_log_probs=pair_log_probs))
