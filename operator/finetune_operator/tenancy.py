@@ -391,7 +391,7 @@ def limit_problems(spec: FineTuneJobSpec, lim: PolicyLimits, reason: str, source
     governs. Each problem names the field, the value and the limit with where it was set. The pods and
     GPUs of a job are what it uses at once: a search's search.parallelism trials together."""
     res, out = spec.resources, []
-    trials = spec.search.parallelism if spec.search is not None else 1
+    trials = spec.runs_at_once
 
     def over(field_path: str, value: Any, limit: Any, limit_name: str, exceeded: bool) -> None:
         if limit is not None and exceeded:

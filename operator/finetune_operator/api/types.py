@@ -286,6 +286,11 @@ class FineTuneJobSpec(ApiModel):
         description="Hyperparameter search: run trials with other values of some hyperparameters (each its own "
         "PyTorchJob train-<runId>-t<N>), prune bad ones, promote the best trial's output to output.uri.")
 
+    @property
+    def runs_at_once(self) -> int:
+        """Runs the job makes at once: a search, search.parallelism trials; any other job, one."""
+        return self.search.parallelism if self.search is not None else 1
+
 
 # ---- status ------------------------------------------------------------------------------------
 

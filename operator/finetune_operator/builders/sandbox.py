@@ -116,7 +116,7 @@ def resource_quota(job: n.JobRef, cfg: OperatorConfig) -> dict[str, Any]:
     one run, or for search.parallelism trials at once."""
     res = job.spec.resources
     _, pool = resolve_pool(job, cfg)
-    pods = res.workers * (job.spec.search.parallelism if job.spec.search else 1)
+    pods = res.workers * job.spec.runs_at_once
     hard = {
         "pods": str(pods * 2),
         "requests.cpu": multiply(res.cpu, pods),
