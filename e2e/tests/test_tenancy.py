@@ -37,7 +37,8 @@ from e2e.tests.test_operator_cluster import (
 )
 from finetune_operator.builders import names as n
 
-pytestmark = pytest.mark.cluster
+# KWOK pools only: the real-training jobs of the end-to-end tier train beside these tests (e2e/training_jobs.py).
+pytestmark = [pytest.mark.cluster, pytest.mark.shares_the_node]
 
 TENANT_LABEL = "finetune.dev/tenant"
 GPU = "nvidia.com/gpu"
