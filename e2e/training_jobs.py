@@ -107,15 +107,17 @@ class SideBySide:
 def side_by_side(kube, operator) -> SideBySide:
     """The variants and the gated jobs, applied at once into one namespace and left to run side by side: a
     job's pods are limited to their CPU request, so that the 2-CPU node (beside CoreDNS and the operator) runs
-    three one-worker jobs of 600m at a time, or ZeRO-2's two workers of 400m beside one or two of them, and
-    the scheduler queues the rest. One worker each but for ZeRO-2: the demo, the killed worker, the deletion
-    and the preemption train on two, and one process starts (imports, model, data) for half the CPU of two."""
+    three one-worker jobs of 600m at a time, or a two-worker job of 2 x 400m beside one or two of them, and
+    the scheduler queues the rest. The variants but ZeRO-2 train on one worker (the demo, the killed worker,
+    the deletion and the preemption train on two), since one process starts (imports, model, data) for half
+    the CPU of two; ZeRO-2 and the gated jobs on two (a gate failing on every rank)."""
     from e2e.conftest import make_namespace
 
     namespace = make_namespace(kube, "side-by-side")
     demo_resources = demo_documents()[1]["spec"]["resources"]
     one_worker = {**demo_resources, "workers": 1, "cpu": "600m"}
-    resources = {"deepspeed-zero2": {**demo_resources, "workers": 2, "cpu": "400m"}}
+    two_workers = {**demo_resources, "workers": 2, "cpu": "400m"}
+    resources = {"deepspeed-zero2": two_workers, **{name: two_workers for name in GATED}}
     jobs = {name: small_job(name, resources=resources.get(name, one_worker), **changes)[1]
             for name, changes in {**VARIANTS, **GATED}.items()}
     kube.apply(small_job("secret-only")[0], *jobs.values(), namespace=namespace)

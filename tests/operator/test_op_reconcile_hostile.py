@@ -328,3 +328,52 @@ def test_only_inputs_all_found_are_remembered(check, cached, monkeypatch):
     remembered = reconciler._inputs_found.get(job()["metadata"]["uid"])
     assert remembered == ((1, names.spec_hash(t.kube.store[(k8s.FineTuneJob, "team-a", "support-bot")]["spec"]))
                           if cached else None)
+
+
+# ---- a finished run's final documents --------------------------------------------------------------
+
+
+def failed(t: Tenant) -> None:
+    """The run's PyTorchJob failed: its final documents (the trainer's reason) are read on the next pass."""
+    [ptj] = t.kube.objects("PyTorchJob")
+    ptj["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "PyTorchJobFailed",
+                                     "message": 'job "train-1" is failing because "Master" replica(s) failed.'}]}
+
+
+def nothing(t: Tenant) -> None:
+    pass
+
+
+GATE = "validation perplexity ratio 0.70 (567.4 -> 397.4) is above the limit 0.01"
+
+
+@pytest.mark.parametrize("patience, outcomes", [
+    # The outcome waits for the storage: written a pass later, with the trainer's reason and message.
+    (600.0, [None, ("EvaluationGateFailed", GATE)]),
+    # A storage that stays silent past the patience: the outcome is written with what is known.
+    (0.0, [("PyTorchJobFailed", "replica(s) failed"), ("PyTorchJobFailed", "replica(s) failed")]),
+], ids=["the-storage-answers-on-the-next-pass", "patience-spent"])
+def test_a_finished_run_is_not_settled_before_its_final_documents_are_read(monkeypatch, patience, outcomes):
+    """A read of the final documents that times out (the tenant's storage or its I/O slots busy) does not
+    settle the run with the PyTorchJob's bare failure, which would stand: the pass writes nothing and a
+    later one reads again, for FINAL_DOCUMENTS_PATIENCE seconds at most."""
+    t = Tenant(monkeypatch)
+    answers = ["slow", "result"]
+
+    def read_documents(*args, **kwargs):
+        if answers.pop(0) == "slow":
+            time.sleep(0.5)
+            return s3.RunDocuments()
+        return s3.RunDocuments(result=s3.RunResult(succeeded=False, reason="EvaluationGateFailed", message=GATE))
+
+    monkeypatch.setattr(s3, "read_documents", read_documents)
+    monkeypatch.setattr(reconcile, "DOCUMENTS_TIMEOUT", 0.2)
+    monkeypatch.setattr(reconcile, "FINAL_DOCUMENTS_PATIENCE", patience)
+    statuses, _ = t.passes(CFG, failed, nothing)
+    for status, expected in zip(statuses[1:], outcomes):
+        cond = next((c for c in status.get("conditions", []) if c["type"] == "Failed"), {})
+        if expected is None:
+            assert cond.get("status") != "True" and status.get("phase") != "Failed", status
+        else:
+            reason, message = expected
+            assert cond["status"] == "True" and cond["reason"] == reason and message in cond["message"], cond
