@@ -14,38 +14,18 @@ import yaml
 
 from e2e.localcluster.cluster import TENANT_GROUP, LocalCluster
 from e2e.localcluster.operator_release import OperatorRelease
-from e2e.training_jobs import BACKGROUND_TRAINING, lr_search, side_by_side  # noqa: F401 (fixtures)
 
 
 def pytest_collection_modifyitems(config, items):
     """The cluster tier in three groups, each in collection order: the KWOK tier (mostly waiting: the unit tier
-    runs beside it in `make test`, and the background training jobs beside its last tests), then real training
-    (CPU-bound), then tests that measure times (`quiet`), when nothing else runs. Items outside e2e/ keep their
-    place in front."""
+    runs beside it in `make test`), then real training (CPU-bound), then tests that measure times (`quiet`), when
+    nothing else runs. Items outside e2e/ keep their place in front."""
     def group(item) -> int:
         if not item.nodeid.startswith("e2e/"):
             return 0
         return 3 if item.get_closest_marker("quiet") else 2 if item.get_closest_marker("e2e") else 1
 
     items[:] = sorted(items, key=group)
-    start_background_training(items)
-
-
-def start_background_training(items) -> None:
-    """Has an earlier test request each background-training fixture that a selected test uses (see
-    e2e/training_jobs.py): the first of the KWOK tests marked `shares_the_node` that run right before the
-    real-training tests, or else the first real-training test."""
-    wanted = [f for f in BACKGROUND_TRAINING if any(f in item.fixturenames for item in items)]
-    real = [i for i, item in enumerate(items) if item.nodeid.startswith("e2e/") and item.get_closest_marker("e2e")
-            and not item.get_closest_marker("quiet")]
-    if not wanted or not real:
-        return
-    start = real[0]
-    while start > 0 and items[start - 1].get_closest_marker("shares_the_node"):
-        start -= 1
-    for fixture in wanted:
-        if fixture not in items[start].fixturenames:
-            items[start].fixturenames.append(fixture)
 
 
 class Kube:

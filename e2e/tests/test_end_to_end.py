@@ -4,6 +4,7 @@ trainer -> S3 -> status. Training is real (CPU, gloo)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -11,18 +12,51 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
 from e2e.localcluster import s3 as local_s3
+from e2e.localcluster.paths import REPO_ROOT
 from e2e.tests.test_control_plane import _wait_for
-from e2e.training_jobs import VARIANTS, demo_documents, job_status, small_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
+DEMO = REPO_ROOT / "examples" / "finetunejob-demo.yaml"
+
+
+def _demo_documents() -> tuple[dict, dict]:
+    secret, job = list(yaml.safe_load_all(DEMO.read_text()))
+    return secret, job
+
+
+def small_job(name: str, **spec_changes) -> tuple[dict, dict]:
+    """The demo job made small enough for a test: fewer steps, frequent checkpoints."""
+    secret, job = _demo_documents()
+    job = copy.deepcopy(job)
+    job["metadata"]["name"] = name
+    spec = job["spec"]
+    spec["hyperparameters"].update(maxSteps=12)
+    spec["checkpoint"] = {"everySteps": 4, "keep": 2}
+    spec["evaluation"] = {"compareToBase": True, "maxSamples": 24}
+    # output.uri + runId identify a run (its checkpoints are resumed): every test run gets its own.
+    spec["output"] = {"uri": f"s3://team-a/e2e/{name}-{uuid.uuid4().hex[:8]}/", "merge": False}
+    for key, value in spec_changes.items():
+        if value is None:
+            spec.pop(key, None)
+        else:
+            spec[key] = value
+    return secret, job
+
+
+def _status(kube, namespace, name) -> dict:
+    return kube.get("finetunejob", name, namespace).get("status") or {}
+
+
 def _wait_phase(kube, namespace, name, phases=("Succeeded", "Failed"), timeout=420) -> dict:
-    return _wait_for(lambda: (s := job_status(kube, namespace, name)).get("phase") in phases and s, timeout,
+    return _wait_for(lambda: (s := _status(kube, namespace, name)).get("phase") in phases and s, timeout,
                      f"FineTuneJob {name} in {phases}", interval=2)
 
 
@@ -104,7 +138,7 @@ def _assert_the_training_container_is_hardened(kube, operator, sandbox: str, pod
 
 
 def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator, namespace):
-    secret, job = demo_documents()
+    secret, job = _demo_documents()
     job["spec"]["output"]["uri"] = f"s3://team-a/e2e/demo-{namespace}/"
     kube.apply(secret, job, namespace=namespace)
     name = job["metadata"]["name"]
@@ -113,7 +147,7 @@ def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator
     trainer_steps: set[float] = set()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        status = job_status(kube, namespace, name)
+        status = _status(kube, namespace, name)
         steps_seen.add((status.get("progress") or {}).get("step", 0))
         for sample in _prometheus(local_cluster, f'finetune_job_step{{namespace="{namespace}"}}'):
             prometheus_steps.add(float(sample["value"][1]))
@@ -174,10 +208,10 @@ def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator
 
 
 def test_a_killed_worker_restarts_and_the_trainer_resumes_from_its_checkpoint(kube, local_cluster, operator, namespace):
-    secret, job = small_job("resume", hyperparameters={**demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": 40},
+    secret, job = small_job("resume", hyperparameters={**_demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": 40},
                             checkpoint={"everySteps": 5, "keep": 2})
     kube.apply(secret, job, namespace=namespace)
-    status = _wait_for(lambda: (s := job_status(kube, namespace, "resume")).get("latestCheckpoint") and s, 300,
+    status = _wait_for(lambda: (s := _status(kube, namespace, "resume")).get("latestCheckpoint") and s, 300,
                        "a first checkpoint", interval=1)
     sandbox = status["sandboxNamespace"]
     worker = next(p["metadata"]["name"] for p in kube.get("pods", namespace=sandbox)["items"]
@@ -197,12 +231,12 @@ def test_a_killed_worker_restarts_and_the_trainer_resumes_from_its_checkpoint(ku
 
 
 def test_deleting_a_job_mid_run_stops_training_and_removes_the_sandbox(kube, local_cluster, operator, namespace):
-    demo = demo_documents()[1]["spec"]
+    demo = _demo_documents()[1]["spec"]
     # A /dev/shm size other than the API's default (2Gi), so the container shows the job's own.
     secret, job = small_job("deleted", hyperparameters={**demo["hyperparameters"], "maxSteps": 400},
                             resources={**demo["resources"], "sharedMemory": "768Mi"})
     kube.apply(secret, job, namespace=namespace)
-    status = _wait_for(lambda: ((s := job_status(kube, namespace, "deleted")).get("progress") or {}).get("step", 0) > 0
+    status = _wait_for(lambda: ((s := _status(kube, namespace, "deleted")).get("progress") or {}).get("step", 0) > 0
                        and s, 300, "training under way", interval=1)
     sandbox = status["sandboxNamespace"]
     pods = [p["metadata"]["name"] for p in kube.get("pods", namespace=sandbox)["items"]]
@@ -214,9 +248,65 @@ def test_deleting_a_job_mid_run_stops_training_and_removes_the_sandbox(kube, loc
     _wait_for(lambda: not any(_pids_of_pod(local_cluster, sandbox, pod) for pod in pods), 60, "training processes gone")
 
 
+VARIANTS = {
+    "deepspeed-zero2": dict(distributed={"engine": "deepspeed", "zeroStage": 2, "precision": "fp32"}),
+    "prefix-tuning": dict(method={"type": "prefix", "virtualTokens": 8}),
+    "dpo": dict(objective="dpo", datasets=[{"uri": "s3://team-a/data/preferences.jsonl", "format": "preference"}]),
+    "interleaved-multi-task": dict(preprocessing={"maxSeqLength": 128, "multiTask": {"strategy": "interleave",
+                                                                                     "temperature": 2.0}}),
+    "kto-feedback": dict(objective="kto", datasets=[{"uri": "s3://team-a/data/feedback.jsonl", "format": "feedback"}],
+                         preprocessing={"maxSeqLength": 128, "contentFilters": [
+                             # a term file in S3, read by the trainer: "access key" is in the 403 answers
+                             {"name": "term-file", "type": "terms", "termsUri": "s3://team-a/filters/blocked-terms.txt",
+                              "fields": "both", "action": "flag"},
+                             {"name": "no-errors", "type": "regex", "patterns": [r"(?i)\berror 4\d\d\b"], "fields": "both"},
+                             {"name": "plans", "type": "terms", "terms": ["plan"], "fields": "answer", "action": "flag"}]}),
+    "two-stage": dict(datasets=None, stages=[
+        {"name": "domain", "objective": "causal-lm",
+         "datasets": [{"uri": "s3://team-a/data/corpus/", "format": "text"}]},
+        {"name": "helpdesk", "objective": "sft",
+         "datasets": [{"uri": "s3://team-a/data/support.jsonl", "format": "chat"}]},
+    ]),
+}
+GATED = {
+    "task-gated": dict(evaluation={"compareToBase": True, "maxSamples": 24, "tasks": [
+        {"name": "helpdesk", "uri": "s3://team-a/data/eval/helpdesk-questions.jsonl", "maxSamples": 8,
+         "maxNewTokens": 16, "gate": {"metric": "exactMatch", "minScore": 1.0}}]}),
+    "gated": dict(evaluation={"compareToBase": True, "maxSamples": 24, "maxPerplexityRatio": 0.01}),
+}
+
+
+@pytest.fixture(scope="module")
+def side_by_side(kube, local_cluster, operator):
+    """The variants and the gated jobs, applied at once into one namespace and left to run side by side: a
+    job's pods are limited to their CPU request, here 2 x 400m, so that the 2-CPU node runs two jobs at a time
+    (beside CoreDNS and the operator) and the scheduler queues the rest. Returns namespace, the jobs and their
+    settled statuses (a job that did not settle in time has its last status, which its test reports)."""
+    from e2e.conftest import make_namespace
+
+    namespace = make_namespace(kube, "side-by-side")
+    resources = {**_demo_documents()[1]["spec"]["resources"], "cpu": "400m"}
+    jobs = {name: small_job(name, resources=resources, **changes)[1]
+            for name, changes in {**VARIANTS, **GATED}.items()}
+    kube.apply(small_job("secret-only")[0], *jobs.values(), namespace=namespace)
+    statuses: dict[str, dict] = {}
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and len(statuses) < len(jobs):
+        for name in set(jobs) - set(statuses):
+            status = _status(kube, namespace, name)
+            if status.get("phase") in ("Succeeded", "Failed"):
+                statuses[name] = status
+        time.sleep(2)
+    for name in set(jobs) - set(statuses):
+        statuses[name] = _status(kube, namespace, name)
+    yield namespace, jobs, statuses
+    kube.run("delete", "namespace", namespace, "--wait=false", check=False)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_variants_train_for_real_and_succeed(local_cluster, side_by_side, variant):
-    job, status = side_by_side.jobs[variant], side_by_side.statuses()[variant]
+    _, jobs, statuses = side_by_side
+    job, status = jobs[variant], statuses[variant]
     assert status.get("phase") == "Succeeded", _explain_failure(local_cluster, status)
     assert status["output"]["adapterUri"]
     assert _keys(local_cluster, status["output"]["adapterUri"])
@@ -236,18 +326,20 @@ def test_variants_train_for_real_and_succeed(local_cluster, side_by_side, varian
 
 
 def test_an_unreachable_task_gate_fails_the_job_naming_the_metric_and_keeps_the_outputs(local_cluster, side_by_side):
-    status = side_by_side.statuses()["task-gated"]
+    _, jobs, statuses = side_by_side
+    status = statuses["task-gated"]
     assert status.get("phase") == "Failed", _explain_failure(local_cluster, status)
     failed = _conditions(status)["Failed"]
     assert "EvaluationGateFailed" in failed["reason"] + failed["message"], failed
     assert "task helpdesk: exactMatch" in failed["message"] and "below the minimum 1.000" in failed["message"], failed
     assert status["evaluation"]["tasks"][0]["metric"] == "exactMatch"
-    assert _keys(local_cluster, side_by_side.jobs["task-gated"]["spec"]["output"]["uri"] + "adapter/"), \
+    assert _keys(local_cluster, jobs["task-gated"]["spec"]["output"]["uri"] + "adapter/"), \
         "a rejected model's outputs are kept"
 
 
 def test_a_failed_evaluation_gate_fails_the_job_with_the_reason(local_cluster, side_by_side):
-    status = side_by_side.statuses()["gated"]
+    _, _, statuses = side_by_side
+    status = statuses["gated"]
     assert status.get("phase") == "Failed", _explain_failure(local_cluster, status)
     failed = _conditions(status)["Failed"]
     assert failed["status"] == "True"

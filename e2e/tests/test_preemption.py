@@ -18,8 +18,7 @@ from e2e.localcluster import kueue
 from e2e.localcluster.node import NODE_TOLERATION
 from e2e.localcluster.nodes import POOL_LABEL
 from e2e.tests.test_control_plane import _wait_for
-from e2e.tests.test_end_to_end import _explain_failure, _wait_phase
-from e2e.training_jobs import demo_documents, job_status, small_job
+from e2e.tests.test_end_to_end import _demo_documents, _explain_failure, _status, _wait_phase, small_job
 from e2e.tests.test_tenancy import policy, tenant_namespace
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -82,14 +81,14 @@ def test_a_preempted_run_checkpoints_within_its_grace_period_and_resumes(kube, l
                     kueue.cluster_queue(queue, {f"node-{suffix}": quota}, within_cluster_queue="LowerPriority"),
                     policy(tenant, tenant, nodePools=["local"], kueue={"clusterQueues": [queue]},
                            priorityClasses={"allowed": [low, high], "default": low}))
-    hyperparameters = {**demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": MAX_STEPS}
+    hyperparameters = {**_demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": MAX_STEPS}
     secret, job = small_job("preempted", hyperparameters=hyperparameters,
                             checkpoint={"everySteps": 10, "keep": 2, "preemptionGraceSeconds": 90})
     # The preemptor's LocalQueue exists before the run starts, so that its admission is all that
     # stands between its creation and the preemption.
     kube.apply(kueue.local_queue(queue, namespace, queue), secret, job, namespace=namespace)
 
-    status = _wait_for(lambda: (s := job_status(kube, namespace, "preempted")).get("progress", {}).get("step", 0) >= 12
+    status = _wait_for(lambda: (s := _status(kube, namespace, "preempted")).get("progress", {}).get("step", 0) >= 12
                        and s, 420, "training past its first checkpoint", interval=1)
     sandbox = status["sandboxNamespace"]
     ptj = kube.get("pytorchjob", "train-1", sandbox)
@@ -104,7 +103,7 @@ def test_a_preempted_run_checkpoints_within_its_grace_period_and_resumes(kube, l
     assert saved, f"no checkpoint on SIGTERM; the pod's last events: {events[-5:]}"
     last_step_before_sigterm = max(steps)
 
-    held = _wait_for(lambda: (s := job_status(kube, namespace, "preempted")).get("preemptions") and s, 60,
+    held = _wait_for(lambda: (s := _status(kube, namespace, "preempted")).get("preemptions") and s, 60,
                      "the preemption in the status")
     assert held["queue"]["clusterQueue"] == queue
     final = _wait_phase(kube, namespace, "preempted", timeout=600)

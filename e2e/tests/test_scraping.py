@@ -17,8 +17,7 @@ import pytest
 
 from e2e.localcluster.operator_release import NAMESPACE, RELEASE
 from e2e.tests.test_control_plane import _wait_for
-from e2e.tests.test_end_to_end import _explain_failure, _wait_phase
-from e2e.training_jobs import demo_documents, job_status, small_job
+from e2e.tests.test_end_to_end import _demo_documents, _explain_failure, _status, _wait_phase, small_job
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -59,7 +58,7 @@ def scrape_pools(local_cluster, operator) -> dict[str, str]:
 
 def test_operator_and_trainer_series_carry_the_jobs_namespace_and_only_live_targets(
         kube, local_cluster, operator, scrape_pools, namespace):
-    hyperparameters = {**demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": 24}
+    hyperparameters = {**_demo_documents()[1]["spec"]["hyperparameters"], "maxSteps": 24}
     secret, job = small_job("scraped", hyperparameters=hyperparameters, checkpoint={"everySteps": 12, "keep": 1},
                             evaluation={"compareToBase": False, "maxSamples": 8})
     assert job["spec"]["resources"]["workers"] == 2
@@ -78,7 +77,7 @@ def test_operator_and_trainer_series_carry_the_jobs_namespace_and_only_live_targ
     # The trainer's series: the job's namespace and name, its sandbox, from the Master pod only.
     trainer_series = _wait_for(lambda: _query(local_cluster, f"finetune_trainer_step{{{selector}}}"), 300,
                                "the trainer's finetune_trainer_step of the job in Prometheus", interval=1)
-    sandbox = job_status(kube, namespace, name)["sandboxNamespace"]
+    sandbox = _status(kube, namespace, name)["sandboxNamespace"]
     pods = {p["metadata"]["name"]: p for p in kube.get("pods", namespace=sandbox)["items"]}
     masters = [n for n, p in pods.items()
                if p["metadata"]["labels"].get("training.kubeflow.org/replica-type") == "master"]

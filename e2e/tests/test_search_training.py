@@ -1,7 +1,7 @@
-"""A hyperparameter search with real training on the local node: examples/finetunejob-search.yaml, four
-learning rates of the demo's LoRA SFT, one of which (3e-3) is clearly best. The best trial is picked, a bad
-trial is pruned before its last step, and the promoted adapter loads and measures the best trial's
-perplexity. The job trains beside the other real-training tests (the `lr_search` fixture, e2e/conftest.py)."""
+"""A hyperparameter search with real training on the local node: examples/finetunejob-search.yaml,
+four learning rates of the demo's LoRA SFT, one of which (3e-3) is clearly best. The best trial is
+picked, a bad trial is pruned before its last step, and the promoted adapter loads and measures the
+best trial's perplexity."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ import json
 import math
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
-from e2e.tests.test_end_to_end import _download, _explain_failure, _keys, _s3
-from e2e.training_jobs import job_status
+from e2e.localcluster.paths import REPO_ROOT
+from e2e.tests.test_end_to_end import _download, _explain_failure, _keys, _s3, _status
 from finetune_operator.builders import names as n
 from finetune_trainer.config import evaluation_uri, progress_uri
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
+EXAMPLE = REPO_ROOT / "examples" / "finetunejob-search.yaml"
 BEST_RATE = 3.0e-3
 
 
@@ -34,13 +37,15 @@ def _read_json(local_cluster, uri: str) -> dict:
     return json.loads(_s3(local_cluster).get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def test_a_learning_rate_search_prunes_a_bad_trial_and_promotes_the_best(kube, local_cluster, lr_search):
-    namespace, job = lr_search  # applied by the fixture, usually long before this test (e2e/conftest.py)
+def test_a_learning_rate_search_prunes_a_bad_trial_and_promotes_the_best(kube, local_cluster, operator, namespace):
+    secret, job = [d for d in yaml.safe_load_all(EXAMPLE.read_text()) if d]
     name, spec = job["metadata"]["name"], job["spec"]
-    output = spec["output"]["uri"]
+    output = spec["output"]["uri"] = f"s3://team-a/e2e/lr-search-{uuid.uuid4().hex[:8]}/"
+    kube.apply(secret, job, namespace=namespace)
+
     deadline, status = time.monotonic() + 1200, {}
     while time.monotonic() < deadline:
-        status = job_status(kube, namespace, name)
+        status = _status(kube, namespace, name)
         if status.get("phase") in ("Succeeded", "Failed"):
             break
         time.sleep(3)

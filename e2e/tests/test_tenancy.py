@@ -37,8 +37,7 @@ from e2e.tests.test_operator_cluster import (
 )
 from finetune_operator.builders import names as n
 
-# KWOK pools only: the real-training jobs of the end-to-end tier train beside these tests (e2e/training_jobs.py).
-pytestmark = [pytest.mark.cluster, pytest.mark.shares_the_node]
+pytestmark = pytest.mark.cluster
 
 TENANT_LABEL = "finetune.dev/tenant"
 GPU = "nvidia.com/gpu"
