@@ -87,7 +87,7 @@ INPUT_CHECK_TIMEOUT = s3.CHECK_BUDGET_SECONDS + s3.REQUEST_DEADLINE_SECONDS
 DOCUMENTS_TIMEOUT = 3 * s3.REQUEST_DEADLINE_SECONDS + 5
 # A finished run's outcome waits this long at most for its final documents (the trainer's own reason and
 # message) when the tenant's storage does not answer in time; then it is written with what is known.
-FINAL_DOCUMENTS_PATIENCE = 180.0
+FINAL_DOCUMENTS_PATIENCE = 60.0
 RESOLVE_TIMEOUT = 10.0
 
 
