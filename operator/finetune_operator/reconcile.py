@@ -85,9 +85,6 @@ HOLD_RECHECK = 30.0  # a job waiting for its tenant's budget or a running-job sl
 # trainer's documents, a DNS lookup of the endpoint's host.
 INPUT_CHECK_TIMEOUT = s3.CHECK_BUDGET_SECONDS + s3.REQUEST_DEADLINE_SECONDS
 DOCUMENTS_TIMEOUT = 3 * s3.REQUEST_DEADLINE_SECONDS + 5
-# A finished run's outcome waits this long at most for its final documents (the trainer's own reason and
-# message) when the tenant's storage does not answer in time; then it is written with what is known.
-FINAL_DOCUMENTS_PATIENCE = 60.0
 RESOLVE_TIMEOUT = 10.0
 
 
@@ -424,7 +421,6 @@ class Reconciler:
         self.api_server = endpoints.api_server_addresses()
         self._locks: dict[str, asyncio.Lock] = {}
         self._last_read: dict[str, float] = {}
-        self._final_read_missed: dict[str, float] = {}  # uid -> monotonic time a finished run's final read first timed out
         self._inputs_found: dict[str, tuple[int, str]] = {}  # uid -> (generation, spec hash) whose inputs all exist
         self._applied: dict[str, tuple[str, float]] = {}  # uid -> (digest of the objects, monotonic time)
         self._last_pass: dict[str, float] = {}  # uid -> monotonic time of its last pass
@@ -714,10 +710,7 @@ class Reconciler:
             obs.exit_events = await self.kube.list(k8s.Event, plan.sandbox, fields={
                 "involvedObject.kind": "PyTorchJob", "involvedObject.name": ptj["metadata"]["name"],
                 "reason": "ExitedWithCode"})
-            if not await self._read_documents(meta.get("uid", ""), view, ptj, previous, obs):
-                # The run finished but its final documents did not come in time: its outcome is written by a
-                # later pass, with the trainer's reason, not as the PyTorchJob's bare failure.
-                return Outcome(status=previous, requeue_after=REQUEUE_SHORT)
+            await self._read_documents(meta.get("uid", ""), view, ptj, previous, obs)
 
         status = derive_status(body, obs, self.cfg.retryableExitCodes)
         if changed(previous, status):
@@ -786,28 +779,21 @@ class Reconciler:
                     log.info("cannot annotate %s/%s: %s", sandbox, obj["metadata"]["name"], exc)
 
     async def _read_documents(self, uid: str, view: View, ptj: dict[str, Any], previous: dict[str, Any],
-                              obs: Observation) -> bool:
-        """Read the run's documents when due; False when the run finished and its final read timed out
-        (for at most FINAL_DOCUMENTS_PATIENCE seconds: the pass then waits for a later one)."""
+                              obs: Observation) -> None:
         spec = view.spec
         assert spec is not None
         mono, storage = time.monotonic(), view.storage
         if storage is None or not should_read_documents(ptj, previous, spec.runId, self._last_read.get(uid), mono,
                                                         self.cfg.progressPollSeconds):
-            return True
+            return
         self._last_read[uid] = mono
         try:
             docs = await self.io.run(view.io_tenant, DOCUMENTS_TIMEOUT, s3.read_documents, storage.endpoint,
                                      storage.region, storage.creds, spec.output.uri, spec.runId, dial=storage.dial)
         except TenantIOTimeout as exc:
             log.warning("%s/%s: %s", view.body["metadata"]["namespace"], view.body["metadata"]["name"], exc)
-            if not (ptj_condition(ptj, "Succeeded") or ptj_condition(ptj, "Failed")):
-                return True
-            first_miss = self._final_read_missed.setdefault(uid, mono)
-            return time.monotonic() - first_miss >= FINAL_DOCUMENTS_PATIENCE
-        self._final_read_missed.pop(uid, None)
+            return
         obs.progress, obs.evaluation, obs.result = docs.progress, docs.evaluation, docs.result
-        return True
 
     async def _event(self, body: dict[str, Any], event_type: str, reason: str, message: str, now: datetime) -> None:
         try:
@@ -887,7 +873,6 @@ class Reconciler:
     def _forget_uid(self, uid: str) -> None:
         """Drop what this process keeps of a job that is gone, its credentials' redaction included."""
         self._last_read.pop(uid, None)
-        self._final_read_missed.pop(uid, None)
         self._inputs_found.pop(uid, None)
         redact.REDACTOR.forget(uid)
         self._applied.pop(uid, None)
