@@ -17,8 +17,10 @@ fi
 torch_version=2.15.0
 deepspeed_version=0.19.8
 "$venv/bin/python" -m pip install --quiet "torch==$torch_version"
-py_tag=$("$venv/bin/python" -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
-wheels="${FTO_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator}/wheels/deepspeed-$deepspeed_version-cpu-shm-torch$torch_version-$py_tag"
+# The machine's build cache (e2e/localcluster/paths.py: FTO_CACHE_DIR, else XDG_CACHE_HOME) and Python's version.
+read -r cache py_tag < <("$venv/bin/python" -c 'import sys; from e2e.localcluster.paths import cache_dir
+print(cache_dir(), f"py{sys.version_info[0]}{sys.version_info[1]}")')
+wheels="$cache/wheels/deepspeed-$deepspeed_version-cpu-shm-torch$torch_version-$py_tag"
 if ! ls "$wheels"/deepspeed-*.whl >/dev/null 2>&1; then
   mkdir -p "$wheels.tmp"
   DS_ACCELERATOR=cpu DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 "$venv/bin/python" -m pip wheel --quiet --no-deps \
