@@ -342,6 +342,37 @@ def test_a_present_archive_is_not_rebuilt(project, tmp_path, monkeypatch):
     assert images.ensure_built(project, log=lambda _: None) == archive
 
 
+def test_a_stale_archive_goes_before_the_build_and_the_older_buildah_image_after(project, tmp_path, monkeypatch):
+    monkeypatch.setenv("FTO_CACHE_DIR", str(tmp_path / "cache"))
+    spec = dataclasses.replace(project, base=None)
+    stale = images.images_dir() / "t-0123456789ab.oci.tar"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an older tree's image")
+    seen = []
+    monkeypatch.setattr(images.debian, "ensure_packages", lambda *a, **k: None)
+    monkeypatch.setattr(images, "_build", lambda *a, **k: seen.append(("build", stale.exists())))
+    monkeypatch.setattr(images, "_export", lambda ref, archive: archive.write_bytes(b"new"))
+    monkeypatch.setattr(images, "_prune", lambda s, keep: seen.append(("prune buildah", keep.exists())))
+    assert images.ensure_built(spec, log=lambda _: None) == images.archive_path(spec)
+    assert seen == [("build", False), ("prune buildah", True)]
+
+
+@pytest.mark.parametrize("error,log,explained", [
+    ("buildah bud ... failed (exit 125); write /x/storage/1: no space left on device", "", True),
+    ("buildah bud ... failed (exit 125); the end of the log: (cut)", "Error: writing blob: No space left on device\n", True),
+    ("buildah bud ... failed (exit 1); pip: no matching distribution", "ERROR: No matching distribution\n", False),
+])
+def test_a_build_that_fills_the_disk_says_so(project, tmp_path, monkeypatch, error, log, explained):
+    monkeypatch.setenv("FTO_CACHE_DIR", str(tmp_path / "cache"))
+    _write(images._log_file(project), log)
+    result = images._explain_full_disk(project, images.BuildError(error))
+    if explained:
+        assert "ran out of disk" in str(result) and "GB free now" in str(result)
+        assert "FTO_CACHE_DIR" in str(result) and str(images._log_file(project)) in str(result)
+    else:
+        assert str(result) == error
+
+
 def test_the_context_holds_exactly_the_hashed_files(project, tmp_path, monkeypatch):
     monkeypatch.setenv("FTO_CACHE_DIR", str(tmp_path / "cache"))
     context = tmp_path / "assembled"
@@ -475,3 +506,23 @@ def test_the_cli_names_the_images(capsys):
     assert capsys.readouterr().out.strip() == images.ref(images.TRAINER)
     assert images.main(["ref", "coredns", "--coredns-binary", "/usr/bin/true"]) == 0
     assert capsys.readouterr().out.strip().startswith("localhost/finetune-coredns:")
+
+
+CTR_LISTING = """REF TYPE DIGEST SIZE PLATFORMS LABELS
+localhost/finetune-trainer:new application/vnd.oci.image.manifest.v1+json sha256:aaa 5.2 GiB linux/amd64 io.cri-containerd.image=managed
+sha256:idnew application/vnd.oci.image.manifest.v1+json sha256:aaa 5.2 GiB linux/amd64 io.cri-containerd.image=managed
+localhost/finetune-trainer:old application/vnd.oci.image.manifest.v1+json sha256:bbb 5.2 GiB linux/amd64 io.cri-containerd.image=managed
+sha256:idold application/vnd.oci.image.manifest.v1+json sha256:bbb 5.2 GiB linux/amd64 io.cri-containerd.image=managed
+localhost/finetune-trainer:same-as-new application/vnd.oci.image.manifest.v1+json sha256:aaa 5.2 GiB linux/amd64 -
+localhost/finetune-operator:old application/vnd.oci.image.manifest.v1+json sha256:ccc 440 MiB linux/amd64 -
+sha256:idoperator application/vnd.oci.image.manifest.v1+json sha256:ccc 440 MiB linux/amd64 -
+sha256:idorphan application/vnd.oci.image.manifest.v1+json sha256:ddd 5.2 GiB linux/amd64 io.cri-containerd.image=managed
+"""
+
+
+@pytest.mark.parametrize("reference,stale", [
+    ("localhost/finetune-trainer:new", ["localhost/finetune-trainer:old", "sha256:idold", "sha256:idorphan"]),
+    ("localhost/finetune-operator:old", ["sha256:idorphan"]),
+], ids=["the older tag and every id record left untagged go", "another image's tags stay"])
+def test_an_import_removes_older_versions_and_untagged_records(reference, stale):
+    assert images.stale_image_records(CTR_LISTING, reference) == stale

@@ -42,7 +42,7 @@ def test_pods_get_no_default_route_and_no_masquerading():
     assert bridge["type"] == "bridge" and bridge["bridge"] == network.BRIDGE
     assert bridge["isDefaultGateway"] is False and bridge["ipMasq"] is False
     routes = [r["dst"] for r in bridge["ipam"]["routes"]]
-    assert routes == [network.SERVICE_CIDR]
+    assert routes == [network.SERVICE_CIDR, *(f"{a}/32" for a in network.METADATA_ADDRESSES)]
     assert "0.0.0.0/0" not in routes
     (pool,) = bridge["ipam"]["ranges"][0]
     assert pool["gateway"] == network.NODE_IP and pool["subnet"] == network.NODE_POD_CIDR
@@ -54,6 +54,18 @@ def test_isolation_drops_pod_traffic_through_any_other_interface():
     rules = [" ".join(r) for r in network.isolation_rules()]
     assert any(r.startswith(f"-s {network.CLUSTER_CIDR} ! -o {network.BRIDGE}") and r.endswith("-j DROP") for r in rules)
     assert any(r.startswith(f"-d {network.CLUSTER_CIDR} ! -i {network.BRIDGE}") and r.endswith("-j DROP") for r in rules)
+
+
+def test_the_only_way_off_the_bridge_is_to_the_metadata_stand_in_and_back():
+    rules = network.isolation_rules()
+    drop = next(i for i, r in enumerate(rules) if r[-1] == "DROP")
+    exceptions = rules[:drop]
+    assert all(r[-1] == "RETURN" for r in exceptions)
+    assert {(r[r.index("-d") + 1], r[r.index("-o") + 1]) for r in exceptions if "-o" in r} == \
+        {(a, network.METADATA_LINK) for a in network.METADATA_ADDRESSES}
+    assert {(r[r.index("-s") + 1], r[r.index("-i") + 1]) for r in exceptions if "-i" in r} == \
+        {(a, network.METADATA_LINK) for a in network.METADATA_ADDRESSES}
+    assert len(exceptions) == 2 * len(network.METADATA_ADDRESSES)
 
 
 def test_no_ipv6_enters_or_leaves_the_bridge():

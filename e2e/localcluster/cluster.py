@@ -698,8 +698,8 @@ class LocalCluster:
 
     def leftovers(self) -> list[str]:
         """What of the cluster is still there: processes started from .cluster/ or running in a
-        container of the node, mounts under it, the pod bridge, the FTO-ISOLATE chains. Empty after
-        a clean `down`."""
+        container of the node, mounts under it, the pod bridge, the metadata stand-in, the
+        FTO-ISOLATE chains. Empty after a clean `down`."""
         root = str(self.root.resolve())
         found = []
         for proc in Path("/proc").iterdir():
@@ -716,8 +716,15 @@ class LocalCluster:
             mount_point = line.split()[4].encode().decode("unicode_escape")
             if mount_point.startswith(root + "/"):
                 found.append(f"mount {mount_point}")
-        if Path("/sys/class/net", network.BRIDGE).exists():
-            found.append(f"network interface {network.BRIDGE}")
+        for interface in (network.BRIDGE, network.METADATA_LINK):
+            if Path("/sys/class/net", interface).exists():
+                found.append(f"network interface {interface}")
+        if Path("/run/netns", network.METADATA_NETNS).exists():
+            found.append(f"network namespace {network.METADATA_NETNS}")
+        rules = subprocess.run(["ip", "rule", "list", "table", network.METADATA_ROUTE_TABLE], capture_output=True,
+                               text=True, check=False).stdout.strip()
+        if rules:
+            found.append(f"ip rules to table {network.METADATA_ROUTE_TABLE}")
         for tool in ("iptables", "ip6tables"):
             if subprocess.run([tool, "-w", "-n", "-L", network.ISOLATION_CHAIN], capture_output=True,
                               check=False).returncode == 0:

@@ -332,8 +332,15 @@ def ensure_built(spec: ImageSpec, log: Log = print) -> Path:
         log(f"building image {reference} (log: {_log_file(spec)})")
         if spec.base is not None:
             _ensure_in_storage(spec.base)
-        _build(spec, reference, log)
-        _export(reference, archive)
+        # An older archive is stale for this tree: it goes now, not after the build, so that it does
+        # not share the disk with the new layers. buildah's older image stays until then: its layers
+        # are the build cache (a change to the sources alone reuses the pip layer).
+        _prune_archives(spec, keep=archive)
+        try:
+            _build(spec, reference, log)
+            _export(reference, archive)
+        except BuildError as e:
+            raise _explain_full_disk(spec, e) from e
         _prune(spec, keep=archive)
         log(f"built {reference} in {time.monotonic() - t0:.0f}s: {archive} ({archive.stat().st_size / 1e6:.0f} MB)")
     return archive
@@ -376,15 +383,35 @@ def import_into_containerd(spec: ImageSpec, address: Path, log: Log = print) -> 
     if returncode != 0 or reference not in listed:
         raise BuildError(f"ctr images import of {archive} failed (exit {returncode}): {said}")
     # Older versions of the image go (containers that still run keep their snapshots).
-    older = [r for r in listed if r.startswith(reference.rsplit(":", 1)[0] + ":") and r != reference]
+    older = stale_image_records(_ctr_output(ctr, "images", "ls"), reference)
     if older:
         subprocess.run([*ctr, "images", "rm", *older], capture_output=True, check=False)
     log(f"imported {reference} into containerd in {time.monotonic() - t0:.1f}s ({sent / 1e6:.0f} MB sent)")
     return reference
 
 
+def stale_image_records(listing: str, reference: str) -> list[str]:
+    """The image records of containerd (`ctr images ls`, header first) to remove once `reference` is
+    imported: the older tags of its image, and every `sha256:<id>` record the CRI plugin added for an
+    image no tag is left on (each would keep an older trainer's 11 GB of blobs and unpacked snapshot
+    on disk; pods name images by tag only)."""
+    lines = [line.split() for line in listing.splitlines()[1:] if line.strip()]
+    digest_of = {words[0]: words[2] for words in lines if len(words) >= 3}
+    repository = reference.rsplit(":", 1)[0] + ":"
+    current = digest_of.get(reference)
+    older_tags = [name for name, digest in digest_of.items()
+                  if name.startswith(repository) and name != reference and digest != current]
+    tagged = {digest for name, digest in digest_of.items() if not name.startswith("sha256:") and name not in older_tags}
+    untagged_ids = [name for name, digest in digest_of.items() if name.startswith("sha256:") and digest not in tagged]
+    return older_tags + untagged_ids
+
+
+def _ctr_output(ctr: list[str], *args: str) -> str:
+    return subprocess.run([*ctr, *args], capture_output=True, text=True, check=True).stdout
+
+
 def _ctr_lines(ctr: list[str], *args: str) -> list[str]:
-    return subprocess.run([*ctr, *args], capture_output=True, text=True, check=True).stdout.split()
+    return _ctr_output(ctr, *args).split()
 
 
 def _buildah() -> list[str]:
@@ -599,15 +626,48 @@ def _prune(spec: ImageSpec, keep: Path) -> None:
     """Only the newest build of an image stays: its older archives and, in buildah's storage, its
     older tags (the trainer is 5 GB a version; a disk that fills up makes the kubelet evict pods and
     delete images). A checkout on an older tree rebuilds from the layer cache in about a minute."""
-    for path in images_dir().glob(f"{spec.name}-*.oci.tar"):
-        if path != keep:
-            path.unlink(missing_ok=True)
+    _prune_archives(spec, keep)
     current = ref(spec)
     listed = subprocess.run([*_buildah(), "images", "--format", "{{.Name}}:{{.Tag}}"], capture_output=True,
                             text=True, check=False, env=_env()).stdout.split()
     older = [r for r in listed if r.startswith(current.rsplit(":", 1)[0] + ":") and r != current]
     if older:
         subprocess.run([*_buildah(), "rmi", *older], capture_output=True, check=False, env=_env())
+
+
+def _prune_archives(spec: ImageSpec, keep: Path) -> None:
+    for path in images_dir().glob(f"{spec.name}-*.oci.tar"):
+        if path != keep:
+            path.unlink(missing_ok=True)
+
+
+# What a build of each image takes on disk at its peak (the RUN step's files, their committed layer
+# and the exported archive), from their sizes: the trainer's pip layer and its archive are 5.5 GB each.
+BUILD_DISK_GB = {"trainer": 18, "operator": 2, "base": 1}
+_DISK_FULL = "no space left on device"
+
+
+def _explain_full_disk(spec: ImageSpec, error: BuildError) -> BuildError:
+    """A build that ran out of disk says so, with what it needs and where, instead of ending in
+    buildah's last 40 lines."""
+    if _DISK_FULL not in str(error).lower() and _DISK_FULL not in _log_tail(spec).lower():
+        return error
+    existing = next(d for d in (buildah_dir(), *buildah_dir().parents) if d.exists())
+    free_gb = shutil.disk_usage(existing).free / 1e9
+    return BuildError(
+        f"building {ref(spec)} ran out of disk under {cache_dir()}: {free_gb:.1f} GB free now, the build "
+        f"needs about {BUILD_DISK_GB.get(spec.name, 2)} GB at its peak (and the local cluster's node "
+        f"about 12 GB more for the unpacked trainer). Free space (another checkout's .cluster/node, "
+        f"an old cache) or set FTO_CACHE_DIR to a larger disk; the build log is {_log_file(spec)}.")
+
+
+def _log_tail(spec: ImageSpec, size: int = 64 * 1024) -> str:
+    try:
+        with open(_log_file(spec), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _run_logged(argv: list[str], log_file: Path, env: dict[str, str], progress: Log | None = None) -> None:

@@ -9,6 +9,12 @@ is masqueraded. On top of that the chain FTO-ISOLATE drops anything that would l
 through another interface, or enter it from one, so no pod can reach beyond this machine even if
 it found a route; its IPv6 twin drops all IPv6 of the bridge (the pod network is IPv4 only, and
 IPv6 link-local addresses would bypass the IPv4 NetworkPolicies).
+
+Like a cloud node, the node routes pods to the cloud metadata addresses: they belong to a network
+namespace of their own (`fto-metadata`, joined to the host by a veth), reached through a routing
+table that only pod traffic uses, so the host's own metadata service (on a cloud VM) stays the
+host's. Nothing listens there unless a test does: it shows that a sandbox's NetworkPolicies, not a
+missing route, keep its pods from the metadata service.
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ SIMULATED_POD_CIDR = "10.250.0.0/16"
 NODE_PORT_RANGE = "30000-30099"
 ISOLATION_CHAIN = "FTO-ISOLATE"
 CNI_NETWORK = "finetune-local"
+# The metadata stand-in: AWS/GCP/Azure/Oracle's and Alibaba's instance metadata addresses.
+METADATA_ADDRESSES = ("169.254.169.254", "100.100.100.200")
+METADATA_NETNS = "fto-metadata"
+METADATA_LINK = "ftometa0"             # the host's end of the veth; the namespace's end is eth0
+METADATA_ROUTE_TABLE = "4242"
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -42,6 +53,10 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 def isolation_rules() -> list[list[str]]:
     """Rules of FTO-ISOLATE (iptables arguments after `-A FTO-ISOLATE`), a pure function."""
     return [
+        *(["-s", CLUSTER_CIDR, "-d", address, "-o", METADATA_LINK, "-m", "comment", "--comment",
+           "the metadata stand-in, on this machine", "-j", "RETURN"] for address in METADATA_ADDRESSES),
+        *(["-s", address, "-d", CLUSTER_CIDR, "-i", METADATA_LINK, "-m", "comment", "--comment",
+           "the metadata stand-in's replies", "-j", "RETURN"] for address in METADATA_ADDRESSES),
         ["-s", CLUSTER_CIDR, "!", "-o", BRIDGE, "-m", "comment", "--comment",
          "pod traffic stays on this machine", "-j", "DROP"],
         ["-d", CLUSTER_CIDR, "!", "-i", BRIDGE, "-m", "comment", "--comment",
@@ -80,8 +95,9 @@ def cni_config(ipam_dir: Path) -> dict:
                     "ranges": [[{"subnet": str(subnet), "gateway": NODE_IP,
                                  "rangeStart": str(subnet.network_address + 10),
                                  "rangeEnd": str(subnet.broadcast_address - 1)}]],
-                    # No default route: the Service range through the node, the subnet on the bridge.
-                    "routes": [{"dst": SERVICE_CIDR}],
+                    # No default route: the Service range and the metadata addresses through the
+                    # node, the subnet on the bridge.
+                    "routes": [{"dst": SERVICE_CIDR}, *({"dst": f"{a}/32"} for a in METADATA_ADDRESSES)],
                 },
             },
         ],
@@ -108,6 +124,7 @@ class HostNetwork:
         }.items():
             Path("/proc/sys", key).write_text(value)
         self._isolate()
+        self._metadata_stand_in()
         self.cni_conf_dir.mkdir(parents=True, exist_ok=True)
         self.ipam_dir.mkdir(parents=True, exist_ok=True)
         (self.cni_conf_dir / f"10-{CNI_NETWORK}.conflist").write_text(json.dumps(cni_config(self.ipam_dir), indent=2))
@@ -128,7 +145,37 @@ class HostNetwork:
                     pass
                 _run(tool, "-w", "-I", hook, "1", "-j", ISOLATION_CHAIN)
 
+    def _metadata_stand_in(self) -> None:
+        """The namespace holding the metadata addresses and the way there from the pods only."""
+        if METADATA_NETNS not in _run("ip", "netns", "list").stdout.split():
+            _run("ip", "netns", "add", METADATA_NETNS)
+        inside = ("ip", "netns", "exec", METADATA_NETNS)
+        if _run("ip", "link", "show", METADATA_LINK, check=False).returncode != 0:
+            _run("ip", "link", "add", METADATA_LINK, "type", "veth", "peer", "name", "eth0", "netns", METADATA_NETNS)
+        # The host answers the namespace's ARP for pod addresses (the veth has no addresses of its own).
+        Path(f"/proc/sys/net/ipv4/conf/{METADATA_LINK}/proxy_arp").write_text("1")
+        _run("ip", "link", "set", METADATA_LINK, "up")
+        have = _run(*inside, "ip", "-o", "-4", "addr", "show", "dev", "eth0").stdout
+        for address in METADATA_ADDRESSES:
+            if f" {address}/" not in have:
+                _run(*inside, "ip", "addr", "add", f"{address}/32", "dev", "eth0")
+        _run(*inside, "ip", "link", "set", "lo", "up")
+        _run(*inside, "ip", "link", "set", "eth0", "up")
+        _run(*inside, "ip", "route", "replace", CLUSTER_CIDR, "dev", "eth0")
+        for address in METADATA_ADDRESSES:
+            _run("ip", "route", "replace", f"{address}/32", "dev", METADATA_LINK, "table", METADATA_ROUTE_TABLE)
+            rule = ("from", CLUSTER_CIDR, "to", f"{address}/32", "lookup", METADATA_ROUTE_TABLE)
+            while _run("ip", "rule", "del", *rule, check=False).returncode == 0:
+                pass
+            _run("ip", "rule", "add", *rule)
+
     def teardown(self) -> None:
+        for address in METADATA_ADDRESSES:
+            rule = ("from", CLUSTER_CIDR, "to", f"{address}/32", "lookup", METADATA_ROUTE_TABLE)
+            while _run("ip", "rule", "del", *rule, check=False).returncode == 0:
+                pass
+        _run("ip", "link", "del", METADATA_LINK, check=False)
+        _run("ip", "netns", "del", METADATA_NETNS, check=False)
         for tool, _, hooks in self.FIREWALLS:
             for hook in hooks:
                 while _run(tool, "-w", "-D", hook, "-j", ISOLATION_CHAIN, check=False).returncode == 0:

@@ -10,6 +10,9 @@ is a quick `connection refused`; a timeout counts as refused too.
 
 from __future__ import annotations
 
+import ipaddress
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -231,15 +234,16 @@ def test_only_the_monitoring_namespace_reaches_the_operator_metrics_port(kube, w
     probes.eventually(tenant, "client", world["operator_ip"], world["operator_metrics_port"], "refused")
 
 
-def _s3_block_probe(kube, local_cluster, world, cfg, expected: str) -> list[dict]:
-    """The builder's own policies for a job in a fresh namespace, with S3 egress to 10.0.0.0/8 on the port
-    where a tenant's pod listens: that pod is reached (or not) from the sandbox's client pod. Returns the
-    policies' S3 ipBlocks."""
+def _s3_block_probe(kube, local_cluster, world, cfg, probes: list[tuple[str, int, str]],
+                    s3_egress: dict | None = None) -> list[dict]:
+    """The builder's own policies for a job in a fresh namespace, with S3 egress (by default to
+    10.0.0.0/8 on the port where a tenant's pod listens); each (host, port, expected) is probed from
+    the namespace's client pod. Returns the policies' S3 ipBlocks."""
     from finetune_operator.builders import JobRef
     from finetune_operator.builders.sandbox import network_policies
     from finetune_operator.config import S3Egress
 
-    cfg = cfg.model_copy(update={"s3Egress": S3Egress(cidrs=["10.0.0.0/8"], ports=[JOB_PORT])})
+    cfg = cfg.model_copy(update={"s3Egress": S3Egress(**(s3_egress or {"cidrs": ["10.0.0.0/8"], "ports": [JOB_PORT]}))})
     namespace = f"t-except-{uuid.uuid4().hex[:6]}"
     kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace,
                                                                       "labels": {"finetune.dev/test": "true"}}})
@@ -251,7 +255,8 @@ def _s3_block_probe(kube, local_cluster, world, cfg, expected: str) -> list[dict
             policy["metadata"]["namespace"] = namespace
         kube.apply(*policies, _client(local_cluster, "client"), namespace=namespace)
         _running(kube, namespace, "client")
-        Probes(kube).eventually(namespace, "client", world["tenant"][1]["server"], JOB_PORT, expected)
+        for host, port, expected in probes:
+            Probes(kube).eventually(namespace, "client", host, port, expected)
         return [peer["ipBlock"] for rule in policies[1]["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer]
     finally:
         kube.run("delete", "namespace", namespace, "--wait=false", check=False)
@@ -267,7 +272,7 @@ def test_a_range_excepted_inside_an_s3_block_is_refused_on_the_real_network(kube
     from finetune_operator.config import OperatorConfig
 
     cfg = OperatorConfig.model_validate(operator.config()).model_copy(update={"clusterNetworks": cluster_networks})
-    s3_blocks = _s3_block_probe(kube, local_cluster, world, cfg, expected)
+    s3_blocks = _s3_block_probe(kube, local_cluster, world, cfg, [(world["tenant"][1]["server"], JOB_PORT, expected)])
     assert s3_blocks == [{"cidr": "10.0.0.0/8", **({"except": cluster_networks} if cluster_networks else {})}]
 
 
@@ -283,15 +288,46 @@ def test_the_pod_range_the_node_reports_is_refused_on_the_real_network(kube, loc
     known = cluster_networks.ClusterNetworks(OperatorConfig.model_validate(operator.config()).model_copy(
         update={"clusterNetworks": [], "discoverClusterNetworks": True}))
     assert kube_calls(local_cluster, known.read) is True
-    s3_blocks = _s3_block_probe(kube, local_cluster, world, known.excepting(), "refused")
+    s3_blocks = _s3_block_probe(kube, local_cluster, world, known.excepting(),
+                                [(world["tenant"][1]["server"], JOB_PORT, "refused")])
     assert network.NODE_POD_CIDR in s3_blocks[0]["except"], s3_blocks
 
 
-@pytest.mark.parametrize("address", ["169.254.169.254", "100.100.100.200"])
-def test_a_sandbox_pod_cannot_reach_a_metadata_address(kube, world, address):
-    # No route and no policy lead there (the S3 ipBlocks except the metadata ranges).
-    out = Probes(kube).connect(world["a"][0], "client", address, 80)
-    assert out != "open", out
+METADATA_PORT = 80
+
+
+@pytest.fixture(scope="module")
+def metadata_service():
+    """A listener at the node's metadata stand-in (network.py): the addresses a cloud node routes
+    its pods to, in a network namespace of their own."""
+    proc = subprocess.Popen(["ip", "netns", "exec", network.METADATA_NETNS, sys.executable, "-c", SERVE,
+                             str(METADATA_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    yield
+    proc.terminate()
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode in (0, -15), err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("address", network.METADATA_ADDRESSES)
+def test_a_sandbox_pod_is_refused_the_metadata_service_it_has_a_route_to(kube, local_cluster, operator, world,
+                                                                       metadata_service, address):
+    """A pod without policies reaches the metadata service (so it listens and pods have a route); a
+    sandbox pod is refused, also when the platform's S3 egress is the whole Internet: the operator
+    excepts the metadata ranges from that block, and the exception is enforced while the rest of the
+    block is open (a tenant's pod on the same egress)."""
+    from finetune_operator.config import OperatorConfig
+
+    probes = Probes(kube)
+    probes.eventually(world["tenant"][0], "client", address, METADATA_PORT, "open")
+    probes.eventually(world["a"][0], "client", address, METADATA_PORT, "refused")
+
+    cfg = OperatorConfig.model_validate(operator.config()).model_copy(update={"clusterNetworks": []})
+    s3_blocks = _s3_block_probe(kube, local_cluster, world, cfg,
+                                [(world["tenant"][1]["server"], JOB_PORT, "open"), (address, METADATA_PORT, "refused")],
+                                s3_egress={"cidrs": ["0.0.0.0/0"], "ports": [JOB_PORT, METADATA_PORT]})
+    (block,) = s3_blocks
+    assert block["cidr"] == "0.0.0.0/0"
+    assert any(ipaddress.ip_address(address) in ipaddress.ip_network(e) for e in block["except"]), block
 
 
 def test_no_pod_has_a_route_off_this_machine(kube, world):

@@ -235,3 +235,33 @@ def test_a_held_out_set_that_is_the_training_set_is_refused(storage, model_bucke
     summary = execute(config, tmp_path)
     assert summary.exit_code == exit_codes.INVALID_DATA
     assert "all 20 validation rows share at least 50% of their word 8-grams with training rows" in summary.result.message
+
+
+RESULT_WAIT_CASES = [
+    # (rank, rank 0 writes result.json after (s) or None, seen, the least and most seconds waited)
+    ("0", None, True, 0.0, 1.0),
+    ("1", 0.6, True, 0.5, 10.0),
+    ("1", None, False, 1.5, 10.0),
+]
+
+
+@pytest.mark.parametrize("rank,written_after,seen,least,most", RESULT_WAIT_CASES,
+                         ids=["rank 0 goes at once", "rank 1 waits for the result", "rank 1 gives up on a dead rank 0"])
+def test_the_other_ranks_of_a_failed_run_exit_after_rank_0s_result(rank, written_after, seen, least, most, storage,
+                                                                     model_bucket, bucket, s3_endpoint, monkeypatch):
+    import threading
+    import time
+
+    from finetune_trainer.run import await_final_result
+
+    config = make_config(bucket, model_bucket + "llama/", s3_endpoint, [])
+    monkeypatch.setenv("RANK", rank)
+    uri = cfg.result_uri(config.output.uri, config.job.runId)
+    writer = threading.Timer(written_after or 0, lambda: storage.put_json(uri, {"succeeded": False}))
+    if written_after is not None:
+        writer.start()
+    t0 = time.monotonic()
+    assert await_final_result(config, timeout=1.5, poll=0.1) is seen
+    assert least <= time.monotonic() - t0 <= most
+    if written_after is not None:
+        writer.join()

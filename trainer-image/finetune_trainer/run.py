@@ -643,6 +643,34 @@ def write_final_result(config: cfg.TrainerConfig, result: cfg.RunResult) -> None
         log.warning("could not write result.json: %s", e)
 
 
+# How long the other ranks of a permanently failed run wait for rank 0's result.json before exiting.
+FINAL_RESULT_WAIT_SECONDS = 60.0
+
+
+def await_final_result(config: cfg.TrainerConfig, timeout: float = FINAL_RESULT_WAIT_SECONDS,
+                       poll: float = 0.5) -> bool:
+    """On a permanent failure every rank fails alike, but only rank 0 writes result.json; the others
+    stay until it is there. The PyTorchJob fails with its first failed replica and the operator reads
+    the run's outcome then: a worker that exited first would leave the job the training-operator's
+    "Worker replica(s) failed" instead of the trainer's reason. Bounded: a rank 0 that died writes
+    nothing. True when the result was seen."""
+    if os.environ.get("RANK", "0") == "0":
+        return True
+    uri = cfg.result_uri(config.output.uri, config.job.runId)
+    storage = from_config(config.storage)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if storage.exists(uri):
+                return True
+        except TrainerError as e:
+            log.warning("cannot look for %s: %s", uri, e)
+        if time.monotonic() >= deadline:
+            log.warning("rank 0 wrote no %s within %.0fs; exiting without it", uri, timeout)
+            return False
+        time.sleep(poll)
+
+
 def execute(config: cfg.TrainerConfig, work_dir: Path | None = None) -> RunSummary:
     """Run a TrainerConfig; TrainerErrors become a RunSummary with their exit code (and, for
     permanent failures, a result.json saying why)."""
@@ -655,6 +683,7 @@ def execute(config: cfg.TrainerConfig, work_dir: Path | None = None) -> RunSumma
         events.emit("failed", reason=e.reason, message=str(e), exitCode=e.exit_code)
         if e.exit_code in (ConfigError.exit_code, DataError.exit_code, EvaluationGateFailed.exit_code):
             write_final_result(config, result)
+            await_final_result(config)
         return RunSummary(e.exit_code, result)
     finally:
         distributed.destroy()
