@@ -18,6 +18,7 @@ from finetune_operator.builders.run import Trial, run_objects
 from finetune_operator.reconcile import View, decide
 from finetune_operator.s3 import RunDocuments
 from finetune_operator.search import driver, space
+from finetune_operator import tenancy
 from finetune_operator.search.study import build_study
 from finetune_operator.status import SANDBOX_ACTIVE, Observation, derive_status
 from finetune_operator.validation import Facts, validate
@@ -216,6 +217,22 @@ def test_the_status_of_a_running_search():
     search = status["search"]
     assert search["progress"] == "1/4" and search["best"]["number"] == 0 and search["running"] == 2
     assert search["trials"][1]["gpuSeconds"] == 12.0 and status["gpuSeconds"] == 12.0
+
+
+@pytest.mark.parametrize("suspend,conditions,phase", [
+    (False, ["Running"], "Running"),
+    (True, ["Running"], "Pending"),                 # Kueue suspended it; the training-operator has not caught up
+    (True, ["Running", "Suspended"], "Pending"),
+    (False, ["Running", "Suspended"], "Pending"),   # resumed in the spec; its pods are not back yet
+], ids=["running", "preempted, Running not yet updated", "preempted", "being resumed"])
+def test_a_suspended_trial_is_pending_and_holds_no_gpus(suspend, conditions, phase):
+    b = body(status=status_with(trial_status(0, 1e-3, "Running")),
+             resources={"workers": 2, "gpusPerWorker": 1, "nodePool": "a100"})
+    ptj = trial_ptj(b, 0, {"learningRate": 1e-3}, suspend=suspend)
+    ptj["status"] = {"conditions": [{"type": c, "status": "True"} for c in conditions]}
+    status = _status_after(b, decide(view_of(b, trials={0: driver.TrialRun(ptj, docs([1.9]))}), CFG))
+    assert status["search"]["trials"][0]["phase"] == phase
+    assert tenancy.gpus_running(b["spec"], status) == (2 if phase == "Running" else 0)
 
 
 def test_a_trials_gpu_time_keeps_its_pods_that_are_gone():

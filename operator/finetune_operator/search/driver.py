@@ -135,10 +135,10 @@ def _observe_trial(search: Search, every_steps: int, trial: dict[str, Any], run:
         result = documents.result if documents else None
         message = (result.message if result and result.message else failed.get("message") or "the trial failed")
         trial.update(phase=TrialPhase.Failed.value, message=message[:1024])
+    elif suspended(ptj):  # by its user, or by Kueue until it admits (again) the trial: its pods go
+        trial["phase"] = TrialPhase.Pending.value  # (a Running condition may not have caught up yet)
     elif ptj_condition(ptj, "Running") or ptj_condition(ptj, "Restarting"):
         trial["phase"] = TrialPhase.Running.value
-    elif suspended(ptj):  # by its user, or by Kueue until it admits (again) the trial
-        trial["phase"] = TrialPhase.Pending.value
     return trial
 
 
