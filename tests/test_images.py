@@ -352,7 +352,7 @@ def test_a_stale_archive_goes_before_the_build_and_the_older_buildah_image_after
     monkeypatch.setattr(images.debian, "ensure_packages", lambda *a, **k: None)
     monkeypatch.setattr(images, "_build", lambda *a, **k: seen.append(("build", stale.exists())))
     monkeypatch.setattr(images, "_export", lambda ref, archive: archive.write_bytes(b"new"))
-    monkeypatch.setattr(images, "_prune", lambda s, keep: seen.append(("prune buildah", keep.exists())))
+    monkeypatch.setattr(images, "_prune_buildah", lambda s: seen.append(("prune buildah", images.archive_path(s).exists())))
     assert images.ensure_built(spec, log=lambda _: None) == images.archive_path(spec)
     assert seen == [("build", False), ("prune buildah", True)]
 

@@ -341,7 +341,7 @@ def ensure_built(spec: ImageSpec, log: Log = print) -> Path:
             _export(reference, archive)
         except BuildError as e:
             raise _explain_full_disk(spec, e) from e
-        _prune(spec, keep=archive)
+        _prune_buildah(spec)
         log(f"built {reference} in {time.monotonic() - t0:.0f}s: {archive} ({archive.stat().st_size / 1e6:.0f} MB)")
     return archive
 
@@ -379,15 +379,21 @@ def import_into_containerd(spec: ImageSpec, address: Path, log: Log = print) -> 
             returncode = proc.wait()
         output.seek(0)
         said = output.read().decode(errors="replace")
-    listed = _ctr_lines(ctr, "images", "ls", "-q")
-    if returncode != 0 or reference not in listed:
+    listing = _ctr_output(ctr, "images", "ls")
+    if returncode != 0 or reference not in image_records(listing):
         raise BuildError(f"ctr images import of {archive} failed (exit {returncode}): {said}")
     # Older versions of the image go (containers that still run keep their snapshots).
-    older = stale_image_records(_ctr_output(ctr, "images", "ls"), reference)
+    older = stale_image_records(listing, reference)
     if older:
         subprocess.run([*ctr, "images", "rm", *older], capture_output=True, check=False)
     log(f"imported {reference} into containerd in {time.monotonic() - t0:.1f}s ({sent / 1e6:.0f} MB sent)")
     return reference
+
+
+def image_records(listing: str) -> dict[str, str]:
+    """`ctr images ls` (header first) as {name: target digest}."""
+    lines = [line.split() for line in listing.splitlines()[1:] if line.strip()]
+    return {words[0]: words[2] for words in lines if len(words) >= 3}
 
 
 def stale_image_records(listing: str, reference: str) -> list[str]:
@@ -395,8 +401,7 @@ def stale_image_records(listing: str, reference: str) -> list[str]:
     imported: the older tags of its image, and every `sha256:<id>` record the CRI plugin added for an
     image no tag is left on (each would keep an older trainer's 11 GB of blobs and unpacked snapshot
     on disk; pods name images by tag only)."""
-    lines = [line.split() for line in listing.splitlines()[1:] if line.strip()]
-    digest_of = {words[0]: words[2] for words in lines if len(words) >= 3}
+    digest_of = image_records(listing)
     repository = reference.rsplit(":", 1)[0] + ":"
     current = digest_of.get(reference)
     older_tags = [name for name, digest in digest_of.items()
@@ -622,11 +627,11 @@ def _add_file(dst: tarfile.TarFile, name: str, f, size: int) -> None:
     dst.addfile(info, f)
 
 
-def _prune(spec: ImageSpec, keep: Path) -> None:
-    """Only the newest build of an image stays: its older archives and, in buildah's storage, its
-    older tags (the trainer is 5 GB a version; a disk that fills up makes the kubelet evict pods and
-    delete images). A checkout on an older tree rebuilds from the layer cache in about a minute."""
-    _prune_archives(spec, keep)
+def _prune_buildah(spec: ImageSpec) -> None:
+    """Only the newest build of an image stays: in buildah's storage, its older tags go once the new
+    one is built (the older archives went before; the trainer is 5 GB a version, and a disk that fills
+    up makes the kubelet evict pods and delete images). A checkout on an older tree rebuilds from the
+    layer cache in about a minute."""
     current = ref(spec)
     listed = subprocess.run([*_buildah(), "images", "--format", "{{.Name}}:{{.Tag}}"], capture_output=True,
                             text=True, check=False, env=_env()).stdout.split()

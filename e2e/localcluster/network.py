@@ -50,6 +50,17 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), capture_output=True, text=True, check=check)
 
 
+def _delete_all(*argv: str) -> None:
+    """Run a deleting command until nothing is left for it to delete (a rule added more than once)."""
+    while _run(*argv, check=False).returncode == 0:
+        pass
+
+
+def metadata_rules() -> list[tuple[str, ...]]:
+    """The `ip rule` selectors that send pod traffic for the metadata addresses to their table."""
+    return [("from", CLUSTER_CIDR, "to", f"{a}/32", "lookup", METADATA_ROUTE_TABLE) for a in METADATA_ADDRESSES]
+
+
 def isolation_rules() -> list[list[str]]:
     """Rules of FTO-ISOLATE (iptables arguments after `-A FTO-ISOLATE`), a pure function."""
     return [
@@ -141,8 +152,7 @@ class HostNetwork:
             for rule in rules():
                 _run(tool, "-w", "-A", ISOLATION_CHAIN, *rule)
             for hook in hooks:
-                while _run(tool, "-w", "-D", hook, "-j", ISOLATION_CHAIN, check=False).returncode == 0:
-                    pass
+                _delete_all(tool, "-w", "-D", hook, "-j", ISOLATION_CHAIN)
                 _run(tool, "-w", "-I", hook, "1", "-j", ISOLATION_CHAIN)
 
     def _metadata_stand_in(self) -> None:
@@ -164,22 +174,18 @@ class HostNetwork:
         _run(*inside, "ip", "route", "replace", CLUSTER_CIDR, "dev", "eth0")
         for address in METADATA_ADDRESSES:
             _run("ip", "route", "replace", f"{address}/32", "dev", METADATA_LINK, "table", METADATA_ROUTE_TABLE)
-            rule = ("from", CLUSTER_CIDR, "to", f"{address}/32", "lookup", METADATA_ROUTE_TABLE)
-            while _run("ip", "rule", "del", *rule, check=False).returncode == 0:
-                pass
+        for rule in metadata_rules():
+            _delete_all("ip", "rule", "del", *rule)
             _run("ip", "rule", "add", *rule)
 
     def teardown(self) -> None:
-        for address in METADATA_ADDRESSES:
-            rule = ("from", CLUSTER_CIDR, "to", f"{address}/32", "lookup", METADATA_ROUTE_TABLE)
-            while _run("ip", "rule", "del", *rule, check=False).returncode == 0:
-                pass
+        for rule in metadata_rules():
+            _delete_all("ip", "rule", "del", *rule)
         _run("ip", "link", "del", METADATA_LINK, check=False)
         _run("ip", "netns", "del", METADATA_NETNS, check=False)
         for tool, _, hooks in self.FIREWALLS:
             for hook in hooks:
-                while _run(tool, "-w", "-D", hook, "-j", ISOLATION_CHAIN, check=False).returncode == 0:
-                    pass
+                _delete_all(tool, "-w", "-D", hook, "-j", ISOLATION_CHAIN)
             _run(tool, "-w", "-F", ISOLATION_CHAIN, check=False)
             _run(tool, "-w", "-X", ISOLATION_CHAIN, check=False)
         _run("ip", "link", "del", BRIDGE, check=False)

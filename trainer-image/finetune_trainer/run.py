@@ -632,9 +632,14 @@ class _nothing:
         return False
 
 
+def _is_rank_zero() -> bool:
+    """From the environment: also right when the failure came before the process group existed."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def write_final_result(config: cfg.TrainerConfig, result: cfg.RunResult) -> None:
     """result.json from rank 0, also when the failure came before the process group existed."""
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_rank_zero():
         return
     try:
         from_config(config.storage).put_json(cfg.result_uri(config.output.uri, config.job.runId),
@@ -654,7 +659,7 @@ def await_final_result(config: cfg.TrainerConfig, timeout: float = FINAL_RESULT_
     the run's outcome then: a worker that exited first would leave the job the training-operator's
     "Worker replica(s) failed" instead of the trainer's reason. Bounded: a rank 0 that died writes
     nothing. True when the result was seen."""
-    if os.environ.get("RANK", "0") == "0":
+    if _is_rank_zero():
         return True
     uri = cfg.result_uri(config.output.uri, config.job.runId)
     storage = from_config(config.storage)
