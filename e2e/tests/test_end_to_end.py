@@ -276,17 +276,23 @@ GATED = {
 }
 
 
+TWO_WORKERS = {"deepspeed-zero2", "gated"}
+
+
 @pytest.fixture(scope="module")
 def side_by_side(kube, local_cluster, operator):
     """The variants and the gated jobs, applied at once into one namespace and left to run side by side: a
-    job's pods are limited to their CPU request, here 2 x 400m, so that the 2-CPU node runs two jobs at a time
-    (beside CoreDNS and the operator) and the scheduler queues the rest. Returns namespace, the jobs and their
-    settled statuses (a job that did not settle in time has its last status, which its test reports)."""
+    job's pods are limited to their CPU request, here 400m each, so that the 2-CPU node runs four pods at a
+    time (beside CoreDNS and the operator) and the scheduler queues the rest. Two workers where the variant is
+    about ranks (ZeRO-2 partitions, a gate failed on every rank), one elsewhere (the demo trains on two): each
+    process starts torch and reads the model, a cost that would not test anything more. Returns namespace, the
+    jobs and their settled statuses (a job that did not settle in time has its last status, which its test
+    reports)."""
     from e2e.conftest import make_namespace
 
     namespace = make_namespace(kube, "side-by-side")
     resources = {**_demo_documents()[1]["spec"]["resources"], "cpu": "400m"}
-    jobs = {name: small_job(name, resources=resources, **changes)[1]
+    jobs = {name: small_job(name, resources={**resources, "workers": 2 if name in TWO_WORKERS else 1}, **changes)[1]
             for name, changes in {**VARIANTS, **GATED}.items()}
     kube.apply(small_job("secret-only")[0], *jobs.values(), namespace=namespace)
     statuses: dict[str, dict] = {}

@@ -10,6 +10,8 @@ through tests/chart/test_argocd_health.py's runner), both on the objects the ope
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from e2e.localcluster import kstatus
@@ -117,6 +119,51 @@ def test_an_unschedulable_run_is_pending_with_the_schedulers_message(kube, opera
 
     assert printed_columns(kube, namespace, "unplaceable")["REASON"] == "Unschedulable"
     assert printed_columns(kube, namespace, "unplaceable")["PHASE"] == "Pending"
+
+
+# ---- a pod that cannot start, on the real node ---------------------------------------------------
+
+PULL_REASONS = {"ErrImagePull", "ImagePullBackOff"}  # the kubelet alternates between the two
+
+
+def test_a_run_whose_image_cannot_be_pulled_is_pending_with_the_kubelets_words_and_one_event(
+        kube, operator, cfg, namespace, suffix, cluster_objects):
+    """A tenant's own image (allowed by its TenantPolicy) that no registry serves: the pod is placed on the
+    real node and the kubelet cannot pull it. The run is Pending with the kubelet's reason, not Starting
+    forever, and the tenant gets one Warning event, however often the kubelet retries."""
+    tenant = f"pull-{suffix}"
+    kube.run("label", "namespace", namespace, f"finetune.dev/tenant={tenant}", "--overwrite")
+    cluster_objects({"apiVersion": "finetune.dev/v1alpha1", "kind": "TenantPolicy", "metadata": {"name": tenant},
+                     "spec": {"namespaceSelector": {"matchLabels": {"finetune.dev/tenant": tenant}},
+                              "nodePools": ["local"], "images": {"registries": ["localhost/finetune-absent/"]}}})
+    image = "localhost/finetune-absent/trainer:1"
+    job = ftj("unpullable", image=image, runPolicy=run_policy(),
+              resources={"workers": 1, "gpusPerWorker": 0, "nodePool": "local", "cpu": "100m", "memory": "512Mi"})
+    kube.apply(credentials(), job, namespace=namespace)
+
+    obj = wait_job(kube, namespace, "unpullable",
+                   lambda o: conditions(o).get("Running", {}).get("reason") in PULL_REASONS,
+                   "Running False with the kubelet's pull error", timeout=120)
+    running = conditions(obj)["Running"]
+    assert obj["status"]["phase"] == "Pending" and running["status"] == "False"
+    assert running["message"].startswith(f"pod train-1-master-0 container pytorch: {running['reason']}"), running
+    assert image in running["message"], running  # the kubelet's words name the image
+    assert kstatus.compute_one(obj).status == "InProgress"
+    assert printed_columns(kube, namespace, "unpullable")["PHASE"] == "Pending"
+
+    def pull_events() -> list[dict]:
+        return [e for e in items(kube, "events", namespace) if e.get("reason") in PULL_REASONS
+                and e["involvedObject"]["name"] == "unpullable"]
+
+    [event] = _wait_for(pull_events, 30, "a Warning event of the pull error", interval=1)
+    assert event["type"] == "Warning" and event["message"].startswith("pod train-1-master-0 container pytorch: ")
+    # Let the kubelet back off and retry while the operator passes over the job: still one event.
+    sandbox = obj["status"]["sandboxNamespace"]
+    _wait_for(lambda: any(e.get("reason") == "BackOff" and e.get("count", 1) >= 2
+                          for e in items(kube, "events", sandbox)), 120, "the kubelet's pull back-off repeated",
+              interval=2)
+    time.sleep(cfg.reconcileIntervalSeconds + 2)
+    assert len(pull_events()) == 1, pull_events()
 
 
 # ---- outcomes ------------------------------------------------------------------------------------

@@ -278,6 +278,11 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
                                     uid=old["metadata"].get("uid")))
             plan.delete.append(_ref("v1", "ConfigMap", n.configmap_name(old_id) if number is None else
                                     n.trial_configmap_name(old_id, number), sandbox))
+            # The LocalQueue of the old run's ClusterQueue, when the new run queues elsewhere (its policy
+            # changed meanwhile, or its spec): the sandbox keeps only the queue its run uses.
+            old_queue = (old["metadata"].get("labels") or {}).get(n.LABEL_KUEUE_QUEUE)
+            if old_queue and old_queue != spec.runPolicy.queueName:
+                plan.delete.append(_ref(k8s.KUEUE_API_VERSION, "LocalQueue", old_queue, sandbox))
         plan.replacing_run = ", ".join(sorted({o["metadata"].get("labels", {}).get(n.LABEL_RUN_ID, "?")
                                                for o in view.other_runs})) or "(pods)"
         plan.requeue_after = REQUEUE_SHORT
@@ -524,8 +529,13 @@ class Reconciler:
             facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.storage,
                                                 view.io_tenant)
         view.spec, view.problems = self._validated(raw_spec, facts, started)
-        if view.spec is not None and not view.problems and not started and not run_finished(status, run_id):
-            view.hold = tenancy.start_hold(tenancy.job_summary(body), policy, tenants)
+        if view.spec is not None and not view.problems and not run_finished(status, run_id):
+            if not started:
+                view.hold = tenancy.start_hold(tenancy.job_summary(body), policy, tenants)
+            elif view.spec.search is not None:
+                # A search under way keeps its running-job slots, but each new trial spends GPU-hours:
+                # trials not started yet wait for the budget, as a run not started yet does.
+                view.hold = tenancy.budget_hold(policy)
         return view
 
     async def _observe_trials(self, view: View, uid: str) -> None:
@@ -744,12 +754,13 @@ class Reconciler:
 
     async def _queue_trials(self, sandbox: str, view: View, search: driver.SearchPlan) -> None:
         """What Kueue says of each unfinished trial's Workload (into view.trials); a queued search suspended by
-        its user has its trials' Workloads deactivated (Kueue's way, as for a run), activated again when it
-        resumes. Trials stopped in this pass are left alone."""
+        its user, and a trial Kueue has not admitted yet while the tenant's budget is used up, have their
+        Workloads deactivated (Kueue's way, as for a run), activated again when the search resumes or the
+        budget allows. Trials stopped in this pass are left alone."""
         spec = view.spec
         assert spec is not None
-        trials = [t for number, t in view.trials.items() if t.pytorchjob is not None and number not in search.stop
-                  and not (ptj_condition(t.pytorchjob, "Succeeded") or ptj_condition(t.pytorchjob, "Failed"))]
+        trials = {number: t for number, t in view.trials.items() if t.pytorchjob is not None and number not in search.stop
+                  and not (ptj_condition(t.pytorchjob, "Succeeded") or ptj_condition(t.pytorchjob, "Failed"))}
         if not trials:
             return
         try:
@@ -757,12 +768,14 @@ class Reconciler:
         except ApiError as exc:  # Kueue not installed (no Workload API): the trials show as queued
             log.warning("cannot read Kueue workloads in %s: %s", sandbox, exc)
             return
-        for trial in trials:
+        recorded = {t["number"]: t for t in search.trials}
+        for number, trial in trials.items():
             workload = kueue.workload_of(workloads, trial.pytorchjob)
             if workload is None:
                 continue
             trial.queue = kueue.queue_state(workload, spec.runPolicy.queueName)
-            patch = kueue.activation_patch(workload, active=not spec.runPolicy.suspend)
+            held = view.hold is not None and driver.never_ran(recorded.get(number) or {}, trial.queue)
+            patch = kueue.activation_patch(workload, active=not spec.runPolicy.suspend and not held)
             if patch is not None:
                 await self.kube.merge_patch(k8s.Workload, workload["metadata"]["name"], sandbox, patch)
 

@@ -457,6 +457,9 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
     if search is not None:
         status["search"] = search.status
         trial_gpu_seconds = sum(float(t.get("gpuSeconds") or 0.0) for t in search.status.get("trials") or [])
+        # Every trial's preemptions: the queue shown is one trial's, and each trial has its own Workload.
+        trial_preemptions = sum(int(t.get("preemptions") or 0) for t in search.status.get("trials") or [])
+        status["preemptions"] = max(int(status.get("preemptions") or 0), trial_preemptions)
         status["gpuSeconds"] = round(max(float(status.get("gpuSeconds") or 0.0), trial_gpu_seconds), 1)
         if search.status.get("trials"):
             status.setdefault("startTime", rfc3339(now))
@@ -513,7 +516,7 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
         unschedulable = unschedulable_pod(obs.pods) if watch_pods else None
         waiting = waiting_container(obs.pods, now) if watch_pods and unschedulable is None else None
         if search is not None and unschedulable is None and waiting is None:
-            put(C.Running, *_search_running(search, queue))
+            put(C.Running, *_search_running(search, queue, obs.hold))
         elif unschedulable is not None:
             # The PyTorchJob says Running once its master runs; a worker the scheduler cannot place
             # still keeps the run from training.
@@ -576,13 +579,19 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
 _ORDER = {t.value: i for i, t in enumerate(C)}
 
 
-def _search_running(search: Any, queue: QueueState | None) -> tuple[bool, str, str]:
+def _search_running(search: Any, queue: QueueState | None, hold: Problem | None = None) -> tuple[bool, str, str]:
     """The Running condition of a search that has not finished: (status, reason, message). `queue`: what
-    Kueue says of the trial the status shows (queued searches)."""
+    Kueue says of the trial the status shows (queued searches); `hold`: why trials not started yet wait
+    (the tenant's budget is used up)."""
     s = search.status
     best = s.get("best")
     about = f"trials {s.get('progress')} finished ({s.get('running', 0)} active, {s.get('pruned', 0)} pruned, " \
             f"{s.get('failed', 0)} failed)" + (f"; best t{best['number']} {s.get('metric')} {best['value']:.4g}" if best else "")
+    if hold is not None and not search.waiting and (not search.active or search.queued):
+        held = "; the Kueue Workloads of queued trials that have not trained yet are deactivated" if search.active else ""
+        return False, hold.reason, f"the next trials wait: {hold.message}{held}; {about}"
+    if hold is not None and search.running:
+        about = f"{about}; the next trials wait: {hold.message}"
     if search.active and search.queued:  # as a queued run: Queued (or Preempted) until Kueue admits a trial
         if queue is None:
             return False, "Queued", f"trials waiting for admission (their PyTorchJobs are suspended by their queue); {about}"

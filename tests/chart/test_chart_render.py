@@ -151,7 +151,7 @@ EXPECTED_CLUSTER_VERBS = [
     ("", "events", {"create", "list"}),
     ("finetune.dev", "tenantpolicies", {"get", "list", "watch", "patch"}),
     ("finetune.dev", "tenantpolicies/status", {"get", "patch"}),
-    ("kueue.x-k8s.io", "localqueues", {"create", "patch"}),
+    ("kueue.x-k8s.io", "localqueues", {"create", "patch", "delete"}),
     ("kueue.x-k8s.io", "workloads", {"list", "patch"}),
     ("visibility.kueue.x-k8s.io", "localqueues/pendingworkloads", {"get"}),
 ]

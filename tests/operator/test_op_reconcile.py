@@ -305,6 +305,25 @@ def test_should_read_documents(ptj, previous, last, now, expected):
     ({"conditions": [{"type": "Running", "status": "True", "reason": "Training"}]},
      {"conditions": [{"type": "Running", "status": "True", "reason": "ProgressStalled", "message": "quiet"}]},
      [("Warning", "ProgressStalled", "quiet")]),
+    # a pod that cannot start: one warning when the run gets stuck, none while the kubelet alternates
+    # between the pull error and its back-off, a new one when the trouble changes
+    ({"conditions": [{"type": "Running", "status": "False", "reason": "Starting"}]},
+     {"conditions": [{"type": "Running", "status": "False", "reason": "ErrImagePull", "message": "pod p: pull"}]},
+     [("Warning", "ErrImagePull", "pod p: pull")]),
+    ({"conditions": [{"type": "Running", "status": "False", "reason": "ErrImagePull"}]},
+     {"conditions": [{"type": "Running", "status": "False", "reason": "ImagePullBackOff", "message": "m"}]}, []),
+    ({"conditions": [{"type": "Running", "status": "False", "reason": "ImagePullBackOff"}]},
+     {"conditions": [{"type": "Running", "status": "False", "reason": "ErrImagePull", "message": "m"}]}, []),
+    ({}, {"conditions": [{"type": "Running", "status": "False", "reason": "ImagePullBackOff", "message": "m"}]},
+     [("Warning", "ImagePullBackOff", "m")]),
+    ({"conditions": [{"type": "Running", "status": "True", "reason": "Training"}]},
+     {"conditions": [{"type": "Running", "status": "False", "reason": "CrashLoopBackOff", "message": "crash"}]},
+     [("Warning", "CrashLoopBackOff", "crash")]),
+    ({"conditions": [{"type": "Running", "status": "False", "reason": "ErrImagePull"}]},
+     {"conditions": [{"type": "Running", "status": "False", "reason": "CreateContainerConfigError", "message": "c"}]},
+     [("Warning", "CreateContainerConfigError", "c")]),
+    ({}, {"conditions": [{"type": "Running", "status": "False", "reason": "ContainerCreating", "message": "slow"}]},
+     [("Warning", "ContainerCreating", "slow")]),
 ])
 def test_transition_events(old, new, expected):
     assert transition_events(old, new) == expected

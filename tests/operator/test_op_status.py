@@ -481,6 +481,8 @@ def _constants(node: ast.expr) -> set[str]:
     """The values a reason expression can take: a constant, or either side of `a if c else b`."""
     if isinstance(node, ast.IfExp):
         return _constants(node.body) | _constants(node.orelse)
+    if ast.unparse(node) in ("obs.hold.reason", "hold.reason"):  # why the tenant's run (or trial) may not start yet
+        return {tenancy.BUDGET_EXHAUSTED, tenancy.RUNNING_JOB_LIMIT}
     assert isinstance(node, ast.Constant), f"a Running reason this test cannot read: {ast.unparse(node)}"
     return {node.value}
 
@@ -499,11 +501,8 @@ def running_reasons_in_the_code() -> set[tuple[bool, str]]:
                       if isinstance(r, ast.Return) for reason in _constants(r.value.elts[1])}
         elif isinstance(rest[0], ast.Starred):  # put(C.Running, False, *waiting): a pod's waiting container
             found |= {(value.value, reason) for reason in POD_WAITING_REASONS}
-        elif ast.unparse(rest[0]) == "obs.hold.reason":  # why the tenant's run may not start yet
-            found |= {(value.value, reason) for reason in (tenancy.BUDGET_EXHAUSTED, tenancy.RUNNING_JOB_LIMIT)}
         else:
-            assert isinstance(rest[0], ast.Constant), f"a Running reason this test cannot read: {ast.unparse(call)}"
-            found.add((value.value, rest[0].value))
+            found |= {(value.value, reason) for reason in _constants(rest[0])}
     return found
 
 

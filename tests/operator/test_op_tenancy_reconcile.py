@@ -443,3 +443,22 @@ def test_a_policy_change_reaches_a_job_whose_run_is_not_made_yet(change, before,
     passes(fresh, CFG, tenants(after))
     passes(stale, CFG, tenants(before))
     assert made_of(waiting) == made_of(fresh) != made_of(stale)
+
+
+@pytest.mark.parametrize("change, before, after, queues_after", [
+    ("cluster-queue-changed", QUEUED_DEFAULTS, POLICY_CHANGES[2][2], ["team-a-new"]),
+    ("kueue-removed", QUEUED_DEFAULTS, DEFAULTS, []),
+    ("unchanged", QUEUED_DEFAULTS, QUEUED_DEFAULTS, ["team-a"]),
+], ids=["cluster-queue-changed", "kueue-removed", "unchanged"])
+def test_a_new_run_leaves_the_sandbox_only_the_local_queue_it_uses(change, before, after, queues_after):
+    """A new runId after the tenant's policy moved its jobs to another ClusterQueue (or off Kueue): the old
+    run goes, and with it the LocalQueue of its ClusterQueue; the new run queues where the policy says now."""
+    kube = new_job(spec=FILLED_IN["run"])
+    passes(kube, CFG, tenants(before))
+    assert [q["metadata"]["name"] for q in kube.objects("LocalQueue")] == ["team-a"]
+    kube.store[(k8s.FineTuneJob, "team-a", "support-bot")]["spec"]["runId"] = "2"
+    passes(kube, CFG, tenants(after))  # the old run is deleted first
+    passes(kube, CFG, tenants(after))
+    assert [p["metadata"]["name"] for p in kube.objects("PyTorchJob")] == ["train-2"]
+    assert sorted(q["metadata"]["name"] for q in kube.objects("LocalQueue")) == queues_after
+    assert (("LocalQueue", "team-a") in kube.deleted) is ("team-a" not in queues_after)

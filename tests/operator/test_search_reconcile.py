@@ -13,7 +13,7 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.s3 import RunDocuments
 from finetune_operator.validation import S3Check
 from op_testdata import ROOT, job, minimal_spec
-from test_op_tenancy_reconcile import SECRET, FakeKube, passes, running
+from test_op_tenancy_reconcile import LABELS, LOOSE, SECRET, FakeKube, passes, running
 
 CFG = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml").model_copy(update={"allowedClusterQueues": ["q"]})
 OUTPUT = "s3://team-a/models/support-bot/"
@@ -159,3 +159,95 @@ def test_a_pass_that_starts_a_trial_takes_it_for_no_single_run(reads):
     assert "pytorchJob" not in status and not status.get("restarts"), status
     assert reads and all(uri.startswith(OUTPUT + "trials/t") for uri in reads), reads
     assert kube.patches == []
+
+
+# ---- the tenant's GPU-hour budget ------------------------------------------------------------------
+
+BUDGETED = {**LOOSE, "nodePools": ["cpu"], "kueue": {"clusterQueues": ["q"]}, "budget": {"gpuHours": 10, "period": "Month"}}
+
+
+def budget(exhausted: bool) -> tenancy.Tenancy:
+    body = {"metadata": {"name": "team-a", "generation": 1}, "spec": BUDGETED,
+            "status": {"usage": {"gpuHours": 10.0 if exhausted else 1.0, "budgetExhausted": exhausted}}}
+    return tenancy.Tenancy(policies=[tenancy.Policy.from_body(body)], namespace_labels=LABELS)
+
+
+def budget_pass(kube: FakeKube, exhausted: bool) -> dict[str, Any]:
+    return passes(kube, CFG, budget(exhausted))[0].status
+
+
+def test_a_searchs_next_trials_wait_for_the_budget_and_its_running_trial_goes_on():
+    """A search started within its tenant's budget: once the budget is used up, no new trial is made and a
+    trial Kueue has not admitted yet has its Workload deactivated (Kueue would admit it whatever the budget),
+    while the trial that trains goes on. A larger budget (or a new period) lets the search go on."""
+    kube = FakeKube(job(SPEC), SECRET)
+    budget_pass(kube, exhausted=False)
+    assert sorted(trial_jobs(kube)) == ["train-1-t0", "train-1-t1"]
+    kueue_sets(kube, 0, "admitted")
+    waiting = kueue_sets(kube, 1, "waiting")
+
+    training = budget_pass(kube, exhausted=True)
+    assert (training["phase"], running(training)["reason"]) == ("Running", "Searching"), running(training)
+    assert "the next trials wait: TenantPolicy team-a has used 10.0 of its 10 GPU-hours" in running(training)["message"]
+    assert kube.patches == [("Workload", waiting, {"spec": {"active": False}})]  # t0 trains on, untouched
+
+    # t0 ends (no S3 here: without a validation value, so Failed) and frees a slot
+    trial_jobs(kube)["train-1-t0"]["status"] = {"conditions": [{"type": "Succeeded", "status": "True"}]}
+    held = budget_pass(kube, exhausted=True)
+    assert sorted(trial_jobs(kube)) == ["train-1-t0", "train-1-t1"]  # no t2
+    assert phases(held) == ["Failed", "Pending"]
+    assert (held["phase"], running(held)["reason"]) == ("Queued", "BudgetExhausted"), running(held)
+    assert "queued trials that have not trained yet are deactivated; trials 1/3 finished" in running(held)["message"]
+
+    released = budget_pass(kube, exhausted=False)
+    assert kube.patches[-1] == ("Workload", waiting, {"spec": {"active": True}})
+    assert sorted(trial_jobs(kube)) == ["train-1-t0", "train-1-t1", "train-1-t2"]
+    assert running(released)["reason"] == "Queued", running(released)
+
+
+def test_a_trial_that_trained_before_kueue_preempted_it_is_not_held_by_the_budget():
+    kube = FakeKube(job(SPEC), SECRET)
+    budget_pass(kube, exhausted=False)
+    kueue_sets(kube, 0, "admitted")
+    kueue_sets(kube, 1, "admitted")
+    budget_pass(kube, exhausted=False)
+    stored_job(kube)["status"]["search"]["trials"][0].update(step=5)  # it trained, then Kueue preempted it
+    kueue_sets(kube, 0, "preempted")
+    preempted = kueue_sets(kube, 1, "waiting")
+    budget_pass(kube, exhausted=True)
+    assert kube.patches == [("Workload", preempted, {"spec": {"active": False}})]  # t1 never ran: held; t0 not
+
+
+def test_a_search_without_a_queue_waits_for_the_budget_between_trials():
+    spec = {**SPEC, "runPolicy": {}}
+    kube = FakeKube(job(spec), SECRET)
+    budget_pass(kube, exhausted=False)
+    for name in ("train-1-t0", "train-1-t1"):
+        trial_jobs(kube)[name]["status"] = {"conditions": [{"type": "Succeeded", "status": "True"}]}
+    held = budget_pass(kube, exhausted=True)
+    assert sorted(trial_jobs(kube)) == ["train-1-t0", "train-1-t1"]  # no t2
+    assert (held["phase"], running(held)["reason"]) == ("Queued", "BudgetExhausted"), running(held)
+    assert running(held)["message"].startswith("the next trials wait: TenantPolicy team-a has used 10.0")
+    assert "Workloads" not in running(held)["message"] and kube.patches == []
+    budget_pass(kube, exhausted=False)
+    assert "train-1-t2" in trial_jobs(kube)
+
+
+def test_the_jobs_preemptions_count_every_trials_and_never_go_down():
+    """Each trial has its own Workload, counted by Kueue: the job's preemptions are their sum (the queue the
+    status shows is one trial's)."""
+    kube = new_search()
+    one_pass(kube)
+    workloads = {}
+    for number, count in ((0, 2), (1, 1)):
+        name = kueue_sets(kube, number, "preempted")
+        sandbox = trial_jobs(kube)[f"train-1-t{number}"]["metadata"]["namespace"]
+        workloads[number] = kube.store[(k8s.Workload, sandbox, name)]
+        workloads[number]["status"]["schedulingStats"] = {"evictions": [{"reason": "Preempted", "count": count}]}
+    status = one_pass(kube)
+    assert [t["preemptions"] for t in status["search"]["trials"]] == [2, 1]
+    assert status["preemptions"] == 3
+    for workload in workloads.values():  # a Workload made again (its trial's PyTorchJob was) counts from 0
+        workload["status"].pop("schedulingStats")
+    again = one_pass(kube)
+    assert [t["preemptions"] for t in again["search"]["trials"]] == [2, 1] and again["preemptions"] == 3

@@ -535,6 +535,8 @@ class TrialStatus(StatusModel):
                                       "latest.")
     gpuSeconds: float = Field(default=0.0, description="GPU time of the trial's pods, including pods gone since.")
     gpuSecondsSettled: float = Field(default=0.0, description="GPU time of the trial's pods that are gone.")
+    preemptions: StatusCount = Field(default=0, description="Times Kueue preempted the trial (it resumed from its "
+                                     "latest checkpoint).")
     gpuPodSeconds: dict[str, float] = Field(default_factory=dict, max_length=1024, description="GPU time of each "
                                             "of the trial's current pods, by pod uid.")
     message: str = Field(default="", max_length=1024, description="Why the trial was pruned or failed.")

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from finetune_operator.builders.names import MANAGER
+from finetune_operator.status import POD_WAITING_REASONS
 
 NORMAL, WARNING = "Normal", "Warning"
 
@@ -24,20 +25,28 @@ NOTABLE = {
 
 WARNING_REASONS = {"ProgressStalled"}  # a notable transition that is bad news despite its condition
 # Running=False reasons worth an event of their own: the run waits (its tenant's budget or running-job
-# limit, Kueue) or was preempted.
+# limit, Kueue), was preempted, or its pods cannot be placed or started (an image that cannot be pulled,
+# a crash loop, a container creating for too long).
 NOTABLE_WAITS = {"BudgetExhausted": WARNING, "RunningJobLimit": NORMAL, "Queued": NORMAL, "Preempted": WARNING,
-                 "Unschedulable": WARNING}
+                 "Unschedulable": WARNING, **{reason: WARNING for reason in POD_WAITING_REASONS}}
+# The kubelet alternates between a pull error and the back-off after it: one wait, one event.
+SAME_WAIT = {"ImagePullBackOff": "ErrImagePull"}
+
+
+def _state(condition: dict[str, Any]) -> tuple[Any, Any]:
+    reason = condition.get("reason")
+    return condition.get("status"), SAME_WAIT.get(reason, reason)
 
 
 def transition_events(old_status: dict[str, Any], new_status: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(type, reason, message) for every notable condition that changed status or reason."""
-    before = {c["type"]: (c.get("status"), c.get("reason")) for c in old_status.get("conditions") or []}
+    before = {c["type"]: _state(c) for c in old_status.get("conditions") or []}
     out = []
     for c in new_status.get("conditions") or []:
         notable = NOTABLE.get((c["type"], c["status"]))
         if notable is None and c["type"] == "Running" and c.get("reason") in NOTABLE_WAITS:
             notable = (NOTABLE_WAITS[c["reason"]], c["reason"])
-        if notable and before.get(c["type"]) != (c["status"], c.get("reason")):
+        if notable and before.get(c["type"]) != _state(c):
             event_type, default_reason = notable
             if c.get("reason") in WARNING_REASONS:
                 event_type = WARNING

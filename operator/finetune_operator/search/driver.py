@@ -142,6 +142,12 @@ def _observe_trial(search: Search, every_steps: int, trial: dict[str, Any], run:
     return trial
 
 
+def never_ran(trial: dict[str, Any], queue: QueueState | None) -> bool:
+    """A trial Kueue has not admitted and that has not trained yet (no step, no GPU-second): like a run not
+    started, it waits for its tenant's budget. A trial preempted after it trained resumes whatever the budget."""
+    return queue is not None and not queue.admitted and not trial.get("step") and not trial.get("gpuSeconds")
+
+
 def suspended(ptj: dict[str, Any]) -> bool:
     return ptj_condition(ptj, "Suspended") is not None or bool(((ptj.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
 
@@ -325,6 +331,10 @@ def observe(spec, plan: SearchPlan, previous_status: dict[str, Any], promotion: 
     Workload where the job has a Kueue queue)."""
     search = spec.search
     previous = previous_status.get("search") or {} if previous_status.get("runId") == spec.runId else {}
+    for trial in plan.trials:  # Kueue's count of each trial's Workload, never going down
+        run = (observed or {}).get(trial["number"])
+        if run is not None and run.queue is not None:
+            trial["preemptions"] = max(int(trial.get("preemptions") or 0), run.queue.preemptions)
     status = summary(search, plan, previous)
     if promotion is not None and promotion.promoted:
         status["promoted"] = True
