@@ -5,6 +5,7 @@ contexts, cluster DNS, the `kubernetes` Service, Prometheus discovery."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -94,20 +95,38 @@ def test_on_failure_restarts_the_container_and_counts_restarts(kube, local_clust
     assert _status(kube, namespace, "flaky")["containerStatuses"][0]["restartCount"] == 2
 
 
-def test_deleting_a_pod_delivers_sigterm_through_the_kubelet(kube, local_cluster, namespace, tmp_path):
+SIGTERM_CASES = [
+    # what the container does on SIGTERM, the pod's terminationGracePeriodSeconds
+    pytest.param("sys.exit(0)", 30, id="leaves-on-sigterm"),  # gone long before its grace period is over
+    pytest.param("pass", 4, id="ignores-sigterm"),  # killed once its grace period is over, not before
+]
+
+
+@pytest.mark.parametrize("on_sigterm, grace", SIGTERM_CASES)
+def test_deleting_a_pod_delivers_sigterm_through_the_kubelet_with_its_grace_period(kube, local_cluster, namespace,
+                                                                                  tmp_path, on_sigterm, grace):
     # What the container does on SIGTERM lands on the host through a hostPath volume (the test
     # namespace is not restricted), since the pod and its logs go with the deletion.
     code = ("import signal, sys, time\n"
-            "def bye(signum, _):\n    open('/out/signal', 'w').write(signal.Signals(signum).name); sys.exit(0)\n"
-            "signal.signal(signal.SIGTERM, bye)\nprint('ready', flush=True)\ntime.sleep(600)")
+            "def bye(signum, _):\n    open('/out/signal', 'w').write(signal.Signals(signum).name)\n"
+            f"    {on_sigterm}\n"
+            "signal.signal(signal.SIGTERM, bye)\nprint('ready', flush=True)\n"
+            "while True:\n    time.sleep(1)\n")
     tmp_path.chmod(0o777)
     pod = _pod(local_cluster, "sleeper", code, volumeMounts=[{"name": "out", "mountPath": "/out"}])
     pod["spec"]["volumes"] = [{"name": "out", "hostPath": {"path": str(tmp_path), "type": "Directory"}}]
+    pod["spec"]["terminationGracePeriodSeconds"] = grace
     kube.apply(pod, namespace=namespace)
     _wait_for(lambda: "ready" in _logs(kube, namespace, "sleeper"), 120, "container running")
-    kube.run("delete", "pod", "sleeper", "-n", namespace, "--wait=true", "--timeout=60s")
+    started = time.monotonic()
+    kube.run("delete", "pod", "sleeper", "-n", namespace, "--wait=true", "--timeout=90s")
+    took = time.monotonic() - started
     assert (tmp_path / "signal").read_text() == "SIGTERM"
     assert not local_cluster.node_runtime.container_pids(namespace, "sleeper")
+    if on_sigterm == "pass":
+        assert grace - 1 <= took < grace + 30, f"killed after {took:.1f}s, grace period {grace}s"
+    else:
+        assert took < grace - 5, f"gone after {took:.1f}s: the kubelet waited for the grace period ({grace}s)"
 
 
 def test_an_image_whose_user_is_root_fails_run_as_non_root_at_the_kubelet(kube, local_cluster, namespace):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -69,7 +70,7 @@ def test_continuing_starts_exactly_where_the_saved_adapter_was_and_trains_it(kin
     base_dir = tiny_model_dirs["llama"]
     uri, saved = upload_adapter(storage, bucket, tmp_path, base_dir, f"cont-{kind}", kind=kind, seed=3)
     model = adapters.continue_from(storage, base_model(base_dir), method(kind, uri), model_bucket + "llama/",
-                                   tmp_path / "download", "cpu")
+                                   base_dir, tmp_path / "download", "cpu")
     model.eval()
     with torch.no_grad():
         expected, got, base = saved(IDS).logits, model(IDS).logits, base_model(base_dir)(IDS).logits
@@ -91,7 +92,7 @@ def test_an_adapter_of_another_method_is_refused(kind, method_type, message, sto
     uri, _ = upload_adapter(storage, bucket, tmp_path, base_dir, f"other-{kind}-{method_type}", kind=kind)
     with pytest.raises(ConfigError, match=re.escape(f"method.adapter.uri {uri}: {message}")):
         adapters.continue_from(storage, base_model(base_dir), method(method_type, uri), "s3://m/llama/",
-                               tmp_path / "download", "cpu")
+                               base_dir, tmp_path / "download", "cpu")
 
 
 @pytest.mark.parametrize("kind,detail", [
@@ -105,7 +106,46 @@ def test_an_adapter_of_another_base_model_is_refused_naming_both(kind, detail, s
     uri, _ = upload_adapter(storage, bucket, tmp_path, other, f"foreign-{kind}", kind=kind)
     with pytest.raises(ConfigError, match=f"(?s)method.adapter.uri {uri} does not fit base model s3://m/llama/.*{detail}"):
         adapters.continue_from(storage, base_model(tiny_model_dirs["llama"]), method(kind, uri), "s3://m/llama/",
+                               tiny_model_dirs["llama"], tmp_path / "download", "cpu")
+
+
+@pytest.mark.parametrize("trained_on, refused", [("sibling", True), ("same", False), (None, False)],
+                         ids=["another-checkpoint-of-the-architecture", "its-own-base", "an-adapter-from-elsewhere"])
+def test_an_adapter_this_trainer_wrote_continues_only_on_the_base_it_was_trained_on(
+        trained_on, refused, storage, bucket, tiny_model_dirs, tmp_path):
+    """Same architecture, other weights (a base and a sibling checkpoint): modules and shapes fit either way, so
+    only the base recorded beside the adapter tells them apart. An adapter without that record is judged by its
+    modules and shapes alone."""
+    base_dir = tiny_model_dirs["llama"]
+    sibling = tiny.save_tiny_model(tmp_path / "sibling", "llama", seed=1)
+    name = f"recorded-{trained_on}"
+    save_adapter(base_dir, tmp_path / name)
+    if trained_on is not None:
+        adapters.write_base(tmp_path / name, f"s3://m/{trained_on}/", sibling if trained_on == "sibling" else base_dir)
+    uri = f"{bucket}adapters/{name}/"
+    storage.upload_dir(tmp_path / name, uri)
+    if refused:
+        with pytest.raises(ConfigError, match=re.escape(
+                f"method.adapter.uri {uri} was trained on base model s3://m/sibling/, whose files differ from this "
+                "job's base model s3://m/llama/")):
+            adapters.continue_from(storage, base_model(base_dir), method("lora", uri), "s3://m/llama/", base_dir,
+                                   tmp_path / "download", "cpu")
+    else:
+        adapters.continue_from(storage, base_model(base_dir), method("lora", uri), "s3://m/llama/", base_dir,
                                tmp_path / "download", "cpu")
+
+
+def test_the_fingerprint_follows_the_files_not_where_they_are(tiny_model_dirs, tmp_path):
+    import shutil
+
+    base_dir = tiny_model_dirs["llama"]
+    copy = shutil.copytree(base_dir, tmp_path / "copy")
+    assert adapters.base_fingerprint(copy) == adapters.base_fingerprint(base_dir)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8 + int.from_bytes(data[:8], "little")] ^= 0xFF  # the first byte of the first tensor, past the header
+    weights.write_bytes(bytes(data))
+    assert adapters.base_fingerprint(copy) != adapters.base_fingerprint(base_dir)
 
 
 def test_a_prefix_without_an_adapter_is_a_data_error(storage, bucket, tiny_model_dirs, tmp_path):
@@ -113,7 +153,7 @@ def test_a_prefix_without_an_adapter_is_a_data_error(storage, bucket, tiny_model
 
     with pytest.raises(DataError, match="no PEFT adapter here"):
         adapters.continue_from(storage, base_model(tiny_model_dirs["llama"]), method("lora", f"{bucket}nothing/"),
-                               "s3://m/llama/", tmp_path / "download", "cpu")
+                               "s3://m/llama/", tiny_model_dirs["llama"], tmp_path / "download", "cpu")
 
 
 def test_a_run_continues_from_the_adapter_and_writes_the_trained_one(storage, model_bucket, bucket, s3_endpoint,
@@ -133,6 +173,8 @@ def test_a_run_continues_from_the_adapter_and_writes_the_trained_one(storage, mo
     start_weights = {n: p for n, p in start.named_parameters() if "lora_" in n}
     moved = [n for n, p in trained.named_parameters() if "lora_" in n and not torch.allclose(p, start_weights[n])]
     assert moved and set(start_weights) == {n for n, _ in trained.named_parameters() if "lora_" in n}
+    recorded = json.loads((tmp_path / "trained" / adapters.BASE_FILE).read_text())
+    assert recorded == {"modelUri": model_bucket + "llama/", "fingerprint": adapters.base_fingerprint(base_dir)}
 
 
 # ---- combine ----
@@ -206,6 +248,8 @@ def test_combined_update_is_the_weighted_combination_per_module(combination, wei
     ("dora input", "output.combine.adapters\\[0\\].uri .*: only LoRA adapters can be combined, this one is LORA with DoRA"),
     ("linear ranks", "output.combine.method linear needs adapters of one rank, got ranks \\[4, 2\\]"),
     ("foreign base", "output.combine.adapters\\[1\\].uri .* does not fit base model s3://m/llama/"),
+    ("recorded sibling base", "output.combine.adapters\\[1\\].uri .* was trained on base model s3://m/sibling/, "
+                              "whose files differ from this job's base model s3://m/llama/"),
 ])
 def test_combining_what_cannot_be_combined_is_refused(problem, message, storage, bucket, tiny_model_dirs, tmp_path):
     from transformers import AutoTokenizer
@@ -216,7 +260,14 @@ def test_combining_what_cannot_be_combined_is_refused(problem, message, storage,
         else base_dir
     second = dict(rank=2) if problem == "linear ranks" else {}
     u0, _ = upload_adapter(storage, bucket, tmp_path, base_dir, f"bad0-{problem[:4]}", **first)
-    u1, _ = upload_adapter(storage, bucket, tmp_path, second_base, f"bad1-{problem[:4]}", **second)
+    if problem == "recorded sibling base":  # same architecture, other weights: only the record tells
+        save_adapter(base_dir, tmp_path / "bad1-sibling")
+        adapters.write_base(tmp_path / "bad1-sibling", "s3://m/sibling/",
+                            tiny.save_tiny_model(tmp_path / "sibling", "llama", seed=1))
+        u1 = f"{bucket}adapters/bad1-sibling/"
+        storage.upload_dir(tmp_path / "bad1-sibling", u1)
+    else:
+        u1, _ = upload_adapter(storage, bucket, tmp_path, second_base, f"bad1-{problem[:4]}", **second)
     combination = cfg.AdapterCombination.model_validate(
         {"adapters": [{"uri": u0}, {"uri": u1}], "method": "linear", "includeTrained": False})
     with pytest.raises(ConfigError, match=message):

@@ -3,6 +3,7 @@ into one (output.combine, PEFT's add_weighted_adapter), after training or as a j
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +23,45 @@ PEFT_TYPES: dict[str, tuple[str, bool]] = {
 # Names of adapter weights in a PEFT model's state dict; virtual tokens are not among them, PEFT loads those on
 # their own (strictly: a wrong shape raises) and still lists them as missing.
 ADAPTER_KEYS = ("lora_", "ia3_")
+# Next to adapter_config.json of every adapter this trainer writes: the base model it was trained on.
+BASE_FILE = "finetune-base.json"
+FINGERPRINT_HEAD = 1 << 20
+
+
+def base_fingerprint(base_dir: Path) -> str:
+    """A digest of the base model's files as downloaded: each file's name and size, config.json whole and the
+    first MiB of every other file (past a safetensors header, the weights' own bytes). Cheap for a model of any
+    size, and unlike module names and shapes it tells two checkpoints of one architecture apart (a base and its
+    instruction-tuned sibling)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in base_dir.rglob("*") if p.is_file()):
+        name = path.relative_to(base_dir).as_posix()
+        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as f:
+            digest.update(f.read() if name == "config.json" else f.read(FINGERPRINT_HEAD))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def write_base(adapter_dir: Path, model_uri: str, base_dir: Path) -> None:
+    (adapter_dir / BASE_FILE).write_text(json.dumps({"modelUri": model_uri, "fingerprint": base_fingerprint(base_dir)},
+                                                    indent=1) + "\n")
+
+
+def check_base(adapter_dir: Path, base_dir: Path, field: str, uri: str, model_uri: str) -> None:
+    """An adapter this trainer wrote names its base model: another base (the files differ) is refused, even when
+    its modules and shapes fit. An adapter from elsewhere (no BASE_FILE) is judged by its modules and shapes only."""
+    path = adapter_dir / BASE_FILE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+        trained_on, fingerprint = str(recorded["modelUri"]), str(recorded["fingerprint"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{field} {uri}: {BASE_FILE} cannot be read: {e}") from None
+    if fingerprint != base_fingerprint(base_dir):
+        raise ConfigError(f"{field} {uri} was trained on base model {trained_on[:300]}, whose files differ from "
+                          f"this job's base model {model_uri}: the adapter would not fit it, even though its shapes "
+                          "may (train a new adapter, or use the base it was trained on)")
 
 
 def combine_only(config: cfg.TrainerConfig) -> bool:
@@ -78,7 +118,8 @@ def check_prompt_learning_fits(adapter_config: dict, model, field: str, uri: str
         raise ConfigError(f"{field} {uri} does not fit base model {model_uri}: {detail}")
 
 
-def continue_from(storage: Storage, model, method: cfg.Method, model_uri: str, directory: Path, device_type: str):
+def continue_from(storage: Storage, model, method: cfg.Method, model_uri: str, base_dir: Path, directory: Path,
+                  device_type: str):
     """The base model with method.adapter loaded as the trainable adapter (instead of a fresh one)."""
     from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
     from peft.utils import load_peft_weights
@@ -86,6 +127,7 @@ def continue_from(storage: Storage, model, method: cfg.Method, model_uri: str, d
     field, uri = "method.adapter.uri", method.adapter.uri
     adapter_config = download(storage, uri, directory, field)
     check_type(adapter_config, method.type, field, uri)
+    check_base(directory, base_dir, field, uri, model_uri)
     check_prompt_learning_fits(adapter_config, model, field, uri, model_uri)
     if method.type == "qlora":
         from .methods.qlora import require_gpu
@@ -128,6 +170,7 @@ def combine(storage: Storage, combination: cfg.AdapterCombination, base_dir: Pat
         if adapter_config.get("peft_type") != "LORA" or adapter_config.get("use_dora"):
             raise ConfigError(f"{field} {item.uri}: only LoRA adapters can be combined, this one is "
                               f"{adapter_kind(adapter_config)}")
+        check_base(directory, base_dir, field, item.uri, model_uri)
         sources.append((f"{field} {item.uri}", directory, item.weight))
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
@@ -158,6 +201,7 @@ def combine(storage: Storage, combination: cfg.AdapterCombination, base_dir: Pat
     model.save_pretrained(saved, selected_adapters=["combined"], safe_serialization=True)
     out = saved / "combined"  # PEFT writes an adapter not named "default" into a folder of its name
     tokenizer.save_pretrained(out)
+    write_base(out, model_uri, base_dir)
     (out / "README.md").write_text("\n".join([
         "---", "library_name: peft", f"base_model: {model_uri}", "tags: [finetune-operator]", "---", "",
         "# Combined LoRA adapter", "",

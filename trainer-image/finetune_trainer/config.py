@@ -409,7 +409,9 @@ class AdapterSource(ApiModel):
         description="S3 prefix of a PEFT adapter (adapter_config.json and weights, as this operator writes to "
         "<output.uri>adapter/) trained on the same base model: training continues from it instead of a fresh "
         "adapter (continual / iterative fine-tuning). Its peft_type must match method.type and its modules and "
-        "shapes must fit the base model; its own settings (rank, targets, virtual tokens) are kept.")
+        "shapes must fit the base model; an adapter this operator wrote names its base model (finetune-base.json, "
+        "a digest of the base's files) and is refused on another one. Its own settings (rank, targets, virtual "
+        "tokens) are kept.")
 
 
 class Method(ApiModel):

@@ -201,7 +201,7 @@ class Run:
                                                        config.preprocessing.maxSeqLength, hp0.seed)
         torch.manual_seed(hp0.seed)
         if config.method.adapter is not None:
-            model = adapters.continue_from(self.storage, model, config.method, config.model.uri,
+            model = adapters.continue_from(self.storage, model, config.method, config.model.uri, self.base_dir,
                                            self.work_dir / f"rank-{ctx.rank}" / "continue-adapter", ctx.device_type)
         else:
             model = method_spec.apply(model, config.method, ctx.device_type)
@@ -399,6 +399,7 @@ class Run:
                                       getattr(self, "evaluation_document", {}).get("reportUri"))
             outputs.write_model_card(trained, card)
             if method_spec.uses_adapter:
+                adapters.write_base(trained, self.config.model.uri, self.base_dir)
                 adapter_uri = cfg.adapter_uri(output_uri)
                 self.storage.upload_dir(trained, adapter_uri)
                 if merge:
@@ -519,7 +520,7 @@ class Run:
         self.eval_history, self.learning_rates, self.data_reports = [], [], {}
         candidate_model = config.evaluation.candidateModel
         if candidate_model is None:
-            model = adapters.continue_from(self.storage, model, config.method, config.model.uri,
+            model = adapters.continue_from(self.storage, model, config.method, config.model.uri, self.base_dir,
                                            self.work_dir / f"rank-{ctx.rank}" / "candidate-adapter", ctx.device_type)
             candidate = _Evaluated(model.to(ctx.device))
             self.base_measurement = self._measure(candidate, base=True, uses_adapter=True)
