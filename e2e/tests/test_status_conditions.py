@@ -18,6 +18,7 @@ from e2e.localcluster import kstatus
 from e2e.tests.test_control_plane import _wait_for
 from e2e.tests.test_operator_cluster import (SIM_DURATION, SIM_EXIT_CODE, cfg, credentials, ftj,  # noqa: F401 (cfg)
                                              get_or_none, items, run_policy, start_suspended_and_annotate)
+from e2e.tests.test_tenancy import policy, tenant_namespace
 from tests.chart.argocd_cases import HEALTH_LUA
 from tests.chart.test_argocd_health import run_scripts
 
@@ -132,10 +133,8 @@ def test_a_run_whose_image_cannot_be_pulled_is_pending_with_the_kubelets_words_a
     real node and the kubelet cannot pull it. The run is Pending with the kubelet's reason, not Starting
     forever, and the tenant gets one Warning event, however often the kubelet retries."""
     tenant = f"pull-{suffix}"
-    kube.run("label", "namespace", namespace, f"finetune.dev/tenant={tenant}", "--overwrite")
-    cluster_objects({"apiVersion": "finetune.dev/v1alpha1", "kind": "TenantPolicy", "metadata": {"name": tenant},
-                     "spec": {"namespaceSelector": {"matchLabels": {"finetune.dev/tenant": tenant}},
-                              "nodePools": ["local"], "images": {"registries": ["localhost/finetune-absent/"]}}})
+    tenant_namespace(kube, namespace, tenant)
+    cluster_objects(policy(tenant, tenant, nodePools=["local"], images={"registries": ["localhost/finetune-absent/"]}))
     image = "localhost/finetune-absent/trainer:1"
     job = ftj("unpullable", image=image, runPolicy=run_policy(),
               resources={"workers": 1, "gpusPerWorker": 0, "nodePool": "local", "cpu": "100m", "memory": "512Mi"})

@@ -121,7 +121,8 @@ def test_an_adapter_this_trainer_wrote_continues_only_on_the_base_it_was_trained
     name = f"recorded-{trained_on}"
     save_adapter(base_dir, tmp_path / name)
     if trained_on is not None:
-        adapters.write_base(tmp_path / name, f"s3://m/{trained_on}/", sibling if trained_on == "sibling" else base_dir)
+        adapters.write_base(tmp_path / name, f"s3://m/{trained_on}/",
+                            adapters.base_fingerprint(sibling if trained_on == "sibling" else base_dir))
     uri = f"{bucket}adapters/{name}/"
     storage.upload_dir(tmp_path / name, uri)
     if refused:
@@ -263,7 +264,7 @@ def test_combining_what_cannot_be_combined_is_refused(problem, message, storage,
     if problem == "recorded sibling base":  # same architecture, other weights: only the record tells
         save_adapter(base_dir, tmp_path / "bad1-sibling")
         adapters.write_base(tmp_path / "bad1-sibling", "s3://m/sibling/",
-                            tiny.save_tiny_model(tmp_path / "sibling", "llama", seed=1))
+                            adapters.base_fingerprint(tiny.save_tiny_model(tmp_path / "sibling", "llama", seed=1)))
         u1 = f"{bucket}adapters/bad1-sibling/"
         storage.upload_dir(tmp_path / "bad1-sibling", u1)
     else:

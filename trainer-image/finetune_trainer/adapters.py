@@ -42,14 +42,15 @@ def base_fingerprint(base_dir: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def write_base(adapter_dir: Path, model_uri: str, base_dir: Path) -> None:
-    (adapter_dir / BASE_FILE).write_text(json.dumps({"modelUri": model_uri, "fingerprint": base_fingerprint(base_dir)},
-                                                    indent=1) + "\n")
+def write_base(adapter_dir: Path, model_uri: str, fingerprint: str) -> None:
+    """BASE_FILE into an adapter folder; `fingerprint`: base_fingerprint of the base it was trained on."""
+    (adapter_dir / BASE_FILE).write_text(json.dumps({"modelUri": model_uri, "fingerprint": fingerprint}, indent=1) + "\n")
 
 
-def check_base(adapter_dir: Path, base_dir: Path, field: str, uri: str, model_uri: str) -> None:
+def check_base(adapter_dir: Path, base: str, field: str, uri: str, model_uri: str) -> None:
     """An adapter this trainer wrote names its base model: another base (the files differ) is refused, even when
-    its modules and shapes fit. An adapter from elsewhere (no BASE_FILE) is judged by its modules and shapes only."""
+    its modules and shapes fit. An adapter from elsewhere (no BASE_FILE) is judged by its modules and shapes only.
+    `base`: base_fingerprint of this job's base model."""
     path = adapter_dir / BASE_FILE
     if not path.is_file():
         return
@@ -58,7 +59,7 @@ def check_base(adapter_dir: Path, base_dir: Path, field: str, uri: str, model_ur
         trained_on, fingerprint = str(recorded["modelUri"]), str(recorded["fingerprint"])
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{field} {uri}: {BASE_FILE} cannot be read: {e}") from None
-    if fingerprint != base_fingerprint(base_dir):
+    if fingerprint != base:
         raise ConfigError(f"{field} {uri} was trained on base model {trained_on[:300]}, whose files differ from "
                           f"this job's base model {model_uri}: the adapter would not fit it, even though its shapes "
                           "may (train a new adapter, or use the base it was trained on)")
@@ -127,7 +128,7 @@ def continue_from(storage: Storage, model, method: cfg.Method, model_uri: str, b
     field, uri = "method.adapter.uri", method.adapter.uri
     adapter_config = download(storage, uri, directory, field)
     check_type(adapter_config, method.type, field, uri)
-    check_base(directory, base_dir, field, uri, model_uri)
+    check_base(directory, base_fingerprint(base_dir), field, uri, model_uri)
     check_prompt_learning_fits(adapter_config, model, field, uri, model_uri)
     if method.type == "qlora":
         from .methods.qlora import require_gpu
@@ -160,6 +161,7 @@ def combine(storage: Storage, combination: cfg.AdapterCombination, base_dir: Pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    fingerprint = base_fingerprint(base_dir)  # the inputs are checked against it, the output records it
     sources: list[tuple[str, Path, float]] = []
     if trained_dir is not None:
         sources.append(("this job's trained adapter", trained_dir, combination.trainedWeight))
@@ -170,7 +172,7 @@ def combine(storage: Storage, combination: cfg.AdapterCombination, base_dir: Pat
         if adapter_config.get("peft_type") != "LORA" or adapter_config.get("use_dora"):
             raise ConfigError(f"{field} {item.uri}: only LoRA adapters can be combined, this one is "
                               f"{adapter_kind(adapter_config)}")
-        check_base(directory, base_dir, field, item.uri, model_uri)
+        check_base(directory, fingerprint, field, item.uri, model_uri)
         sources.append((f"{field} {item.uri}", directory, item.weight))
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs)
@@ -201,7 +203,7 @@ def combine(storage: Storage, combination: cfg.AdapterCombination, base_dir: Pat
     model.save_pretrained(saved, selected_adapters=["combined"], safe_serialization=True)
     out = saved / "combined"  # PEFT writes an adapter not named "default" into a folder of its name
     tokenizer.save_pretrained(out)
-    write_base(out, model_uri, base_dir)
+    write_base(out, model_uri, fingerprint)
     (out / "README.md").write_text("\n".join([
         "---", "library_name: peft", f"base_model: {model_uri}", "tags: [finetune-operator]", "---", "",
         "# Combined LoRA adapter", "",

@@ -399,7 +399,7 @@ class Run:
                                       getattr(self, "evaluation_document", {}).get("reportUri"))
             outputs.write_model_card(trained, card)
             if method_spec.uses_adapter:
-                adapters.write_base(trained, self.config.model.uri, self.base_dir)
+                adapters.write_base(trained, self.config.model.uri, adapters.base_fingerprint(self.base_dir))
                 adapter_uri = cfg.adapter_uri(output_uri)
                 self.storage.upload_dir(trained, adapter_uri)
                 if merge:
