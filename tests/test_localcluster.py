@@ -14,7 +14,7 @@ import pytest
 from e2e.localcluster import build, cluster, kueue, network, node, nodes, procs, prometheus, versions
 from e2e.localcluster.addons import COREFILE, dns_objects, node_rbac
 
-PATHS = node.NodePaths(Path("/checkout/.cluster/node"))
+PATHS = node.NodePaths(Path("/checkout/.cluster/node"), Path("/cache/finetune-operator/containerd"))
 
 
 # ---- network ---------------------------------------------------------------------------------------
@@ -98,7 +98,7 @@ def test_containerd_config_is_valid_toml_with_what_this_vm_needs():
     assert cri["enable_unprivileged_ports"] is True
     assert cri["cni"]["conf_dir"] == str(PATHS.cni_conf_dir)
     assert cri["containerd"]["runtimes"]["runc"]["options"]["SystemdCgroup"] is False
-    assert config["root"].startswith("/checkout/.cluster/node/") and config["state"].startswith("/checkout/.cluster/node/")
+    assert config["root"] == "/cache/finetune-operator/containerd" and config["state"].startswith("/checkout/.cluster/node/")
     assert config["grpc"]["address"] == str(PATHS.containerd_socket)
 
 
@@ -133,7 +133,7 @@ def test_kube_proxy_serves_services_of_the_cluster_cidr_only_on_the_node_address
 
 
 def test_ephemeral_node_state_excludes_the_image_store():
-    assert PATHS.containerd_root not in PATHS.ephemeral()
+    assert not any(PATHS.containerd_root.is_relative_to(p) for p in PATHS.ephemeral())
     assert all(str(p).startswith(str(PATHS.root)) for p in PATHS.ephemeral())
 
 

@@ -120,7 +120,7 @@ class LocalCluster:
 
     @property
     def node_paths(self) -> NodePaths:
-        return NodePaths(self.root / "node")
+        return NodePaths(self.root / "node", images.containerd_store())
 
     @property
     def node_runtime(self) -> NodeRuntime:

@@ -308,6 +308,11 @@ def images_dir() -> Path:
     return cache_dir() / "images"
 
 
+def containerd_store() -> Path:
+    """The real node's containerd root: images imported once per machine, not per checkout."""
+    return cache_dir() / "containerd"
+
+
 def buildah_dir() -> Path:
     return cache_dir() / "buildah"
 
@@ -662,8 +667,8 @@ def _explain_full_disk(spec: ImageSpec, error: BuildError) -> BuildError:
     return BuildError(
         f"building {ref(spec)} ran out of disk under {cache_dir()}: {free_gb:.1f} GB free now, the build "
         f"needs about {BUILD_DISK_GB.get(spec.name, 2)} GB at its peak (and the local cluster's node "
-        f"about 12 GB more for the unpacked trainer). Free space (another checkout's .cluster/node, "
-        f"an old cache) or set FTO_CACHE_DIR to a larger disk; the build log is {_log_file(spec)}.")
+        f"about 12 GB more for the unpacked trainer). Free space (an old cache) or set "
+        f"FTO_CACHE_DIR to a larger disk; the build log is {_log_file(spec)}.")
 
 
 def _log_tail(spec: ImageSpec, size: int = 64 * 1024) -> str:

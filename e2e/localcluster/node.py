@@ -5,9 +5,12 @@ The configurations are pure functions of the cluster's paths and ports (tested a
 tests/test_localcluster.py); `cluster.py` starts the processes and `NodeRuntime` holds what talks
 to containerd (image import, pods' processes, the cleanup at `cluster-down`).
 
-Everything lives under `.cluster/node/`: containerd's root (images, snapshots: kept across
-`cluster-down`, so a restart does not import the images again) and state, the kubelet's root,
-pod logs and the CNI configuration and address allocations (wiped at every start).
+containerd's root (the image store: content, unpacked snapshots, metadata) is in the machine's
+cache (`~/.cache/finetune-operator/containerd`), shared by every checkout as the image archives are:
+one real node runs on a machine at a time, and a new checkout's node (CI's clean clone) then finds
+the images of an earlier one and imports only the layers that changed. Everything else lives under
+`.cluster/node/` and is wiped at every start: containerd's state, the kubelet's root, pod logs and
+the CNI configuration and address allocations.
 """
 
 from __future__ import annotations
@@ -38,10 +41,7 @@ CONTAINERD_NAMESPACE = "k8s.io"
 @dataclass(frozen=True)
 class NodePaths:
     root: Path  # .cluster/node
-
-    @property
-    def containerd_root(self) -> Path:
-        return self.root / "containerd" / "root"
+    containerd_root: Path  # the image store, shared by every checkout (images.containerd_store())
 
     @property
     def containerd_state(self) -> Path:
@@ -84,7 +84,7 @@ class NodePaths:
         return self.root / "resolv.conf"
 
     def ephemeral(self) -> list[Path]:
-        """What a new start wipes (containerd's root with the imported images stays)."""
+        """What a new start wipes (everything under `root`; the image store is elsewhere)."""
         return [self.containerd_state, self.kubelet_root, self.pod_logs, self.root / "cni"]
 
 

@@ -282,8 +282,8 @@ TWO_WORKERS = {"deepspeed-zero2", "gated"}
 @pytest.fixture(scope="module")
 def side_by_side(kube, local_cluster, operator):
     """The variants and the gated jobs, applied at once into one namespace and left to run side by side: a
-    job's pods are limited to their CPU request, here 400m each, so that the 2-CPU node runs four pods at a
-    time (beside CoreDNS and the operator) and the scheduler queues the rest. Two workers where the variant is
+    job's pods are limited to their CPU request, here 450m each, so that the 2-CPU node runs four pods at a
+    time (beside CoreDNS and the operator, 120m) and the scheduler queues the rest. Two workers where the variant is
     about ranks (ZeRO-2 partitions, a gate failed on every rank), one elsewhere (the demo trains on two): each
     process starts torch and reads the model, a cost that would not test anything more. Returns namespace, the
     jobs and their settled statuses (a job that did not settle in time has its last status, which its test
@@ -291,7 +291,7 @@ def side_by_side(kube, local_cluster, operator):
     from e2e.conftest import make_namespace
 
     namespace = make_namespace(kube, "side-by-side")
-    resources = {**_demo_documents()[1]["spec"]["resources"], "cpu": "400m"}
+    resources = {**_demo_documents()[1]["spec"]["resources"], "cpu": "450m"}
     jobs = {name: small_job(name, resources={**resources, "workers": 2 if name in TWO_WORKERS else 1}, **changes)[1]
             for name, changes in {**VARIANTS, **GATED}.items()}
     kube.apply(small_job("secret-only")[0], *jobs.values(), namespace=namespace)

@@ -74,8 +74,8 @@ def test_a_preempted_run_checkpoints_within_its_grace_period_and_resumes(kube, l
     queue, low, high = f"node-{suffix}", f"training-low-{suffix}", f"training-high-{suffix}"
     tenant = f"preempt-{suffix}"
     tenant_namespace(kube, namespace, tenant)
-    # The quota of one demo run (2 pods of 500m CPU, 2Gi, 8Gi scratch): nothing else fits beside it.
-    quota = {"cpu": "1", "memory": "4Gi", "ephemeral-storage": "16Gi"}
+    # The quota of one demo run (2 pods of 900m CPU, 2Gi, 8Gi scratch): nothing else fits beside it.
+    quota = {"cpu": "1800m", "memory": "4Gi", "ephemeral-storage": "16Gi"}
     cluster_objects(priority_class(low, 100), priority_class(high, 1000),
                     kueue.local_node_flavor(f"node-{suffix}"),
                     kueue.cluster_queue(queue, {f"node-{suffix}": quota}, within_cluster_queue="LowerPriority"),
