@@ -74,8 +74,10 @@ def test_a_preempted_run_checkpoints_within_its_grace_period_and_resumes(kube, l
     queue, low, high = f"node-{suffix}", f"training-low-{suffix}", f"training-high-{suffix}"
     tenant = f"preempt-{suffix}"
     tenant_namespace(kube, namespace, tenant)
-    # The quota of one demo run (2 pods of 900m CPU, 2Gi, 8Gi scratch): nothing else fits beside it.
-    quota = {"cpu": "1800m", "memory": "4Gi", "ephemeral-storage": "16Gi"}
+    # The quota of one demo run (its pods' CPU, 2Gi and 8Gi scratch each): nothing else fits beside it.
+    demo = _demo_documents()[1]["spec"]["resources"]
+    quota = {"cpu": f"{demo['workers'] * int(demo['cpu'].removesuffix('m'))}m", "memory": "4Gi",
+             "ephemeral-storage": "16Gi"}
     cluster_objects(priority_class(low, 100), priority_class(high, 1000),
                     kueue.local_node_flavor(f"node-{suffix}"),
                     kueue.cluster_queue(queue, {f"node-{suffix}": quota}, within_cluster_queue="LowerPriority"),
