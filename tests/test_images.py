@@ -463,6 +463,101 @@ def test_a_layer_missing_from_the_archive_is_refused(tmp_path):
         images.docker_to_oci(stream, tmp_path / "o.tar", "localhost/finetune-x:0")
 
 
+# ---- the node's image store, filled ahead by `make cluster-build` --------------------------------------
+
+@pytest.fixture
+def store_env(project, tmp_path, monkeypatch):
+    """A machine cache in tmp_path holding the project's archive (a one-layer image), and an owner file of
+    the test's own (the machine's is the running cluster's)."""
+    monkeypatch.setenv("FTO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(images.node, "NODE_OWNER_FILE", tmp_path / "node-owner.json")
+    layer_buffer = io.BytesIO()
+    with tarfile.open(fileobj=layer_buffer, mode="w") as layer_tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 6
+        layer_tar.addfile(info, io.BytesIO(b"hello\n"))
+    _docker_archive(tmp_path / "d.tar", layer_buffer.getvalue(), images.ref(project))
+    archive = images.archive_path(project)
+    archive.parent.mkdir(parents=True)
+    with open(tmp_path / "d.tar", "rb") as stream:
+        images.docker_to_oci(stream, archive, images.ref(project))
+    return project
+
+
+def _store_images(store: Path, state: Path) -> tuple[list[str], list[str]]:
+    """The image references and snapshots a containerd started on the store finds (namespace k8s.io)."""
+    socket = state / "c.sock"
+    state.mkdir()
+    (state / "config.toml").write_text(images.node.image_store_config(store, state, socket))
+    proc = subprocess.Popen(["containerd", f"--config={state / 'config.toml'}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        ctr = ["ctr", "--address", str(socket), "--namespace", "k8s.io"]
+        images.wait_until(lambda: subprocess.run([*ctr, "version"], capture_output=True).returncode == 0, 30, "containerd")
+        listed = subprocess.run([*ctr, "images", "ls", "-q"], capture_output=True, text=True, check=True).stdout.split()
+        snapshots = subprocess.run([*ctr, "snapshots", "ls"], capture_output=True, text=True, check=True).stdout
+        return listed, snapshots.splitlines()[1:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_cluster_build_imports_the_images_unpacked_into_the_store_the_node_opens(store_env, tmp_path):
+    """A real containerd of its own imports the image; one started later on the same store (as the node's
+    is) finds it unpacked. The containerd is gone afterwards and so is its claim on the node."""
+    said = []
+    images.preload_node_store([store_env], log=said.append)
+    assert any("image store holds t" in line for line in said), said
+    assert not images.node.NODE_OWNER_FILE.exists()
+    assert json.loads((images.containerd_store() / images.PRELOADED_FILE).read_text()) == [images.ref(store_env)]
+    listed, snapshots = _store_images(images.containerd_store(), tmp_path / "later")
+    assert images.ref(store_env) in listed and snapshots
+
+
+def test_a_store_that_holds_the_images_already_starts_no_containerd(store_env, monkeypatch):
+    store = images.containerd_store()
+    store.mkdir(parents=True)
+    (store / images.PRELOADED_FILE).write_text(json.dumps([images.ref(store_env)]))
+    monkeypatch.setattr(images, "start_logged", lambda *a, **k: pytest.fail("started a containerd"))
+    images.preload_node_store([store_env], log=lambda _: None)
+
+
+@pytest.mark.parametrize("owner, left_alone", [
+    ({"root": "/checkout/.cluster", "containerd": os.getpid()}, True),   # a node runs on the store
+    ({"root": "/checkout/.cluster"}, True),                              # a cluster's start, its containerd not yet up
+    ({"root": "/checkout/.cluster", "containerd": 2 ** 22 + 1}, False),  # a node that is gone
+], ids=["node-running", "node-starting", "node-gone"])
+def test_a_store_in_use_is_left_to_the_clusters_start(store_env, monkeypatch, owner, left_alone):
+    images.node.NODE_OWNER_FILE.write_text(json.dumps(owner))
+    if left_alone:
+        monkeypatch.setattr(images, "start_logged", lambda *a, **k: pytest.fail("started a containerd on a store in use"))
+    said = []
+    images.preload_node_store([store_env], log=said.append)
+    if left_alone:
+        assert said == ["the node's image store is in use (/checkout/.cluster): the images are imported when the "
+                        "cluster starts"]
+    else:
+        assert any("image store holds t" in line for line in said), said
+
+
+def test_a_failed_import_is_reported_and_leaves_no_containerd_and_no_claim(store_env, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise images.BuildError("ctr images import failed (exit 1): no space left on device")
+
+    monkeypatch.setattr(images, "import_into_containerd", refuse)
+    started = []
+    real_start = images.start_logged
+    monkeypatch.setattr(images, "start_logged", lambda *a, **k: started.append(real_start(*a, **k)) or started[-1])
+    said = []
+    images.preload_node_store([store_env], log=said.append)
+    assert said == ["importing the images into the node's image store failed (ctr images import failed (exit 1): "
+                    "no space left on device); the cluster's start imports them"]
+    (proc,) = started
+    assert proc.poll() is not None   # stopped
+    assert not images.node.NODE_OWNER_FILE.exists()
+    assert not (images.containerd_store() / images.PRELOADED_FILE).exists()
+
+
 # ---- the base, pause and coredns images ---------------------------------------------------------------
 
 def test_the_base_image_is_debian_from_the_hosts_mirror_with_what_both_dockerfiles_need():

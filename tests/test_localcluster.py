@@ -5,7 +5,10 @@ queues, and the Go builds."""
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -211,6 +214,55 @@ def test_an_edited_harness_gets_a_new_cache_key(tmp_path):
     before = harness.cache_key
     main_go.write_text("package main\n\nfunc main() { println() }\n")
     assert harness.cache_key != before and harness.cache_key.startswith("v1.0.0-")
+
+
+@pytest.mark.parametrize("resolved_ahead, go_commands", [
+    (True, [["go", "build"]]),             # `make cluster-build`: modules resolved by the stream ahead
+    (False, [["go", "get"], ["go", "build"]]),
+], ids=["resolved-ahead", "resolved-here"])
+def test_a_component_compiles_in_its_resolved_module_and_a_cached_one_not_at_all(tmp_path, monkeypatch,
+                                                                                resolved_ahead, go_commands):
+    monkeypatch.setenv("FTO_CACHE_DIR", str(tmp_path))
+    component = build.GoComponent(name="probe", module="example.com/probe", version="v1.0.0",
+                                  binaries={"probe": "example.com/probe/cmd/probe"})
+    calls = []
+
+    def go(argv, **kwargs):
+        calls.append((argv[:2], kwargs["cwd"]))
+        if argv[1] == "build":
+            Path(argv[argv.index("-o") + 1]).write_text("binary")
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(build.subprocess, "run", go)
+    work = tmp_path / "src" / "probe-v1.0.0"
+    if resolved_ahead:
+        assert build.resolve(component, log=lambda _: None) == work
+        calls.clear()
+    build.build(component, log=lambda _: None, resolved=(lambda: work) if resolved_ahead else None)
+    assert [argv for argv, _ in calls] == go_commands and {cwd for _, cwd in calls} == {work}
+    assert component.binary("probe").read_text() == "binary" and (work / "go.mod").exists()
+    calls.clear()
+    build.build(component, log=lambda _: None, resolved=lambda: pytest.fail("waited for a cached component"))
+    assert calls == []
+
+
+def test_a_cluster_start_waits_for_the_image_store_being_filled(tmp_path, monkeypatch):
+    monkeypatch.setattr(node, "NODE_OWNER_FILE", tmp_path / "owner.json")
+    purpose = "make cluster-build, importing images into the node's image store (pid 7)"
+    (tmp_path / "owner.json").write_text(json.dumps({"root": "/cache/containerd", "containerd": os.getpid(),
+                                                     "purpose": purpose}))
+    with pytest.raises(RuntimeError, match=re.escape(f"{purpose} (containerd {os.getpid()}) holds the node's image "
+                                                     "store; start the cluster once it is done")):
+        cluster.LocalCluster(tmp_path / "checkout" / ".cluster")._claim_node()
+
+
+def test_the_image_store_config_opens_the_nodes_store_without_cri():
+    store = tomllib.loads(node.image_store_config(Path("/cache/containerd"), Path("/tmp/s"), Path("/tmp/s/c.sock")))
+    node_config = tomllib.loads(node.containerd_config(PATHS, "localhost/finetune-pause:abc"))
+    assert store["root"] == "/cache/containerd" and store["grpc"]["address"] == "/tmp/s/c.sock"
+    assert set(store["disabled_plugins"]) == set(node_config["disabled_plugins"]) | {"io.containerd.grpc.v1.cri"}
+    assert "plugins" not in store   # overlayfs, the default snapshotter, as the node's CRI uses
+    assert node_config["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == "overlayfs"
 
 
 # ---- Kueue ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from . import versions
 from .paths import cache_dir
@@ -256,13 +257,10 @@ def _helper_module_text(component: GoComponent) -> str:
     return "\n".join(lines) + "\n" + component.extra_go_mod
 
 
-def build(component: GoComponent, log=print) -> None:
-    """Build the component's binaries that are not in the cache yet (a new binary added to a
-    component is built alone; the ones already there are kept)."""
-    missing = [name for name in component.binaries if not component.binary(name).exists()]
-    if not missing:
-        log(f"{component.name} {component.version}: cached in {component.bin_dir}")
-        return
+def resolve(component: GoComponent, log=print) -> Path:
+    """Write the component's helper module and resolve it (`go get`, downloading what the module
+    cache lacks); returns the module's folder. Mostly network: `main` runs the next components'
+    resolves while one compiles."""
     work = cache_dir() / "src" / f"{component.name}-{component.cache_key}"
     work.mkdir(parents=True, exist_ok=True)
     (work / "go.mod").write_text(_helper_module_text(component))
@@ -276,6 +274,19 @@ def build(component: GoComponent, log=print) -> None:
     if component.upgrades:
         log(f"{component.name} {component.version}: upgrading {' '.join(component.upgrades)}")
         subprocess.run(["go", "get", *component.upgrades], cwd=work, env=env, check=True)
+    return work
+
+
+def build(component: GoComponent, log=print, resolved: Callable[[], Path] | None = None) -> None:
+    """Build the component's binaries that are not in the cache yet (a new binary added to a
+    component is built alone; the ones already there are kept). `resolved` waits for a `resolve`
+    started elsewhere; without it the module is resolved here."""
+    missing = [name for name in component.binaries if not component.binary(name).exists()]
+    if not missing:
+        log(f"{component.name} {component.version}: cached in {component.bin_dir}")
+        return
+    work = resolved() if resolved is not None else resolve(component, log)
+    env = _go_env()
     component.bin_dir.mkdir(parents=True, exist_ok=True)
     for binary_name in missing:
         package = component.binaries[binary_name]
@@ -304,13 +315,29 @@ def main(argv: list[str]) -> int:
     from . import debian, images
 
     debian.ensure_packages(debian.LOCAL_CLUSTER_PACKAGES)
-    # Two streams: the Go builds (CPU) and the image builds (mostly downloads) overlap; the CoreDNS
-    # image, which needs the CoreDNS binary, comes last.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        go_builds = pool.submit(lambda: [build(component) for component in COMPONENTS.values()])
-        image_builds = pool.submit(lambda: [images.ensure_built(spec) for spec in images.IMAGES.values()])
-        go_builds.result()
-        image_builds.result()
+    # Three streams: the Go builds (CPU), the modules they need resolved and downloaded ahead of them
+    # (network), and the image builds (mostly downloads), which then import the images into the
+    # node's image store; the CoreDNS image, which needs the CoreDNS binary, comes last.
+    with ThreadPoolExecutor(max_workers=1) as resolver, ThreadPoolExecutor(max_workers=2) as pool:
+        resolves = {c.name: resolver.submit(resolve, c) for c in COMPONENTS.values() if not c.is_built()}
+
+        def build_all() -> None:
+            for component in COMPONENTS.values():
+                ahead = resolves.get(component.name)
+                build(component, resolved=ahead.result if ahead is not None else None)
+
+        def images_into_store() -> None:
+            for spec in images.IMAGES.values():
+                images.ensure_built(spec)
+            images.preload_node_store(list(images.IMAGES.values()))
+
+        go_builds = pool.submit(build_all)
+        image_builds = pool.submit(images_into_store)
+        try:
+            go_builds.result()
+            image_builds.result()
+        finally:  # a failed build does not wait for the resolves still queued
+            resolver.shutdown(wait=False, cancel_futures=True)
     images.ensure_built(images.coredns_spec(COREDNS.binary("coredns")))
     return 0
 

@@ -29,10 +29,10 @@ import yaml
 
 from . import addons, build, certs, debian, images, kueue, network, nodes, s3, versions
 from . import prometheus
-from .node import NODE_NAME, NodePaths, NodeRuntime
+from .node import NODE_NAME, NODE_OWNER_FILE, NodePaths, NodeRuntime, node_owner
 from . import node as node_config
 from .paths import REPO_ROOT, cache_dir, cluster_dir
-from .procs import free_ports, http_ok, port_open, start_logged, wait_until
+from .procs import free_ports, http_ok, pid_alive, port_open, start_logged, wait_until
 
 SERVICE_CLUSTER_IP_RANGE = network.SERVICE_CIDR
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
@@ -50,9 +50,6 @@ COMPONENT_ORDER = [
 LOCAL_NODES = [NODE_NAME]
 # Images every start imports into the node's containerd (`images.py` builds them).
 NODE_IMAGES = ("pause", "base", "coredns", "trainer", "operator")
-# Machine-wide: the bridge, iptables and containerd's shim sockets exist once per machine, so only
-# one checkout's cluster may run the real node at a time.
-NODE_OWNER_FILE = Path("/run/finetune-operator-node.json")
 
 
 @dataclass
@@ -69,20 +66,6 @@ class State:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 class KubectlError(subprocess.CalledProcessError):
@@ -173,7 +156,7 @@ class LocalCluster:
             raise TimeoutError(f"{error}: {seen}") from None
 
     def alive(self) -> dict[str, bool]:
-        return {name: _pid_alive(pid) for name, pid in self.state.pids.items()}
+        return {name: pid_alive(pid) for name, pid in self.state.pids.items()}
 
     def is_running(self) -> bool:
         alive = self.alive()
@@ -252,11 +235,13 @@ class LocalCluster:
 
     def _claim_node(self) -> None:
         """The real node's resources exist once per machine: refuse to start a second one."""
-        if NODE_OWNER_FILE.exists():
-            owner = json.loads(NODE_OWNER_FILE.read_text())
-            if owner.get("root") != str(self.root) and _pid_alive(owner.get("containerd", 0)):
-                raise RuntimeError(f"the real node of another local cluster ({owner['root']}) is running on this "
-                                   f"machine; stop it first (make cluster-down in that checkout)")
+        owner = node_owner()
+        if owner.get("root") != str(self.root) and pid_alive(owner.get("containerd", 0)):
+            if owner.get("purpose"):
+                raise RuntimeError(f"{owner['purpose']} (containerd {owner['containerd']}) holds the node's image "
+                                   f"store; start the cluster once it is done")
+            raise RuntimeError(f"the real node of another local cluster ({owner['root']}) is running on this "
+                               f"machine; stop it first (make cluster-down in that checkout)")
         NODE_OWNER_FILE.write_text(json.dumps({"root": str(self.root)}))
 
     def _reset_dirs(self) -> None:
@@ -502,7 +487,7 @@ class LocalCluster:
         log_file = self.logs / "kueue.log"
 
         def ready() -> bool:
-            if not _pid_alive(self.state.pids["kueue"]):
+            if not pid_alive(self.state.pids["kueue"]):
                 raise RuntimeError(f"Kueue exited:\n{log_file.read_text(errors='replace')[-3000:]}")
             return http_ok(f"http://127.0.0.1:{self.state.ports['kueue-probe']}/readyz")
 
@@ -556,7 +541,7 @@ class LocalCluster:
         self.kubectl("apply", "--server-side", "--field-manager=finetune-local", "-f", "-",
                      input=yaml.safe_dump_all(addons.prometheus_rbac()))
         path.write_text(text)
-        if self.state.pids.get("prometheus") and _pid_alive(self.state.pids["prometheus"]):
+        if self.state.pids.get("prometheus") and pid_alive(self.state.pids["prometheus"]):
             self.reload_prometheus()
             log("Prometheus reloaded its configuration (the chart's monitors changed)")
         return True
@@ -631,7 +616,7 @@ class LocalCluster:
         policy and proxy rules, containerd and its shims, the mounts and the bridge."""
         self._stop_component("kubelet", log)
         runtime = self.node_runtime
-        if "containerd" in self.state.pids and _pid_alive(self.state.pids["containerd"]):
+        if "containerd" in self.state.pids and pid_alive(self.state.pids["containerd"]):
             try:
                 runtime.remove_all_pods()
             except (OSError, subprocess.SubprocessError) as exc:
@@ -652,7 +637,7 @@ class LocalCluster:
 
     def _stop_component(self, name: str, log) -> None:
         pid = self.state.pids.get(name)
-        if pid and _pid_alive(pid):
+        if pid and pid_alive(pid):
             _terminate_group(pid)
             log(f"stopped {name} (pid {pid})")
 
@@ -737,7 +722,7 @@ class LocalCluster:
         lines = [f"local cluster: {'ready' if self._apiserver_ready() else 'NOT ready'} at {self.server}"]
         for name in COMPONENT_ORDER:
             pid = self.state.pids.get(name)
-            mark = "running" if pid and _pid_alive(pid) else "STOPPED"
+            mark = "running" if pid and pid_alive(pid) else "STOPPED"
             lines.append(f"  {name:<24} {mark:<8} pid {pid}  port {self.state.ports.get(name)}  log {self.logs / (name + '.log')}")
         lines += [
             f"  S3 endpoint:  {self.s3_endpoint}  (access key {s3.ACCESS_KEY}, secret {s3.SECRET_KEY})",
@@ -753,7 +738,7 @@ def _terminate_group(pid: int, grace: float = 10) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.1)
     try:
         os.killpg(pid, signal.SIGKILL)

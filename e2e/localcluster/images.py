@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from . import debian
+from . import debian, node
 from .paths import REPO_ROOT, cache_dir
+from .procs import pid_alive, start_logged, wait_until
 
 IMAGES_DIR = Path(__file__).resolve().parent / "images"
 REGISTRY = "localhost"
@@ -393,6 +394,63 @@ def import_into_containerd(spec: ImageSpec, address: Path, log: Log = print) -> 
         subprocess.run([*ctr, "images", "rm", *older], capture_output=True, check=False)
     log(f"imported {reference} into containerd in {time.monotonic() - t0:.1f}s ({sent / 1e6:.0f} MB sent)")
     return reference
+
+
+# In the image store: the references `preload_node_store` imported last (a later run with the same
+# images starts no containerd).
+PRELOADED_FILE = "preloaded-by-cluster-build.json"
+
+
+def preload_node_store(specs: list[ImageSpec], log: Log = print) -> None:
+    """Import the images into the node's image store (`containerd_store()`) before any node runs, with
+    a containerd of its own for as long as it takes: `make cluster-build` does this beside the Go builds,
+    so that a new machine's first cluster start does not spend minutes importing the 5.5 GB trainer.
+
+    Best effort: when a node holds the store, or anything fails, the cluster's start imports whatever
+    the store lacks, as it does at every start."""
+    store = containerd_store()
+    marker = store / PRELOADED_FILE
+    wanted = sorted(ref(spec) for spec in specs)
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(marker.read_text()) == wanted:
+            return
+    owner = node.node_owner()
+    if owner and (pid_alive(owner.get("containerd", 0)) or "containerd" not in owner):
+        log(f"the node's image store is in use ({owner.get('purpose') or owner.get('root')}): the images are "
+            f"imported when the cluster starts")
+        return
+    t0 = time.monotonic()
+    store.mkdir(parents=True, exist_ok=True)
+    state = Path(tempfile.mkdtemp(prefix="fto-image-store-"))
+    socket = state / "containerd.sock"
+    config = state / "config.toml"
+    config.write_text(node.image_store_config(store, state, socket))
+    log_file = images_dir() / "logs" / "image-store.log"
+    proc = start_logged(["containerd", f"--config={config}"], log_file)
+    node.NODE_OWNER_FILE.write_text(json.dumps({
+        "root": str(store), "containerd": proc.pid,
+        "purpose": f"make cluster-build, importing images into the node's image store (pid {os.getpid()})"}))
+    try:
+        wait_until(lambda: subprocess.run(["ctr", "--address", str(socket), "version"], capture_output=True,
+                                          check=False).returncode == 0,
+                   60, "containerd on the image store", proc=proc, log_file=log_file)
+        for spec in specs:
+            import_into_containerd(spec, socket, log=log)
+        marker.write_text(json.dumps(wanted))
+        log(f"the node's image store holds {', '.join(spec.name for spec in specs)} "
+            f"({time.monotonic() - t0:.0f}s)")
+    except (BuildError, OSError, RuntimeError, subprocess.SubprocessError) as e:
+        log(f"importing the images into the node's image store failed ({e}); the cluster's start imports them")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if node.node_owner().get("containerd") == proc.pid:
+            node.NODE_OWNER_FILE.unlink(missing_ok=True)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def image_records(listing: str) -> dict[str, str]:

@@ -10,7 +10,8 @@ cache (`~/.cache/finetune-operator/containerd`), shared by every checkout as the
 one real node runs on a machine at a time, and a new checkout's node (CI's clean clone) then finds
 the images of an earlier one and imports only the layers that changed. Everything else lives under
 `.cluster/node/` and is wiped at every start: containerd's state, the kubelet's root, pod logs and
-the CNI configuration and address allocations.
+the CNI configuration and address allocations. `make cluster-build` fills the image store ahead of
+a first start, with a containerd of its own (`image_store_config`, `images.preload_node_store`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,28 @@ KUBELET_PORT = 10250
 CNI_BIN_DIR = Path("/usr/lib/cni")
 RUNC = "/usr/sbin/runc"
 CONTAINERD_NAMESPACE = "k8s.io"
+# Machine-wide: the bridge, iptables and containerd's shim sockets exist once per machine, and so
+# does the image store; one containerd runs on it at a time: a checkout's node, or `make
+# cluster-build` importing images into it.
+NODE_OWNER_FILE = Path("/run/finetune-operator-node.json")
+# Snapshotters this machine cannot run would only log errors at every start.
+UNUSABLE_PLUGINS = ("io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing")
+
+
+def node_owner() -> dict:
+    """Who holds the machine's node ({} when nobody does): `root`, the checkout whose cluster it is;
+    `containerd`, the pid of the containerd on the image store once one runs; `purpose`, what holds
+    the store when it is not a cluster."""
+    try:
+        return json.loads(NODE_OWNER_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _toml_strings(items) -> str:
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 
 
 @dataclass(frozen=True)
@@ -95,10 +118,7 @@ def containerd_config(paths: NodePaths, sandbox_image: str) -> str:
         "version = 2",
         f'root = "{paths.containerd_root}"',
         f'state = "{paths.containerd_state}"',
-        # Snapshotters this machine cannot run would only log errors at every start.
-        'disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",'
-        ' "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs",'
-        ' "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]',
+        f"disabled_plugins = {_toml_strings(UNUSABLE_PLUGINS)}",
         "",
         "[grpc]",
         f'  address = "{paths.containerd_socket}"',
@@ -245,6 +265,25 @@ def kube_router_argv(binary: Path, kubeconfig: Path, health_port: int) -> list[s
         "--iptables-sync-period=30s",
         "--v=1",
     ]
+
+
+def image_store_config(store: Path, state: Path, socket: Path) -> str:
+    """containerd's config for the image store alone, no CRI and no containers: the same root and
+    snapshotter (overlayfs, the default) as the node's, so the node finds what it imported unpacked."""
+    return "\n".join([
+        "version = 2",
+        f'root = "{store}"',
+        f'state = "{state}"',
+        f"disabled_plugins = {_toml_strings((*UNUSABLE_PLUGINS, 'io.containerd.grpc.v1.cri'))}",
+        "",
+        "[grpc]",
+        f'  address = "{socket}"',
+        "[ttrpc]",
+        f'  address = "{socket}.ttrpc"',
+        "[debug]",
+        '  level = "warn"',
+        "",
+    ])
 
 
 def crictl_config(paths: NodePaths) -> str:

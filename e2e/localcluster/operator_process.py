@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from .cluster import LocalCluster, _pid_alive, _terminate_group
+from .cluster import LocalCluster, _terminate_group
 from .operator_release import install_crds, local_operator_config
 from .paths import REPO_ROOT
-from .procs import free_port, http_ok, start_logged, wait_until
+from .procs import free_port, http_ok, pid_alive, start_logged, wait_until
 
 
 class OperatorProcess:
@@ -33,7 +33,7 @@ class OperatorProcess:
 
     def running(self) -> bool:
         pid = self._state().get("pid")
-        return bool(pid) and _pid_alive(pid)
+        return bool(pid) and pid_alive(pid)
 
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self._state()['metricsPort']}/metrics"
@@ -69,7 +69,7 @@ class OperatorProcess:
 
     def down(self, log=print) -> None:
         pid = self._state().get("pid")
-        if pid and _pid_alive(pid):
+        if pid and pid_alive(pid):
             _terminate_group(pid, grace=15)
             log(f"stopped the operator (pid {pid})")
         self.pid_file.unlink(missing_ok=True)
@@ -78,7 +78,7 @@ class OperatorProcess:
     def kill(self) -> None:
         """SIGKILL, as a crash or an OOM kill would: no cleanup, no graceful shutdown."""
         pid = self._state().get("pid")
-        if pid and _pid_alive(pid):
+        if pid and pid_alive(pid):
             os.killpg(pid, 9)
-            wait_until(lambda: not _pid_alive(pid), 10, "the killed operator to exit")
+            wait_until(lambda: not pid_alive(pid), 10, "the killed operator to exit")
         self.pid_file.unlink(missing_ok=True)
