@@ -493,7 +493,7 @@ def _store_images(store: Path, state: Path) -> tuple[list[str], list[str]]:
                             stderr=subprocess.DEVNULL)
     try:
         ctr = ["ctr", "--address", str(socket), "--namespace", "k8s.io"]
-        images.wait_until(lambda: subprocess.run([*ctr, "version"], capture_output=True).returncode == 0, 30, "containerd")
+        images.wait_until(lambda: images.node.containerd_answers(socket), 30, "containerd")
         listed = subprocess.run([*ctr, "images", "ls", "-q"], capture_output=True, text=True, check=True).stdout.split()
         snapshots = subprocess.run([*ctr, "snapshots", "ls"], capture_output=True, text=True, check=True).stdout
         return listed, snapshots.splitlines()[1:]

@@ -580,7 +580,7 @@ class LocalCluster:
         paths.containerd_socket.unlink(missing_ok=True)
         proc = self._start("containerd", ["containerd", f"--config={paths.containerd_config}"])
         NODE_OWNER_FILE.write_text(json.dumps({"root": str(self.root), "containerd": proc.pid}))
-        wait_until(lambda: self.node_runtime.ctr("version", check=False).returncode == 0, 60, "containerd",
+        wait_until(lambda: node_config.containerd_answers(paths.containerd_socket), 60, "containerd",
                    proc=proc, log_file=self.logs / "containerd.log")
 
     def _start_kubelet(self) -> None:

@@ -431,9 +431,8 @@ def preload_node_store(specs: list[ImageSpec], log: Log = print) -> None:
         "root": str(store), "containerd": proc.pid,
         "purpose": f"make cluster-build, importing images into the node's image store (pid {os.getpid()})"}))
     try:
-        wait_until(lambda: subprocess.run(["ctr", "--address", str(socket), "version"], capture_output=True,
-                                          check=False).returncode == 0,
-                   60, "containerd on the image store", proc=proc, log_file=log_file)
+        wait_until(lambda: node.containerd_answers(socket), 60, "containerd on the image store", proc=proc,
+                   log_file=log_file)
         for spec in specs:
             import_into_containerd(spec, socket, log=log)
         marker.write_text(json.dumps(wanted))

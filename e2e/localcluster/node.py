@@ -61,6 +61,29 @@ def _toml_strings(items) -> str:
     return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 
 
+def _containerd_base_config(root: Path, state: Path, socket: Path, disabled: tuple[str, ...]) -> list[str]:
+    """What every containerd of ours has: its root and state, the plugins it leaves off, its socket."""
+    return [
+        "version = 2",
+        f'root = "{root}"',
+        f'state = "{state}"',
+        f"disabled_plugins = {_toml_strings(disabled)}",
+        "",
+        "[grpc]",
+        f'  address = "{socket}"',
+        "[ttrpc]",
+        f'  address = "{socket}.ttrpc"',
+        "[debug]",
+        '  level = "warn"',
+        "",
+    ]
+
+
+def containerd_answers(socket: Path) -> bool:
+    return subprocess.run(["ctr", "--address", str(socket), "version"], capture_output=True,
+                          check=False).returncode == 0
+
+
 @dataclass(frozen=True)
 class NodePaths:
     root: Path  # .cluster/node
@@ -115,18 +138,8 @@ def containerd_config(paths: NodePaths, sandbox_image: str) -> str:
     """containerd 1.6's config (TOML, version 2) for a CRI node with runc and the bridge CNI."""
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return "\n".join([
-        "version = 2",
-        f'root = "{paths.containerd_root}"',
-        f'state = "{paths.containerd_state}"',
-        f"disabled_plugins = {_toml_strings(UNUSABLE_PLUGINS)}",
-        "",
-        "[grpc]",
-        f'  address = "{paths.containerd_socket}"',
-        "[ttrpc]",
-        f'  address = "{paths.containerd_socket}.ttrpc"',
-        "[debug]",
-        '  level = "warn"',
-        "",
+        *_containerd_base_config(paths.containerd_root, paths.containerd_state, paths.containerd_socket,
+                                 UNUSABLE_PLUGINS),
         f"[{cri}]",
         f'  sandbox_image = "{sandbox_image}"',
         # This VM does not grant CAP_SYS_RESOURCE: a sandbox's default oom_score_adj is refused.
@@ -270,20 +283,7 @@ def kube_router_argv(binary: Path, kubeconfig: Path, health_port: int) -> list[s
 def image_store_config(store: Path, state: Path, socket: Path) -> str:
     """containerd's config for the image store alone, no CRI and no containers: the same root and
     snapshotter (overlayfs, the default) as the node's, so the node finds what it imported unpacked."""
-    return "\n".join([
-        "version = 2",
-        f'root = "{store}"',
-        f'state = "{state}"',
-        f"disabled_plugins = {_toml_strings((*UNUSABLE_PLUGINS, 'io.containerd.grpc.v1.cri'))}",
-        "",
-        "[grpc]",
-        f'  address = "{socket}"',
-        "[ttrpc]",
-        f'  address = "{socket}.ttrpc"',
-        "[debug]",
-        '  level = "warn"',
-        "",
-    ])
+    return "\n".join(_containerd_base_config(store, state, socket, (*UNUSABLE_PLUGINS, "io.containerd.grpc.v1.cri")))
 
 
 def crictl_config(paths: NodePaths) -> str:
