@@ -60,12 +60,18 @@ def test_a_learning_rate_search_prunes_a_bad_trial_and_promotes_the_best(kube, l
     finished = [t for t in trials.values() if t["phase"] == "Succeeded"]
     assert min(finished, key=lambda t: t["value"])["number"] == best["number"]
 
-    max_steps = spec["hyperparameters"]["maxSteps"]
+    max_steps, every_steps = spec["hyperparameters"]["maxSteps"], spec["evaluation"]["everySteps"]
     pruned = [t for t in trials.values() if t["phase"] == "Pruned"]
     assert pruned, f"no trial was pruned: {search}"
     for trial in pruned:
         assert trial["parameters"]["learningRate"] < BEST_RATE
-        # Stopped before its last step: its trainer never got there.
+        assert trial["step"] < max_steps and trial["message"].startswith(f"pruned at step {trial['step']} "), trial
+    # A trial started once the first finished is judged against it at its first evaluation, and stopped there:
+    # its trainer never got to its last step. (One that trained beside the first may be judged later, on
+    # reports read late, and its trainer run on for the seconds until its pods stop.)
+    stopped_early = [t for t in pruned if t["step"] == every_steps]
+    assert stopped_early, f"no trial was pruned at its first evaluation: {search}"
+    for trial in stopped_early:
         progress = _read_json(local_cluster, progress_uri(n.trial_output_uri(output, trial["number"]), "1"))
         assert progress["step"] < max_steps, (trial, progress["step"])
         assert not _keys(local_cluster, n.trial_output_uri(output, trial["number"]) + "adapter/")

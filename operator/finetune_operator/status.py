@@ -451,13 +451,14 @@ def derive_status(body: dict[str, Any], obs: Observation, retryable_exit_codes: 
                            "reason": queue.reason, "message": queue.message[:4096]}
         if queue.workloads_ahead is not None:
             status["queue"]["workloadsAhead"] = queue.workloads_ahead
-        status["preemptions"] = max(int(status.get("preemptions") or 0), queue.preemptions)
+        if obs.search is None:  # a search's queue is one trial's; its preemptions are every trial's (below)
+            status["preemptions"] = max(int(status.get("preemptions") or 0), queue.preemptions)
 
     search = obs.search
     if search is not None:
         status["search"] = search.status
         trial_gpu_seconds = sum(float(t.get("gpuSeconds") or 0.0) for t in search.status.get("trials") or [])
-        # Every trial's preemptions: the queue shown is one trial's, and each trial has its own Workload.
+        # Each trial has its own Workload: the search's preemptions are the sum of theirs.
         trial_preemptions = sum(int(t.get("preemptions") or 0) for t in search.status.get("trials") or [])
         status["preemptions"] = max(int(status.get("preemptions") or 0), trial_preemptions)
         status["gpuSeconds"] = round(max(float(status.get("gpuSeconds") or 0.0), trial_gpu_seconds), 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from datetime import datetime, timezone
 
 import optuna
 import pytest
@@ -164,6 +163,26 @@ def test_a_bad_trial_is_pruned_its_pytorchjob_deleted_and_the_next_one_started()
     assert [(d["kind"], d["metadata"]["name"], d["metadata"].get("uid")) for d in plan.delete] == [
         ("PyTorchJob", "train-1-t1", "uid-t1")]
     assert applied_trials(plan) == [2, 3]  # both slots free again
+
+
+@pytest.mark.parametrize("losses, step, total_steps, phase", [
+    ([2.5], 5, 20, "Pruned"),  # judged at step 5 of 20: stopped early
+    ([2.5], 5, 0, "Pruned"),  # no plan of steps reported (yet): judged
+    ([2.5, 2.4, 2.3, 2.2], 20, 20, "Running"),  # read at its last evaluation: it has trained, and completes
+    ([2.5, 2.4, 2.3], 20, 20, "Running"),  # past its last evaluation, at its last step
+    ([2.5, 2.4, 2.3], 16, 20, "Pruned"),  # short of it: stopping still saves steps
+], ids=["early", "no-total-yet", "at-the-last-evaluation", "at-the-last-step", "near-the-end"])
+def test_a_trial_read_only_once_it_has_trained_every_step_is_not_pruned(losses, step, total_steps, phase):
+    """Reports read late (here: trial 0 finished while trial 1 trained beside it) never stop a trial whose
+    trainer has reached its last step: the rule would stop nothing, only lose the trial's adapter."""
+    b = body(status=status_with(trial_status(0, 3e-3, "Succeeded", 1.0, [(5, 1.5), (10, 1.0), (15, 0.9), (20, 0.8)]),
+                                trial_status(1, 1e-4, "Running")))
+    documents = docs(losses)
+    documents.progress.step, documents.progress.totalSteps = step, total_steps
+    trials = {1: driver.TrialRun(trial_ptj(b, 1, {"learningRate": 1e-4}, "Running"), documents)}
+    plan = decide(view_of(b, trials=trials), CFG)
+    assert plan.search.trials[1]["phase"] == phase
+    assert [d["kind"] for d in plan.delete] == (["PyTorchJob"] if phase == "Pruned" else [])
 
 
 def test_suspending_a_search_suspends_its_running_trials_and_starts_none():

@@ -137,6 +137,7 @@ class Search(ApiModel):
         description="grid: every combination of the parameters' values; random: independent samples; tpe: "
         "Optuna's Tree-structured Parzen Estimator, model-based after a few random trials.")
     pruning: Pruning = Field(default_factory=Pruning, json_schema_extra={"default": {}},
-                             description="Early stopping of bad trials (needs evaluation.everySteps > 0).")
+                             description="Early stopping of bad trials (needs evaluation.everySteps > 0). A trial whose "
+                             "trainer has reached its last step when its reports are read is not stopped: it completes.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1,
                       description="Seed of the sampler: the same spec and seed propose the same trials.")

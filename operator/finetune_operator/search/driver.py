@@ -159,6 +159,16 @@ def _new_history(search: Search, recorded: dict[str, Any], run: TrialRun | None)
     return history if history and history[-1][0] > int(recorded.get("step") or 0) else []
 
 
+def _trained_every_step(run: TrialRun | None) -> bool:
+    """The trial's trainer reached its last step (by its progress.json): stopping it would save nothing, so
+    no rule prunes it and it completes with its final evaluation."""
+    progress = run.documents.progress if run and run.documents else None
+    if progress is None or progress.totalSteps <= 0:
+        return False
+    last_evaluation = progress.evalHistory[-1].step if progress.evalHistory else 0
+    return max(progress.step, last_evaluation) >= progress.totalSteps
+
+
 def _pruned_at(search: Search, every_steps: int, trials: dict[int, dict[str, Any]], number: int,
                history: list[tuple[int, float]], since: int) -> int | None:
     """The first of the trial's evaluations after step `since` at which the pruning rule stops it, judged
@@ -203,10 +213,11 @@ def plan_search(search: Search, previous: dict[str, Any], observed: dict[int, Tr
     plan = SearchPlan(trials=[], planned=space.planned_trials(search))
     # A trial is judged when it reports, at each new evaluation (as Optuna's should_prune after each
     # report): not again on later passes, when other trials may have finished meanwhile. A trial
-    # suspended since (Pending) is judged too: its new evaluations are not read twice.
+    # suspended since (Pending) is judged too: its new evaluations are not read twice. A trial read at its
+    # last step is not: it has trained (reports read late, as when a trial finished while another ran beside it).
     for number, (history, since) in sorted(reported.items()):
         trial = trials[number]
-        if trial.get("phase") not in ACTIVE:
+        if trial.get("phase") not in ACTIVE or _trained_every_step(observed.get(number)):
             continue
         step = _pruned_at(search, every_steps, trials, number, history, since)
         if step is None:
