@@ -15,7 +15,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from . import prometheus
 from .node import NODE_NAME, NODE_OWNER_FILE, NodePaths, NodeRuntime, node_owner
 from . import node as node_config
 from .paths import REPO_ROOT, cache_dir, cluster_dir
-from .procs import free_ports, http_ok, pid_alive, port_open, start_logged, wait_until
+from .procs import free_ports, http_ok, pid_alive, port_open, start_logged, terminate_group, wait_until
 
 SERVICE_CLUSTER_IP_RANGE = network.SERVICE_CIDR
 TRAINING_OPERATOR_NAMESPACE = "kubeflow"
@@ -638,7 +637,7 @@ class LocalCluster:
     def _stop_component(self, name: str, log) -> None:
         pid = self.state.pids.get(name)
         if pid and pid_alive(pid):
-            _terminate_group(pid)
+            terminate_group(pid)
             log(f"stopped {name} (pid {pid})")
 
     def _wait_nodes_ready(self) -> None:
@@ -730,20 +729,6 @@ class LocalCluster:
             f"  kubeconfig:   export KUBECONFIG={self.kubeconfig}; export PATH={self.bin}:$PATH",
         ]
         return lines
-
-
-def _terminate_group(pid: int, grace: float = 10) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and pid_alive(pid):
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def versions_table() -> dict[str, str]:

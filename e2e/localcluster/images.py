@@ -47,7 +47,7 @@ from typing import IO, Callable, Iterator
 
 from . import debian, node
 from .paths import REPO_ROOT, cache_dir
-from .procs import pid_alive, start_logged, wait_until
+from .procs import pid_alive, start_logged, terminate_group, wait_until
 
 IMAGES_DIR = Path(__file__).resolve().parent / "images"
 REGISTRY = "localhost"
@@ -441,12 +441,8 @@ def preload_node_store(specs: list[ImageSpec], log: Log = print) -> None:
     except (BuildError, OSError, RuntimeError, subprocess.SubprocessError) as e:
         log(f"importing the images into the node's image store failed ({e}); the cluster's start imports them")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate_group(proc.pid, grace=60)
+        proc.wait()
         if node.node_owner().get("containerd") == proc.pid:
             node.NODE_OWNER_FILE.unlink(missing_ok=True)
         shutil.rmtree(state, ignore_errors=True)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from .cluster import LocalCluster, _terminate_group
+from .cluster import LocalCluster
 from .operator_release import install_crds, local_operator_config
 from .paths import REPO_ROOT
-from .procs import free_port, http_ok, pid_alive, start_logged, wait_until
+from .procs import free_port, http_ok, pid_alive, start_logged, terminate_group, wait_until
 
 
 class OperatorProcess:
@@ -70,7 +70,7 @@ class OperatorProcess:
     def down(self, log=print) -> None:
         pid = self._state().get("pid")
         if pid and pid_alive(pid):
-            _terminate_group(pid, grace=15)
+            terminate_group(pid, grace=15)
             log(f"stopped the operator (pid {pid})")
         self.pid_file.unlink(missing_ok=True)
         (self.cluster.prometheus_targets_dir / "operator.json").unlink(missing_ok=True)
