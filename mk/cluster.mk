@@ -35,5 +35,7 @@ operator-uninstall: ## helm uninstall the operator from the local cluster
 	@if [ -x $(PY) ]; then $(PY) -m e2e.localcluster operator-uninstall; fi
 
 .PHONY: demo
-demo: venv ## set everything up and run the demo FineTuneJob end to end (real training in 2 containers)
+# The Python environment beside the Go builds and images, as CI does; each finds its cache when warm.
+demo: ## set everything up and run the demo FineTuneJob end to end (real training in 2 containers)
+	$(MAKE) -j2 venv cluster-build
 	$(PY) -m e2e.demo

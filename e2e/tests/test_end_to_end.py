@@ -184,6 +184,17 @@ def test_the_demo_job_trains_for_real_and_succeeds(kube, local_cluster, operator
     assert {"report.md", "report.html", "loss.png", "learning-rate.png"} <= report_files, report_files
     wide = kube.run("get", "finetunejob", name, "-n", namespace, "-o", "wide").stdout
     assert "helpdesk rougeL" in wide, wide
+    # The data report: what curation did to each dataset, in the status and in `kubectl describe`.
+    [stage] = status["data"]["stages"]
+    datasets = stage["datasets"]
+    assert [d["uri"] for d in datasets] == [d["uri"] for d in job["spec"]["datasets"]], datasets
+    assert sum(d["rowsRead"] for d in datasets) == stage["rowsRead"] > 0, stage
+    assert all(0 < d["rowsKept"] <= d["rowsRead"] for d in datasets), datasets
+    assert sum(d["validationRows"] for d in datasets) > 0, datasets
+    assert stage["validationOverlap"]["rowsChecked"] >= stage["validationSequences"] > 0, stage
+    assert stage["trainTokens"] >= stage["targetTokens"] > 0, stage
+    described = kube.run("describe", "finetunejob", name, "-n", namespace).stdout
+    assert "Rows Read:" in described and "Validation Overlap:" in described, described
     query = f'finetune_job_task_score{{namespace="{namespace}", task="helpdesk"}}'
     _wait_for(lambda: {s["metric"]["model"] for s in _prometheus(local_cluster, query)} == {"base", "tuned"}, 90,
               "the task's base and tuned scores in Prometheus", interval=3)

@@ -162,10 +162,11 @@ def test_rendered_manifests_pass_server_side_dry_run(helm, kube, release_namespa
 
 
 @pytest.mark.parametrize("values, warned", [
-    ([], True),  # the chart's defaults: clusterNetworks empty
-    (["--set", "config.clusterNetworks={10.244.0.0/16,10.96.0.0/16}"], False),
-    (["--set", "config.discoverClusterNetworks=true"], False),
-], ids=["default", "cluster-networks-set", "discovered"])
+    ([], False),  # the chart's defaults: clusterNetworks empty, the cluster's own ranges discovered
+    (["--set", "config.discoverClusterNetworks=false"], True),
+    (["--set", "config.discoverClusterNetworks=false", "--set", "config.clusterNetworks={10.244.0.0/16,10.96.0.0/16}"],
+     False),
+], ids=["default", "not-discovering", "cluster-networks-set"])
 def test_install_notes_warn_while_cluster_networks_are_not_set(helm, release_namespace, values, warned):
     notes = helm("install", "notes", str(CHART), "--namespace", release_namespace, "--dry-run=client",
                  *values).stdout.split("NOTES:", 1)[1]

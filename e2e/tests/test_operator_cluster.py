@@ -93,6 +93,14 @@ def cfg(operator) -> OperatorConfig:
     return OperatorConfig.model_validate(yaml.safe_load(operator.config_file.read_text()))
 
 
+def printed_columns(kube, namespace: str, name: str, wide: bool = False) -> dict[str, str]:
+    """`kubectl get ftj NAME`'s columns (the CRD's printer columns; with `wide` those of priority 1 too),
+    header -> value ("" where the job has none): read by where each header starts, as columns are aligned."""
+    header, row = kube.run("get", "ftj", name, "-n", namespace, *(["-o", "wide"] if wide else [])).stdout.splitlines()
+    starts = [i for i, c in enumerate(header) if c != " " and (i == 0 or header[i - 1] == " ")]
+    return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, [*starts[1:], None])}
+
+
 def sandbox_of(kube, cfg: OperatorConfig, namespace: str, name: str) -> str:
     """The sandbox of an existing FineTuneJob (its name carries the job's uid)."""
     return n.sandbox_namespace(cfg.sandboxPrefix, namespace, name, job_uid(kube, namespace, name))

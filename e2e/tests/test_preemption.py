@@ -121,4 +121,7 @@ def test_a_preempted_run_checkpoints_within_its_grace_period_and_resumes(kube, l
     _wait_for(lambda: (kueue.owned_workload(kube.get("workloads", namespace=sandbox)["items"], "PyTorchJob", "train-1")
                        or {}).get("metadata", {}).get("annotations", {}).get("finetune.dev/checkpoint-step") == newest,
               60, f"the Workload annotated with checkpoint step {newest}")
-    assert kube.get("pytorchjob", "train-1", sandbox)["metadata"]["annotations"]["finetune.dev/checkpoint-step"] == newest
+    published = kube.get("pytorchjob", "train-1", sandbox)["metadata"]["annotations"]
+    assert published["finetune.dev/checkpoint-step"] == newest
+    # and when it was saved, as the status records it: a victim choice can weigh the work since then
+    assert published["finetune.dev/checkpoint-time"] == final["checkpoints"][-1]["time"] != "", published

@@ -16,7 +16,6 @@ from datetime import datetime, timezone
 import pytest
 
 from e2e.localcluster import s3 as local_s3
-from e2e.tests.test_control_plane import _wait_for
 from e2e.tests.test_operator_cluster import (
     cfg,  # noqa: F401 - a fixture
     conditions,
@@ -102,8 +101,19 @@ def test_a_search_runs_in_waves_survives_an_operator_restart_and_promotes_the_be
     assert search["best"]["number"] == 3 and search["best"]["value"] == pytest.approx(1.2)
     assert search["progress"] == "6/6" and search["succeeded"] == 6 and search["promoted"]
     assert [p["step"] for p in search["trials"][3]["history"]] == [5, 10]
-    names = sorted(p["metadata"]["name"] for p in items(kube, "pytorchjobs", namespace=sandbox))
-    assert names == sorted(n.trial_pytorchjob_name(run_id, i) for i in range(6))
+    runs = {int(p["metadata"]["labels"][n.LABEL_TRIAL]): p for p in items(kube, "pytorchjobs", namespace=sandbox)}
+    assert sorted(p["metadata"]["name"] for p in runs.values()) == sorted(n.trial_pytorchjob_name(run_id, i) for i in range(6))
+
+    # Three waves: a trial is made only once a slot is free, i.e. when all but one of the trials before it
+    # have finished (by the API server's timestamps; RFC 3339 in UTC, ordered as strings).
+    def finished_at(run: dict) -> str:
+        done = next(c for c in run["status"]["conditions"] if c["type"] == "Succeeded" and c["status"] == "True")
+        return run["status"].get("completionTime") or done["lastTransitionTime"]
+
+    for k in range(2, 6):
+        made = runs[k]["metadata"]["creationTimestamp"]
+        done_before = [j for j in range(k) if finished_at(runs[j]) <= made]
+        assert len(done_before) >= k - 1, (k, made, {j: finished_at(runs[j]) for j in range(k)})
 
     # The best trial's adapter is the job's output; checkpoints stay with the trial.
     bucket, _, prefix = output.removeprefix("s3://").partition("/")

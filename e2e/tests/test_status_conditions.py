@@ -17,7 +17,8 @@ import pytest
 from e2e.localcluster import kstatus
 from e2e.tests.test_control_plane import _wait_for
 from e2e.tests.test_operator_cluster import (SIM_DURATION, SIM_EXIT_CODE, cfg, credentials, ftj,  # noqa: F401 (cfg)
-                                             get_or_none, items, run_policy, start_suspended_and_annotate)
+                                             get_or_none, items, printed_columns, run_policy,
+                                             start_suspended_and_annotate)
 from e2e.tests.test_tenancy import policy, tenant_namespace
 from tests.chart.argocd_cases import HEALTH_LUA
 from tests.chart.test_argocd_health import run_scripts
@@ -55,12 +56,6 @@ def wait_job(kube, namespace: str, name: str, check, what: str, timeout: float =
         status = (obj or {}).get("status") or {}
         return obj if obj and status.get("observedGeneration") == obj["metadata"]["generation"] and check(obj) else None
     return _wait_for(current, timeout, f"FineTuneJob {namespace}/{name}: {what}", interval=1)
-
-
-def printed_columns(kube, namespace: str, name: str) -> dict[str, str]:
-    """`kubectl get ftj NAME`'s columns (the CRD's printer columns), header -> value."""
-    header, row = kube.run("get", "ftj", name, "-n", namespace).stdout.splitlines()
-    return dict(zip(header.split(), row.split()))
 
 
 def argocd_health(obj: dict) -> tuple[str, str]:

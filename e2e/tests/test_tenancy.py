@@ -28,6 +28,7 @@ from e2e.tests.test_operator_cluster import (
     ftj,
     get_or_none,
     owned_namespaces,
+    printed_columns,
     job_uid,
     sandbox_of,
     start_suspended_and_annotate,
@@ -303,6 +304,8 @@ def test_two_tenants_share_gpus_through_kueue_borrow_and_reclaim(kube, operator,
     # Its place in the ClusterQueue, from Kueue's visibility API through the chart's RBAC: next in line.
     waiting = wait_status(kube, ns_a, third, lambda s: s.get("queue", {}).get("workloadsAhead") == 0, "its place")
     assert "(Pending, next in line)" in conditions(waiting)["Running"]["message"], waiting
+    row = printed_columns(kube, ns_a, third, wide=True)  # what `kubectl get ftj -o wide` shows of the waiting run
+    assert (row["PHASE"], row["REASON"], row["QUEUE"], row["KUEUE"]) == ("Queued", "Queued", cq_a, "Pending"), row
     first_two = tuple(job for job in jobs if job != third)
     running = {job: wait_phase(kube, ns_a, job, "Running", timeout=60) for job in first_two}
     assert all(s["queue"]["admitted"] for s in running.values())
@@ -317,9 +320,11 @@ def test_two_tenants_share_gpus_through_kueue_borrow_and_reclaim(kube, operator,
     wait_phase(kube, ns_b, "b1", "Succeeded", timeout=120)
     for job in jobs:
         wait_phase(kube, ns_a, job, "Succeeded", timeout=300)
-    wide = kube.run("get", "ftj", "-n", ns_a, "-o", "wide").stdout
-    assert "PREEMPTIONS" in wide and cq_a in wide, wide
-    assert json.loads(kube.run("get", "events", "-n", ns_a, "-o", "json").stdout)["items"]
+    row = printed_columns(kube, ns_a, preempted, wide=True)
+    assert row["PHASE"] == "Succeeded" and row["QUEUE"] == cq_a and int(row["PREEMPTIONS"]) >= 1, row
+    reasons = {e["reason"] for e in json.loads(kube.run("get", "events", "-n", ns_a, "-o", "json").stdout)["items"]
+               if e["involvedObject"]["name"] == preempted}
+    assert {"Queued", "Completed"} <= reasons, reasons  # its wait in Kueue and its end, as Events on the job
 
 
 def test_the_tenant_example_applies_as_it_is(kube, operator):

@@ -82,7 +82,7 @@ class OperatorConfig(ConfigModel):
         description="The cluster's own address ranges (pods, Services, nodes): a tenant's S3 endpoint may not "
         "lead there unless its exact origin is allowed. The API server's address is always excluded.")
     discoverClusterNetworks: bool = Field(
-        default=False,
+        default=True,
         description="Add to clusterNetworks what the cluster reports of itself, read at start and every "
         "apiServerRefreshSeconds: its Service ranges (ServiceCIDR objects) and each node's pod ranges "
         "(spec.podCIDRs) and addresses (InternalIP, ExternalIP). Needs list on nodes and servicecidrs (the chart "
@@ -96,11 +96,12 @@ class OperatorConfig(ConfigModel):
         "must stay empty (only trainerImage runs).")
     requireImageDigest: bool = Field(default=False, description="spec.image must be pinned by digest (@sha256:...).")
     tenantIOThreads: int = Field(
-        default=16, ge=2, le=256,
+        default=32, ge=2, le=256,
         description="Threads for tenants' I/O (S3 checks and document reads, DNS lookups); a tenant holds at most "
-        "tenantIOThreadsPerNamespace of them, and when all are busy free ones go to the waiting tenants in turn. "
-        "A tenant is the set of namespaces one TenantPolicy governs, or a namespace no policy governs. More "
-        "threads let more hostile tenants wait at once without slowing the others.")
+        "tenantIOThreadsPerNamespace of them, a tenant holding none is served before one holding some, the "
+        "threads held beyond tenants' first are together at most a quarter of these, and free ones go to the "
+        "waiting tenants in turn. A tenant is the set of namespaces one TenantPolicy governs, or a namespace no "
+        "policy governs. Slow tenants slow the others only when they are three quarters as many as these threads.")
     tenantIOThreadsPerNamespace: int = Field(default=2, ge=1, le=64,
                                              description="Most of tenantIOThreads one tenant holds at once: all the namespaces "
                                              "one TenantPolicy governs together, or one namespace no policy governs.")

@@ -8,7 +8,9 @@ OperatorConfig.deletionTimeoutSeconds, then the finalizer is released anyway wit
 
 Tenancy: kopf indexes keep the labels of every namespace, every TenantPolicy and a summary of every
 FineTuneJob; each pass gets a snapshot of them (tenancy.Tenancy). A timer per TenantPolicy writes
-its status (jobs, GPUs, GPU-hour usage) and per-tenant metrics.
+its status (jobs, GPUs, GPU-hour usage) and per-tenant metrics. No handler watches namespaces: the
+sweep of sandboxes whose job is gone is a task started here (sweeper.py), so no sandbox carries kopf's
+finalizer.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, AsyncIterator
 import kopf
 from prometheus_client import start_http_server
 
-from finetune_operator import cluster_networks, k8s, tenancy
+from finetune_operator import cluster_networks, k8s, sweeper, tenancy
 from finetune_operator.api import tenant
 from finetune_operator.api import types as t
 from finetune_operator.builders import names as n
@@ -30,7 +32,7 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.metrics import Metrics
 from finetune_operator.reconcile import REQUEUE_SHORT, Reconciler
 
-FINALIZER = "finetune.dev/cleanup"
+FINALIZER = n.FINALIZER
 ANNOTATION_PREFIX = "finetune.dev"
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
         memo.reconciler = Reconciler(kube, known.excepting(), metrics)
         if cfg.apiServerRefreshSeconds > 0:
             memo.cluster_follower = asyncio.create_task(cluster_networks.follow(memo.reconciler, known))
+        # Sandboxes whose FineTuneJob went without the finalizer (or moved to another sandbox) are swept.
+        memo.sandbox_sweeper = asyncio.create_task(sweeper.follow(memo.reconciler, cfg.sweepIntervalSeconds))
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -102,11 +106,11 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
 
     @kopf.on.cleanup(id="shutdown", registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        follower = memo.get("cluster_follower")
-        if follower is not None:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+        for task in (memo.get("cluster_follower"), memo.get("sandbox_sweeper")):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await memo.reconciler.kube.close()
 
     @kopf.on.probe(id="reconciles", registry=registry)
@@ -169,14 +173,6 @@ def register(registry: kopf.OperatorRegistry, cfg: OperatorConfig, *, start_metr
     async def policy_status(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
         if not body.metadata.get("deletionTimestamp"):
             await memo.reconciler.reconcile_policy(plain(body), snapshot(kwargs))
-
-    # Sandboxes whose FineTuneJob went without the finalizer (or moved to another sandbox) are swept.
-    @kopf.timer("", "v1", "namespaces", registry=registry, id="sweep", interval=cfg.sweepIntervalSeconds,
-                initial_delay=cfg.sweepIntervalSeconds, sharp=False,
-                labels={n.LABEL_MANAGED_BY: n.MANAGER, n.LABEL_JOB_UID: kopf.PRESENT})
-    async def sweep(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        if not body.metadata.get("deletionTimestamp"):
-            await memo.reconciler.sweep(plain(body))
 
     @kopf.on.delete(**resource, id="cleanup")
     async def on_delete(body: kopf.Body, memo: kopf.Memo, runtime: Any, **_: Any) -> None:

@@ -116,13 +116,16 @@ class View:
     problems: list[Problem]
     secret: dict[str, Any] | None = None  # the Secret the job names, only once it passed every check
     namespace: dict[str, Any] | None = None
+    sandbox: str = ""  # the name of the job's sandbox (observed); empty: its first name
+    sandbox_attempt: int = 0
     pytorchjob: dict[str, Any] | None = None  # the current run's
     other_runs: list[dict[str, Any]] = field(default_factory=list)  # PyTorchJobs of other runIds
     other_run_pods: int = 0
     run_pods: list[dict[str, Any]] = field(default_factory=list)  # pods of the current runId
     policy: tenancy.Policy | None = None  # the TenantPolicy governing the job's namespace
     hold: Problem | None = None  # why the run may not start yet (budget, running-job limit)
-    trials: dict[int, driver.TrialRun] = field(default_factory=dict)  # a search's trials with a PyTorchJob
+    # A search's trials with a PyTorchJob, and those its status has active without one (see _unmade_trials).
+    trials: dict[int, driver.TrialRun] = field(default_factory=dict)
     # Set only when the job validated in this pass (its inputs aside): no storage, no request to the tenant's S3.
     storage: Storage | None = None
 
@@ -197,9 +200,9 @@ def _ref(api_version: str, kind: str, name: str, namespace: str | None, uid: str
 
 
 def sandbox_conflict(sandbox: str) -> Problem:
-    return Problem("SandboxConflict", f"metadata.name: the namespace {sandbox} already exists and was not made "
-                                      "for this FineTuneJob; it is left alone (delete and recreate the FineTuneJob "
-                                      "to get a sandbox of another name)")
+    return Problem("SandboxConflict", f"metadata.name: the namespace {sandbox} and the other names this FineTuneJob's "
+                                      "sandbox may have already exist and were not made for it; they are left alone "
+                                      "(delete and recreate the FineTuneJob to get a sandbox of other names)")
 
 
 def objects_digest(objects: list[dict[str, Any]]) -> str:
@@ -225,15 +228,15 @@ def needs_apply(plan: Plan, view: View, digest: str, last_applied: tuple[str, fl
 def decide(view: View, cfg: OperatorConfig) -> Plan:
     body = view.body
     meta, raw_spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
-    sandbox = n.sandbox_of(cfg.sandboxPrefix, meta)
+    sandbox = view.sandbox or n.sandbox_of(cfg.sandboxPrefix, meta)
     plan = Plan(sandbox=sandbox, sandbox_state=namespace_state(view.namespace))
     spec = view.spec
     run_id = spec.runId if spec else run_id_of(raw_spec)
     finished = run_finished(status, run_id)
 
     if view.namespace is not None and not owns_namespace(view.namespace, meta.get("uid", "")):
-        # Sandbox names carry the job's uid, so this is someone else's namespace made under this
-        # job's name: never adopt, touch or delete it, and say nothing about whose it is.
+        # Sandbox names carry the job's uid, so these are someone else's namespaces made under every
+        # name this job's sandbox may have: never adopt, touch or delete them, and say nothing about whose they are.
         plan.problems.append(sandbox_conflict(sandbox))
         plan.sandbox_state = SANDBOX_ABSENT
         plan.permanent = str(plan.problems[0])
@@ -266,7 +269,8 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
         plan.requeue_after = HOLD_RECHECK  # nothing is created while the tenant's policy holds the run
         return plan
 
-    ref = dataclasses.replace(n.JobRef.from_body(body), spec=spec)  # with the tenant policy's defaults
+    # with the tenant policy's defaults
+    ref = dataclasses.replace(n.JobRef.from_body(body), spec=spec, sandbox_attempt=view.sandbox_attempt)
     plan.apply.extend(sandbox_objects(ref, cfg, view.secret.get("data") or {}))
     plan.sandbox_state = SANDBOX_ACTIVE
 
@@ -315,6 +319,16 @@ def decide(view: View, cfg: OperatorConfig) -> Plan:
     return plan
 
 
+def _unmade_trials(status: dict[str, Any], run_id: str, observed: dict[int, driver.TrialRun]) -> list[int]:
+    """Trials this run's status has Pending or Running but without a PyTorchJob. Their documents are read
+    before they are made again: a pass that deleted a pruned trial's PyTorchJob and stopped before writing
+    its status (an operator restart) leaves one, and it is judged again from what it reported, not re-made."""
+    if status.get("runId") != run_id:
+        return []
+    return [t["number"] for t in (status.get("search") or {}).get("trials") or []
+            if t.get("phase") in driver.ACTIVE and t["number"] not in observed]
+
+
 def _decide_search(view: View, ref: n.JobRef, cfg: OperatorConfig, plan: Plan, finished: bool) -> Plan:
     """The trials of a search: start the next ones (up to search.parallelism at once), stop pruned ones,
     suspend and resume them with the job, and promote the best when every trial is over."""
@@ -333,8 +347,9 @@ def _decide_search(view: View, ref: n.JobRef, cfg: OperatorConfig, plan: Plan, f
             plan.apply.extend(run_objects(ref, cfg, Trial(number, params)))
     for number in search.stop:
         observed = view.trials[number].pytorchjob if number in view.trials else None  # its uid: that very one
-        plan.delete.append(_ref("kubeflow.org/v1", "PyTorchJob", n.trial_pytorchjob_name(spec.runId, number),
-                                plan.sandbox, uid=observed["metadata"].get("uid") if observed else None))
+        if observed is not None:  # none: pruned again after a restart, its PyTorchJob already gone
+            plan.delete.append(_ref("kubeflow.org/v1", "PyTorchJob", n.trial_pytorchjob_name(spec.runId, number),
+                                    plan.sandbox, uid=observed["metadata"].get("uid")))
     stopped = set(search.stop)
     if owns_suspend(ref):
         for number, trial in view.trials.items():
@@ -354,7 +369,7 @@ def follow_secret(view: View, cfg: OperatorConfig, plan: Plan) -> None:
     with the job: kept current while the Secret the job names passes every check, deleted otherwise
     (gone, not opted in, empty, or a spec that names none the pass could judge)."""
     if view.secret is not None and view.spec is not None and not any(p.reason in SECRET_REASONS for p in view.problems):
-        ref = dataclasses.replace(n.JobRef.from_body(view.body), spec=view.spec)
+        ref = dataclasses.replace(n.JobRef.from_body(view.body), spec=view.spec, sandbox_attempt=view.sandbox_attempt)
         plan.apply.append(credentials_secret(ref, cfg, view.secret.get("data") or {}))
     else:
         plan.delete.append(_ref("v1", "Secret", n.CREDENTIALS_SECRET, plan.sandbox))
@@ -376,7 +391,7 @@ def sweep_verdict(namespace: dict[str, Any], job: dict[str, Any] | None, prefix:
         return "not-a-sandbox"
     if job is None or job["metadata"].get("uid") != uid:
         return "orphaned"
-    if n.sandbox_of(prefix, job["metadata"]) != meta["name"]:
+    if meta["name"] not in n.sandbox_candidates(prefix, job["metadata"]):
         return "superseded"
     return "keep"
 
@@ -469,11 +484,11 @@ class Reconciler:
     async def _observe(self, body: dict[str, Any], now: datetime, tenants: tenancy.Tenancy) -> View:
         meta, raw_spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
         uid = meta.get("uid", "")
-        sandbox = n.sandbox_of(self.cfg.sandboxPrefix, meta)
         policy, policy_problem = tenancy.policy_of(meta["namespace"], tenants, self.cfg.requireTenantPolicy)
         facts = Facts(policy=policy, policy_problem=policy_problem)
         view = View(body=body, now=now, spec=None, problems=[], policy=policy)
-        view.namespace = await self.kube.get(k8s.Namespace, sandbox)
+        view.sandbox_attempt, view.namespace = await self._find_sandbox(meta, status)
+        sandbox = view.sandbox = n.sandbox_of(self.cfg.sandboxPrefix, meta, view.sandbox_attempt)
         run_id = run_id_of(raw_spec)
         if view.namespace is not None:
             runs = await self.kube.list(k8s.PyTorchJob, sandbox, labels={n.LABEL_JOB_UID: uid})
@@ -523,8 +538,11 @@ class Reconciler:
         # request go to the tenant's storage, and a wildcard name's only to the judged addresses.
         dial = s3.Dial(addresses=tuple(facts.endpoint_addresses or ())) if host else s3.BY_NAME
         view.storage = Storage(spec.storage.endpoint or self.cfg.s3Endpoint, spec.storage.region, creds, dial)
-        if spec.search is not None and view.trials:
-            await self._observe_trials(view, uid)
+        if spec.search is not None:
+            for number in _unmade_trials(status, spec.runId, view.trials):
+                view.trials[number] = driver.TrialRun()
+            if view.trials:
+                await self._observe_trials(view, uid)
         if not started and not run_finished(status, run_id) and not view.other_runs:
             facts.s3 = await self._check_inputs(uid, int(meta.get("generation") or 0), spec, raw_spec, view.storage,
                                                 view.io_tenant)
@@ -537,6 +555,23 @@ class Reconciler:
                 # trials not started yet wait for the budget, as a run not started yet does.
                 view.hold = tenancy.budget_hold(policy)
         return view
+
+    async def _find_sandbox(self, meta: dict[str, Any], status: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """Which of the job's sandbox names (names.sandbox_candidates) is its sandbox, and that namespace:
+        the one its status records if it is the job's, else the first that is absent (to be made) or the
+        job's. Every name someone else's: the first, which decide reports as a conflict. One read unless
+        a name is taken or the job has a later name."""
+        uid, names = meta.get("uid", ""), n.sandbox_candidates(self.cfg.sandboxPrefix, meta)
+        read: dict[str, dict[str, Any] | None] = {}
+        recorded = status.get("sandboxNamespace")
+        order = [recorded, *(name for name in names if name != recorded)] if recorded in names else names
+        for name in order:
+            read[name] = ns = await self.kube.get(k8s.Namespace, name)
+            if ns is not None and owns_namespace(ns, uid):
+                return names.index(name), ns
+            if ns is None and (name != recorded or name == names[0]):  # a later recorded one gone: from the first
+                return names.index(name), None
+        return 0, read[names[0]]
 
     async def _observe_trials(self, view: View, uid: str) -> None:
         """GPU-seconds of each trial's pods, and its documents: while it runs (at most every
@@ -654,9 +689,8 @@ class Reconciler:
                 if obj["kind"] == "Namespace" and view.namespace is None:
                     # Create-only: a namespace of this name made since it was observed (by anyone) is
                     # never adopted; nothing goes into it.
-                    if not await self.kube.create_if_absent(obj):
-                        plan.problems.append(sandbox_conflict(plan.sandbox))
-                        plan.sandbox_state, plan.permanent, ptj = SANDBOX_ABSENT, str(plan.problems[-1]), None
+                    if not await self.kube.create_if_absent(obj):  # the next pass takes the job's next name
+                        plan.sandbox_state, plan.requeue_after, ptj = SANDBOX_ABSENT, REQUEUE_SHORT, None
                         break
                     continue
                 if obj["kind"] == "PyTorchJob" and view.pytorchjob is None and view.spec.runPolicy.queueName:
@@ -838,14 +872,17 @@ class Reconciler:
     async def finalize(self, body: dict[str, Any], elapsed_seconds: float) -> bool:
         """Delete the sandbox; True when the finalizer may be released (gone, or waited long enough)."""
         meta = body["metadata"]
-        sandbox = n.sandbox_of(self.cfg.sandboxPrefix, meta)
-        ns = await self.kube.get(k8s.Namespace, sandbox)
-        if ns is not None and not owns_namespace(ns, meta.get("uid", "")):
-            ns = None  # not ours (a name conflict): leave it alone
-        done = ns is None
-        if ns is not None and namespace_state(ns) == SANDBOX_ACTIVE:
-            await self.kube.delete(k8s.Namespace, sandbox, uid=ns["metadata"].get("uid"))
+        ours = []  # under any of the job's sandbox names; one not the job's (a name conflict) is left alone
+        for name in n.sandbox_candidates(self.cfg.sandboxPrefix, meta):
+            ns = await self.kube.get(k8s.Namespace, name)
+            if ns is not None and owns_namespace(ns, meta.get("uid", "")):
+                ours.append(ns)
+        done = not ours
+        for ns in ours:
+            if namespace_state(ns) == SANDBOX_ACTIVE:
+                await self.kube.delete(k8s.Namespace, ns["metadata"]["name"], uid=ns["metadata"].get("uid"))
         if not done and elapsed_seconds >= self.cfg.deletionTimeoutSeconds:
+            sandbox = ", ".join(ns["metadata"]["name"] for ns in ours)
             await self._event(body, ev.WARNING, "SandboxDeletionTimedOut",
                               f"namespace {sandbox} still exists after {int(elapsed_seconds)}s; releasing the "
                               "FineTuneJob anyway: delete the namespace by hand if it stays", self.clock())

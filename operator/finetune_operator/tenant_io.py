@@ -3,11 +3,12 @@
 `workers` threads serve every tenant; a tenant (the namespaces one TenantPolicy governs, or a
 namespace no policy governs) holds at most `per_tenant` of them at
 a time, and a call keeps its tenant's slot until its thread is really done (a call the caller
-stopped waiting for still occupies it). When every thread is busy, the next free one goes to the
-tenants in turn (round robin), not to whoever queued first: an ordinary tenant waits for one call of
-each tenant ahead of it, never for their whole queues. Every call is awaited at
-most `timeout` seconds, the wait for a thread included; the calls themselves are bounded too
-(s3.BoundedHTTP), so a thread comes back within its deadline.
+stopped waiting for still occupies it). Free threads go to the waiting tenants in turn (round
+robin), not to whoever queued first, and a tenant that holds none comes before one that holds some;
+the threads tenants hold beyond their first are together at most a quarter of the pool. So hostile
+tenants fill the pool only when there are three quarters as many of them as threads; until then
+another tenant's call starts at once. Every call is awaited at most `timeout` seconds, the wait for a thread included; the calls
+themselves are bounded too (s3.BoundedHTTP), so a thread comes back within its deadline.
 """
 
 from __future__ import annotations
@@ -26,33 +27,43 @@ class TenantIOTimeout(TimeoutError):
 
 
 class TenantIO:
-    def __init__(self, workers: int = 16, per_tenant: int = 2) -> None:
+    def __init__(self, workers: int = 32, per_tenant: int = 2) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tenant-io")
         self.free = workers
         self.per_tenant = per_tenant
+        self.extra_cap = workers // 4
         self.in_flight: dict[str, int] = {}
         self._waiting: OrderedDict[str, deque[asyncio.Future[None]]] = OrderedDict()  # tenants in turn order
 
     def _dispatch(self) -> None:
         """Grant free threads to waiting tenants in turn; a served tenant goes to the back of the line."""
-        granted = True
-        while granted and self.free > 0:
-            granted = False
-            for tenant in list(self._waiting):
-                queue = self._waiting[tenant]
-                while queue and queue[0].done():  # callers that gave up waiting
-                    queue.popleft()
-                if not queue:
-                    del self._waiting[tenant]
-                    continue
-                if self.in_flight.get(tenant, 0) >= self.per_tenant:
-                    continue
-                self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
-                self.free -= 1
-                queue.popleft().set_result(None)
-                self._waiting.move_to_end(tenant)
-                granted = True
-                break
+        while self.free > 0:
+            tenant = self._next_tenant()
+            if tenant is None:
+                return
+            self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
+            self.free -= 1
+            self._waiting[tenant].popleft().set_result(None)
+            self._waiting.move_to_end(tenant)
+
+    def _next_tenant(self) -> str | None:
+        """The first waiting tenant in turn that holds no thread; else, while the threads held beyond
+        tenants' first stay under their cap, the first that holds fewer than its share."""
+        below_share = None
+        for tenant in list(self._waiting):
+            queue = self._waiting[tenant]
+            while queue and queue[0].done():  # callers that gave up waiting
+                queue.popleft()
+            if not queue:
+                del self._waiting[tenant]
+                continue
+            held = self.in_flight.get(tenant, 0)
+            if held == 0:
+                return tenant
+            if below_share is None and held < self.per_tenant:
+                below_share = tenant
+        extra = sum(held - 1 for held in self.in_flight.values() if held > 1)
+        return below_share if extra < self.extra_cap else None
 
     def _release(self, tenant: str) -> None:
         self.in_flight[tenant] -= 1

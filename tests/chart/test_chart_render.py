@@ -164,9 +164,9 @@ def test_cluster_role_grants_exactly_what_the_operator_uses(rendered, api_group,
 
 
 @pytest.mark.parametrize("values, verbs", [
-    ((), set()),
-    (("--set", "config.discoverClusterNetworks=true"), {"list"}),
-], ids=["default", "discovering"])
+    ((), {"list"}),
+    (("--set", "config.discoverClusterNetworks=false"), set()),
+], ids=["default", "not-discovering"])
 def test_nodes_and_service_ranges_are_listed_only_where_the_operator_discovers_them(helm_cli, values, verbs):
     objects = helm_cli.render(*values)
     assert rules_for(objects, "", "nodes") == verbs

@@ -18,7 +18,7 @@ from finetune_operator.reconcile import Reconciler
 CFG = OperatorConfig.model_validate({
     "trainerImage": "registry.example.com/ml/trainer:1",
     "nodePools": {"gpu": {}}, "defaultNodePool": "gpu",
-    "clusterNetworks": ["10.244.0.0/16"],
+    "clusterNetworks": ["10.244.0.0/16"], "discoverClusterNetworks": False,
 })
 DISCOVERING = CFG.model_copy(update={"discoverClusterNetworks": True})
 

@@ -230,7 +230,7 @@ def test_idle_zero_passes_every_tick():
 def test_sandbox_conflict_names_no_one_else():
     plan = decide(view(B, namespace=FOREIGN_NS), CFG)
     assert [p.reason for p in plan.problems] == ["SandboxConflict"]
-    assert "team-a-support/bot" not in plan.permanent and "was not made for this FineTuneJob" in plan.permanent
+    assert "team-a-support/bot" not in plan.permanent and "were not made for it" in plan.permanent
     assert not plan.apply and not plan.delete
 
 
@@ -347,8 +347,8 @@ def test_kopf_wiring():
     ids = {str(h.id) for h in registry._changing.get_all_handlers()}
     assert {"create", "update/spec", "resume", "cleanup"} <= ids, ids
     timers = {str(h.id) for h in registry._spawning.get_all_handlers()}
-    # the jobs' timer, the sandboxes' sweep and the tenant policies' status
-    assert timers == {"reconcile", "sweep", "policy-status"}, timers
+    # the jobs' timer and the tenant policies' status (the sandboxes' sweep is a loop of its own: test_op_sweeper)
+    assert timers == {"reconcile", "policy-status"}, timers
     indexes = {str(h.id) for h in registry._indexing.get_all_handlers()}
     assert indexes == {"namespace_labels", "tenant_policies", "job_summaries"}, indexes
     settings = kopf.OperatorSettings()

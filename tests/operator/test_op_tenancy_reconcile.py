@@ -116,6 +116,8 @@ class FakeKube:
         stored = self.store.get(self._key(res, name, namespace))
         if stored is not None and "spec" in patch:
             stored.setdefault("spec", {}).update(patch["spec"])
+        if stored is not None and "finalizers" in patch.get("metadata", {}):
+            stored["metadata"]["finalizers"] = patch["metadata"]["finalizers"]
 
     async def delete(self, res: Any, name: str, namespace: str | None = None, uid: str | None = None) -> bool:
         self.deleted.append((res.__name__, name))

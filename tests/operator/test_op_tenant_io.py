@@ -81,6 +81,39 @@ def test_threads_go_to_tenants_in_turn_not_to_whoever_queued_first():
     assert len(started) == 16 and free == 1 and set(in_flight.values()) == {0}  # every thread and slot came back
 
 
+@pytest.mark.parametrize("hostile_tenants, ordinary_waits", [
+    (3, False),   # 3 first threads + 2 second ones (a quarter of 8): 5 busy
+    (4, False),   # 2N = 8 would fill the pool; 4 + 2 leave 2 free, the ordinary tenant starts at once
+    (5, False),
+    (6, True),    # three quarters as many hostile tenants as threads fill it (the documented limit)
+])
+def test_a_tenant_holding_no_thread_comes_before_second_threads_of_others(hostile_tenants, ordinary_waits):
+    """Hostile tenants queue 10 never-ending calls each on 8 threads, 2 allowed per tenant."""
+    async def scenario():
+        io = TenantIO(workers=8, per_tenant=2)
+        release = threading.Event()
+        hostile = [asyncio.create_task(io.run(f"hostile-{t}", 5, release.wait, 5))
+                   for t in range(hostile_tenants) for _ in range(10)]
+        await asyncio.sleep(0.05)
+        held = dict(io.in_flight)
+        try:
+            await io.run("ordinary", 0.3, lambda: None)
+            waited = False
+        except TenantIOTimeout:
+            waited = True
+        release.set()
+        await asyncio.gather(*hostile)
+        free = io.free
+        io.shutdown()
+        return held, waited, free
+
+    held, waited, free = asyncio.run(scenario())
+    assert waited is ordinary_waits, held
+    assert all(1 <= n <= 2 for n in held.values()) and len(held) == hostile_tenants
+    assert sum(held.values()) == min(8, hostile_tenants + 2), held
+    assert free == 8
+
+
 def test_callers_that_give_up_waiting_leave_no_slot_taken():
     async def scenario():
         io = TenantIO(workers=1, per_tenant=1)

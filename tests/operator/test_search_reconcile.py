@@ -251,3 +251,27 @@ def test_the_jobs_preemptions_count_every_trials_and_never_go_down():
         workload["status"].pop("schedulingStats")
     again = one_pass(kube)
     assert [t["preemptions"] for t in again["search"]["trials"]] == [2, 1] and again["preemptions"] == 3
+
+
+def test_a_trial_pruned_just_before_an_operator_restart_is_judged_again_not_made_again(monkeypatch):
+    """A pass pruned trial 1 and deleted its PyTorchJob, and the operator stopped before the status was written:
+    the status still has the trial Running, without a PyTorchJob. The next pass reads what the trial reported
+    and prunes it again; it is not made again (it would resume and train until read once more)."""
+    from finetune_operator.builders import names
+    from test_search_driver import docs
+
+    spec = minimal_spec(resources={"gpusPerWorker": 0, "nodePool": "cpu"}, evaluation={"everySteps": 5},
+                        search={**SEARCH, "pruning": {"rule": "median", "startupTrials": 1, "warmupSteps": 0}})
+    kube = FakeKube(job(spec), SECRET)
+    one_pass(kube)
+    sandbox = trial_jobs(kube)["train-1-t1"]["metadata"]["namespace"]
+    trials = stored_job(kube)["status"]["search"]["trials"]
+    trials[0].update(phase="Succeeded", value=1.0, history=[{"step": 5, "value": 1.5}, {"step": 10, "value": 1.0}])
+    trials[1].update(phase="Running")
+    del kube.store[(k8s.PyTorchJob, sandbox, "train-1-t1")]
+    reported = {names.trial_output_uri(OUTPUT, 1): docs([2.5])}
+    monkeypatch.setattr(s3, "read_documents",
+                        lambda endpoint, region, creds, output_uri, run_id, **_: reported.get(output_uri, RunDocuments()))
+    status = one_pass(kube)
+    assert phases(status)[:2] == ["Succeeded", "Pruned"] and "step 5" in status["search"]["trials"][1]["message"]
+    assert sorted(trial_jobs(kube)) == ["train-1-t0", "train-1-t2"]  # the next trial took its slot

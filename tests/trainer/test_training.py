@@ -92,6 +92,37 @@ def test_dpo_loss_starts_at_log_two():
                                      "rewards/margins": 0.0}, abs=1e-6)
 
 
+def test_dpo_loss_and_reward_metrics_away_from_the_reference():
+    """Margins other than 0, against hand-computed values (TRL's definitions: a reward is beta times the
+    log-ratio of policy to reference; accuracy counts pairs whose chosen reward beats the rejected one;
+    here as sums over the batch's pairs, divided by the pairs when logged)."""
+    import math
+
+    import torch
+
+    from finetune_trainer.data.tokenize import PreferencePair
+    from finetune_trainer.objectives import dpo
+
+    class Constant(torch.nn.Module):  # every token has log-probability -log 7
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 7)})()
+
+    chosen_logp, rejected_logp = 2 * -math.log(7), -math.log(7)  # answers of 2 and 1 tokens
+    # (policy - reference) for (chosen, rejected): (1.0, -0.5) in the first pair, (-0.3, 0.2) in the second
+    items = [PreferencePair([1, 2], [3, 4], [5], reference=(chosen_logp - 1.0, rejected_logp + 0.5)),
+             PreferencePair([1, 2], [3, 4], [5], reference=(chosen_logp + 0.3, rejected_logp - 0.2))]
+    hyperparameters = cfg.Hyperparameters(dpoBeta=0.25)
+    beta = hyperparameters.dpoBeta
+    loss, metrics = dpo.loss(Constant(), dpo.collate(items, pad_id=0), hyperparameters)
+
+    def logsigmoid(x):
+        return -math.log1p(math.exp(-x))
+
+    assert loss.item() == pytest.approx(-(logsigmoid(beta * 1.5) + logsigmoid(beta * -0.5)), rel=1e-5)
+    assert metrics == pytest.approx({"rewards/chosen": beta * (1.0 - 0.3), "rewards/rejected": beta * (-0.5 + 0.2),
+                                     "rewards/accuracies": 1.0, "rewards/margins": beta * (1.5 - 0.5)}, rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["prefix", "prompt"])
 def test_dpo_reference_of_untrained_virtual_tokens_is_the_base_model(kind, tiny_model_dirs):
     """A DPO stage on fresh prefix/prompt tuning takes its reference log-probs with the adapter

@@ -11,6 +11,7 @@ from typing import Any
 from finetune_operator.api.types import FineTuneJobSpec, parse_spec
 
 MANAGER = "finetune-operator"
+FINALIZER = "finetune.dev/cleanup"  # kopf's, on FineTuneJobs and TenantPolicies
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_TENANT = "finetune.dev/tenant"
 LABEL_JOB_NAME = "finetune.dev/job-name"
@@ -51,6 +52,7 @@ class JobRef:
     generation: int
     spec: FineTuneJobSpec
     raw_spec: dict[str, Any]
+    sandbox_attempt: int = 0  # which of the job's sandbox names it has (sandbox_candidates)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> "JobRef":
@@ -75,20 +77,29 @@ def dns_label(text: str) -> str:
 
 
 SANDBOX_ID_LENGTH = 10
+SANDBOX_ATTEMPTS = 3
 
 
-def sandbox_namespace(prefix: str, tenant: str, name: str, uid: str) -> str:
+def sandbox_namespace(prefix: str, tenant: str, name: str, uid: str, attempt: int = 0) -> str:
     """`<prefix>-<tenant>-<name>-<id>`, the readable part cut to fit 63 characters. The id (40 bits of
     a hash of the job's uid) makes the name unique per job: two tenants whose names join to the same
-    string, or a job deleted and made again under its name, never share a sandbox."""
-    suffix = _short_hash(uid, SANDBOX_ID_LENGTH)
+    string, or a job deleted and made again under its name, never share a sandbox. Should a namespace
+    of that name be someone else's anyway (a squatter, a hash collision), the job's next attempt hashes
+    the uid with the attempt's number."""
+    suffix = _short_hash(uid if attempt == 0 else f"{uid}/{attempt}", SANDBOX_ID_LENGTH)
     readable = dns_label(f"{prefix}-{tenant}-{name}")[: MAX_NAME - SANDBOX_ID_LENGTH - 1].rstrip("-")
     return f"{readable}-{suffix}"
 
 
-def sandbox_of(prefix: str, meta: dict[str, Any]) -> str:
-    """The sandbox of the FineTuneJob with this metadata."""
-    return sandbox_namespace(prefix, meta["namespace"], meta["name"], meta.get("uid", ""))
+def sandbox_of(prefix: str, meta: dict[str, Any], attempt: int = 0) -> str:
+    """The sandbox of the FineTuneJob with this metadata (at `attempt`: see sandbox_candidates)."""
+    return sandbox_namespace(prefix, meta["namespace"], meta["name"], meta.get("uid", ""), attempt)
+
+
+def sandbox_candidates(prefix: str, meta: dict[str, Any]) -> list[str]:
+    """The names the job's sandbox may have, in the order they are tried: the first that is absent or the
+    job's own (its uid label) is its sandbox; one that is someone else's is never adopted."""
+    return [sandbox_of(prefix, meta, attempt) for attempt in range(SANDBOX_ATTEMPTS)]
 
 
 def pytorchjob_name(run_id: str) -> str:

@@ -21,7 +21,7 @@ def resolve_pool(job: n.JobRef, cfg: OperatorConfig) -> tuple[str, NodePool]:
 
 
 def sandbox_name(job: n.JobRef, cfg: OperatorConfig) -> str:
-    return n.sandbox_namespace(cfg.sandboxPrefix, job.namespace, job.name, job.uid)
+    return n.sandbox_namespace(cfg.sandboxPrefix, job.namespace, job.name, job.uid, job.sandbox_attempt)
 
 
 def object_meta(job: n.JobRef, cfg: OperatorConfig, name: str, **extra: Any) -> dict[str, Any]:
