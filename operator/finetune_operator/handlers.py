@@ -32,13 +32,12 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.metrics import Metrics
 from finetune_operator.reconcile import REQUEUE_SHORT, Reconciler
 
-FINALIZER = n.FINALIZER
 ANNOTATION_PREFIX = "finetune.dev"
 log = logging.getLogger(__name__)
 
 
 def configure_settings(settings: kopf.OperatorSettings) -> None:
-    settings.persistence.finalizer = FINALIZER
+    settings.persistence.finalizer = n.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")

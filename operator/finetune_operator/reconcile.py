@@ -116,8 +116,7 @@ class View:
     problems: list[Problem]
     secret: dict[str, Any] | None = None  # the Secret the job names, only once it passed every check
     namespace: dict[str, Any] | None = None
-    sandbox: str = ""  # the name of the job's sandbox (observed); empty: its first name
-    sandbox_attempt: int = 0
+    sandbox_attempt: int = 0  # which of the job's sandbox names (names.sandbox_candidates) is its sandbox
     pytorchjob: dict[str, Any] | None = None  # the current run's
     other_runs: list[dict[str, Any]] = field(default_factory=list)  # PyTorchJobs of other runIds
     other_run_pods: int = 0
@@ -228,7 +227,7 @@ def needs_apply(plan: Plan, view: View, digest: str, last_applied: tuple[str, fl
 def decide(view: View, cfg: OperatorConfig) -> Plan:
     body = view.body
     meta, raw_spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
-    sandbox = view.sandbox or n.sandbox_of(cfg.sandboxPrefix, meta)
+    sandbox = n.sandbox_of(cfg.sandboxPrefix, meta, view.sandbox_attempt)
     plan = Plan(sandbox=sandbox, sandbox_state=namespace_state(view.namespace))
     spec = view.spec
     run_id = spec.runId if spec else run_id_of(raw_spec)
@@ -488,7 +487,7 @@ class Reconciler:
         facts = Facts(policy=policy, policy_problem=policy_problem)
         view = View(body=body, now=now, spec=None, problems=[], policy=policy)
         view.sandbox_attempt, view.namespace = await self._find_sandbox(meta, status)
-        sandbox = view.sandbox = n.sandbox_of(self.cfg.sandboxPrefix, meta, view.sandbox_attempt)
+        sandbox = n.sandbox_of(self.cfg.sandboxPrefix, meta, view.sandbox_attempt)
         run_id = run_id_of(raw_spec)
         if view.namespace is not None:
             runs = await self.kube.list(k8s.PyTorchJob, sandbox, labels={n.LABEL_JOB_UID: uid})
@@ -562,16 +561,18 @@ class Reconciler:
         job's. Every name someone else's: the first, which decide reports as a conflict. One read unless
         a name is taken or the job has a later name."""
         uid, names = meta.get("uid", ""), n.sandbox_candidates(self.cfg.sandboxPrefix, meta)
-        read: dict[str, dict[str, Any] | None] = {}
         recorded = status.get("sandboxNamespace")
         order = [recorded, *(name for name in names if name != recorded)] if recorded in names else names
+        first = None
         for name in order:
-            read[name] = ns = await self.kube.get(k8s.Namespace, name)
+            ns = await self.kube.get(k8s.Namespace, name)
             if ns is not None and owns_namespace(ns, uid):
                 return names.index(name), ns
             if ns is None and (name != recorded or name == names[0]):  # a later recorded one gone: from the first
                 return names.index(name), None
-        return 0, read[names[0]]
+            if name == names[0]:
+                first = ns
+        return 0, first
 
     async def _observe_trials(self, view: View, uid: str) -> None:
         """GPU-seconds of each trial's pods, and its documents: while it runs (at most every

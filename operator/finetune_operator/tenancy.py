@@ -86,7 +86,6 @@ def _condition_true(status: dict[str, Any], type_: str) -> bool:
 
 def job_summary(body: dict[str, Any]) -> JobSummary:
     meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
-    resources = spec.get("resources") or {}
     run_id = str(spec.get("runId") or "1")
     same_run = status.get("runId") == run_id
     return JobSummary(

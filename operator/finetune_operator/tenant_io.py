@@ -7,8 +7,9 @@ stopped waiting for still occupies it). Free threads go to the waiting tenants i
 robin), not to whoever queued first, and a tenant that holds none comes before one that holds some;
 the threads tenants hold beyond their first are together at most a quarter of the pool. So hostile
 tenants fill the pool only when there are three quarters as many of them as threads; until then
-another tenant's call starts at once. Every call is awaited at most `timeout` seconds, the wait for a thread included; the calls
-themselves are bounded too (s3.BoundedHTTP), so a thread comes back within its deadline.
+another tenant's call starts at once. Every call is awaited at most `timeout` seconds, the wait for a
+thread included; the calls themselves are bounded too (s3.BoundedHTTP), so a thread comes back within
+its deadline.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class TenantIO:
                 return tenant
             if below_share is None and held < self.per_tenant:
                 below_share = tenant
+        if below_share is None:
+            return None
         extra = sum(held - 1 for held in self.in_flight.values() if held > 1)
         return below_share if extra < self.extra_cap else None
 

@@ -11,7 +11,7 @@ import pytest
 from finetune_operator.builders import JobRef, names, run_objects
 from finetune_operator.builders.events import event, transition_events
 from finetune_operator.config import OperatorConfig
-from finetune_operator.handlers import FINALIZER, configure_settings, register
+from finetune_operator.handlers import configure_settings, register
 from finetune_operator.reconcile import View, decide, needs_apply, objects_digest, should_read_documents, timer_due
 from finetune_operator.status import SANDBOX_ABSENT, SANDBOX_ACTIVE, SANDBOX_EXPIRED, SANDBOX_TERMINATING
 from finetune_operator.validation import Facts, Problem, validate
@@ -353,7 +353,7 @@ def test_kopf_wiring():
     assert indexes == {"namespace_labels", "tenant_policies", "job_summaries"}, indexes
     settings = kopf.OperatorSettings()
     configure_settings(settings)
-    assert settings.persistence.finalizer == FINALIZER
+    assert settings.persistence.finalizer == names.FINALIZER
     assert settings.posting.enabled is False
 
 

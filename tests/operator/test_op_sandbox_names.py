@@ -4,29 +4,19 @@ adopted, written into or deleted. Whole passes of `Reconciler.reconcile` over an
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
-from finetune_operator import k8s, s3, tenancy
+from finetune_operator import k8s, tenancy
 from finetune_operator.builders import names
 from finetune_operator.config import OperatorConfig
-from finetune_operator.metrics import Metrics
-from finetune_operator.reconcile import Reconciler, sweep_verdict
-from finetune_operator.validation import S3Check
+from finetune_operator.reconcile import sweep_verdict
 from op_testdata import ROOT, job, minimal_spec
-from test_op_tenancy_reconcile import SECRET, FakeKube, passes
+from test_op_tenancy_reconcile import SECRET, FakeKube, inputs_exist, passes, with_reconciler  # noqa: F401 (a fixture)
 
 CFG = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml")
 JOB = job(minimal_spec(resources={"gpusPerWorker": 0, "nodePool": "cpu"}))
 UID = JOB["metadata"]["uid"]
 FIRST, SECOND, THIRD = names.sandbox_candidates(CFG.sandboxPrefix, JOB["metadata"])
-
-
-@pytest.fixture(autouse=True)
-def inputs_exist(monkeypatch):
-    monkeypatch.setattr(s3, "check_inputs", lambda endpoint, region, creds, uris, dial: {
-        path: S3Check(True) for path in uris})
 
 
 def namespace(name: str, owner: str) -> dict:
@@ -58,11 +48,7 @@ def test_the_names_are_distinct_stable_and_the_first_is_the_one_of_old():
         "recorded-first-gone", "recorded-second-gone"])
 def test_which_name_is_the_jobs_sandbox(existing, recorded, found, owned):
     kube = FakeKube(*(namespace(name, owner) for name, owner in existing.items()))
-    reconciler = Reconciler(kube, CFG, Metrics())  # type: ignore[arg-type]
-    try:
-        attempt, ns = asyncio.run(reconciler._find_sandbox(JOB["metadata"], {"sandboxNamespace": recorded}))
-    finally:
-        reconciler.io.shutdown()
+    attempt, ns = with_reconciler(kube, CFG, lambda r: r._find_sandbox(JOB["metadata"], {"sandboxNamespace": recorded}))
     assert names.sandbox_of(CFG.sandboxPrefix, JOB["metadata"], attempt) == found
     assert (ns is not None and ns["metadata"].get("labels", {}).get(names.LABEL_JOB_UID) == UID) is owned
 
@@ -82,11 +68,7 @@ def test_a_job_whose_first_name_is_taken_runs_in_its_second_and_leaves_the_squat
 
     stored = kube.store[(k8s.FineTuneJob, "team-a", "support-bot")]
     assert sweep_verdict(ns, stored, CFG.sandboxPrefix) == "keep"  # the sweep keeps a sandbox of a later name
-    reconciler = Reconciler(kube, CFG, Metrics())  # type: ignore[arg-type]
-    try:
-        assert asyncio.run(reconciler.finalize(stored, 0)) is False
-    finally:
-        reconciler.io.shutdown()
+    assert with_reconciler(kube, CFG, lambda r: r.finalize(stored, 0)) is False
     assert kube.deleted == [("Namespace", SECOND)]  # the job's own sandbox goes, the squatter stays
 
 

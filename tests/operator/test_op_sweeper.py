@@ -3,18 +3,14 @@ finalizer): over an in-memory API, which namespaces it judges, deletes and relea
 
 from __future__ import annotations
 
-import asyncio
-
 import kopf
 
-from finetune_operator import k8s, sweeper
+from finetune_operator import sweeper
 from finetune_operator.builders import names
 from finetune_operator.config import OperatorConfig
 from finetune_operator.handlers import register
-from finetune_operator.metrics import Metrics
-from finetune_operator.reconcile import Reconciler
 from op_testdata import ROOT
-from test_op_tenancy_reconcile import FakeKube
+from test_op_tenancy_reconcile import FakeKube, with_reconciler
 
 CFG = OperatorConfig.load(ROOT / "operator" / "config" / "dev.yaml")
 OTHER_FINALIZER = "example.com/keep"
@@ -44,11 +40,7 @@ def test_a_sweep_deletes_orphans_keeps_live_sandboxes_and_releases_the_old_final
     leaving = sandbox("leaving", "uid-leaving", finalizers=[names.FINALIZER], deleting=True)
     unlabelled = sandbox("other", "uid-other", finalizers=[names.FINALIZER], uid_label=False)
     kube = FakeKube(kept, orphan, leaving, unlabelled, finetunejob("live", "uid-live"))
-    reconciler = Reconciler(kube, CFG, Metrics())  # type: ignore[arg-type]
-    try:
-        verdicts = asyncio.run(sweeper.sweep_once(reconciler))
-    finally:
-        reconciler.io.shutdown()
+    verdicts = with_reconciler(kube, CFG, sweeper.sweep_once)
     name = lambda ns: ns["metadata"]["name"]  # noqa: E731
     assert verdicts == {name(kept): "keep", name(orphan): "orphaned"}  # a namespace being deleted is not judged
     assert kube.deleted == [("Namespace", name(orphan))]
@@ -68,11 +60,7 @@ def test_one_failing_namespace_leaves_the_others_swept():
             return await super().delete(res, name, namespace, uid)
 
     kube = Flaky(sandbox("first", "uid-1"), sandbox("second", "uid-2"))
-    reconciler = Reconciler(kube, CFG, Metrics())  # type: ignore[arg-type]
-    try:
-        asyncio.run(sweeper.sweep_once(reconciler))
-    finally:
-        reconciler.io.shutdown()
+    with_reconciler(kube, CFG, sweeper.sweep_once)
     assert [ns["metadata"]["name"] for ns in kube.objects("Namespace")] == [sandbox("first", "uid-1")["metadata"]["name"]]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import pytest
 from lightkube import ApiError
@@ -147,21 +147,30 @@ def inputs_exist(monkeypatch):
         path: S3Check(True) for path in uris})
 
 
-def passes(kube: FakeKube, cfg: OperatorConfig, *snapshots: tenancy.Tenancy, namespace: str = "team-a") -> list[Any]:
-    """One reconcile pass of the stored job per snapshot, in order; the outcomes."""
+def with_reconciler(kube: FakeKube, cfg: OperatorConfig, use: Callable[[Reconciler], Awaitable[Any]]) -> Any:
+    """`use(reconciler)` run to its end with a Reconciler over `kube`, its I/O pool shut down after."""
 
-    async def run() -> list[Any]:
+    async def run() -> Any:
         reconciler = Reconciler(kube, cfg, Metrics(), clock=lambda: NOW)  # type: ignore[arg-type]
         try:
-            out = []
-            for snapshot in snapshots:
-                stored = await kube.get(k8s.FineTuneJob, "support-bot", namespace)
-                out.append(await reconciler.reconcile(stored, snapshot))
-            return out
+            return await use(reconciler)
         finally:
             reconciler.io.shutdown()
 
     return asyncio.run(run())
+
+
+def passes(kube: FakeKube, cfg: OperatorConfig, *snapshots: tenancy.Tenancy, namespace: str = "team-a") -> list[Any]:
+    """One reconcile pass of the stored job per snapshot, in order; the outcomes."""
+
+    async def run(reconciler: Reconciler) -> list[Any]:
+        out = []
+        for snapshot in snapshots:
+            stored = await kube.get(k8s.FineTuneJob, "support-bot", namespace)
+            out.append(await reconciler.reconcile(stored, snapshot))
+        return out
+
+    return with_reconciler(kube, cfg, run)
 
 
 def new_job(namespace: str = "team-a", spec: dict[str, Any] = SPEC) -> FakeKube:
